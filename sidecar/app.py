@@ -1,0 +1,344 @@
+"""The bridge's aiohttp application: wiring, guards, the call API, probes, and serving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pydantic
+from aiohttp import web
+from pier.sidecar.attach import FifoPeer
+from pier.sidecar.calls import CallRegistry
+from pier.sidecar.child import ChildProcess
+from pier.sidecar.clients import ClientRegistry
+from pier.sidecar.config import SidecarSettings
+from pier.sidecar.mcp_http import StreamableHTTP
+from pier.sidecar.metrics import BridgeMetrics
+from pier.sidecar.models import CallRequest
+from pier.sidecar.transport import Transport
+from pier.sidecar.upstream import Upstream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pier.errors import PierError
+from pier.jsonrpc import dumps, loads
+
+log = logging.getLogger("pier.sidecar")
+
+_HOUSEKEEPING_S = 10.0
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def error_response(err: PierError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=err.http_status,
+        body=dumps({"error": err.to_dict()}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def json_response(payload: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=dumps(payload), content_type="application/json")
+
+
+def origin_allowed(origin: str, allowed: list[str]) -> bool:
+    """DNS-rebinding protection: browsers may reach the bridge only from local or listed origins."""
+    if "*" in allowed or origin in allowed:
+        return True
+    host = urlsplit(origin).hostname
+    return host in _LOCAL_HOSTS
+
+
+@dataclass
+class Bridge:
+    """Everything one bridge owns, built once per app."""
+
+    settings: SidecarSettings
+    metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
+        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self.clients.broadcast)
+        self.calls = CallRegistry(
+            self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls
+        )
+        self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
+
+    def _make_transport(self) -> Transport:
+        s = self.settings
+        if s.attach_dir is not None:
+            return FifoPeer(s.attach_dir, limit=s.max_message_bytes, stderr_lines=s.stderr_tail_lines)
+        return ChildProcess(
+            s.command,
+            limit=s.max_message_bytes,
+            stderr_lines=s.stderr_tail_lines,
+            kill_timeout=s.kill_timeout_s,
+            cwd=s.cwd,
+        )
+
+    def status(self) -> dict[str, object]:
+        up = self.upstream
+        init = up.init_result or {}
+        transport = up.transport
+        return {
+            "state": "draining" if self.draining else up.state,
+            "ready": up.ready and not self.draining,
+            "mode": "attach" if self.settings.attach_dir is not None else "child",
+            "pid": transport.pid if transport else None,
+            "restarts": up.restarts,
+            "in_flight": up.in_flight,
+            "calls_running": self.calls.running,
+            "clients": len(self.clients.sessions),
+            "started_at": up.started_at,
+            "last_activity": up.last_activity,
+            "server_info": init.get("serverInfo"),
+            "protocol_version": init.get("protocolVersion"),
+            "tools": len(up.tools),
+            "last_exit": up.last_exit.details() if up.last_exit else None,
+        }
+
+
+BRIDGE = web.AppKey("bridge", Bridge)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_guard(settings: SidecarSettings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    token = settings.token.get_secret_value().encode() if settings.token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(origin, settings.allowed_origins):
+            return error_response(PierError("FORBIDDEN", f"origin {origin!r} is not allowed"))
+        if token is not None and (request.path == "/mcp" or request.path.startswith("/v1/")):
+            supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(supplied, token):
+                return error_response(PierError("UNAUTHENTICATED", "a valid bearer token is required"))
+        return await handler(request)
+
+    return guard
+
+
+# -- the call API ----------------------------------------------------------------------------
+
+
+async def post_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    if bridge.draining:
+        return error_response(PierError("SHUTTING_DOWN", "the bridge is shutting down"))
+    try:
+        body = CallRequest.model_validate(loads(await request.read()))
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {exc.max_size} bytes"))
+    except ValueError as exc:  # JSON or schema (pydantic's ValidationError is a ValueError)
+        return error_response(_bad_body(exc))
+    try:
+        call = await bridge.calls.start(body.tool, body.arguments, body.call_id)
+    except PierError as err:
+        bridge.metrics.rejected.labels(err.code).inc()
+        return error_response(err, _retry_after(err))
+    await call.wait(body.wait_s)
+    return json_response(call.to_dict(), call.http_status)
+
+
+def _bad_body(exc: ValueError) -> PierError:
+    if isinstance(exc, pydantic.ValidationError):
+        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return PierError(
+            "INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors}
+        )
+    return PierError("BAD_REQUEST", "the body is not valid JSON")
+
+
+def _retry_after(err: PierError) -> dict[str, str] | None:
+    return {"Retry-After": "1"} if err.code in ("CALL_QUEUE_FULL", "SERVER_UNAVAILABLE") else None
+
+
+def _query_float(request: web.Request, name: str, default: float, high: float) -> float:
+    try:
+        return min(max(float(request.query.get(name, default)), 0.0), high)
+    except ValueError:
+        raise PierError("BAD_REQUEST", f"query parameter {name} must be a number") from None
+
+
+async def get_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        call = bridge.calls.get(request.match_info["call_id"])
+        wait_s = _query_float(request, "wait_s", 0, 300)
+        progress_after = (
+            int(_query_float(request, "progress_after", -1, 1e12))
+            if "progress_after" in request.query
+            else -1
+        )
+    except PierError as err:
+        return error_response(err)
+    await call.wait(wait_s, progress_after)
+    return json_response(call.to_dict(max(progress_after, 0)), call.http_status)
+
+
+async def delete_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        call = bridge.calls.get(request.match_info["call_id"])
+    except PierError as err:
+        return error_response(err)
+    bridge.calls.cancel(call, request.query.get("reason", "cancelled by the caller"))
+    return json_response(call.to_dict(), call.http_status)
+
+
+async def get_tools(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        await bridge.upstream.wait_ready()
+    except PierError as err:
+        return error_response(err, _retry_after(err))
+    return json_response({"tools": bridge.upstream.tools})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return json_response(request.app[BRIDGE].status())
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    up = bridge.upstream
+    lines = (
+        list(up.transport.stderr_tail) if up.transport else (up.last_exit.stderr_tail if up.last_exit else [])
+    )
+    try:
+        count = int(_query_float(request, "lines", 100, bridge.settings.stderr_tail_lines))
+    except PierError as err:
+        return error_response(err)
+    note = (
+        "attach mode: the server's stderr is in its own container's log"
+        if bridge.settings.attach_dir
+        else None
+    )
+    return json_response({"lines": lines[-count:] if count else [], "note": note})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    if bridge.upstream.gave_up.is_set():
+        return json_response({"status": "failed", "last_exit": bridge.status()["last_exit"]}, 503)
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    status = bridge.status()
+    return json_response(
+        {"ready": status["ready"], "state": status["state"]}, 200 if status["ready"] else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    bridge.metrics.clients.set(len(bridge.clients.sessions))
+    return web.Response(
+        body=generate_latest(bridge.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[BRIDGE]
+    bridge.upstream.start()
+    housekeeping = asyncio.create_task(_housekeeping(bridge))
+    yield
+    housekeeping.cancel()
+    await asyncio.gather(housekeeping, return_exceptions=True)
+    await bridge.calls.close()
+    await bridge.upstream.stop()
+
+
+async def _housekeeping(bridge: Bridge) -> None:
+    while True:
+        await asyncio.sleep(_HOUSEKEEPING_S)
+        bridge.calls.sweep()
+        for client in bridge.clients.expire():
+            bridge.upstream.mux.cancel_client(client, "client session expired")
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: refuse new work, end GET streams, give in-flight calls the grace period."""
+    bridge = app[BRIDGE]
+    bridge.draining = True
+    bridge.clients.close_all()
+    deadline = time.monotonic() + bridge.settings.shutdown_grace_s
+    # A few polls, once, at shutdown: simpler than an event every call would have to set.
+    while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    if bridge.upstream.in_flight:
+        log.warning(
+            "grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight}
+        )
+
+
+def create_app(settings: SidecarSettings) -> web.Application:
+    """The bridge app; the server starts with the app and stops with it."""
+    if not settings.command and settings.attach_dir is None:
+        raise ValueError("the bridge needs a server command or an attach directory")
+    app = web.Application(client_max_size=settings.max_message_bytes, middlewares=[make_guard(settings)])
+    bridge = Bridge(settings)
+    app[BRIDGE] = bridge
+    app.cleanup_ctx.append(_lifespan)
+    app.on_shutdown.append(_drain)
+    app.router.add_post("/mcp", bridge.mcp.post)
+    app.router.add_get("/mcp", bridge.mcp.get)
+    app.router.add_delete("/mcp", bridge.mcp.delete)
+    app.router.add_post("/v1/calls", post_call)
+    app.router.add_get("/v1/calls/{call_id}", get_call)
+    app.router.add_delete("/v1/calls/{call_id}", delete_call)
+    app.router.add_get("/v1/tools", get_tools)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/logs", get_logs)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(settings: SidecarSettings) -> int:
+    """Run the bridge until SIGTERM/SIGINT (or until the server keeps failing). Returns the exit code."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    # One machine-readable line on stdout, so a parent that asked for port 0 learns the real one.
+    sys.stdout.write(dumps({"event": "listening", "url": url}).decode() + "\n")
+    sys.stdout.flush()
+    log.info("bridge listening", extra={"url": url})
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gave_up = asyncio.ensure_future(app[BRIDGE].upstream.gave_up.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({gave_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 1 if gave_up.done() else 0
+    for task in (gave_up, stopped):
+        task.cancel()
+    log.info("bridge stopping")
+    await runner.cleanup()
+    with contextlib.suppress(Exception):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return code

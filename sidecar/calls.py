@@ -1,0 +1,233 @@
+"""Tool calls started through the internal call API, which outlive the HTTP request.
+
+A call keeps running when the router stops waiting for it; the job pool attaches to it later
+by id (long-poll), so a call that overruns the router's timeout is never executed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from jsonschema import exceptions as schema_exceptions
+from jsonschema import validators
+from pier.sidecar.multiplexer import Pending
+from pier.sidecar.upstream import Upstream
+
+from pier.errors import PierError
+from pier.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
+
+log = logging.getLogger("pier.sidecar.calls")
+
+_MAX_PROGRESS = 100  # kept per call; older entries are dropped (the count says how many came)
+
+
+class Call:
+    """One tool call: its progress as it runs, then its result or error."""
+
+    def __init__(self, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
+        self.id = call_id
+        self.tool = tool
+        self.arguments = arguments
+        self.status = "running"
+        self.result: dict[str, Any] | None = None
+        self.error: PierError | None = None
+        self.progress: list[dict[str, Any]] = []
+        self.progress_count = 0
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.pending: Pending | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    # Sink: messages tied to this call while it runs.
+    def deliver(self, message: Message) -> None:
+        if message.get("method") == "notifications/progress":
+            params = message.get("params") or {}
+            self.progress.append(
+                {
+                    "progress": params.get("progress", 0),
+                    "total": params.get("total"),
+                    "message": params.get("message"),
+                    "at": time.time(),
+                }
+            )
+            del self.progress[:-_MAX_PROGRESS]
+            self.progress_count += 1
+            self._notify()
+
+    def finish(
+        self, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
+    ) -> None:
+        if self.done:
+            return
+        self.status, self.result, self.error = status, result, error
+        self.finished_at = time.time()
+        self._notify()
+
+    def _notify(self) -> None:
+        # Wake every waiter, then arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self, wait_s: float, progress_after: int = -1) -> None:
+        """Return when the call is done, has progress beyond `progress_after`, or after `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while not self.done and (progress_after < 0 or self.progress_count <= progress_after):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def to_dict(self, progress_after: int = 0) -> dict[str, Any]:
+        skip = max(0, progress_after - (self.progress_count - len(self.progress)))
+        return {
+            "call_id": self.id,
+            "tool": self.tool,
+            "status": self.status,
+            "result": self.result,
+            "error": self.error.to_dict() if self.error else None,
+            "progress": self.progress[skip:],
+            "progress_count": self.progress_count,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+
+    @property
+    def http_status(self) -> int:
+        if self.status == "running":
+            return 202
+        return self.error.http_status if self.error else 200
+
+
+def error_from_response(error: dict[str, Any]) -> PierError:
+    """Turn a JSON-RPC error from the server (or from the bridge) into a Pier error."""
+    data = error.get("data")
+    message = str(error.get("message", "error"))
+    if isinstance(data, dict) and isinstance(data.get("code"), str):
+        details = {k: v for k, v in data.items() if k != "code"}
+        return PierError(data["code"], message, details)
+    if error.get("code") == INVALID_PARAMS:
+        return PierError("INVALID_ARGUMENTS", message, {"jsonrpc_error": error})
+    return PierError("SERVER_ERROR", message, {"jsonrpc_error": error})
+
+
+class CallRegistry:
+    """The calls of this bridge, kept readable for `call_retention_s` after they finish."""
+
+    def __init__(self, upstream: Upstream, retention_s: float, max_retained: int) -> None:
+        self.upstream = upstream
+        self.retention_s = retention_s
+        self.max_retained = max_retained
+        self.calls: dict[str, Call] = {}
+        self._validators: dict[str, Any] = {}
+        upstream.on_tools_changed = self._validators.clear
+
+    @property
+    def running(self) -> int:
+        return sum(1 for call in self.calls.values() if not call.done)
+
+    async def start(self, tool: str, arguments: dict[str, Any], call_id: str | None) -> Call:
+        """Start a call, or return the existing one with this id: an id never runs twice."""
+        if call_id is not None and call_id in self.calls:
+            return self.calls[call_id]
+        await self.upstream.wait_ready()
+        self._check(tool, arguments)
+        if call_id is not None and call_id in self.calls:  # another request won the race while we waited
+            return self.calls[call_id]
+        call = Call(call_id or uuid.uuid4().hex, tool, arguments)
+        self.calls[call.id] = call
+        call.task = asyncio.create_task(self._run(call), name=f"pier-call-{call.id}")
+        return call
+
+    def get(self, call_id: str) -> Call:
+        call = self.calls.get(call_id)
+        if call is None:
+            raise PierError("CALL_NOT_FOUND", f"no call {call_id!r} on this bridge (finished calls expire)")
+        return call
+
+    def cancel(self, call: Call, reason: str) -> None:
+        if call.done:
+            return
+        if call.pending is not None:
+            self.upstream.mux.cancel(call.pending, reason)
+        elif call.task is not None:
+            call.task.cancel()  # still waiting for a slot: it never reached the server
+        call.finish("cancelled")
+
+    async def close(self) -> None:
+        tasks = [call.task for call in self.calls.values() if call.task is not None and not call.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _check(self, tool: str, arguments: dict[str, Any]) -> None:
+        """Refuse unknown tools, and arguments that break the tool's input schema, before the server."""
+        if not self.upstream.tools_by_name:
+            return  # a server without a tool list: let it judge
+        spec = self.upstream.tools_by_name.get(tool)
+        if spec is None:
+            known = sorted(self.upstream.tools_by_name)
+            raise PierError("UNKNOWN_TOOL", f"the server has no tool {tool!r}", {"tools": known[:100]})
+        validator = self._validators.get(tool)
+        if validator is None:
+            schema = spec.get("inputSchema") or {"type": "object"}
+            try:
+                cls = validators.validator_for(schema)
+                cls.check_schema(schema)
+                validator = cls(schema)
+            except schema_exceptions.SchemaError:
+                log.warning(
+                    "tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool}
+                )
+                validator = False
+            self._validators[tool] = validator
+        if validator:
+            errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))
+            if errors:
+                raise PierError(
+                    "INVALID_ARGUMENTS",
+                    f"arguments do not match the input schema of {tool!r}: {errors[0].message}",
+                    {"errors": [{"path": list(e.path), "message": e.message} for e in errors[:20]]},
+                )
+
+    async def _run(self, call: Call) -> None:
+        message = {
+            "jsonrpc": "2.0",
+            "id": call.id,
+            "method": "tools/call",
+            "params": {"name": call.tool, "arguments": call.arguments},
+        }
+        try:
+            call.pending = await self.upstream.begin(message, None, call, track_progress=True)
+            response = await call.pending.future
+        except PierError as err:
+            call.finish("failed", error=err)
+            return
+        if "result" in response:
+            call.finish("completed", result=response["result"])
+        elif response["error"].get("code") == REQUEST_CANCELLED:
+            call.finish("cancelled")
+        else:
+            call.finish("failed", error=error_from_response(response["error"]))
+
+    def sweep(self) -> None:
+        """Forget finished calls past their retention, and the oldest ones beyond the cap."""
+        now = time.time()
+        finished = [c for c in self.calls.values() if c.done]
+        excess = len(self.calls) - self.max_retained
+        for call in finished:
+            assert call.finished_at is not None
+            if now - call.finished_at > self.retention_s or excess > 0:
+                del self.calls[call.id]
+                excess -= 1

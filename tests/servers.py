@@ -1,0 +1,95 @@
+"""Commands of the real MCP servers the tests run, and helpers to run Pier components."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from pier.sidecar.app import BRIDGE, Bridge, create_app
+from pier.sidecar.config import SidecarSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
+DEMO = [sys.executable, str(ROOT / "examples" / "demo_server.py")]
+EVERYTHING = ["node", str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"), "stdio"]
+INSPECTOR = ["node", str(NODE_MODULES / "@modelcontextprotocol" / "inspector-cli" / "build" / "index.js")]
+PIER = [sys.executable, "-m", "pier.cli"]
+
+
+@dataclass
+class RunningBridge:
+    url: str
+    bridge: Bridge
+
+    @property
+    def mcp_url(self) -> str:
+        return f"{self.url}/mcp"
+
+
+@contextlib.asynccontextmanager
+async def bridge_app(wait_ready: bool = True, **settings: object) -> AsyncIterator[RunningBridge]:
+    """A bridge served in-process on a free loopback port (the same app `pier sidecar` runs)."""
+    app = create_app(SidecarSettings(port=0, **settings))
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    running = RunningBridge(f"http://127.0.0.1:{runner.addresses[0][1]}", app[BRIDGE])
+    try:
+        if wait_ready:
+            await running.bridge.upstream.wait_ready()
+        yield running
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def sidecar_process(*command: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`pier sidecar --port 0 -- COMMAND` as a real process; yields its URL once it listens."""
+    proc = await asyncio.create_subprocess_exec(
+        *PIER, "sidecar", "--port", "0", "--", *command,
+        stdout=subprocess.PIPE, env={**os.environ, **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        url = json.loads(line)["url"]
+        yield url, proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> None:
+    """Poll `predicate` (sync or async) until true; fail the test after `timeout` seconds."""
+    async def loop() -> None:
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval)
+
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
+    async with session.get(url) as response:
+        return await response.json()
