@@ -96,6 +96,7 @@ class Bridge:
             "pid": transport.pid if transport else None,
             "restarts": up.restarts,
             "in_flight": up.in_flight,
+            "queued": up.queued,
             "calls_running": self.calls.running,
             "clients": len(self.clients.sessions),
             "started_at": up.started_at,
@@ -138,8 +139,11 @@ async def post_call(request: web.Request) -> web.Response:
         return error_response(PierError("SHUTTING_DOWN", "the bridge is shutting down"))
     try:
         body = CallRequest.model_validate(loads(await request.read()))
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {exc.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = bridge.settings.max_message_bytes
+        return error_response(
+            PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
+        )
     except ValueError as exc:  # JSON or schema (pydantic's ValidationError is a ValueError)
         return error_response(_bad_body(exc))
     try:

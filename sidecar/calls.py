@@ -143,6 +143,7 @@ class CallRegistry:
             return self.calls[call_id]
         await self.upstream.wait_ready()
         self._check(tool, arguments)
+        self.upstream.check_capacity()
         if call_id is not None and call_id in self.calls:  # another request won the race while we waited
             return self.calls[call_id]
         call = Call(call_id or uuid.uuid4().hex, tool, arguments)

@@ -97,8 +97,7 @@ class ChildProcess(Transport):
         finally:
             wait_task.cancel()
         # Let the stderr reader catch the last words of the process.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[1]), 0.5)
+        await asyncio.wait({self._tasks[1]}, timeout=0.5)
         reason = f"server exited with code {code}" if code >= 0 else f"server killed by signal {-code}"
         return ServerExit(reason=reason, exit_code=code, stderr_tail=list(self.stderr_tail))
 

@@ -86,8 +86,9 @@ class StreamableHTTP:
             return rpc_error(415, INVALID_REQUEST, "Unsupported Media Type: send application/json")
         try:
             body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return rpc_error(413, INVALID_REQUEST, f"Message too large: the limit is {exc.max_size} bytes")
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.upstream.settings.max_message_bytes
+            return rpc_error(413, INVALID_REQUEST, f"Message too large: the limit is {limit} bytes")
         try:
             payload = loads(body)
         except ValueError:

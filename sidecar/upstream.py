@@ -82,6 +82,11 @@ class Upstream:
     def in_flight(self) -> int:
         return len(self.mux.pending)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a concurrency slot."""
+        return self._waiting
+
     async def stop(self) -> None:
         """Stop the server (stdin EOF → SIGTERM → SIGKILL) and the supervisor."""
         self._stopping = True
@@ -263,13 +268,17 @@ class Upstream:
         self.metrics.in_flight.dec()
         self.last_activity = time.time()
 
-    async def _acquire_slot(self) -> None:
+    def check_capacity(self) -> None:
+        """Refuse a new request when every slot is taken and the wait queue is full."""
         if self._slots.locked() and self._waiting >= self.settings.max_queued_calls:
             raise PierError(
                 "CALL_QUEUE_FULL",
                 "too many calls in flight for this session; retry later",
                 {"max_concurrent_calls": self.settings.max_concurrent_calls, "queued": self._waiting},
             )
+
+    async def _acquire_slot(self) -> None:
+        self.check_capacity()
         self._waiting += 1
         try:
             await self._slots.acquire()

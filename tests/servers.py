@@ -15,14 +15,17 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-
 from pier.sidecar.app import BRIDGE, Bridge, create_app
 from pier.sidecar.config import SidecarSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
 DEMO = [sys.executable, str(ROOT / "examples" / "demo_server.py")]
-EVERYTHING = ["node", str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"), "stdio"]
+EVERYTHING = [
+    "node",
+    str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),
+    "stdio",
+]
 INSPECTOR = ["node", str(NODE_MODULES / "@modelcontextprotocol" / "inspector-cli" / "build" / "index.js")]
 PIER = [sys.executable, "-m", "pier.cli"]
 
@@ -55,11 +58,19 @@ async def bridge_app(wait_ready: bool = True, **settings: object) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def sidecar_process(*command: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+async def sidecar_process(
+    *command: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """`pier sidecar --port 0 -- COMMAND` as a real process; yields its URL once it listens."""
     proc = await asyncio.create_subprocess_exec(
-        *PIER, "sidecar", "--port", "0", "--", *command,
-        stdout=subprocess.PIPE, env={**os.environ, **(env or {})},
+        *PIER,
+        "sidecar",
+        "--port",
+        "0",
+        "--",
+        *command,
+        stdout=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     try:
         assert proc.stdout is not None
@@ -78,6 +89,7 @@ async def sidecar_process(*command: str, env: dict[str, str] | None = None) -> A
 
 async def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> None:
     """Poll `predicate` (sync or async) until true; fail the test after `timeout` seconds."""
+
     async def loop() -> None:
         while True:
             result = predicate()

@@ -10,7 +10,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 
-from tests.servers import DEMO, EVERYTHING, INSPECTOR, bridge_app
+from tests.servers import DEMO, EVERYTHING, INSPECTOR, bridge_app, wait_until
 
 
 @pytest.mark.parametrize("server", [DEMO, EVERYTHING], ids=["demo", "everything"])
@@ -76,11 +76,11 @@ async def test_logging_notifications_reach_every_get_stream():
             Client(running.mcp_url, logging_callback=recorder("listener")),
         ):
             # Both clients hold a GET stream once connected; wait until the bridge has seen them.
-            while sum(1 for s in running.bridge.clients.sessions.values() if s.get_streams) < 2:
-                await asyncio.sleep(0.02)
+            await wait_until(
+                lambda: sum(1 for s in running.bridge.clients.sessions.values() if s.get_streams) == 2
+            )
             await caller.call_tool("slow", {"seconds": 0.1})
-            while not (logs["caller"] and logs["listener"]):
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: logs["caller"] and logs["listener"])
 
     assert logs["listener"] == ["slow: sleeping 0.1 seconds"]
 
@@ -95,7 +95,10 @@ async def test_server_requests_go_to_the_client_whose_call_is_in_flight():
                 role="assistant", content=types.TextContent(type="text", text="sampled!"), model="test-model"
             )
 
-        async with Client(running.mcp_url, sampling_callback=sampling) as sampler, Client(running.mcp_url) as other:
+        async with (
+            Client(running.mcp_url, sampling_callback=sampling) as sampler,
+            Client(running.mcp_url) as other,
+        ):
             result, echoed = await asyncio.gather(
                 sampler.call_tool("trigger-sampling-request", {"prompt": "hello from the test"}),
                 other.call_tool("echo", {"message": "unrelated"}),
@@ -140,7 +143,11 @@ async def test_initialize_never_reaches_the_server():
 
 def _inspector(url: str, *args: str) -> dict:
     done = subprocess.run(
-        [*INSPECTOR, url, "--transport", "http", *args], capture_output=True, text=True, timeout=60, check=True
+        [*INSPECTOR, url, "--transport", "http", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return json.loads(done.stdout)
 
@@ -149,7 +156,14 @@ async def test_mcp_inspector_cli_lists_and_calls_tools():
     async with bridge_app(command=DEMO) as running:
         listed = await asyncio.to_thread(_inspector, running.mcp_url, "--method", "tools/list")
         called = await asyncio.to_thread(
-            _inspector, running.mcp_url, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=hi"
+            _inspector,
+            running.mcp_url,
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "echo",
+            "--tool-arg",
+            "message=hi",
         )
     assert {t["name"] for t in listed["tools"]} == {"echo", "slow", "counter", "count", "fail", "crash"}
     assert called["content"][0]["text"] == "Echo: hi"

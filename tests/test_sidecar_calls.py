@@ -1,0 +1,135 @@
+"""The bridge's internal call API (/v1/calls), which the router and the job pool use."""
+
+from __future__ import annotations
+
+from pier.sidecar.models import CallRecord
+
+from tests.servers import DEMO, bridge_app, get_json, wait_until
+
+
+async def _post(http, url: str, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{url}/v1/calls", json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_a_call_outlives_the_wait_and_runs_exactly_once(http):
+    async with bridge_app(command=DEMO) as running:
+        status, body = await _post(
+            http,
+            running.url,
+            {"tool": "counter", "arguments": {"delay_s": 0.5}, "call_id": "job-1", "wait_s": 0},
+        )
+        assert status == 202
+        assert body["status"] == "running"
+        CallRecord.model_validate(body)
+
+        # Asking again with the same id joins the same call; it never runs twice.
+        status, again = await _post(http, running.url, {"tool": "counter", "call_id": "job-1", "wait_s": 0})
+        assert (status, again["call_id"]) == (202, "job-1")
+
+        done = await get_json(http, f"{running.url}/v1/calls/job-1?wait_s=30")
+        assert done["status"] == "completed"
+        assert done["result"]["structuredContent"] == {"result": 1}
+        CallRecord.model_validate(done)
+
+        status, repeat = await _post(http, running.url, {"tool": "counter", "call_id": "job-1"})
+        assert (status, repeat["result"]) == (200, done["result"])
+        _, count = await _post(http, running.url, {"tool": "count"})
+        assert count["result"]["structuredContent"] == {"result": 1}
+
+
+async def test_long_poll_returns_progress_as_it_comes(http):
+    async with bridge_app(command=DEMO) as running:
+        _, body = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 1}, "wait_s": 0})
+        call_url = f"{running.url}/v1/calls/{body['call_id']}"
+        first = await get_json(http, f"{call_url}?wait_s=30&progress_after=0")
+        assert first["status"] == "running"
+        assert first["progress_count"] >= 1
+        assert first["progress"][0]["total"] == 10
+        later = await get_json(http, f"{call_url}?wait_s=30&progress_after={first['progress_count']}")
+        # Only progress after what the caller already has.
+        assert later["progress"][0]["progress"] > first["progress"][-1]["progress"]
+        final = await get_json(http, f"{call_url}?wait_s=30")
+        assert final["status"] == "completed"
+        assert final["progress_count"] == 10
+
+
+async def test_cancel_reaches_the_tool(http):
+    async with bridge_app(command=DEMO) as running:
+        _, body = await _post(
+            http, running.url, {"tool": "slow", "arguments": {"seconds": 60}, "wait_s": 0.5}
+        )
+        async with http.delete(f"{running.url}/v1/calls/{body['call_id']}") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "cancelled"
+
+        async def tool_saw_it() -> bool:
+            logs = await get_json(http, f"{running.url}/v1/logs")
+            return any(line.startswith("slow: cancelled at step") for line in logs["lines"])
+
+        await wait_until(tool_saw_it)
+        assert running.bridge.upstream.in_flight == 0
+        final = await get_json(http, f"{running.url}/v1/calls/{body['call_id']}")
+        assert final["status"] == "cancelled"
+
+
+async def test_bad_requests_get_clear_errors_and_reach_nothing(http):
+    async with bridge_app(command=DEMO) as running:
+        cases = [
+            ({"tool": "nope"}, 404, "UNKNOWN_TOOL"),
+            ({"tool": "echo", "arguments": {"message": 42}}, 422, "INVALID_ARGUMENTS"),
+            ({"tool": "echo", "arguments": {}}, 422, "INVALID_ARGUMENTS"),
+            ({"tool": "echo", "unexpected": 1}, 422, "INVALID_ARGUMENTS"),
+            ({"arguments": {}}, 422, "INVALID_ARGUMENTS"),
+        ]
+        for body, status, code in cases:
+            got_status, got = await _post(http, running.url, body)
+            assert (got_status, got["error"]["code"]) == (status, code), body
+        async with http.post(f"{running.url}/v1/calls", data=b"{not json") as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "BAD_REQUEST"
+        async with http.get(f"{running.url}/v1/calls/unknown") as response:
+            assert response.status == 404
+        async with http.get(f"{running.url}/v1/calls/unknown?wait_s=abc") as response:
+            assert response.status == 404
+        assert running.bridge.upstream.mux.forwarded["tools/call"] == 0
+
+
+async def test_tool_errors_are_completed_calls(http):
+    async with bridge_app(command=DEMO) as running:
+        status, body = await _post(http, running.url, {"tool": "fail", "arguments": {"message": "nope"}})
+        assert status == 200
+        assert body["status"] == "completed"
+        assert body["result"]["isError"] is True
+
+
+async def test_status_tools_logs_and_metrics(http):
+    async with bridge_app(command=DEMO) as running:
+        await _post(http, running.url, {"tool": "echo", "arguments": {"message": "x"}})
+        status = await get_json(http, f"{running.url}/v1/status")
+        assert status["ready"] is True
+        assert status["server_info"]["name"] == "pier-demo"
+        assert status["tools"] == 6
+        assert status["pid"] > 0
+        tools = await get_json(http, f"{running.url}/v1/tools")
+        annotations = {t["name"]: t.get("annotations", {}) for t in tools["tools"]}
+        assert annotations["count"]["readOnlyHint"] is True
+        assert annotations["counter"]["idempotentHint"] is False
+        async with http.get(f"{running.url}/metrics") as response:
+            text = await response.text()
+        assert "pier_bridge_server_up 1.0" in text
+        assert "pier_bridge_requests_in_flight 0.0" in text
+
+
+async def test_bearer_token_guards_the_api(http):
+    async with bridge_app(command=DEMO, token="s3cret") as running:
+        async with http.get(f"{running.url}/v1/tools") as response:
+            assert response.status == 401
+        async with http.get(f"{running.url}/v1/tools", headers={"Authorization": "Bearer wrong"}) as response:
+            assert response.status == 401
+        async with http.get(
+            f"{running.url}/v1/tools", headers={"Authorization": "Bearer s3cret"}
+        ) as response:
+            assert response.status == 200
+        async with http.get(f"{running.url}/healthz") as response:
+            assert response.status == 200
