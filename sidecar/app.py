@@ -15,6 +15,11 @@ from urllib.parse import urlsplit
 
 import pydantic
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pier.errors import PierError
+from pier.jsonrpc import dumps, loads
+from pier.process import clean_env
 from pier.sidecar.attach import FifoPeer
 from pier.sidecar.calls import CallRegistry
 from pier.sidecar.child import ChildProcess
@@ -25,10 +30,6 @@ from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.models import CallRequest
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from pier.errors import PierError
-from pier.jsonrpc import dumps, loads
 
 log = logging.getLogger("pier.sidecar")
 
@@ -83,6 +84,8 @@ class Bridge:
             stderr_lines=s.stderr_tail_lines,
             kill_timeout=s.kill_timeout_s,
             cwd=s.cwd,
+            # The server never sees the bridge's own settings (its token among them).
+            env=clean_env(("PIER_SIDECAR_",)),
         )
 
     def status(self) -> dict[str, object]:

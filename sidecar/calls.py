@@ -14,11 +14,11 @@ from typing import Any
 
 from jsonschema import exceptions as schema_exceptions
 from jsonschema import validators
-from pier.sidecar.multiplexer import Pending
-from pier.sidecar.upstream import Upstream
 
 from pier.errors import PierError
 from pier.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
+from pier.sidecar.multiplexer import Pending
+from pier.sidecar.upstream import Upstream
 
 log = logging.getLogger("pier.sidecar.calls")
 

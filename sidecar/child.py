@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
 from pathlib import Path
 
+from pier.process import die_with_parent
 from pier.sidecar.transport import ServerExit, Transport, split_lines
 
 log = logging.getLogger("pier.sidecar.child")
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
-
-
-def _die_with_bridge() -> None:
-    """Runs in the child before exec: if the bridge is SIGKILLed, the kernel kills the server too."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ChildProcess(Transport):
@@ -62,7 +50,7 @@ class ChildProcess(Transport):
             cwd=self.cwd,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_bridge,
+            preexec_fn=die_with_parent,  # only calls prctl: safe between fork and exec
             limit=self.limit,
         )
         self._writer = self._proc.stdin

@@ -13,10 +13,6 @@ import time
 from typing import Any
 
 from aiohttp import web
-from pier.sidecar.clients import ClientRegistry, ClientSession
-from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.multiplexer import Pending
-from pier.sidecar.upstream import Upstream
 
 from pier.errors import PierError
 from pier.jsonrpc import (
@@ -31,6 +27,10 @@ from pier.jsonrpc import (
     loads,
     validate_message,
 )
+from pier.sidecar.clients import ClientRegistry, ClientSession
+from pier.sidecar.metrics import BridgeMetrics
+from pier.sidecar.multiplexer import Pending
+from pier.sidecar.upstream import Upstream
 
 log = logging.getLogger("pier.sidecar.mcp")
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pier.sidecar.clients import ClientSession
-
 from pier.errors import PierError
 from pier.jsonrpc import (
     METHOD_NOT_FOUND,
@@ -28,6 +26,7 @@ from pier.jsonrpc import (
     error_response,
     gateway_error_response,
 )
+from pier.sidecar.clients import ClientSession
 
 log = logging.getLogger("pier.sidecar.multiplexer")
 

@@ -14,15 +14,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pier import __version__
+from pier.errors import PierError
+from pier.jsonrpc import Message, dumps, gateway_error_response, loads, validate_message
 from pier.sidecar.clients import ClientSession
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import NO_SINK, Multiplexer, Pending, Sink
 from pier.sidecar.transport import ServerExit, Transport, oversize_id
-
-from pier import __version__
-from pier.errors import PierError
-from pier.jsonrpc import Message, dumps, gateway_error_response, loads, validate_message
 
 log = logging.getLogger("pier.sidecar.upstream")
 
@@ -57,6 +56,7 @@ class Upstream:
         self.last_activity = time.time()
 
         self._ready = asyncio.Event()
+        self._ever_ready = False
         self._gave_up = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
         self._waiting = 0
@@ -138,6 +138,7 @@ class Upstream:
                 ready_since = time.monotonic()
                 self.state = "ready"
                 self._ready.set()
+                self._ever_ready = True
                 self.metrics.server_up.set(1)
                 log.info("server ready", extra={"server": (self.init_result or {}).get("serverInfo")})
             else:
@@ -291,6 +292,10 @@ class Upstream:
             return
         if self._gave_up.is_set():
             raise PierError("SERVER_UNAVAILABLE", "the server keeps failing to start", self._exit_details())
+        if self.last_exit is not None and not self._ever_ready:
+            # It has never started: say why now rather than after the start timeout.
+            reason = f"the server failed to start: {self.last_exit.reason}"
+            raise PierError("SERVER_UNAVAILABLE", reason, self._exit_details())
         try:
             await asyncio.wait_for(self._ready.wait(), self.settings.start_timeout_s)
         except TimeoutError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
 from pier.sidecar.app import BRIDGE, Bridge, create_app
 from pier.sidecar.config import SidecarSettings
 

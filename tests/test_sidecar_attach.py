@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 
 from pier.sidecar.attach import WRAPPER_NAME, prepare
-
 from tests.servers import DEMO, bridge_app, wait_until
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pier.sidecar.models import CallRecord
-
 from tests.servers import DEMO, bridge_app, get_json, wait_until
 
 

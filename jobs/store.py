@@ -1,0 +1,154 @@
+"""Jobs in Redis: records (JSON strings), the work stream, event channels, idempotency keys.
+
+Keys:
+- ``pier:job:{id}``               the JobRecord (TTL: a day while running, `result_ttl_s` once done)
+- ``pier:jobs``                   the stream workers read (consumer group ``pier-workers``), bounded
+- ``pier:job:{id}:events``        pub/sub: progress events, then one completion event
+- ``pier:idem:{user}:{server}:{key}``  the job an idempotency key already started
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from pier.jobs.models import JobRecord
+from pier.jsonrpc import dumps, loads
+
+log = logging.getLogger("pier.jobs.store")
+
+STREAM = "pier:jobs"
+GROUP = "pier-workers"
+STREAM_MAXLEN = 100_000
+RUNNING_TTL_S = 86_400
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client that reconnects by itself (with backoff) after Redis restarts."""
+    return aioredis.from_url(
+        url,
+        socket_timeout=15,  # longer than any blocking read (XREADGROUP blocks 5 s)
+        socket_connect_timeout=3,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+def job_key(job_id: str) -> str:
+    return f"pier:job:{job_id}"
+
+
+def events_channel(job_id: str) -> str:
+    return f"pier:job:{job_id}:events"
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, result_ttl_s: int) -> None:
+        self.redis = redis
+        self.result_ttl_s = result_ttl_s
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, record: JobRecord) -> None:
+        """Save a new job and put it on the stream, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(job_key(record.job_id), record.model_dump_json(), ex=RUNNING_TTL_S)
+            pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
+            await pipe.execute()
+
+    async def save(self, record: JobRecord) -> None:
+        ttl = self.result_ttl_s if record.done else RUNNING_TTL_S
+        await self.redis.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.get(job_key(job_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    async def update(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord | None:
+        """Apply `change` to the stored record atomically (optimistic lock); it returns False to skip.
+
+        Two parties may race (a worker finishing, a caller cancelling): whoever writes second sees
+        the first one's state and decides again, so a finished job is never overwritten.
+        """
+        key = job_key(job_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if not raw:
+                        return None
+                    record = JobRecord.model_validate_json(raw)
+                    if not change(record):
+                        return record
+                    pipe.multi()
+                    ttl = self.result_ttl_s if record.done else RUNNING_TTL_S
+                    pipe.set(key, record.model_dump_json(), ex=ttl)
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+
+    async def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        await self.redis.publish(events_channel(job_id), dumps(event))
+
+    async def events(self, job_id: str, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """Progress events, then the completion event; ends after completion or `timeout_s`.
+
+        Subscribes before reading the record, so a completion in between is never missed.
+        """
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(events_channel(job_id))
+        try:
+            record = await self.get(job_id)
+            if record is None:
+                return
+            if record.done:
+                yield {"type": "completed", **record.completion_event()}
+                return
+            deadline = time.monotonic() + timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=min(remaining, 5.0)
+                )
+                if message is None:
+                    # Quiet for a while: make sure the job did not end while we were reconnecting.
+                    record = await self.get(job_id)
+                    if record is None or record.done:
+                        if record is not None:
+                            yield {"type": "completed", **record.completion_event()}
+                        return
+                    yield {"type": "keepalive"}
+                    continue
+                event = loads(message["data"])
+                yield event
+                if event.get("type") == "completed":
+                    return
+        finally:
+            await pubsub.aclose()
+
+    async def claim_idempotency(self, user: str, server: str, key: str, job_id: str) -> str | None:
+        """Bind `key` to `job_id` unless bound already; returns the job it was bound to before."""
+        name = f"pier:idem:{user}:{server}:{key}"
+        if await self.redis.set(name, job_id, nx=True, ex=self.result_ttl_s):
+            return None
+        existing = await self.redis.get(name)
+        return existing.decode() if existing else None
+
+    async def queue_depth(self) -> int:
+        return int(await self.redis.xlen(STREAM))

@@ -1,0 +1,58 @@
+"""Router settings: `PIER_*` environment variables (see the README's configuration table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    backend: Literal["local", "kubernetes"] = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    profiles: Path | None = Field(default=None, description="YAML profile catalog")
+    profiles_inline: str | None = Field(default=None, description="catalog YAML given in the environment")
+    default_profile: str = Field(default="demo", description="profile of bridgekit-style calls naming none")
+    allow_inline_commands: bool = Field(default=False, description="let bridgekit callers choose a command")
+
+    call_timeout_s: float = Field(default=25.0, gt=0, description="hand-off threshold (profile may override)")
+    max_call_timeout_s: float = Field(default=120.0, gt=0, description="cap on a request's own timeout_s")
+    result_ttl_s: int = Field(default=3600, ge=60, description="how long job results are kept")
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = Field(default=None, description="Standard Webhooks secret (whsec_…)")
+    policy_url: str | None = None
+
+    keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
+    app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")
+    user_keys: dict[str, str] = Field(
+        default_factory=dict, description="user key → the one user_id it serves"
+    )
+    rate_limit_app_per_min: int = Field(default=0, ge=0, description="per user, via app keys; 0 = off")
+    rate_limit_user_per_min: int = Field(default=60, ge=0, description="per user, via user keys; 0 = off")
+    rate_limit_open_per_min: int = Field(default=0, ge=0, description="per user when no keys are set")
+
+    max_sessions: int = Field(default=100, ge=1, description="local backend: pool limit")
+    session_ttl_s: float = Field(
+        default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never"
+    )
+    session_start_timeout_s: float = Field(default=60, gt=0)
+    reap_interval_s: float = Field(default=5.0, gt=0)
+    sidecar_log_level: str = "WARNING"
+
+    max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
+    retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")
+    max_body_bytes: int = Field(default=16 * MiB, ge=1024)
+    allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed on /mcp")
+    log_level: str = "INFO"
+
+    # Kubernetes backend
+    namespace: str = "default"
+    kube_ready_timeout_s: float = Field(default=120, gt=0)
