@@ -26,9 +26,7 @@ server = MCPServer("pier-demo", instructions="Demo server for Pier: echo, slow, 
 # The execution counter lives in this process: it is the proof that a call ran exactly once.
 _executions = 0
 
-READ_ONLY = ToolAnnotations(
-    readOnlyHint=True, idempotentHint=True, destructiveHint=False, openWorldHint=False
-)
+READ_ONLY = ToolAnnotations(readOnlyHint=True, idempotentHint=True, destructiveHint=False, openWorldHint=False)
 
 
 @server.tool(annotations=READ_ONLY)
@@ -55,9 +53,7 @@ async def slow(seconds: float, ctx: Context) -> str:
 
 
 @server.tool(
-    annotations=ToolAnnotations(
-        readOnlyHint=False, idempotentHint=False, destructiveHint=False, openWorldHint=False
-    )
+    annotations=ToolAnnotations(readOnlyHint=False, idempotentHint=False, destructiveHint=False, openWorldHint=False)
 )
 async def counter(delay_s: float = 0) -> int:
     """Wait `delay_s` seconds, then count this execution and return the new count."""

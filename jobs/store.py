@@ -29,6 +29,9 @@ log = logging.getLogger("pier.jobs.store")
 STREAM = "pier:jobs"
 GROUP = "pier-workers"
 STREAM_MAXLEN = 100_000
+RECENT = "pier:jobs:recent"  # sorted set of job ids by creation time, for the dashboard
+RECENT_KEEP = 200
+DEAD_LETTERS = "pier:webhooks:dead"
 RUNNING_TTL_S = 86_400
 
 
@@ -69,6 +72,8 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(job_key(record.job_id), record.model_dump_json(), ex=RUNNING_TTL_S)
             pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.zadd(RECENT, {record.job_id: record.created_at})
+            pipe.zremrangebyrank(RECENT, 0, -RECENT_KEEP - 1)
             await pipe.execute()
 
     async def save(self, record: JobRecord) -> None:
@@ -123,9 +128,7 @@ class JobStore:
                 return
             deadline = time.monotonic() + timeout_s
             while (remaining := deadline - time.monotonic()) > 0:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=min(remaining, 5.0)
-                )
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 5.0))
                 if message is None:
                     # Quiet for a while: make sure the job did not end while we were reconnecting.
                     record = await self.get(job_id)
@@ -152,3 +155,13 @@ class JobStore:
 
     async def queue_depth(self) -> int:
         return int(await self.redis.xlen(STREAM))
+
+    async def recent_jobs(self, count: int) -> list[JobRecord]:
+        ids = await self.redis.zrevrange(RECENT, 0, count - 1)
+        if not ids:
+            return []
+        raws = await self.redis.mget([job_key(i.decode()) for i in ids])
+        return [JobRecord.model_validate_json(raw) for raw in raws if raw]
+
+    async def dead_letter_count(self) -> int:
+        return int(await self.redis.llen(DEAD_LETTERS))

@@ -57,13 +57,36 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+def _run_router(args: argparse.Namespace) -> int:
+    from pier.router.app import create_app, serve
+    from pier.router.config import RouterSettings
+
+    settings = RouterSettings()
+    logs.configure(settings.log_level)
+    asyncio.run(serve(create_app(settings), settings.host, settings.port))
+    return 0
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from pier.router.config import RouterSettings
+    from pier.up import up
+
+    settings = RouterSettings()
+    logs.configure(settings.log_level)
+    asyncio.run(up(settings, args.data_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pier", description="Per-tenant MCP stdio servers over HTTP.")
     parser.add_argument("--version", action="version", version=f"pier {__version__}")
     sub = parser.add_subparsers(dest="component", required=True)
     _sidecar_parser(sub)
+    sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
+    up = sub.add_parser("up", help="the embedded default: Redis, router, job pool, local sessions, demo profile")
+    up.add_argument("--data-dir", type=Path, default=Path(".pier"), help="where embedded Redis keeps its data")
     args = parser.parse_args(argv)
-    runners = {"sidecar": _run_sidecar}
+    runners = {"sidecar": _run_sidecar, "router": _run_router, "up": _run_up}
     return runners[args.component](args)
 
 

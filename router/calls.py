@@ -62,6 +62,8 @@ class CallService:
         self.store = store
         self.metrics = metrics
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+        self.total = 0
+        self.errors = 0
 
     def timeout_for(self, profile: Profile, requested: float | None) -> float:
         timeout = requested or profile.call_timeout_s or self.settings.call_timeout_s
@@ -101,6 +103,8 @@ class CallService:
             label = tool if outcome in ("completed", "queued", "replayed") else "other"
             self.metrics.call_duration.labels(profile.name, label).observe(elapsed)
             self.metrics.calls.labels(profile.name, outcome).inc()
+            self.total += 1
+            self.errors += label == "other"
             self.recent.appendleft(
                 {
                     "at": time.time(),
@@ -129,9 +133,7 @@ class CallService:
             try:
                 async with self.backend.use(user, profile) as session:
                     retry_safe = bool(idempotency_key) or profile.retry_safe(tool, session.tools.get(tool))
-                    status, body = await self.bridge.start_call(
-                        session.endpoint, tool, arguments, call_id, timeout
-                    )
+                    status, body = await self.bridge.start_call(session.endpoint, tool, arguments, call_id, timeout)
                     if status == 202:
                         return await self._hand_off(
                             job_id,

@@ -32,17 +32,13 @@ class RouterSettings(BaseSettings):
 
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
     app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")
-    user_keys: dict[str, str] = Field(
-        default_factory=dict, description="user key → the one user_id it serves"
-    )
+    user_keys: dict[str, str] = Field(default_factory=dict, description="user key → the one user_id it serves")
     rate_limit_app_per_min: int = Field(default=0, ge=0, description="per user, via app keys; 0 = off")
     rate_limit_user_per_min: int = Field(default=60, ge=0, description="per user, via user keys; 0 = off")
     rate_limit_open_per_min: int = Field(default=0, ge=0, description="per user when no keys are set")
 
     max_sessions: int = Field(default=100, ge=1, description="local backend: pool limit")
-    session_ttl_s: float = Field(
-        default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never"
-    )
+    session_ttl_s: float = Field(default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never")
     session_start_timeout_s: float = Field(default=60, gt=0)
     reap_interval_s: float = Field(default=5.0, gt=0)
     sidecar_log_level: str = "WARNING"

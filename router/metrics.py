@@ -36,9 +36,7 @@ class RouterMetrics:
             ["profile"],
             registry=r,
         )
-        self.handoffs = Counter(
-            "pier_router_handoffs_total", "calls handed to the job pool", ["profile"], registry=r
-        )
+        self.handoffs = Counter("pier_router_handoffs_total", "calls handed to the job pool", ["profile"], registry=r)
         self.sessions_active = Gauge("pier_router_sessions_active", "live sessions", ["profile"], registry=r)
         self.sessions_started = Counter(
             "pier_router_sessions_started_total", "sessions started", ["profile"], registry=r

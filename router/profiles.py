@@ -87,9 +87,7 @@ class Catalog:
     def parse(cls, text: str, source: str = "catalog") -> Catalog:
         try:
             data = CatalogFile.model_validate(yaml.safe_load(text) or {})
-            return cls(
-                [Profile.model_validate({"name": name, **spec}) for name, spec in data.profiles.items()]
-            )
+            return cls([Profile.model_validate({"name": name, **spec}) for name, spec in data.profiles.items()])
         except (yaml.YAMLError, ValidationError) as exc:
             raise ValueError(f"invalid profile catalog {source}: {exc}") from exc
 
@@ -108,7 +106,5 @@ class Catalog:
     def get(self, name: str) -> Profile:
         profile = self.profiles.get(name)
         if profile is None:
-            raise PierError(
-                "UNKNOWN_SERVER", f"no server profile {name!r}", {"servers": sorted(self.profiles)}
-            )
+            raise PierError("UNKNOWN_SERVER", f"no server profile {name!r}", {"servers": sorted(self.profiles)})
         return profile

@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import pydantic
 from aiohttp import web
@@ -30,32 +29,11 @@ from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.models import CallRequest
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
+from pier.web import error_response, json_response, origin_allowed
 
 log = logging.getLogger("pier.sidecar")
 
 _HOUSEKEEPING_S = 10.0
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def error_response(err: PierError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=err.http_status,
-        body=dumps({"error": err.to_dict()}),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def json_response(payload: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=dumps(payload), content_type="application/json")
-
-
-def origin_allowed(origin: str, allowed: list[str]) -> bool:
-    """DNS-rebinding protection: browsers may reach the bridge only from local or listed origins."""
-    if "*" in allowed or origin in allowed:
-        return True
-    host = urlsplit(origin).hostname
-    return host in _LOCAL_HOSTS
 
 
 @dataclass
@@ -69,9 +47,7 @@ class Bridge:
     def __post_init__(self) -> None:
         self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
         self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self.clients.broadcast)
-        self.calls = CallRegistry(
-            self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls
-        )
+        self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
         self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
 
     def _make_transport(self) -> Transport:
@@ -144,9 +120,7 @@ async def post_call(request: web.Request) -> web.Response:
         body = CallRequest.model_validate(loads(await request.read()))
     except web.HTTPRequestEntityTooLarge:
         limit = bridge.settings.max_message_bytes
-        return error_response(
-            PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
-        )
+        return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit}))
     except ValueError as exc:  # JSON or schema (pydantic's ValidationError is a ValueError)
         return error_response(_bad_body(exc))
     try:
@@ -161,9 +135,7 @@ async def post_call(request: web.Request) -> web.Response:
 def _bad_body(exc: ValueError) -> PierError:
     if isinstance(exc, pydantic.ValidationError):
         errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return PierError(
-            "INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors}
-        )
+        return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors})
     return PierError("BAD_REQUEST", "the body is not valid JSON")
 
 
@@ -184,9 +156,7 @@ async def get_call(request: web.Request) -> web.Response:
         call = bridge.calls.get(request.match_info["call_id"])
         wait_s = _query_float(request, "wait_s", 0, 300)
         progress_after = (
-            int(_query_float(request, "progress_after", -1, 1e12))
-            if "progress_after" in request.query
-            else -1
+            int(_query_float(request, "progress_after", -1, 1e12)) if "progress_after" in request.query else -1
         )
     except PierError as err:
         return error_response(err)
@@ -220,18 +190,12 @@ async def get_status(request: web.Request) -> web.Response:
 async def get_logs(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     up = bridge.upstream
-    lines = (
-        list(up.transport.stderr_tail) if up.transport else (up.last_exit.stderr_tail if up.last_exit else [])
-    )
+    lines = list(up.transport.stderr_tail) if up.transport else (up.last_exit.stderr_tail if up.last_exit else [])
     try:
         count = int(_query_float(request, "lines", 100, bridge.settings.stderr_tail_lines))
     except PierError as err:
         return error_response(err)
-    note = (
-        "attach mode: the server's stderr is in its own container's log"
-        if bridge.settings.attach_dir
-        else None
-    )
+    note = "attach mode: the server's stderr is in its own container's log" if bridge.settings.attach_dir else None
     return json_response({"lines": lines[-count:] if count else [], "note": note})
 
 
@@ -245,17 +209,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     status = bridge.status()
-    return json_response(
-        {"ready": status["ready"], "state": status["state"]}, 200 if status["ready"] else 503
-    )
+    return json_response({"ready": status["ready"], "state": status["state"]}, 200 if status["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     bridge.metrics.clients.set(len(bridge.clients.sessions))
-    return web.Response(
-        body=generate_latest(bridge.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return web.Response(body=generate_latest(bridge.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -290,9 +250,7 @@ async def _drain(app: web.Application) -> None:
     while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if bridge.upstream.in_flight:
-        log.warning(
-            "grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight}
-        )
+        log.warning("grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight})
 
 
 def create_app(settings: SidecarSettings) -> web.Application:

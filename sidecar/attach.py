@@ -70,9 +70,7 @@ class FifoPeer(Transport):
         )
         self._writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
         self._transports = [read_transport, write_transport]
-        self._reader_task = asyncio.create_task(
-            split_lines(reader, self.limit, self.on_line, self.on_oversize)
-        )
+        self._reader_task = asyncio.create_task(split_lines(reader, self.limit, self.on_line, self.on_oversize))
         log.info("attached to server", extra={"dir": str(self.directory)})
 
     async def _open_writer(self) -> int:

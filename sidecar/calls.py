@@ -63,9 +63,7 @@ class Call:
             self.progress_count += 1
             self._notify()
 
-    def finish(
-        self, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
-    ) -> None:
+    def finish(self, status: str, result: dict[str, Any] | None = None, error: PierError | None = None) -> None:
         if self.done:
             return
         self.status, self.result, self.error = status, result, error
@@ -188,9 +186,7 @@ class CallRegistry:
                 cls.check_schema(schema)
                 validator = cls(schema)
             except schema_exceptions.SchemaError:
-                log.warning(
-                    "tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool}
-                )
+                log.warning("tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool})
                 validator = False
             self._validators[tool] = validator
         if validator:

@@ -50,9 +50,7 @@ class ClientRegistry:
         self.idle_s = idle_s
         self.sessions: dict[str, ClientSession] = {}
 
-    def create(
-        self, protocol_version: str, capabilities: dict[str, Any], client_info: dict[str, Any]
-    ) -> ClientSession:
+    def create(self, protocol_version: str, capabilities: dict[str, Any], client_info: dict[str, Any]) -> ClientSession:
         if len(self.sessions) >= self.max_clients:
             self.expire(force_oldest=True)
         session = ClientSession(secrets.token_hex(16), protocol_version, capabilities, client_info)

@@ -28,12 +28,8 @@ class SidecarSettings(BaseSettings):
     start_timeout_s: float = Field(default=30.0, gt=0, description="server start + initialize deadline")
     restart_backoff_initial_s: float = Field(default=0.2, ge=0)
     restart_backoff_max_s: float = Field(default=30.0, ge=0)
-    max_restarts: int = Field(
-        default=10, ge=0, description="consecutive failed runs before giving up; 0 = never"
-    )
-    stable_after_s: float = Field(
-        default=30.0, ge=0, description="uptime after which a run counts as healthy"
-    )
+    max_restarts: int = Field(default=10, ge=0, description="consecutive failed runs before giving up; 0 = never")
+    stable_after_s: float = Field(default=30.0, ge=0, description="uptime after which a run counts as healthy")
     write_timeout_s: float = Field(default=30.0, gt=0, description="how long a server may stop reading")
 
     shutdown_grace_s: float = Field(default=20.0, ge=0, description="SIGTERM: time for in-flight calls")

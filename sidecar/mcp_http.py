@@ -31,6 +31,7 @@ from pier.sidecar.clients import ClientRegistry, ClientSession
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
 from pier.sidecar.upstream import Upstream
+from pier.web import SSE_HEADERS, json_response
 
 log = logging.getLogger("pier.sidecar.mcp")
 
@@ -41,7 +42,6 @@ ASSUMED_VERSION = "2025-03-26"
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 KEEPALIVE_S = 15.0
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_event(message: Message) -> bytes:
@@ -52,10 +52,6 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> w
     return web.Response(
         status=status, body=dumps(error_response(request_id, code, message)), content_type="application/json"
     )
-
-
-def json_body(payload: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=dumps(payload), content_type="application/json", headers=headers)
 
 
 class PostStream:
@@ -109,8 +105,7 @@ class StreamableHTTP:
             return rpc_error(
                 400,
                 INVALID_REQUEST,
-                f"Bad Request: unsupported {VERSION_HEADER} {version!r}; supported: "
-                + ", ".join(SUPPORTED_VERSIONS),
+                f"Bad Request: unsupported {VERSION_HEADER} {version!r}; supported: " + ", ".join(SUPPORTED_VERSIONS),
             )
         if any(m.get("method") == "initialize" for m in messages):
             if len(messages) > 1:
@@ -140,18 +135,15 @@ class StreamableHTTP:
             await self.upstream.wait_ready()
         except PierError as err:
             self.metrics.requests.labels("initialize", err.code).inc()
-            return json_body(gateway_error_response(message["id"], err))
+            return json_response(gateway_error_response(message["id"], err))
         requested = params.get("protocolVersion")
         version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
-        client = self.clients.create(
-            version, params.get("capabilities") or {}, params.get("clientInfo") or {}
-        )
+        client = self.clients.create(version, params.get("capabilities") or {}, params.get("clientInfo") or {})
         self.metrics.clients.set(len(self.clients.sessions))
         self.metrics.requests.labels("initialize", "ok").inc()
         result = {**(self.upstream.init_result or {}), "protocolVersion": version}
-        return json_body(
-            {"jsonrpc": "2.0", "id": message["id"], "result": result}, {SESSION_HEADER: client.id}
-        )
+        answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        return json_response(answer, headers={SESSION_HEADER: client.id})
 
     def _session(self, request: web.Request) -> ClientSession | web.Response:
         session_id = request.headers.get(SESSION_HEADER)
@@ -167,11 +159,7 @@ class StreamableHTTP:
         method = message["method"]
         if method == "ping":
             return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-        if (
-            method == "tools/list"
-            and self.upstream.tools_by_name
-            and not (message.get("params") or {}).get("cursor")
-        ):
+        if method == "tools/list" and self.upstream.tools_by_name and not (message.get("params") or {}).get("cursor"):
             return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": self.upstream.tools}}
         return None
 
@@ -188,7 +176,7 @@ class StreamableHTTP:
             else:
                 forwarded.append(message)
         if not forwarded:
-            return json_body(answered if batch else answered[0])
+            return json_response(answered if batch else answered[0])
 
         stream = PostStream()
         waiting = 0
@@ -210,7 +198,7 @@ class StreamableHTTP:
                 if final:
                     answered.append(message)
                     waiting -= 1
-            return json_body(answered if batch else answered[0])
+            return json_response(answered if batch else answered[0])
 
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)

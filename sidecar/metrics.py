@@ -24,16 +24,10 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
-            "pier_bridge_requests_in_flight", "requests waiting for the server", registry=r
-        )
+        self.in_flight = Gauge("pier_bridge_requests_in_flight", "requests waiting for the server", registry=r)
         self.clients = Gauge("pier_bridge_clients", "MCP client sessions", registry=r)
-        self.server_up = Gauge(
-            "pier_bridge_server_up", "1 when the server is initialized and ready", registry=r
-        )
-        self.restarts = Counter(
-            "pier_bridge_server_restarts_total", "server exits followed by a restart", registry=r
-        )
+        self.server_up = Gauge("pier_bridge_server_up", "1 when the server is initialized and ready", registry=r)
+        self.restarts = Counter("pier_bridge_server_restarts_total", "server exits followed by a restart", registry=r)
         self.invalid_lines = Counter(
             "pier_bridge_invalid_lines_total",
             "lines on the server's stdout that were not JSON-RPC",

@@ -62,9 +62,7 @@ class Pending:
     client: ClientSession | None
     sink: Sink
     original_token: Any = None
-    future: asyncio.Future[Message] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    future: asyncio.Future[Message] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.monotonic)
 
     def finish(self, response: Message) -> None:
@@ -145,9 +143,7 @@ class Multiplexer:
         """Forward a client's answer to a server→client request, if it was asked of that client."""
         owner = self._server_requests.get(message["id"])
         if owner is not client:
-            log.warning(
-                "dropped a response to a request this client was not asked", extra={"client": client.id}
-            )
+            log.warning("dropped a response to a request this client was not asked", extra={"client": client.id})
             return
         del self._server_requests[message["id"]]
         self._post(message)
@@ -227,9 +223,7 @@ class Multiplexer:
         ]
         if not candidates:
             self._post(
-                error_response(
-                    message["id"], METHOD_NOT_FOUND, f"no connected client can handle {method} right now"
-                )
+                error_response(message["id"], METHOD_NOT_FOUND, f"no connected client can handle {method} right now")
             )
             return
         # Over stdio a server request does not say which call it serves; the newest one in flight

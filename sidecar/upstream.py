@@ -60,6 +60,7 @@ class Upstream:
         self._gave_up = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
         self._waiting = 0
+        self._active = 0
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._tools_task: asyncio.Task[None] | None = None
@@ -80,7 +81,8 @@ class Upstream:
 
     @property
     def in_flight(self) -> int:
-        return len(self.mux.pending)
+        """Callers' requests the server is working on (the bridge's own handshake not counted)."""
+        return self._active
 
     @property
     def queued(self) -> int:
@@ -244,6 +246,7 @@ class Upstream:
         except BaseException:
             self._slots.release()
             raise
+        self._active += 1
         self.metrics.in_flight.inc()
         pending.future.add_done_callback(self._release_slot)
         self.last_activity = time.time()
@@ -266,6 +269,7 @@ class Upstream:
 
     def _release_slot(self, _future: asyncio.Future[Message]) -> None:
         self._slots.release()
+        self._active -= 1
         self.metrics.in_flight.dec()
         self.last_activity = time.time()
 
@@ -321,9 +325,7 @@ class Upstream:
                 {"timeout_s": self.settings.write_timeout_s},
             ) from None
         except (ConnectionError, RuntimeError) as exc:
-            raise PierError(
-                "SERVER_EXITED", f"could not write to the server: {exc}", self._exit_details()
-            ) from None
+            raise PierError("SERVER_EXITED", f"could not write to the server: {exc}", self._exit_details()) from None
 
     def _post(self, message: Message) -> None:
         """Write a small control message without waiting (responses, cancellations)."""

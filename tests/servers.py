@@ -106,3 +106,33 @@ async def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -
 async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
     async with session.get(url) as response:
         return await response.json()
+
+
+@contextlib.asynccontextmanager
+async def router_app(redis_url: str, catalog=None, **settings: object) -> AsyncIterator[RunningRouter]:
+    """A router served in-process on a free loopback port, with the demo and everything profiles."""
+    from pier.router.app import create_app
+    from pier.router.config import RouterSettings
+    from pier.router.context import ROUTER
+    from pier.router.profiles import Catalog, Profile, demo_profile
+
+    if catalog is None:
+        catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])
+    app = create_app(RouterSettings(redis_url=redis_url, port=0, **settings), catalog)
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield RunningRouter(f"http://127.0.0.1:{runner.addresses[0][1]}", app[ROUTER])
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class RunningRouter:
+    url: str
+    router: object
+
+    def user_url(self, user: str, server: str = "demo") -> str:
+        return f"{self.url}/v1/users/{user}/servers/{server}"

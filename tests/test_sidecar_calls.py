@@ -55,9 +55,7 @@ async def test_long_poll_returns_progress_as_it_comes(http):
 
 async def test_cancel_reaches_the_tool(http):
     async with bridge_app(command=DEMO) as running:
-        _, body = await _post(
-            http, running.url, {"tool": "slow", "arguments": {"seconds": 60}, "wait_s": 0.5}
-        )
+        _, body = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 60}, "wait_s": 0.5})
         async with http.delete(f"{running.url}/v1/calls/{body['call_id']}") as response:
             assert response.status == 200
             assert (await response.json())["status"] == "cancelled"
@@ -126,9 +124,7 @@ async def test_bearer_token_guards_the_api(http):
             assert response.status == 401
         async with http.get(f"{running.url}/v1/tools", headers={"Authorization": "Bearer wrong"}) as response:
             assert response.status == 401
-        async with http.get(
-            f"{running.url}/v1/tools", headers={"Authorization": "Bearer s3cret"}
-        ) as response:
+        async with http.get(f"{running.url}/v1/tools", headers={"Authorization": "Bearer s3cret"}) as response:
             assert response.status == 200
         async with http.get(f"{running.url}/healthz") as response:
             assert response.status == 200

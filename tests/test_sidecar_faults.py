@@ -38,9 +38,7 @@ async def test_crash_fails_every_call_in_flight_then_the_server_restarts(http):
             crash = asyncio.create_task(b.call_tool("crash", {}))
 
             # Calls that would run for two minutes all fail now; the bound is generous on purpose.
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*slow_calls, crash, return_exceptions=True), timeout=30
-            )
+            outcomes = await asyncio.wait_for(asyncio.gather(*slow_calls, crash, return_exceptions=True), timeout=30)
             for outcome in outcomes:
                 assert isinstance(outcome, MCPError), outcome
                 assert outcome.error.data["code"] == "SERVER_EXITED"
@@ -62,9 +60,7 @@ async def test_crash_fails_every_call_in_flight_then_the_server_restarts(http):
 async def test_garbage_on_stdout_is_skipped(http):
     noisy = ["/bin/sh", "-c", 'echo "starting up..."; echo \'{"jsonrpc": "1.0"}\'; exec "$@"', "sh", *DEMO]
     async with bridge_app(command=noisy) as running:
-        async with http.post(
-            f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}
-        ) as r:
+        async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}) as r:
             assert (await r.json())["result"]["content"][0]["text"] == "Echo: x"
         assert running.bridge.metrics.invalid_lines._value.get() == 2
         assert running.bridge.upstream.restarts == 0
@@ -90,9 +86,7 @@ async def test_oversized_messages_are_refused_cleanly(http):
             json={"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": "y" * 9000}},
         ) as response:
             assert response.status == 413
-        async with http.post(
-            f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "ok"}}
-        ) as r:
+        async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "ok"}}) as r:
             assert r.status == 200
         assert running.bridge.metrics.oversized._value.get() == 1
         assert running.bridge.upstream.restarts == 0
@@ -100,9 +94,7 @@ async def test_oversized_messages_are_refused_cleanly(http):
 
 async def test_a_server_that_never_reads_does_not_block_the_bridge(http):
     # `sleep` never reads stdin and never answers: calls time out one by one, the bridge stays live.
-    async with bridge_app(
-        command=["sleep", "600"], wait_ready=False, start_timeout_s=1, max_restarts=0
-    ) as running:
+    async with bridge_app(command=["sleep", "600"], wait_ready=False, start_timeout_s=1, max_restarts=0) as running:
         async with http.get(f"{running.url}/readyz") as response:
             assert response.status == 503
         async with http.get(f"{running.url}/healthz") as response:
@@ -172,9 +164,7 @@ async def test_calls_beyond_the_queue_are_refused(http):
                 assert response.status == 202
                 started.append((await response.json())["call_id"])
         await wait_until(lambda: running.bridge.upstream.queued == 1)
-        async with http.post(
-            f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}
-        ) as r:
+        async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}) as r:
             assert r.status == 503
             assert r.headers["Retry-After"] == "1"
             assert (await r.json())["error"]["code"] == "CALL_QUEUE_FULL"

@@ -76,9 +76,7 @@ async def test_logging_notifications_reach_every_get_stream():
             Client(running.mcp_url, logging_callback=recorder("listener")),
         ):
             # Both clients hold a GET stream once connected; wait until the bridge has seen them.
-            await wait_until(
-                lambda: sum(1 for s in running.bridge.clients.sessions.values() if s.get_streams) == 2
-            )
+            await wait_until(lambda: sum(1 for s in running.bridge.clients.sessions.values() if s.get_streams) == 2)
             await caller.call_tool("slow", {"seconds": 0.1})
             await wait_until(lambda: logs["caller"] and logs["listener"])
 

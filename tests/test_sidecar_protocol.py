@@ -34,9 +34,7 @@ async def test_sessions_are_required_known_and_deletable(http):
         ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
         async with http.post(f"{running.url}/mcp", json=ping, headers=ACCEPT) as response:
             assert response.status == 400
-        async with http.post(
-            f"{running.url}/mcp", json=ping, headers={**ACCEPT, "Mcp-Session-Id": "nope"}
-        ) as r:
+        async with http.post(f"{running.url}/mcp", json=ping, headers={**ACCEPT, "Mcp-Session-Id": "nope"}) as r:
             assert r.status == 404
         headers = await _session(http, running.url)
         async with http.post(f"{running.url}/mcp", json=ping, headers=headers) as response:
@@ -82,9 +80,7 @@ async def test_malformed_input_gets_json_rpc_errors_and_harms_nothing(http):
             ) as response:
                 assert response.status == status, body
                 assert (await response.json())["error"]["code"] == code, body
-        async with http.post(
-            f"{running.url}/mcp", data=b"{}", headers={**headers, "Content-Type": "text/plain"}
-        ) as r:
+        async with http.post(f"{running.url}/mcp", data=b"{}", headers={**headers, "Content-Type": "text/plain"}) as r:
             assert r.status == 415
         call = {
             "jsonrpc": "2.0",
@@ -92,9 +88,7 @@ async def test_malformed_input_gets_json_rpc_errors_and_harms_nothing(http):
             "method": "tools/call",
             "params": {"name": "echo", "arguments": {"message": "ok"}},
         }
-        async with http.post(
-            f"{running.url}/mcp", json=call, headers={**headers, "Accept": "application/json"}
-        ) as r:
+        async with http.post(f"{running.url}/mcp", json=call, headers={**headers, "Accept": "application/json"}) as r:
             assert (await r.json())["result"]["content"][0]["text"] == "Echo: ok"
         assert running.bridge.upstream.restarts == 0
 
@@ -121,9 +115,7 @@ async def test_batches_notifications_and_sse(http):
         assert '"id":"a"' in text
         assert '"id":"b"' in text
         assert "Echo: b" in text
-        async with http.get(
-            f"{running.url}/mcp", headers={**headers, "Accept": "application/json"}
-        ) as response:
+        async with http.get(f"{running.url}/mcp", headers={**headers, "Accept": "application/json"}) as response:
             assert response.status == 406
 
 

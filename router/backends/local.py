@@ -28,7 +28,7 @@ from pier.sidecar.client import BridgeClient, Endpoint
 log = logging.getLogger("pier.router.local")
 
 SIDECAR = [sys.executable, "-m", "pier.cli", "sidecar"]
-_STOP_GRACE_S = 10.0
+_STOP_GRACE_S = 30.0  # a bridge's own grace period for its calls, plus slack
 
 
 class LocalSession(Session):
@@ -89,8 +89,9 @@ class LocalBackend(SessionBackend):
         return True
 
     async def forget(self, session: Session, reason: str) -> None:
-        if self.sessions.get(session.key) is session:
-            assert isinstance(session, LocalSession)
+        assert isinstance(session, LocalSession)
+        # A bridge that is slow to answer (a loaded machine) is not dead: only a gone process is.
+        if self.sessions.get(session.key) is session and session.proc.returncode is not None:
             await self._stop(session, reason)
 
     # -- starting and stopping -------------------------------------------------------------
@@ -120,9 +121,7 @@ class LocalBackend(SessionBackend):
             message = exc.message if isinstance(exc, PierError) else f"bridge did not start: {exc!r}"
             await self._kill(proc)
             self.metrics.sessions_failed.labels(profile.name).inc()
-            log.error(
-                "session failed to start", extra={"user": key.user, "profile": key.profile, "why": message}
-            )
+            log.error("session failed to start", extra={"user": key.user, "profile": key.profile, "why": message})
             raise PierError("SESSION_START_FAILED", message, details) from None
         except BaseException:
             await self._kill(proc)
@@ -167,9 +166,7 @@ class LocalBackend(SessionBackend):
         if session.state == "stopping":
             return
         session.state = "stopping"
-        log.info(
-            "session ending", extra={"user": session.key.user, "profile": session.key.profile, "why": reason}
-        )
+        log.info("session ending", extra={"user": session.key.user, "profile": session.key.profile, "why": reason})
         await self._kill(session.proc, graceful=True)
 
     async def _kill(self, proc: asyncio.subprocess.Process, graceful: bool = False) -> None:
@@ -179,7 +176,8 @@ class LocalBackend(SessionBackend):
             try:
                 await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
             except TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
                 await proc.wait()
 
     # -- reaping ---------------------------------------------------------------------------
@@ -206,7 +204,7 @@ class LocalBackend(SessionBackend):
         try:
             status = await self.bridge.status(session.endpoint)
         except PierError:
-            await self.forget(session, "unreachable")
+            await self.forget(session, "exited")
             return False
         session.bridge_status = status
         busy = status.get("in_flight", 0) or status.get("calls_running", 0) or status.get("queued", 0)

@@ -1,0 +1,165 @@
+"""Router v1 REST: servers, tools, calls, sessions, jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, TypeVar
+
+import pydantic
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from pier.errors import PierError
+from pier.jobs.models import JobError, JobRecord
+from pier.jsonrpc import dumps, loads
+from pier.router.context import ROUTER, Router, principal
+from pier.sidecar.client import BridgeUnreachable, Endpoint
+from pier.web import SSE_HEADERS, json_response
+
+M = TypeVar("M", bound=BaseModel)
+JOB_EVENTS_TIMEOUT_S = 3600.0
+
+
+class ToolCallBody(BaseModel):
+    """`POST …/tools/{tool}/call`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold for this call (capped)")
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Parse the JSON body into `model`: 400 for bad JSON, 422 for a body that breaks the schema."""
+    raw = await request.read()
+    try:
+        data = loads(raw) if raw else {}
+    except ValueError:
+        raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors}) from None
+
+
+async def list_servers(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    return json_response({"servers": [p.public() for p in router.catalog.profiles.values()]})
+
+
+async def list_tools(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    profile = await router.target(request, user, server)
+    async with router.backend.use(user, profile) as session:
+        try:
+            tools = await router.bridge.tools(session.endpoint, router.settings.session_start_timeout_s)
+        except BridgeUnreachable:
+            await router.backend.forget(session, "unreachable")
+            raise
+        session.tools = {t["name"]: t for t in tools}
+    return json_response({"tools": tools})
+
+
+async def call_tool(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    profile = await router.target(request, user, server)
+    body = await read_model(request, ToolCallBody)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200):
+        raise PierError("BAD_REQUEST", "Idempotency-Key must be 1-200 characters")
+    result = await router.calls.call(user, profile, request.match_info["tool"], body.arguments, body.timeout_s, key)
+    return json_response(result.body, result.status)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user = request.match_info["user"]
+    principal(request).check_user(user)
+    return json_response({"sessions": [s.view() for s in router.backend.list(user)]})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    principal(request).check_user(user)
+    router.catalog.get(server)
+    if not await router.backend.end(user, server):
+        raise PierError("NOT_FOUND", f"{user} has no {server} session")
+    return web.Response(status=204)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+async def load_job(request: web.Request, job_id: str) -> JobRecord:
+    record = await request.app[ROUTER].store.get(job_id)
+    if record is None:
+        raise PierError("JOB_NOT_FOUND", f"no job {job_id!r} (results expire after their TTL)")
+    principal(request).check_user(record.user)
+    return record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    record = await load_job(request, request.match_info["job_id"])
+    return json_response(record.view())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    record = await load_job(request, request.match_info["job_id"])
+    if not record.done:
+        if record.endpoint:
+            # If the session is gone, so is the call.
+            with contextlib.suppress(BridgeUnreachable):
+                await router.bridge.cancel_call(Endpoint(record.endpoint, record.endpoint_token), record.call_id)
+        record = await cancel_record(router, record.job_id) or record
+    return json_response(record.view())
+
+
+async def cancel_record(router: Router, job_id: str) -> JobRecord | None:
+    def change(record: JobRecord) -> bool:
+        if record.done:
+            return False
+        record.status = "cancelled"
+        record.error = JobError(code="CANCELLED", message="cancelled by the caller")
+        record.finished_at = time.time()
+        return True
+
+    record = await router.store.update(job_id, change)
+    if record is not None and record.status == "cancelled":
+        await router.store.publish(job_id, {"type": "completed", **record.completion_event()})
+    return record
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """SSE: `progress` events while the job runs, then one `completed` event, then the stream ends."""
+    router = request.app[ROUTER]
+    record = await load_job(request, request.match_info["job_id"])
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        async for event in router.store.events(record.job_id, JOB_EVENTS_TIMEOUT_S):
+            if event.get("type") == "keepalive":
+                await response.write(b": keepalive\n\n")
+                continue
+            name = event.pop("type", "message")
+            await response.write(f"event: {name}\n".encode() + b"data: " + dumps(event) + b"\n\n")
+    except ConnectionResetError:
+        pass
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/servers", list_servers)
+    r.add_get("/v1/users/{user}/servers/{server}/tools", list_tools)
+    r.add_post("/v1/users/{user}/servers/{server}/tools/{tool}/call", call_tool)
+    r.add_get("/v1/users/{user}/sessions", list_sessions)
+    r.add_delete("/v1/users/{user}/servers/{server}", end_session)
+    r.add_get("/v1/jobs/{job_id}", get_job)
+    r.add_get("/v1/jobs/{job_id}/events", job_events)
+    r.add_delete("/v1/jobs/{job_id}", cancel_job)

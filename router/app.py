@@ -1,0 +1,189 @@
+"""The router's aiohttp application: middleware (request id → errors → auth), lifespan, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from pier import logs
+from pier.errors import PierError
+from pier.jobs.store import JobStore, connect
+from pier.router import api, compat, dashboard, relay
+from pier.router.auth import KeyRing, presented_key
+from pier.router.backends.base import SessionBackend
+from pier.router.backends.local import LocalBackend
+from pier.router.calls import CallService
+from pier.router.config import RouterSettings
+from pier.router.context import PRINCIPAL, ROUTER, Router
+from pier.router.profiles import Catalog
+from pier.router.ratelimit import RateLimiter
+from pier.sidecar.client import BridgeClient
+from pier.web import error_response, json_response
+
+log = logging.getLogger("pier.router")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# No key needed: probes, metrics, the dashboard page (its data needs one), bridgekit's public routes.
+PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/dashboard"})
+PUBLIC_PREFIXES = ("/mcp/events/", "/static/")
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id in and out, log context, and per-route metrics."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    token = logs.bind(request_id=request_id)
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[ROUTER].metrics.requests.labels(label, request.method, str(status)).inc()
+        logs.unbind(token)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Pier errors become `{"error": …}` (or bridgekit's shape on its routes); nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except PierError as err:
+        if err.http_status >= 500:
+            log.warning("request failed", extra={"code": err.code, "why": err.message, "path": request.path})
+        if compat.is_compat(request):
+            return compat.error_response(err)
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[ROUTER].settings.max_body_bytes
+        err = PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
+        return compat.error_response(err) if compat.is_compat(request) else error_response(err)
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error", extra={"path": request.path})
+        return error_response(PierError("INTERNAL", "internal error; the request id is in the logs"))
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC or request.path.startswith(PUBLIC_PREFIXES):
+        return await handler(request)
+    request[PRINCIPAL] = request.app[ROUTER].keys.authenticate(presented_key(request))
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    try:
+        await asyncio.wait_for(router.redis.ping(), 2)
+    except (RedisError, TimeoutError, OSError) as exc:
+        return json_response({"ready": False, "redis": f"unavailable: {exc}"}, 503)
+    return json_response({"ready": True, "redis": "ok", "backend": router.settings.backend})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    try:
+        router.metrics.queue_depth.set(await asyncio.wait_for(router.store.queue_depth(), 2))
+    except (RedisError, TimeoutError, OSError):
+        router.metrics.redis_errors.labels("metrics").inc()
+    return web.Response(body=generate_latest(router.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_backend(router: Router) -> SessionBackend:
+    if router.settings.backend == "kubernetes":
+        from pier.router.backends.kubernetes import KubernetesBackend  # needs the kubernetes client
+
+        return KubernetesBackend(router.settings, router.bridge, router.metrics)
+    return LocalBackend(router.settings, router.bridge, router.metrics)
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    router = app[ROUTER]
+    router.http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False
+    )
+    router.bridge = BridgeClient(router.http)
+    router.redis = connect(router.settings.redis_url)
+    router.store = JobStore(router.redis, router.settings.result_ttl_s)
+    s = router.settings
+    limits = {"app": s.rate_limit_app_per_min, "user": s.rate_limit_user_per_min, "open": s.rate_limit_open_per_min}
+    router.limiter = RateLimiter(router.redis, limits, router.metrics)  # type: ignore[arg-type]
+    router.backend = make_backend(router)
+    router.calls = CallService(s, router.backend, router.bridge, router.store, router.metrics)
+    try:
+        await router.store.ensure_group()
+    except RedisError as exc:
+        log.warning("Redis is not reachable yet; jobs and rate limits wait for it", extra={"error": str(exc)})
+    await router.backend.start()
+    if router.keys.open:
+        log.warning("NO API KEYS CONFIGURED: the router is open to anyone who can reach it")
+    yield
+    await router.backend.close()
+    await router.http.close()
+    await router.redis.aclose()
+
+
+def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.Application:
+    """The router app. `catalog` defaults to the one `settings` names."""
+    catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
+    keys = KeyRing.load([k.get_secret_value() for k in settings.app_keys], settings.user_keys, settings.keys_file)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors, authenticate])
+    app[ROUTER] = Router(settings, catalog, keys)
+    app.cleanup_ctx.append(_lifespan)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    api.add_routes(app)
+    relay.add_routes(app)
+    compat.add_routes(app)
+    dashboard.add_routes(app)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then shut down cleanly (sessions, connections, tasks)."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+    log.info("router listening", extra={"url": url})
+    if on_ready is not None:
+        on_ready(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    try:
+        await stop.wait()
+    finally:
+        log.info("router stopping", extra={"uptime_s": round(time.monotonic() - started)})
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

@@ -1,0 +1,57 @@
+"""What one router process holds: settings, catalog, keys, and the resources its lifespan opens."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from pier.errors import PierError
+from pier.jobs.store import JobStore
+from pier.router.auth import KeyRing, Principal
+from pier.router.backends.base import SessionBackend
+from pier.router.calls import CallService
+from pier.router.config import RouterSettings
+from pier.router.metrics import RouterMetrics
+from pier.router.profiles import Catalog, Profile
+from pier.router.ratelimit import RateLimiter
+from pier.sidecar.client import BridgeClient
+
+USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+
+
+@dataclass
+class Router:
+    settings: RouterSettings
+    catalog: Catalog
+    keys: KeyRing
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    # Opened by the app's lifespan:
+    http: aiohttp.ClientSession = field(init=False)
+    redis: aioredis.Redis = field(init=False)
+    store: JobStore = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    backend: SessionBackend = field(init=False)
+    bridge: BridgeClient = field(init=False)
+    calls: CallService = field(init=False)
+
+    async def target(self, request: web.Request, user: str, server: str) -> Profile:
+        """Authorize `request` for (user, server), count it against the user's rate limit."""
+        if not USER_ID.match(user):
+            raise PierError("BAD_REQUEST", "user ids are 1-128 characters: letters, digits and . _ @ + = -")
+        caller = principal(request)
+        caller.check_user(user)
+        profile = self.catalog.get(server)
+        await self.limiter.check(caller, user)
+        return profile
+
+
+ROUTER = web.AppKey("router", Router)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
