@@ -29,7 +29,7 @@ async def test_fifty_users_twenty_calls_each_then_all_reaped(http, redis_server)
             results = await asyncio.gather(*(_call(http, url, "counter") for _ in range(20)))
             assert all(status == 200 for status, _ in results), results
             _, count = await _call(http, url, "count")
-            return sorted(_count(body) for _, body in results) + [_count(count)]
+            return [*sorted(_count(body) for _, body in results), _count(count)]
 
         counts = await asyncio.gather(*(user(n) for n in range(50)))
         for per_user in counts:
