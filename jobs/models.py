@@ -37,6 +37,7 @@ class JobRecord(BaseModel):
     attempts: int = 1
     idempotency_key: str | None = None
     webhook_url: str | None = None
+    webhook_state: Literal["pending", "delivered", "dead"] = "pending"
     result: dict[str, Any] | None = None
     error: JobError | None = None
     progress: dict[str, Any] | None = None

@@ -9,17 +9,19 @@ Keys:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from pier.jobs.models import JobRecord
 from pier.jsonrpc import dumps, loads
@@ -35,16 +37,22 @@ DEAD_LETTERS = "pier:webhooks:dead"
 RUNNING_TTL_S = 86_400
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A Redis client that reconnects by itself (with backoff) after Redis restarts."""
-    return aioredis.from_url(
+def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
+    """A Redis client that reconnects by itself (with backoff) after Redis restarts.
+
+    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=10,
         socket_timeout=15,  # longer than any blocking read (XREADGROUP blocks 5 s)
         socket_connect_timeout=3,
         health_check_interval=10,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def job_key(job_id: str) -> str:
@@ -55,10 +63,66 @@ def events_channel(job_id: str) -> str:
     return f"pier:job:{job_id}:events"
 
 
+class EventHub:
+    """One Redis subscription (a pattern) for every job-event stream this process serves.
+
+    A connection per SSE client would exhaust Redis connections under load; instead one reader
+    fans events out to in-process queues, and resubscribes by itself when Redis comes back.
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._listeners: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pier-job-events")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @contextlib.contextmanager
+    def listen(self, job_id: str) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._listeners.setdefault(job_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            listeners = self._listeners.get(job_id, set())
+            listeners.discard(queue)
+            if not listeners:
+                self._listeners.pop(job_id, None)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.psubscribe(events_channel("*"))
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None:
+                        continue
+                    job_id = message["channel"].decode().split(":")[2]
+                    for queue in self._listeners.get(job_id, ()):
+                        queue.put_nowait(loads(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("job events: Redis unavailable; resubscribing", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, result_ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, result_ttl_s: int, hub: EventHub | None = None) -> None:
         self.redis = redis
         self.result_ttl_s = result_ttl_s
+        self.hub = hub or EventHub(redis)
 
     async def ensure_group(self) -> None:
         try:
@@ -115,11 +179,10 @@ class JobStore:
     async def events(self, job_id: str, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
         """Progress events, then the completion event; ends after completion or `timeout_s`.
 
-        Subscribes before reading the record, so a completion in between is never missed.
+        Listens before reading the record, so a completion in between is never missed; a quiet
+        spell re-reads the record, so an event lost while Redis restarted is never waited for.
         """
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(events_channel(job_id))
-        try:
+        with self.hub.listen(job_id) as queue:
             record = await self.get(job_id)
             if record is None:
                 return
@@ -128,9 +191,9 @@ class JobStore:
                 return
             deadline = time.monotonic() + timeout_s
             while (remaining := deadline - time.monotonic()) > 0:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 5.0))
-                if message is None:
-                    # Quiet for a while: make sure the job did not end while we were reconnecting.
+                try:
+                    event = await asyncio.wait_for(queue.get(), min(remaining, 5.0))
+                except TimeoutError:
                     record = await self.get(job_id)
                     if record is None or record.done:
                         if record is not None:
@@ -138,12 +201,9 @@ class JobStore:
                         return
                     yield {"type": "keepalive"}
                     continue
-                event = loads(message["data"])
                 yield event
                 if event.get("type") == "completed":
                     return
-        finally:
-            await pubsub.aclose()
 
     async def claim_idempotency(self, user: str, server: str, key: str, job_id: str) -> str | None:
         """Bind `key` to `job_id` unless bound already; returns the job it was bound to before."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -58,12 +59,30 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 
 
 def _run_router(args: argparse.Namespace) -> int:
-    from pier.router.app import create_app, serve
+    from pier.router.app import create_app
     from pier.router.config import RouterSettings
+    from pier.web import serve
 
     settings = RouterSettings()
     logs.configure(settings.log_level)
-    asyncio.run(serve(create_app(settings), settings.host, settings.port))
+    asyncio.run(serve(create_app(settings), settings.host, settings.port, on_ready=_announce("router")))
+    return 0
+
+
+def _announce(component: str):
+    def announce(url: str) -> None:
+        logging.getLogger(f"pier.{component}").info(f"{component} listening", extra={"url": url})
+
+    return announce
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    from pier.jobs.config import JobsSettings
+    from pier.jobs.worker import run
+
+    settings = JobsSettings()
+    logs.configure(settings.log_level)
+    asyncio.run(run(settings))
     return 0
 
 
@@ -83,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="component", required=True)
     _sidecar_parser(sub)
     sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
+    sub.add_parser("jobs", help="a job-pool worker (configured by PIER_* variables)")
     up = sub.add_parser("up", help="the embedded default: Redis, router, job pool, local sessions, demo profile")
     up.add_argument("--data-dir", type=Path, default=Path(".pier"), help="where embedded Redis keeps its data")
     args = parser.parse_args(argv)
-    runners = {"sidecar": _run_sidecar, "router": _run_router, "up": _run_up}
+    runners = {"sidecar": _run_sidecar, "router": _run_router, "jobs": _run_jobs, "up": _run_up}
     return runners[args.component](args)
 
 

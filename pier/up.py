@@ -1,16 +1,25 @@
-"""`pier up`: the embedded default — Redis, the router (local sessions), the job pool, the demo profile."""
+"""`pier up`: the embedded default: Redis, the router (local sessions), a job worker, the demo profile.
+
+One process (plus Redis and the sessions it starts); Ctrl-C stops all of it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from aiohttp import web
+
+from pier.jobs.config import JobsSettings
+from pier.jobs.worker import Worker
 from pier.redis_server import RedisServer
-from pier.router.app import create_app, serve
+from pier.router.app import create_app
 from pier.router.config import RouterSettings
 from pier.router.profiles import Catalog, demo_profile
+from pier.web import serve
 
 log = logging.getLogger("pier.up")
 
@@ -38,6 +47,14 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
     catalog = Catalog.load(settings.profiles, settings.profiles_inline)
     catalog.add(demo_profile())
     app = create_app(settings, catalog)
+    worker = Worker(JobsSettings(redis_url=settings.redis_url, worker_name="pier-up"))
+
+    async def run_worker(_: web.Application) -> AsyncIterator[None]:
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app.cleanup_ctx.append(run_worker)
     try:
         await serve(app, settings.host, settings.port, on_ready=lambda url: print(banner(url, settings), flush=True))
     finally:

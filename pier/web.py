@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,3 +35,43 @@ def origin_allowed(origin: str, allowed: list[str]) -> bool:
     if "*" in allowed or origin in allowed:
         return True
     return urlsplit(origin).hostname in _LOCAL_HOSTS
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float = 10.0,
+    on_ready: Callable[[str], None] | None = None,
+    stop_when: Awaitable[object] | None = None,
+) -> None:
+    """Serve `app` until SIGTERM/SIGINT (or `stop_when` completes), then shut it down cleanly.
+
+    `on_ready` gets the URL actually bound (useful with port 0).
+    """
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
+        if on_ready is not None:
+            on_ready(f"http://{shown}:{bound_port}")
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waits = {asyncio.ensure_future(stop.wait())}
+        if stop_when is not None:
+            waits.add(asyncio.ensure_future(stop_when))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    finally:
+        await runner.cleanup()

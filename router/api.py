@@ -146,8 +146,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if event.get("type") == "keepalive":
                 await response.write(b": keepalive\n\n")
                 continue
-            name = event.pop("type", "message")
-            await response.write(f"event: {name}\n".encode() + b"data: " + dumps(event) + b"\n\n")
+            data = {k: v for k, v in event.items() if k != "type"}
+            await response.write(f"event: {event['type']}\n".encode() + b"data: " + dumps(data) + b"\n\n")
     except ConnectionResetError:
         pass
     return response

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -139,9 +137,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     except RedisError as exc:
         log.warning("Redis is not reachable yet; jobs and rate limits wait for it", extra={"error": str(exc)})
     await router.backend.start()
+    router.store.hub.start()
     if router.keys.open:
         log.warning("NO API KEYS CONFIGURED: the router is open to anyone who can reach it")
     yield
+    await router.store.hub.close()
     await router.backend.close()
     await router.http.close()
     await router.redis.aclose()
@@ -162,28 +162,3 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     compat.add_routes(app)
     dashboard.add_routes(app)
     return app
-
-
-async def serve(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then shut down cleanly (sessions, connections, tasks)."""
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=10)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_host, bound_port = runner.addresses[0][:2]
-    url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
-    log.info("router listening", extra={"url": url})
-    if on_ready is not None:
-        on_ready(url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    started = time.monotonic()
-    try:
-        await stop.wait()
-    finally:
-        log.info("router stopping", extra={"uptime_s": round(time.monotonic() - started)})
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()

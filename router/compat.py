@@ -152,8 +152,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     async for event in router.store.events(record.job_id, 3600):
         if event.get("type") == "completed":
-            event.pop("type")
-            await response.write(sse_frame(event))
+            await response.write(sse_frame({k: v for k, v in event.items() if k != "type"}))
             break
         await response.write(b": keepalive\n\n")
     await response.write_eof()

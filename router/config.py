@@ -27,7 +27,6 @@ class RouterSettings(BaseSettings):
     max_call_timeout_s: float = Field(default=120.0, gt=0, description="cap on a request's own timeout_s")
     result_ttl_s: int = Field(default=3600, ge=60, description="how long job results are kept")
     webhook_url: str | None = None
-    webhook_secret: SecretStr | None = Field(default=None, description="Standard Webhooks secret (whsec_…)")
     policy_url: str | None = None
 
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +28,7 @@ from pier.sidecar.models import CallRequest
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 from pier.web import error_response, json_response, origin_allowed
+from pier.web import serve as web_serve
 
 log = logging.getLogger("pier.sidecar")
 
@@ -280,30 +279,16 @@ def create_app(settings: SidecarSettings) -> web.Application:
 async def serve(settings: SidecarSettings) -> int:
     """Run the bridge until SIGTERM/SIGINT (or until the server keeps failing). Returns the exit code."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    # One machine-readable line on stdout, so a parent that asked for port 0 learns the real one.
-    sys.stdout.write(dumps({"event": "listening", "url": url}).decode() + "\n")
-    sys.stdout.flush()
-    log.info("bridge listening", extra={"url": url})
+    gave_up = app[BRIDGE].upstream.gave_up
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    gave_up = asyncio.ensure_future(app[BRIDGE].upstream.gave_up.wait())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({gave_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    code = 1 if gave_up.done() else 0
-    for task in (gave_up, stopped):
-        task.cancel()
-    log.info("bridge stopping")
-    await runner.cleanup()
-    with contextlib.suppress(Exception):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return code
+    def listening(url: str) -> None:
+        # One machine-readable line on stdout, so a parent that asked for port 0 learns the real one.
+        sys.stdout.write(dumps({"event": "listening", "url": url}).decode() + "\n")
+        sys.stdout.flush()
+        log.info("bridge listening", extra={"url": url})
+
+    await web_serve(
+        app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace_s + 1,
+        on_ready=listening, stop_when=gave_up.wait(),
+    )  # fmt: skip
+    return 1 if gave_up.is_set() else 0

@@ -136,3 +136,51 @@ class RunningRouter:
 
     def user_url(self, user: str, server: str = "demo") -> str:
         return f"{self.url}/v1/users/{user}/servers/{server}"
+
+
+@contextlib.asynccontextmanager
+async def worker_processes(
+    redis_url: str, count: int = 1, **env: str
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`pier jobs` worker processes (real, separate from the router), stopped at the end."""
+    procs = []
+    for n in range(count):
+        settings = {"PIER_REDIS_URL": redis_url, "PIER_JOBS_PORT": "0", "PIER_WORKER_NAME": f"worker-{n}", **env}
+        procs.append(await asyncio.create_subprocess_exec(*PIER, "jobs", env={**os.environ, **settings}))
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def wait_job(http, base_url: str, job_id: str, timeout: float = 60.0) -> dict:
+    """Poll a job until it ends; returns its final view."""
+
+    async def done() -> bool:
+        return (await get_json(http, f"{base_url}/v1/jobs/{job_id}"))["status"] in ("completed", "failed", "cancelled")
+
+    await wait_until(done, timeout=timeout, interval=0.1)
+    return await get_json(http, f"{base_url}/v1/jobs/{job_id}")
+
+
+async def sse_events(http, url: str) -> list[tuple[str, dict]]:
+    """Read a whole SSE stream: (event name, data) pairs, until the server closes it."""
+    events: list[tuple[str, dict]] = []
+    name = "message"
+    async with http.get(url) as response:
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                name = "message"
+    return events
