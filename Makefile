@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIER := $(VENV)/bin/pier
 NPM_DIR := deps/npm
-HOST ?= 127.0.0.1
-PORT ?= 8080
 
 .PHONY: install test lint format run clean
 
@@ -35,12 +33,7 @@ test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: install
-	@echo "Pier bridge on http://$(HOST):$(PORT) serving examples/demo_server.py (Ctrl-C stops it)."
-	@echo "  curl -s http://$(HOST):$(PORT)/v1/tools"
-	@echo "  curl -s -X POST http://$(HOST):$(PORT)/v1/calls -H 'Content-Type: application/json' \\"
-	@echo "       -d '{\"tool\": \"echo\", \"arguments\": {\"message\": \"hello\"}}'"
-	@echo "  MCP clients: http://$(HOST):$(PORT)/mcp"
-	exec $(PIER) sidecar --host $(HOST) --port $(PORT) -- $(PY) examples/demo_server.py
+	exec $(PIER) up
 
 clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
+command -v chromium >/dev/null || need+=(chromium)  # the dashboard's browser test
 
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pydantic
@@ -137,19 +138,31 @@ async def cancel_record(router: Router, job_id: str) -> JobRecord | None:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     """SSE: `progress` events while the job runs, then one `completed` event, then the stream ends."""
-    router = request.app[ROUTER]
     record = await load_job(request, request.match_info["job_id"])
+
+    def render(event: dict[str, Any]) -> bytes:
+        data = {k: v for k, v in event.items() if k != "type"}
+        return f"event: {event['type']}\n".encode() + b"data: " + dumps(data) + b"\n\n"
+
+    return await stream_job(request, record.job_id, render)
+
+
+async def stream_job(
+    request: web.Request, job_id: str, render: Callable[[dict[str, Any]], bytes | None]
+) -> web.StreamResponse:
+    """Stream a job's events as SSE; `render` makes one event a frame (None skips it)."""
+    router = request.app[ROUTER]
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
-        async for event in router.store.events(record.job_id, JOB_EVENTS_TIMEOUT_S):
-            if event.get("type") == "keepalive":
-                await response.write(b": keepalive\n\n")
-                continue
-            data = {k: v for k, v in event.items() if k != "type"}
-            await response.write(f"event: {event['type']}\n".encode() + b"data: " + dumps(data) + b"\n\n")
+        with router.streaming():
+            async for event in router.store.events(job_id, JOB_EVENTS_TIMEOUT_S):
+                frame = b": keepalive\n\n" if event["type"] == "keepalive" else render(event)
+                if frame:
+                    await response.write(frame)
+            await response.write_eof()
     except ConnectionResetError:
-        pass
+        pass  # the caller left; the job goes on
     return response
 
 

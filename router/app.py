@@ -112,10 +112,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_backend(router: Router) -> SessionBackend:
-    if router.settings.backend == "kubernetes":
-        from pier.router.backends.kubernetes import KubernetesBackend  # needs the kubernetes client
-
-        return KubernetesBackend(router.settings, router.bridge, router.metrics)
     return LocalBackend(router.settings, router.bridge, router.metrics)
 
 
@@ -147,6 +143,10 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     await router.redis.aclose()
 
 
+async def _end_streams(app: web.Application) -> None:
+    app[ROUTER].end_streams()
+
+
 def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.Application:
     """The router app. `catalog` defaults to the one `settings` names."""
     catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
@@ -154,6 +154,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors, authenticate])
     app[ROUTER] = Router(settings, catalog, keys)
     app.cleanup_ctx.append(_lifespan)
+    app.on_shutdown.append(_end_streams)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

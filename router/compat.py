@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pier.errors import PierError
 from pier.jobs.models import iso
 from pier.jsonrpc import dumps
-from pier.router.api import load_job, read_model
+from pier.router.api import load_job, read_model, stream_job
 from pier.router.context import ROUTER, Router, principal
 from pier.router.profiles import Profile, inline_profile
 from pier.web import SSE_HEADERS, json_response
@@ -148,15 +148,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     record = await router.store.get(request.match_info["job_id"])
     if record is None:
         raise PierError("JOB_NOT_FOUND", "no such job")
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    async for event in router.store.events(record.job_id, 3600):
-        if event.get("type") == "completed":
-            await response.write(sse_frame({k: v for k, v in event.items() if k != "type"}))
-            break
-        await response.write(b": keepalive\n\n")
-    await response.write_eof()
-    return response
+
+    def render(event: dict[str, Any]) -> bytes | None:
+        if event["type"] != "completed":
+            return None
+        return sse_frame({k: v for k, v in event.items() if k != "type"})
+
+    return await stream_job(request, record.job_id, render)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ class RouterSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    backend: Literal["local", "kubernetes"] = "local"
+    backend: Literal["local"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
     profiles: Path | None = Field(default=None, description="YAML profile catalog")
     profiles_inline: str | None = Field(default=None, description="catalog YAML given in the environment")
@@ -26,8 +26,7 @@ class RouterSettings(BaseSettings):
     call_timeout_s: float = Field(default=25.0, gt=0, description="hand-off threshold (profile may override)")
     max_call_timeout_s: float = Field(default=120.0, gt=0, description="cap on a request's own timeout_s")
     result_ttl_s: int = Field(default=3600, ge=60, description="how long job results are kept")
-    webhook_url: str | None = None
-    policy_url: str | None = None
+    webhook_url: str | None = Field(default=None, description="where finished jobs are POSTed (profile may override)")
 
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
     app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")
@@ -38,16 +37,12 @@ class RouterSettings(BaseSettings):
 
     max_sessions: int = Field(default=100, ge=1, description="local backend: pool limit")
     session_ttl_s: float = Field(default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never")
-    session_start_timeout_s: float = Field(default=60, gt=0)
-    reap_interval_s: float = Field(default=5.0, gt=0)
-    sidecar_log_level: str = "WARNING"
+    session_start_timeout_s: float = Field(default=60, gt=0, description="a new session must be ready within")
+    reap_interval_s: float = Field(default=5.0, gt=0, description="how often idle sessions are looked for")
+    sidecar_log_level: str = Field(default="WARNING", description="log level of the bridges the router starts")
 
     max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
     retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")
-    max_body_bytes: int = Field(default=16 * MiB, ge=1024)
+    max_body_bytes: int = Field(default=16 * MiB, ge=1024, description="larger request bodies get 413")
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed on /mcp")
     log_level: str = "INFO"
-
-    # Kubernetes backend
-    namespace: str = "default"
-    kube_ready_timeout_s: float = Field(default=120, gt=0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -37,6 +41,22 @@ class Router:
     backend: SessionBackend = field(init=False)
     bridge: BridgeClient = field(init=False)
     calls: CallService = field(init=False)
+    # Long-lived responses (SSE, relayed streams), ended at shutdown rather than waited for.
+    streams: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self.streams.add(task)
+        try:
+            yield
+        finally:
+            self.streams.discard(task)
+
+    def end_streams(self) -> None:
+        for task in self.streams:
+            task.cancel()
 
     async def target(self, request: web.Request, user: str, server: str) -> Profile:
         """Authorize `request` for (user, server), count it against the user's rate limit."""

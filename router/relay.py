@@ -65,11 +65,12 @@ async def _forward(
         )
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            with router.streaming():
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientError):
             pass  # either side hung up; the bridge keeps the calls running
-        await response.write_eof()
         return response
 
 

@@ -1,0 +1,47 @@
+"""The dashboard in a real (headless) browser: it shows live data without a reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.browser import chromium
+from tests.servers import ROOT, router_app, wait_until
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+async def test_dashboard_shows_sessions_and_calls_live(http, redis_server, tmp_path: Path):
+    async with router_app(redis_server.url) as running, chromium(tmp_path / "profile") as page:
+        await page.send("Page.navigate", url=f"{running.url}/dashboard")
+
+        async def stat(name: str) -> str | None:
+            return await page.evaluate(f"document.getElementById('stat-{name}')?.textContent")
+
+        await wait_until(lambda: _equals(stat("sessions"), "0"))
+        marker = await page.evaluate("window.pierMarker = 'same page'; window.pierMarker")
+
+        async with http.post(
+            f"{running.user_url('alice')}/tools/echo/call", json={"arguments": {"message": "hello dashboard"}}
+        ) as response:
+            assert response.status == 200
+        async with http.post(f"{running.user_url('bob')}/tools/fail/call", json={"arguments": {"message": "x"}}):
+            pass
+
+        await wait_until(lambda: _equals(stat("sessions"), "2"))
+        await wait_until(lambda: _equals(stat("calls"), "2"))
+        sessions = await page.evaluate("document.getElementById('sessions').innerText")
+        calls = await page.evaluate("document.getElementById('calls').innerText")
+        tools = await page.evaluate("document.getElementById('tools').innerText")
+        # The same page, updated in place (no reload lost our marker).
+        assert await page.evaluate("window.pierMarker") == marker
+        assert "alice" in sessions
+        assert "bob" in sessions
+        assert "echo" in calls
+        assert "counter" in tools
+        assert "live" in await page.evaluate("document.getElementById('live').textContent")
+        await page.screenshot(ARTIFACTS / "dashboard.png")
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+async def _equals(value, expected: str) -> bool:
+    return (await value) == expected

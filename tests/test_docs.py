@@ -1,0 +1,19 @@
+"""The README documents every setting the code reads (the settings models are the source of truth)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pier.jobs.config import JobsSettings
+from pier.router.config import RouterSettings
+from pier.sidecar.config import SidecarSettings
+from tests.servers import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("settings", [RouterSettings, JobsSettings, SidecarSettings])
+def test_every_setting_is_documented(settings):
+    prefix = settings.model_config["env_prefix"]
+    missing = [f"{prefix}{name.upper()}" for name in settings.model_fields if f"{prefix}{name.upper()}" not in README]
+    assert not missing, f"undocumented settings: {missing}"
