@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pier import logs
 from pier.errors import PierError
 from pier.jobs.models import JobError, JobRecord
 from pier.jobs.store import JobStore
@@ -81,6 +82,7 @@ class CallService:
         started = time.monotonic()
         timeout = self.timeout_for(profile, timeout_s)
         job_id = uuid.uuid4().hex
+        logs.bind(job_id=job_id)
         outcome = "error"
         try:
             if idempotency_key:

@@ -13,6 +13,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from pier import logs
 from pier.errors import PierError
 from pier.jobs.store import JobStore
 from pier.router.auth import KeyRing, Principal
@@ -65,6 +66,7 @@ class Router:
         caller = principal(request)
         caller.check_user(user)
         profile = self.catalog.get(server)
+        logs.bind(user=user, profile=server)  # for the rest of this request's log lines
         await self.limiter.check(caller, user)
         return profile
 

@@ -252,21 +252,6 @@ class Upstream:
         self.last_activity = time.time()
         return pending
 
-    async def request(
-        self,
-        message: Message,
-        client: ClientSession | None = None,
-        sink: Sink = NO_SINK,
-        track_progress=False,
-    ) -> Message:
-        """Send a request and wait for its response (with the caller's own id)."""
-        pending = await self.begin(message, client, sink, track_progress)
-        try:
-            return await asyncio.shield(pending.future)
-        except asyncio.CancelledError:
-            self.mux.cancel(pending, "caller went away")
-            raise
-
     def _release_slot(self, _future: asyncio.Future[Message]) -> None:
         self._slots.release()
         self._active -= 1
