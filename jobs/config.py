@@ -26,4 +26,7 @@ class JobsSettings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_attempts: int = Field(default=5, ge=1)
     webhook_backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles each time")
+    policy_token: SecretStr | None = Field(default=None, description="bearer token sent to the policy hook")
+    policy_fail_open: bool = Field(default=False, description="allow when the policy hook is unreachable")
+    policy_timeout_s: float = Field(default=5.0, gt=0)
     log_level: str = "INFO"

@@ -37,6 +37,8 @@ class JobRecord(BaseModel):
     attempts: int = 1
     idempotency_key: str | None = None
     webhook_url: str | None = None
+    policy_url: str | None = Field(default=None, description="policy hook that must allow the result")
+    identity: dict[str, Any] = Field(default_factory=dict, description="who asked (for policy and audit)")
     webhook_state: Literal["pending", "delivered", "dead"] = "pending"
     result: dict[str, Any] | None = None
     error: JobError | None = None

@@ -23,7 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pier.jobs.models import JobRecord
+from pier.errors import PierError
+from pier.jobs.models import JobError, JobRecord
 from pier.jsonrpc import dumps, loads
 
 log = logging.getLogger("pier.jobs.store")
@@ -172,6 +173,32 @@ class JobStore:
                     return record
                 except WatchError:
                     continue
+
+    async def finish(
+        self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
+    ) -> JobRecord | None:
+        """End a job (unless it has ended already) and publish its completion.
+
+        Returns the record if this call ended it, None if it was gone or had ended before.
+        """
+        finished = False
+
+        def change(record: JobRecord) -> bool:
+            nonlocal finished
+            if record.done:
+                return False
+            record.status = status  # type: ignore[assignment]
+            record.result = result
+            record.error = JobError(**error.to_dict()) if error else None
+            record.finished_at = time.time()
+            finished = True
+            return True
+
+        record = await self.update(job_id, change)
+        if record is None or not finished:
+            return None
+        await self.publish(job_id, {"type": "completed", **record.completion_event()})
+        return record
 
     async def publish(self, job_id: str, event: dict[str, Any]) -> None:
         await self.redis.publish(events_channel(job_id), dumps(event))

@@ -22,9 +22,10 @@ from pier import logs
 from pier.errors import PierError
 from pier.jobs.config import JobsSettings
 from pier.jobs.metrics import JobMetrics
-from pier.jobs.models import JobError, JobRecord
+from pier.jobs.models import JobRecord
 from pier.jobs.store import GROUP, STREAM, JobStore, connect
 from pier.jobs.webhooks import WebhookSender
+from pier.policy import Policer, PolicyContext, PolicyDenied, PolicyMetrics
 from pier.sidecar.client import BridgeClient, BridgeUnreachable, Endpoint
 from pier.web import json_response, serve
 
@@ -44,6 +45,7 @@ class Worker:
         self.http: aiohttp.ClientSession | None = None
         self.bridge: BridgeClient
         self.webhooks: WebhookSender
+        self.policer: Policer
         self.following: dict[str, asyncio.Task[None]] = {}  # stream entry id → its task
         self._slots = asyncio.Semaphore(settings.max_jobs)
         self._loops: list[asyncio.Task[None]] = []
@@ -56,6 +58,14 @@ class Worker:
         secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
         if self.settings.webhook_url and not secret:
             log.warning("webhooks will be sent unsigned: set PIER_WEBHOOK_SECRET")
+        policy_token = self.settings.policy_token.get_secret_value() if self.settings.policy_token else None
+        self.policer = Policer(
+            self.http,
+            PolicyMetrics(self.metrics.registry),
+            policy_token,
+            self.settings.policy_fail_open,
+            self.settings.policy_timeout_s,
+        )
         self.webhooks = WebhookSender(
             self.http, self.redis, self.metrics, secret, self.settings.webhook_timeout_s,
             self.settings.webhook_attempts, self.settings.webhook_backoff_s,
@@ -267,22 +277,23 @@ class Worker:
     async def _finish(
         self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
     ) -> None:
-        def change(record: JobRecord) -> bool:
-            if record.done:
-                return False
-            record.status = status  # type: ignore[assignment]
-            record.result = result
-            record.error = JobError(**error.to_dict()) if error else None
-            record.finished_at = time.time()
-            return True
-
-        record = await self.store.update(job_id, change)
+        if status == "completed":
+            record = await self.store.get(job_id)
+            if record is not None:
+                try:
+                    context = PolicyContext(
+                        record.user, record.server, f"{record.user}/{record.server}", record.identity
+                    )
+                    response = {"jsonrpc": "2.0", "id": job_id, "result": result}
+                    await self.policer.check(record.policy_url, "Output", [response], context)
+                except PolicyDenied as denied:  # the result is withheld from the caller
+                    status, result, error = "failed", None, denied
+        record = await self.store.finish(job_id, status, result=result, error=error)
         if record is None:
-            return
-        if record.finished_at is not None and record.status == status:
-            self.metrics.finished.labels(record.server, record.status).inc()
-            self.metrics.duration.labels(record.server).observe(record.finished_at - record.created_at)
-        await self.store.publish(job_id, {"type": "completed", **record.completion_event()})
+            return  # ended by someone else (a cancel) first
+        assert record.finished_at is not None
+        self.metrics.finished.labels(record.server, record.status).inc()
+        self.metrics.duration.labels(record.server).observe(record.finished_at - record.created_at)
         await self._after_finish(record)
 
     async def _after_finish(self, record: JobRecord) -> None:

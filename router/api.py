@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -12,9 +11,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from pier.errors import PierError
-from pier.jobs.models import JobError, JobRecord
+from pier.jobs.models import JobRecord
 from pier.jsonrpc import dumps, loads
-from pier.router.context import ROUTER, Router, principal
+from pier.router.context import ROUTER, principal
 from pier.sidecar.client import BridgeUnreachable, Endpoint
 from pier.web import SSE_HEADERS, json_response
 
@@ -72,7 +71,8 @@ async def call_tool(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):
         raise PierError("BAD_REQUEST", "Idempotency-Key must be 1-200 characters")
-    result = await router.calls.call(user, profile, request.match_info["tool"], body.arguments, body.timeout_s, key)
+    tool = request.match_info["tool"]
+    result = await router.calls.call(principal(request), user, profile, tool, body.arguments, body.timeout_s, key)
     return json_response(result.body, result.status)
 
 
@@ -117,23 +117,9 @@ async def cancel_job(request: web.Request) -> web.Response:
             # If the session is gone, so is the call.
             with contextlib.suppress(BridgeUnreachable):
                 await router.bridge.cancel_call(Endpoint(record.endpoint, record.endpoint_token), record.call_id)
-        record = await cancel_record(router, record.job_id) or record
+        cancelled = PierError("CANCELLED", "cancelled by the caller")
+        record = await router.store.finish(record.job_id, "cancelled", error=cancelled) or record
     return json_response(record.view())
-
-
-async def cancel_record(router: Router, job_id: str) -> JobRecord | None:
-    def change(record: JobRecord) -> bool:
-        if record.done:
-            return False
-        record.status = "cancelled"
-        record.error = JobError(code="CANCELLED", message="cancelled by the caller")
-        record.finished_at = time.time()
-        return True
-
-    record = await router.store.update(job_id, change)
-    if record is not None and record.status == "cancelled":
-        await router.store.publish(job_id, {"type": "completed", **record.completion_event()})
-    return record
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:

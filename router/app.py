@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from pier import logs
 from pier.errors import PierError
 from pier.jobs.store import JobStore, connect
+from pier.policy import Policer, PolicyMetrics
 from pier.router import api, compat, dashboard, relay
 from pier.router.auth import KeyRing, presented_key
 from pier.router.backends.base import SessionBackend
@@ -127,7 +128,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     limits = {"app": s.rate_limit_app_per_min, "user": s.rate_limit_user_per_min, "open": s.rate_limit_open_per_min}
     router.limiter = RateLimiter(router.redis, limits, router.metrics)  # type: ignore[arg-type]
     router.backend = make_backend(router)
-    router.calls = CallService(s, router.backend, router.bridge, router.store, router.metrics)
+    token = s.policy_token.get_secret_value() if s.policy_token else None
+    router.policer = Policer(
+        router.http, PolicyMetrics(router.metrics.registry), token, s.policy_fail_open, s.policy_timeout_s
+    )
+    router.calls = CallService(s, router.backend, router.bridge, router.store, router.policer, router.metrics)
     try:
         await router.store.ensure_group()
     except RedisError as exc:

@@ -27,6 +27,11 @@ class Principal:
     key_class: KeyClass
     key_id: str
     user_id: str | None = None  # set for user keys: the only user they may act for
+    subject: str | None = None  # the verified client certificate's subject (mTLS)
+
+    def identity(self) -> dict[str, str | None]:
+        """Who is calling, for audit records and the policy hook (never the key itself)."""
+        return {"key_class": self.key_class, "key_id": self.key_id, "bound_user": self.user_id, "subject": self.subject}
 
     def check_user(self, user_id: str) -> None:
         if self.user_id is not None and self.user_id != user_id:

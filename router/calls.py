@@ -1,4 +1,4 @@
-"""One tool call through the router: session, bridge, retry if safe, hand off if slow.
+"""One tool call through the router: policy, session, bridge, retry if safe, hand off if slow.
 
 A call is started on the session's bridge with the job id as its call id and waited for up to
 the timeout. Done in time → the result. Not done → a job record and a stream entry, and the
@@ -12,13 +12,15 @@ import collections
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pier import logs
+from pier import audit, logs
 from pier.errors import PierError
 from pier.jobs.models import JobError, JobRecord
 from pier.jobs.store import JobStore
+from pier.policy import Policer, PolicyContext, PolicyDenied
+from pier.router.auth import Principal
 from pier.router.backends.base import Session, SessionBackend
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
@@ -31,12 +33,37 @@ log = logging.getLogger("pier.router.calls")
 _NOT_STARTED = frozenset({"SERVER_UNAVAILABLE", "CALL_QUEUE_FULL"})
 # The session failed under the call: retry only what is safe to run again.
 _TRANSPORT = frozenset({"SERVER_EXITED", "SESSION_LOST"})
+_SUCCESS = frozenset({"completed", "queued", "replayed"})
 
 
 @dataclass
 class CallResult:
     status: int
     body: dict[str, Any]
+
+
+@dataclass
+class ToolCall:
+    """Everything about one call the router is handling."""
+
+    caller: Principal
+    user: str
+    profile: Profile
+    tool: str
+    arguments: dict[str, Any]
+    timeout: float
+    idempotency_key: str | None = None
+    via: str = "rest"
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def policy_context(self) -> PolicyContext:
+        return PolicyContext(self.user, self.profile.name, f"{self.user}/{self.profile.name}", self.caller.identity())
+
+    def request_message(self) -> dict[str, Any]:
+        """The call as the JSON-RPC message the server receives (what the policy hook judges)."""
+        params = {"name": self.tool, "arguments": self.arguments}
+        return {"jsonrpc": "2.0", "id": self.job_id, "method": "tools/call", "params": params}
 
 
 def queued_body(job_id: str) -> dict[str, Any]:
@@ -55,12 +82,14 @@ class CallService:
         backend: SessionBackend,
         bridge: BridgeClient,
         store: JobStore,
+        policer: Policer,
         metrics: RouterMetrics,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.bridge = bridge
         self.store = store
+        self.policer = policer
         self.metrics = metrics
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self.total = 0
@@ -70,96 +99,106 @@ class CallService:
         timeout = requested or profile.call_timeout_s or self.settings.call_timeout_s
         return min(timeout, self.settings.max_call_timeout_s)
 
+    def policy_url(self, profile: Profile) -> str | None:
+        return profile.policy_url or self.settings.policy_url
+
     async def call(
         self,
+        caller: Principal,
         user: str,
         profile: Profile,
         tool: str,
         arguments: dict[str, Any],
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        via: str = "rest",
     ) -> CallResult:
+        call = ToolCall(
+            caller, user, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key, via
+        )
+        logs.bind(job_id=call.job_id)
         started = time.monotonic()
-        timeout = self.timeout_for(profile, timeout_s)
-        job_id = uuid.uuid4().hex
-        logs.bind(job_id=job_id)
-        outcome = "error"
+        outcome, decision, decided_by = "error", "allow", None
         try:
+            try:
+                if profile.tools is not None:
+                    profile.tools.check(tool, user, caller.key_id)
+                await self.policer.check(
+                    self.policy_url(profile), "Input", [call.request_message()], call.policy_context
+                )
+            except PolicyDenied as denied:
+                decision, decided_by = "deny", denied.details["decided_by"]
+                raise
             if idempotency_key:
-                existing = await self.store.claim_idempotency(user, profile.name, idempotency_key, job_id)
+                existing = await self.store.claim_idempotency(user, profile.name, idempotency_key, call.job_id)
                 if existing is not None:
                     outcome = "replayed"
-                    return await self._replay(existing, timeout)
-                await self.store.save(self._record(job_id, user, profile, tool, arguments, idempotency_key))
-            result = await self._run(job_id, user, profile, tool, arguments, timeout, idempotency_key)
+                    return await self._replay(existing, call.timeout)
+                await self.store.save(self._record(call))
+            result = await self._run(call)
             outcome = result.body["status"]
+            if outcome == "completed" and result.body["result"].get("isError"):
+                outcome = "tool_error"
             return result
         except PierError as err:
             outcome = err.code
+            if isinstance(err, PolicyDenied):
+                decision, decided_by = "deny", err.details["decided_by"]
             if idempotency_key and outcome != "replayed":
-                await self._settle(job_id, "failed", error=err)
+                await self.store.finish(call.job_id, "failed", error=err)
             raise
         finally:
             elapsed = time.monotonic() - started
-            # Only calls that reached a real tool name it in a label: callers cannot grow the label set.
-            label = tool if outcome in ("completed", "queued", "replayed") else "other"
-            self.metrics.call_duration.labels(profile.name, label).observe(elapsed)
-            self.metrics.calls.labels(profile.name, outcome).inc()
-            self.total += 1
-            self.errors += label == "other"
-            self.recent.appendleft(
-                {
-                    "at": time.time(),
-                    "user": user,
-                    "server": profile.name,
-                    "tool": tool,
-                    "outcome": outcome,
-                    "duration_ms": round(elapsed * 1000, 1),
-                }
-            )
+            self._account(call, outcome, elapsed)
+            if self.settings.audit_log:
+                audit.record(
+                    who=caller.identity(), user=user, profile=profile.name, tool=tool, arguments=arguments,
+                    decision=decision, decided_by=decided_by, outcome=outcome, duration_ms=elapsed * 1000, via=via,
+                )  # fmt: skip
 
-    async def _run(
-        self,
-        job_id: str,
-        user: str,
-        profile: Profile,
-        tool: str,
-        arguments: dict[str, Any],
-        timeout: float,
-        idempotency_key: str | None,
-    ) -> CallResult:
+    def _account(self, call: ToolCall, outcome: str, elapsed: float) -> None:
+        # Only calls that reached a real tool name it in a label: callers cannot grow the label set.
+        success = outcome in _SUCCESS or outcome == "tool_error"
+        label = call.tool if success else "other"
+        self.metrics.call_duration.labels(call.profile.name, label).observe(elapsed)
+        self.metrics.calls.labels(call.profile.name, outcome).inc()
+        self.total += 1
+        self.errors += not success
+        self.recent.appendleft(
+            {
+                "at": time.time(),
+                "user": call.user,
+                "server": call.profile.name,
+                "tool": call.tool,
+                "outcome": outcome,
+                "duration_ms": round(elapsed * 1000, 1),
+            }
+        )
+
+    async def _run(self, call: ToolCall) -> CallResult:
         attempt = 0
+        retry_safe = bool(call.idempotency_key)
         while True:
-            call_id = job_id if attempt == 0 else f"{job_id}.{attempt}"
+            call_id = call.job_id if attempt == 0 else f"{call.job_id}.{attempt}"
             session: Session | None = None
             try:
-                async with self.backend.use(user, profile) as session:
-                    retry_safe = bool(idempotency_key) or profile.retry_safe(tool, session.tools.get(tool))
-                    status, body = await self.bridge.start_call(session.endpoint, tool, arguments, call_id, timeout)
+                async with self.backend.use(call.user, call.profile) as session:
+                    spec = session.tools.get(call.tool)
+                    retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
+                    status, body = await self.bridge.start_call(
+                        session.endpoint, call.tool, call.arguments, call_id, call.timeout
+                    )
                     if status == 202:
-                        return await self._hand_off(
-                            job_id,
-                            user,
-                            profile,
-                            tool,
-                            arguments,
-                            session,
-                            body,
-                            retry_safe,
-                            attempt,
-                            idempotency_key,
-                        )
+                        return await self._hand_off(call, session, body, retry_safe, attempt)
             except BridgeUnreachable as exc:
                 if session is not None:
                     await self.backend.forget(session, "unreachable")
                 error: PierError = exc
-                retry_safe = bool(idempotency_key) or profile.retry_safe(
-                    tool, session.tools.get(tool) if session else None
-                )
             else:
                 if body.get("status") == "completed":
-                    if idempotency_key:
-                        await self._settle(job_id, "completed", result=body["result"])
+                    await self._check_output(call, body["result"])
+                    if call.idempotency_key:
+                        await self.store.finish(call.job_id, "completed", result=body["result"])
                     return CallResult(200, {"status": "completed", "result": body["result"]})
                 if body.get("status") == "cancelled":
                     raise PierError("CANCELLED", "the call was cancelled")
@@ -174,73 +213,50 @@ class CallService:
                     )
                 raise error
             attempt += 1
-            self.metrics.retries.labels(profile.name).inc()
-            log.warning("retrying call", extra={"tool": tool, "attempt": attempt, "why": error.code})
+            self.metrics.retries.labels(call.profile.name).inc()
+            log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
             await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
 
-    def _record(
-        self, job_id: str, user: str, profile: Profile, tool: str, arguments: dict[str, Any], key: str | None
-    ) -> JobRecord:
+    async def _check_output(self, call: ToolCall, result: dict[str, Any]) -> None:
+        response = {"jsonrpc": "2.0", "id": call.job_id, "result": result}
+        await self.policer.check(self.policy_url(call.profile), "Output", [response], call.policy_context)
+
+    def _record(self, call: ToolCall) -> JobRecord:
+        now = time.time()
         return JobRecord(
-            job_id=job_id,
+            job_id=call.job_id,
             status="running",
-            user=user,
-            server=profile.name,
-            tool=tool,
-            arguments=arguments,
-            call_id=job_id,
+            user=call.user,
+            server=call.profile.name,
+            tool=call.tool,
+            arguments=call.arguments,
+            call_id=call.job_id,
             endpoint="",
-            idempotency_key=key,
-            webhook_url=profile.webhook_url or self.settings.webhook_url,
-            created_at=time.time(),
-            started_at=time.time(),
+            idempotency_key=call.idempotency_key,
+            webhook_url=call.profile.webhook_url or self.settings.webhook_url,
+            policy_url=self.policy_url(call.profile),
+            identity=call.caller.identity(),
+            created_at=now,
+            started_at=now,
         )
 
     async def _hand_off(
-        self,
-        job_id: str,
-        user: str,
-        profile: Profile,
-        tool: str,
-        arguments: dict[str, Any],
-        session: Session,
-        call: dict[str, Any],
-        retry_safe: bool,
-        attempt: int,
-        idempotency_key: str | None,
+        self, call: ToolCall, session: Session, running: dict[str, Any], retry_safe: bool, attempt: int
     ) -> CallResult:
-        record = self._record(job_id, user, profile, tool, arguments, idempotency_key)
+        record = self._record(call)
         record.status = "queued"
-        record.call_id = call["call_id"]
+        record.call_id = running["call_id"]
         record.endpoint = session.endpoint.url
         record.endpoint_token = session.endpoint.token
         record.retry_safe = retry_safe
         record.attempts = attempt + 1
-        if call.get("progress"):
-            record.progress = call["progress"][-1]
-            record.progress_count = call.get("progress_count", 0)
+        if running.get("progress"):
+            record.progress = running["progress"][-1]
+            record.progress_count = running.get("progress_count", 0)
         await self.store.enqueue(record)
-        self.metrics.handoffs.labels(profile.name).inc()
-        log.info("call handed to the job pool", extra={"job_id": job_id, "tool": tool})
-        return CallResult(202, queued_body(job_id))
-
-    async def _settle(
-        self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
-    ) -> None:
-        """Finish the record of an idempotent call that ended without the job pool."""
-
-        def change(record: JobRecord) -> bool:
-            if record.done:
-                return False
-            record.status = status  # type: ignore[assignment]
-            record.result = result
-            record.error = JobError(**error.to_dict()) if error else None
-            record.finished_at = time.time()
-            return True
-
-        record = await self.store.update(job_id, change)
-        if record is not None:
-            await self.store.publish(job_id, {"type": "completed", **record.completion_event()})
+        self.metrics.handoffs.labels(call.profile.name).inc()
+        log.info("call handed to the job pool", extra={"tool": call.tool})
+        return CallResult(202, queued_body(call.job_id))
 
     async def _replay(self, job_id: str, timeout: float) -> CallResult:
         """A repeated Idempotency-Key: the first call's outcome (waited for up to the timeout)."""

@@ -101,7 +101,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     await router.target(request, body.user_id, profile.name)
     if not body.tool_name:
         raise PierError("INVALID_ARGUMENTS", "tool_name is required")
-    result = await router.calls.call(body.user_id, profile, body.tool_name, body.tool_args, body.timeout_s)
+    caller = principal(request)
+    result = await router.calls.call(
+        caller, body.user_id, profile, body.tool_name, body.tool_args, body.timeout_s, via="chat"
+    )
     if result.status == 202:
         frame = {"status": "queued", "error_code": "TOOL_TIMED_OUT", "job_id": result.body["job_id"]}
     else:

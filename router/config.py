@@ -28,6 +28,12 @@ class RouterSettings(BaseSettings):
     result_ttl_s: int = Field(default=3600, ge=60, description="how long job results are kept")
     webhook_url: str | None = Field(default=None, description="where finished jobs are POSTed (profile may override)")
 
+    policy_url: str | None = Field(default=None, description="policy hook (minibridge Policer format)")
+    policy_token: SecretStr | None = Field(default=None, description="bearer token sent to the policy hook")
+    policy_fail_open: bool = Field(default=False, description="allow when the policy hook is unreachable")
+    policy_timeout_s: float = Field(default=5.0, gt=0)
+    audit_log: bool = Field(default=True, description="one `pier.audit` record per tool call")
+
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
     app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")
     user_keys: dict[str, str] = Field(default_factory=dict, description="user key → the one user_id it serves")

@@ -16,6 +16,7 @@ from aiohttp import web
 from pier import logs
 from pier.errors import PierError
 from pier.jobs.store import JobStore
+from pier.policy import Policer
 from pier.router.auth import KeyRing, Principal
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
@@ -42,6 +43,7 @@ class Router:
     backend: SessionBackend = field(init=False)
     bridge: BridgeClient = field(init=False)
     calls: CallService = field(init=False)
+    policer: Policer = field(init=False)
     # Long-lived responses (SSE, relayed streams), ended at shutdown rather than waited for.
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pier.errors import PierError
+from pier.policy import ToolRules
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
@@ -34,6 +35,8 @@ class Profile(BaseModel):
     )
     retry_safe_tools: list[str] = Field(default_factory=list, description="tools always safe to retry")
     webhook_url: str | None = None
+    policy_url: str | None = Field(default=None, description="policy hook for this profile (overrides the global)")
+    tools: ToolRules | None = Field(default=None, description="built-in allow/deny lists of tools")
     resources: dict[str, Any] | None = Field(default=None, description="Kubernetes resources of the server")
 
     def retry_safe(self, tool: str, spec: dict[str, Any] | None) -> bool:
