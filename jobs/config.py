@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,4 +30,7 @@ class JobsSettings(BaseSettings):
     policy_token: SecretStr | None = Field(default=None, description="bearer token sent to the policy hook")
     policy_fail_open: bool = Field(default=False, description="allow when the policy hook is unreachable")
     policy_timeout_s: float = Field(default=5.0, gt=0)
+    internal_tls_ca: Path | None = Field(default=None, description="CA of job pool ↔ bridge mTLS")
+    internal_tls_cert: Path | None = Field(default=None, description="client certificate for bridge mTLS")
+    internal_tls_key: Path | None = None
     log_level: str = "INFO"

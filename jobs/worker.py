@@ -27,6 +27,7 @@ from pier.jobs.store import GROUP, STREAM, JobStore, connect
 from pier.jobs.webhooks import WebhookSender
 from pier.policy import Policer, PolicyContext, PolicyDenied, PolicyMetrics
 from pier.sidecar.client import BridgeClient, BridgeUnreachable, Endpoint
+from pier.tls import client_context
 from pier.web import json_response, serve
 
 log = logging.getLogger("pier.jobs.worker")
@@ -54,7 +55,13 @@ class Worker:
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        self.bridge = BridgeClient(self.http)
+        s = self.settings
+        bridge_ssl = (
+            client_context(s.internal_tls_ca, s.internal_tls_cert, s.internal_tls_key)
+            if (s.internal_tls_cert is not None)
+            else None
+        )
+        self.bridge = BridgeClient(self.http, bridge_ssl)
         secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
         if self.settings.webhook_url and not secret:
             log.warning("webhooks will be sent unsigned: set PIER_WEBHOOK_SECRET")

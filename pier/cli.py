@@ -61,11 +61,14 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 def _run_router(args: argparse.Namespace) -> int:
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
+    from pier.router.context import ROUTER
     from pier.web import serve
 
     settings = RouterSettings()
     logs.configure(settings.log_level)
-    asyncio.run(serve(create_app(settings), settings.host, settings.port, on_ready=_announce("router")))
+    app = create_app(settings)
+    context = app[ROUTER].ssl_context
+    asyncio.run(serve(app, settings.host, settings.port, on_ready=_announce("router"), ssl_context=context))
     return 0
 
 

@@ -18,6 +18,7 @@ from pier.jobs.worker import Worker
 from pier.redis_server import RedisServer
 from pier.router.app import create_app
 from pier.router.config import RouterSettings
+from pier.router.context import ROUTER
 from pier.router.profiles import Catalog, demo_profile
 from pier.web import serve
 
@@ -56,7 +57,10 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
 
     app.cleanup_ctx.append(run_worker)
     try:
-        await serve(app, settings.host, settings.port, on_ready=lambda url: print(banner(url, settings), flush=True))
+        await serve(
+            app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
+            on_ready=lambda url: print(banner(url, settings), flush=True),
+        )  # fmt: skip
     finally:
         if redis is not None:
             await redis.stop()

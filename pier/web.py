@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +46,7 @@ async def serve(
     shutdown_timeout: float = 10.0,
     on_ready: Callable[[str], None] | None = None,
     stop_when: Awaitable[object] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve `app` until SIGTERM/SIGINT (or `stop_when` completes), then shut it down cleanly.
 
@@ -53,12 +55,12 @@ async def serve(
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
         if on_ready is not None:
-            on_ready(f"http://{shown}:{bound_port}")
+            on_ready(f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}")
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ from pier.router.context import PRINCIPAL, ROUTER, Router
 from pier.router.profiles import Catalog
 from pier.router.ratelimit import RateLimiter
 from pier.sidecar.client import BridgeClient
+from pier.tls import CertReloader, client_context, peer_subject, server_context
 from pier.web import error_response, json_response
 
 log = logging.getLogger("pier.router")
@@ -86,7 +87,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
-    request[PRINCIPAL] = request.app[ROUTER].keys.authenticate(presented_key(request))
+    router = request.app[ROUTER]
+    request[PRINCIPAL] = router.keys.authenticate(
+        presented_key(request), peer_subject(request), router.settings.cert_user_auth
+    )
     return await handler(request)
 
 
@@ -121,10 +125,13 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     router.http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False
     )
-    router.bridge = BridgeClient(router.http)
+    s = router.settings
+    bridge_ssl = None
+    if s.internal_tls_cert is not None:
+        bridge_ssl = client_context(s.internal_tls_ca, s.internal_tls_cert, s.internal_tls_key)
+    router.bridge = BridgeClient(router.http, bridge_ssl)
     router.redis = connect(router.settings.redis_url)
     router.store = JobStore(router.redis, router.settings.result_ttl_s)
-    s = router.settings
     limits = {"app": s.rate_limit_app_per_min, "user": s.rate_limit_user_per_min, "open": s.rate_limit_open_per_min}
     router.limiter = RateLimiter(router.redis, limits, router.metrics)  # type: ignore[arg-type]
     router.backend = make_backend(router)
@@ -139,9 +146,15 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         log.warning("Redis is not reachable yet; jobs and rate limits wait for it", extra={"error": str(exc)})
     await router.backend.start()
     router.store.hub.start()
+    reloader = None
+    if router.ssl_context is not None and s.tls_cert is not None:
+        reloader = CertReloader(router.ssl_context, s.tls_cert, s.tls_key or s.tls_cert, s.tls_reload_s)
+        reloader.start()
     if router.keys.open:
         log.warning("NO API KEYS CONFIGURED: the router is open to anyone who can reach it")
     yield
+    if reloader is not None:
+        await reloader.stop()
     await router.store.hub.close()
     await router.backend.close()
     await router.http.close()
@@ -158,6 +171,9 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     keys = KeyRing.load([k.get_secret_value() for k in settings.app_keys], settings.user_keys, settings.keys_file)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors, authenticate])
     app[ROUTER] = Router(settings, catalog, keys)
+    if settings.tls_cert is not None:
+        key = settings.tls_key or settings.tls_cert
+        app[ROUTER].ssl_context = server_context(settings.tls_cert, key, settings.tls_client_ca)
     app.cleanup_ctx.append(_lifespan)
     app.on_shutdown.append(_end_streams)
     app.router.add_get("/healthz", healthz)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -14,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from pier.errors import PierError
+from pier.tls import common_name
 
 log = logging.getLogger("pier.router.auth")
 
@@ -77,9 +79,14 @@ class KeyRing:
     def open(self) -> bool:
         return not self._keys
 
-    def authenticate(self, key: str | None) -> Principal:
+    def authenticate(self, key: str | None, subject: str | None = None, cert_users: bool = False) -> Principal:
+        """The caller behind `key` (and the client certificate `subject`, with mTLS)."""
+        if key is None and subject is not None and cert_users:
+            user = common_name(subject)
+            if user:
+                return Principal("user", "cert:" + _digest(subject).hex()[:12], user, subject)
         if self.open:
-            return Principal("open", "open")
+            return Principal("open", "open", subject=subject)
         if key is None:
             raise PierError(
                 "UNAUTHENTICATED",
@@ -94,4 +101,4 @@ class KeyRing:
                 found = principal
         if found is None:
             raise PierError("UNAUTHENTICATED", "the API key is not valid", {"reason": "invalid"})
-        return found
+        return dataclasses.replace(found, subject=subject) if subject else found

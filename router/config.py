@@ -50,5 +50,13 @@ class RouterSettings(BaseSettings):
     max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
     retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")
     max_body_bytes: int = Field(default=16 * MiB, ge=1024, description="larger request bodies get 413")
+    tls_cert: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = Field(default=None, description="its private key")
+    tls_client_ca: Path | None = Field(default=None, description="mTLS: require client certificates from this CA")
+    cert_user_auth: bool = Field(default=False, description="mTLS: a client certificate's CN acts as a user key")
+    tls_reload_s: float = Field(default=10.0, gt=0, description="how often certificate files are checked")
+    internal_tls_ca: Path | None = Field(default=None, description="CA of router/job pool ↔ bridge mTLS")
+    internal_tls_cert: Path | None = Field(default=None, description="certificate for bridge mTLS (both ends)")
+    internal_tls_key: Path | None = None
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed on /mcp")
     log_level: str = "INFO"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class Router:
     catalog: Catalog
     keys: KeyRing
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    ssl_context: ssl.SSLContext | None = None  # HTTPS (reloaded in place when the files change)
     # Opened by the app's lifespan:
     http: aiohttp.ClientSession = field(init=False)
     redis: aioredis.Redis = field(init=False)

@@ -160,6 +160,7 @@ async def _forward(
             headers={**headers, **session.endpoint.headers()},
             data=body,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            ssl=router.bridge.ssl,
         )
     except (aiohttp.ClientError, OSError) as exc:
         raise BridgeUnreachable(session.endpoint, exc) from exc

@@ -27,6 +27,7 @@ from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.models import CallRequest
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
+from pier.tls import server_context
 from pier.web import error_response, json_response, origin_allowed
 from pier.web import serve as web_serve
 
@@ -287,8 +288,11 @@ async def serve(settings: SidecarSettings) -> int:
         sys.stdout.flush()
         log.info("bridge listening", extra={"url": url})
 
+    context = None
+    if settings.tls_cert is not None:
+        context = server_context(settings.tls_cert, settings.tls_key or settings.tls_cert, settings.tls_client_ca)
     await web_serve(
         app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace_s + 1,
-        on_ready=listening, stop_when=gave_up.wait(),
+        on_ready=listening, stop_when=gave_up.wait(), ssl_context=context,
     )  # fmt: skip
     return 1 if gave_up.is_set() else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ class BridgeUnreachable(PierError):
 class BridgeClient:
     """Calls into bridges over one shared connection pool."""
 
-    def __init__(self, http: aiohttp.ClientSession) -> None:
+    def __init__(self, http: aiohttp.ClientSession, ssl_context: ssl.SSLContext | None = None) -> None:
         self.http = http
+        # mTLS to the bridges when configured; the default context otherwise (https endpoints).
+        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
 
     async def _request(
         self, method: str, endpoint: Endpoint, path: str, timeout: float, body: Any = None
@@ -49,6 +52,7 @@ class BridgeClient:
                 data=dumps(body) if body is not None else None,
                 headers={**endpoint.headers(), "Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                ssl=self.ssl,
             ) as response:
                 raw = await response.read()
                 return response.status, loads(raw) if raw else {}

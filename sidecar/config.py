@@ -39,6 +39,9 @@ class SidecarSettings(BaseSettings):
         default_factory=list, description="Origins allowed besides localhost ones; '*' allows any"
     )
     token: SecretStr | None = Field(default=None, description="bearer token required on /mcp and /v1")
+    tls_cert: Path | None = Field(default=None, description="serve HTTPS with this certificate")
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(default=None, description="require client certificates signed by this CA")
 
     call_retention_s: float = Field(default=600.0, gt=0, description="how long finished calls stay readable")
     max_retained_calls: int = Field(default=10_000, ge=1)

@@ -109,7 +109,7 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def router_app(redis_url: str, catalog=None, **settings: object) -> AsyncIterator[RunningRouter]:
+async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: object) -> AsyncIterator[RunningRouter]:
     """A router served in-process on a free loopback port, with the demo and everything profiles."""
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
@@ -121,10 +121,12 @@ async def router_app(redis_url: str, catalog=None, **settings: object) -> AsyncI
     app = create_app(RouterSettings(redis_url=redis_url, port=0, **settings), catalog)
     runner = web.AppRunner(app, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    context = app[ROUTER].ssl_context
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
     await site.start()
+    scheme = "https" if context else "http"
     try:
-        yield RunningRouter(f"http://127.0.0.1:{runner.addresses[0][1]}", app[ROUTER])
+        yield RunningRouter(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}", app[ROUTER])
     finally:
         await runner.cleanup()
 

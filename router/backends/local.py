@@ -106,6 +106,7 @@ class LocalBackend(SessionBackend):
             "PIER_SIDECAR_MAX_CONCURRENT_CALLS": str(profile.max_concurrent_calls),
             "PIER_SIDECAR_START_TIMEOUT_S": str(self.settings.session_start_timeout_s),
             "PIER_SIDECAR_LOG_LEVEL": self.settings.sidecar_log_level,
+            **self._tls_env(),
         }
         proc = await asyncio.create_subprocess_exec(
             *SIDECAR, "--host", "127.0.0.1", "--port", "0", "--", *profile.command,
@@ -134,6 +135,18 @@ class LocalBackend(SessionBackend):
         self.metrics.sessions_active.labels(profile.name).inc()
         log.info("session started", extra={"user": key.user, "profile": key.profile, "url": endpoint.url})
         return session
+
+    def _tls_env(self) -> dict[str, str]:
+        """With internal mTLS, each bridge serves HTTPS and accepts only clients of the same CA."""
+        s = self.settings
+        if s.internal_tls_cert is None:
+            return {}
+        env = {"PIER_SIDECAR_TLS_CERT": str(s.internal_tls_cert)}
+        if s.internal_tls_key is not None:
+            env["PIER_SIDECAR_TLS_KEY"] = str(s.internal_tls_key)
+        if s.internal_tls_ca is not None:
+            env["PIER_SIDECAR_TLS_CLIENT_CA"] = str(s.internal_tls_ca)
+        return env
 
     async def _listening_url(self, proc: asyncio.subprocess.Process) -> str:
         assert proc.stdout is not None
