@@ -99,6 +99,16 @@ def _run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_connect(args: argparse.Namespace) -> int:
+    import os
+
+    from pier.connect import connect
+
+    logs.configure(os.environ.get("PIER_LOG_LEVEL", "WARNING"))
+    token = args.token or os.environ.get("PIER_CONNECT_TOKEN")
+    return asyncio.run(connect(args.url, token, args.ca, args.cert, args.key))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pier", description="Per-tenant MCP stdio servers over HTTP.")
     parser.add_argument("--version", action="version", version=f"pier {__version__}")
@@ -108,8 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("jobs", help="a job-pool worker (configured by PIER_* variables)")
     up = sub.add_parser("up", help="the embedded default: Redis, router, job pool, local sessions, demo profile")
     up.add_argument("--data-dir", type=Path, default=Path(".pier"), help="where embedded Redis keeps its data")
+    connect = sub.add_parser(
+        "connect",
+        help="a stdio MCP server relaying to a session on the router (for desktop agents)",
+        description="Relay stdin/stdout (MCP stdio) to URL, a session's MCP endpoint on the router: "
+        "https://HOST/v1/users/USER/servers/SERVER/mcp. The key may come from PIER_CONNECT_TOKEN.",
+    )
+    connect.add_argument("url")
+    connect.add_argument("--token", help="API key (prefer PIER_CONNECT_TOKEN: arguments show in `ps`)")
+    connect.add_argument("--ca", type=Path, help="CA bundle for the router's certificate")
+    connect.add_argument("--cert", type=Path, help="client certificate (mTLS)")
+    connect.add_argument("--key", type=Path, help="its private key")
     args = parser.parse_args(argv)
-    runners = {"sidecar": _run_sidecar, "router": _run_router, "jobs": _run_jobs, "up": _run_up}
+    runners = {
+        "sidecar": _run_sidecar, "router": _run_router, "jobs": _run_jobs, "up": _run_up, "connect": _run_connect,
+    }  # fmt: skip
     return runners[args.component](args)
 
 

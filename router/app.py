@@ -16,7 +16,7 @@ from pier import logs
 from pier.errors import PierError
 from pier.jobs.store import JobStore, connect
 from pier.policy import Policer, PolicyMetrics
-from pier.router import api, compat, dashboard, relay
+from pier.router import api, compat, dashboard, relay, websocket
 from pier.router.auth import KeyRing, presented_key
 from pier.router.backends.base import SessionBackend
 from pier.router.backends.local import LocalBackend
@@ -181,6 +181,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     app.router.add_get("/metrics", metrics)
     api.add_routes(app)
     relay.add_routes(app)
+    websocket.add_routes(app)
     compat.add_routes(app)
     dashboard.add_routes(app)
     return app
