@@ -99,6 +99,15 @@ def _run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_operator(args: argparse.Namespace) -> int:
+    from pier.operator.config import OperatorSettings
+    from pier.operator.main import run
+
+    settings = OperatorSettings()
+    logs.configure(settings.log_level)
+    return run(settings, args.health_port)
+
+
 def _run_connect(args: argparse.Namespace) -> int:
     import os
 
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     _sidecar_parser(sub)
     sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
     sub.add_parser("jobs", help="a job-pool worker (configured by PIER_* variables)")
+    operator = sub.add_parser("operator", help="the MCPSession operator (configured by PIER_* variables)")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port")
     up = sub.add_parser("up", help="the embedded default: Redis, router, job pool, local sessions, demo profile")
     up.add_argument("--data-dir", type=Path, default=Path(".pier"), help="where embedded Redis keeps its data")
     connect = sub.add_parser(
@@ -132,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runners = {
         "sidecar": _run_sidecar, "router": _run_router, "jobs": _run_jobs, "up": _run_up, "connect": _run_connect,
+        "operator": _run_operator,
     }  # fmt: skip
     return runners[args.component](args)
 

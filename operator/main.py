@@ -1,0 +1,19 @@
+"""`pier operator`: runs the kopf handlers for the MCPSessions of one namespace."""
+
+from __future__ import annotations
+
+import kopf
+
+from pier.operator import handlers  # noqa: F401 - registers the handlers with kopf
+from pier.operator.config import OperatorSettings
+
+
+def run(settings: OperatorSettings, health_port: int = 8081) -> int:
+    """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier")."""
+    kopf.run(
+        namespace=settings.namespace,
+        peering_name="pier",
+        standalone=False,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+    )
+    return 0

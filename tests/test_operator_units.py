@@ -1,0 +1,106 @@
+"""The MCPSession schema and Pod construction, without a cluster (the cluster tests are test_k8s.py)."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import yaml
+
+from pier.operator.config import OperatorSettings
+from pier.operator.crd import crd, render
+from pier.operator.models import MCPSessionSpec
+from pier.operator.pods import IO_DIR, build_pod, label_value
+from pier.router.profiles import Profile
+from tests.servers import ROOT
+
+
+def test_the_committed_crd_is_the_generated_one():
+    assert (ROOT / "deploy" / "crd.yaml").read_text() == render(), "run: python -m pier.operator.crd > deploy/crd.yaml"
+
+
+def _walk(schema: dict, path: str = "$"):
+    yield path, schema
+    for name, child in (schema.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_the_crd_schema_is_structural():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert "$ref" not in node, path
+        assert "anyOf" not in node, path
+        for option in node.get("oneOf", []):
+            assert set(option) == {"required"}, f"{path}: oneOf may only constrain, not type"
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"server": {"profile": "demo"}}, "userId"),
+        ({"userId": "alice", "server": {}}, "exactly one"),
+        ({"userId": "alice", "server": {"profile": "demo", "command": ["x"]}}, "exactly one"),
+        ({"userId": "alice", "server": {"profile": "Not_Valid"}}, "pattern"),
+        ({"userId": "alice", "server": {"command": []}}, "at least 1"),
+        ({"userId": "alice", "server": {"profile": "demo"}, "ttlSeconds": -1}, "greater than or equal"),
+    ],
+)
+def test_invalid_specs_are_refused_with_a_reason(spec, problem):
+    with pytest.raises(pydantic.ValidationError) as refused:
+        MCPSessionSpec.model_validate(spec)
+    assert problem in str(refused.value)
+
+
+def test_child_mode_pod_runs_the_server_inside_the_hardened_bridge():
+    secret_env = {"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+    server = {"command": ["node", "/srv/index.js", "stdio"], "env": [secret_env]}
+    spec = MCPSessionSpec.model_validate({"userId": "alice@example.com", "server": server})
+    pod = build_pod("s1", "uid-1", 3, 0, spec, None, OperatorSettings(bridge_token_secret="pier-bridge"))
+    [bridge] = pod["spec"]["containers"]
+    assert bridge["command"] == ["pier", "sidecar", "--", "node", "/srv/index.js", "stdio"]
+    assert secret_env in bridge["env"]
+    token = next(e for e in bridge["env"] if e["name"] == "PIER_SIDECAR_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "pier-bridge", "key": "token"}
+    assert bridge["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert bridge["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert bridge["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+    }  # fmt: skip
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    [owner] = pod["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("MCPSession", "uid-1", True)
+    assert pod["metadata"]["labels"]["pier.dev/session"] == "s1"
+    assert pod["metadata"]["labels"]["pier.dev/user"] == label_value("alice@example.com")
+    assert pod["metadata"]["name"] == "s1-g3-0"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_image_mode_pod_wires_the_server_container_through_fifos():
+    profile = Profile(name="py", command=["python", "/app/server.py"], image="python:3.12-slim",
+                      resources={"limits": {"memory": "512Mi"}})  # fmt: skip
+    spec = MCPSessionSpec.model_validate({"userId": "bob", "server": {"profile": "py"}})
+    pod = build_pod("s2", "uid-2", 1, 0, spec, profile, OperatorSettings())
+    [prepare] = pod["spec"]["initContainers"]
+    bridge, server = pod["spec"]["containers"]
+    assert prepare["command"][-2:] == ["--prepare-attach", IO_DIR]
+    assert bridge["command"][-2:] == ["--attach", IO_DIR]
+    assert server["image"] == "python:3.12-slim"
+    assert server["command"] == ["/bin/sh", f"{IO_DIR}/fifo-wrapper.sh", IO_DIR, "python", "/app/server.py"]
+    assert server["resources"] == {"limits": {"memory": "512Mi"}}
+    assert {"name": "io", "emptyDir": {}} in pod["spec"]["volumes"]
+
+
+def test_label_values_are_always_valid():
+    for text in ("alice", "alice@example.com", "x" * 200, "-weird-", "é"):
+        value = label_value(text)
+        assert len(value) <= 63
+        assert value == "" or (value[0].isalnum() and value[-1].isalnum())
+        assert all(c.isalnum() or c in "._-" for c in value)
+
+
+def test_crd_yaml_parses_back():
+    assert yaml.safe_load(render())["metadata"]["name"] == "mcpsessions.pier.dev"
