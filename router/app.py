@@ -117,6 +117,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_backend(router: Router) -> SessionBackend:
+    if router.settings.backend == "kubernetes":
+        from pier.router.backends.kubernetes import KubernetesBackend  # loads the kubernetes client
+
+        return KubernetesBackend(router.settings, router.bridge, router.metrics, router.http)
     return LocalBackend(router.settings, router.bridge, router.metrics)
 
 

@@ -16,7 +16,7 @@ class RouterSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "kubernetes"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
     profiles: Path | None = Field(default=None, description="YAML profile catalog")
     profiles_inline: str | None = Field(default=None, description="catalog YAML given in the environment")
@@ -60,3 +60,8 @@ class RouterSettings(BaseSettings):
     internal_tls_key: Path | None = None
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed on /mcp")
     log_level: str = "INFO"
+
+    # Kubernetes backend
+    namespace: str = Field(default="default", description="namespace of the MCPSessions (kubernetes backend)")
+    kube_ready_timeout_s: float = Field(default=120, gt=0, description="a new MCPSession must be Ready within")
+    bridge_token: SecretStr | None = Field(default=None, description="token the bridges require (kubernetes)")
