@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIER := $(VENV)/bin/pier
 NPM_DIR := deps/npm
 
-.PHONY: install test lint format run clean
+.PHONY: install test test-k8s lint format run clean
 
 install: $(VENV)/.installed $(NPM_DIR)/node_modules/.installed
 
@@ -32,8 +32,30 @@ format: $(VENV)/.installed
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The Kubernetes tier alone (builds the test control plane once, then reuses it).
+test-k8s: install
+	$(PY) -m pytest -q -m k8s $(PYTEST_ARGS)
+
 run: install
 	exec $(PIER) up
 
 clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache
+
+# The test Kubernetes control plane (kube-apiserver, kube-controller-manager, kubectl v1.20.2), built from Debian's
+# source package into ${PIER_K8S_CACHE:-~/.cache/pier}/k8s-1.20.2/bin: ~5 minutes once, instant afterwards.
+.PHONY: k8s-controlplane
+k8s-controlplane:
+	./tests/k8s/build-controlplane.sh
+
+# Benchmarks (bench/README.md): peers from PyPI and npm into bench/.peers (pinned in bench/pins.toml), then
+# every scenario on loopback; bench/results/latest.{md,json,png}. `bench-quick` takes under two minutes.
+BENCH_PY := bench/.peers/venv/bin/python
+.PHONY: bench bench-quick
+bench: install
+	$(PY) -m bench.peers
+	$(BENCH_PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.peers
+	$(BENCH_PY) -m bench.run --quick

@@ -1,6 +1,6 @@
 """kopf handlers for MCPSession: small functions around one level-triggered `reconcile`.
 
-Every trigger (create, resume, spec update, a change of one of its pods, the periodic timer)
+Every trigger (create, resume, spec update, a change of one of its pods, the periodic resync)
 runs the same reconcile, which compares what exists with what should and fixes the difference:
 a pod for the current generation (old generations deleted: a spec change replaces the pod), a
 failed or vanished pod replaced with bounded backoff, the status kept true, Kubernetes Events on
@@ -45,7 +45,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Replicas get distinct priorities: the highest works, the others stand by (kopf peering).
     settings.peering.priority = random.randint(1, 2**30)
     settings.peering.name = "pier"
-    settings.posting.level = logging.WARNING  # Kubernetes Events: ours, not every log line
+    settings.posting.enabled = False  # the handlers post their own Events (see `_event`)
     settings.watching.server_timeout = 300
     ours = OperatorSettings()
     try:
@@ -58,10 +58,24 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.catalog = Catalog.load(ours.profiles, ours.profiles_inline)
     memo.http = aiohttp.ClientSession()
     memo.bridge_token = await asyncio.to_thread(_bridge_token, memo.core, ours)
+    await asyncio.to_thread(_ensure_peering, memo.custom, ours.namespace)
+    memo.resync = asyncio.create_task(resync_forever(memo), name="pier-resync")
+
+
+def _ensure_peering(custom: client.CustomObjectsApi, namespace: str) -> None:
+    """The KopfPeering object replicas meet in (created here: a CRD and its object cannot share one apply)."""
+    body = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "pier", "namespace": namespace}}
+    try:
+        custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await asyncio.gather(memo.resync, return_exceptions=True)
     await memo.http.close()
 
 
@@ -93,11 +107,28 @@ async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await reconcile(session, memo)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().sync_interval_s)
-async def periodic(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    session = dict(body)
-    status = await reconcile(session, memo)
-    await reap_if_idle(session, status, memo)
+async def resync_forever(memo: kopf.Memo) -> None:
+    """Every `sync_interval_s`: reconcile every session and reap the idle ones.
+
+    A plain background task rather than a kopf timer: timers make kopf put a finalizer on every
+    object, and nothing here needs one (pods go with their owner by garbage collection).
+    """
+    settings: OperatorSettings = memo.settings
+    while True:
+        await asyncio.sleep(settings.sync_interval_s)
+        try:
+            listing = await asyncio.to_thread(
+                memo.custom.list_namespaced_custom_object, GROUP, VERSION, settings.namespace, PLURAL
+            )
+        except ApiException as exc:
+            log.warning("cannot list MCPSessions", extra={"error": str(exc)})
+            continue
+        for session in listing["items"]:
+            try:
+                status = await reconcile(session, memo)
+                await reap_if_idle(session, status, memo)
+            except Exception:  # one session's trouble must not stop the others, nor the loop
+                log.exception("resync failed", extra={"session": session["metadata"]["name"]})
 
 
 async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
@@ -157,7 +188,7 @@ async def _start_pod(
         if exc.status != 409:  # someone (another trigger) created it just now
             raise
     reason = "Replaced" if replacements else "Started"
-    kopf.info(session, reason=reason, message=f"pod {pod['metadata']['name']} created")
+    await _event(memo, session, reason, f"pod {pod['metadata']['name']} created")
     status.update(
         phase="Starting",
         podName=pod["metadata"]["name"],
@@ -178,11 +209,13 @@ async def _observe_pod(
     bridge = await _bridge_status(memo, endpoint) if ready and endpoint else None
     if bridge is not None:
         info = bridge.get("server_info") or {}
-        status["serverInfo"] = {
+        server_info = {
             "name": info.get("name"),
             "version": info.get("version"),
             "protocolVersion": bridge.get("protocol_version"),
         }
+        # Empty values are left out: the kubernetes client sends "" as null, which the schema refuses.
+        status["serverInfo"] = {k: v for k, v in server_info.items() if v}
         status["tools"] = bridge.get("tools")
         restarts += int(bridge.get("restarts") or 0)
         last = bridge.get("last_activity")
@@ -190,10 +223,10 @@ async def _observe_pod(
             status["lastActivityTime"] = _stamp(dt.datetime.fromtimestamp(last, dt.UTC))
     status["restarts"] = restarts
     if restarts > int(old.get("restarts") or 0):
-        kopf.warn(session, reason="ServerCrashed", message=f"the server restarted ({restarts} restarts so far)")
+        await _event(memo, session, "ServerCrashed", f"the server restarted ({restarts} restarts so far)", "Warning")
     phase = "Ready" if ready else "Starting"
     if phase == "Ready" and old.get("phase") != "Ready":
-        kopf.info(session, reason="Ready", message=f"serving at {endpoint}")
+        await _event(memo, session, "Ready", f"serving at {endpoint}")
     status["phase"] = phase
     reason, message = ("BridgeReady", "the bridge answers /readyz") if ready else _why_not_ready(pod)
     status["conditions"] = _conditions(old, ready, reason, message, bridge is not None or ready)
@@ -220,6 +253,25 @@ def _conditions(old: dict[str, Any], ready: bool, reason: str, message: str, run
     return result
 
 
+async def _event(memo: kopf.Memo, session: dict[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
+    """A Kubernetes Event on the session (`kubectl describe mcps` shows them)."""
+    meta = session["metadata"]
+    now = _now()
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+        involved_object=client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}", kind="MCPSession", name=meta["name"],
+            namespace=meta["namespace"], uid=meta["uid"],
+        ),
+        reason=reason, message=message[:1000], type=kind, first_timestamp=now, last_timestamp=now, count=1,
+        source=client.V1EventSource(component="pier-operator"),
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(memo.core.create_namespaced_event, meta["namespace"], event)
+    except ApiException as exc:  # an Event is worth a log line, not a failed reconcile
+        log.warning("could not post an Event", extra={"reason": reason, "error": str(exc)})
+
+
 async def _bridge_status(memo: kopf.Memo, endpoint: str) -> dict[str, Any] | None:
     headers = {"Authorization": f"Bearer {memo.bridge_token}"} if memo.bridge_token else {}
     try:
@@ -237,7 +289,7 @@ async def _delete_pod(memo: kopf.Memo, pod: Any, session: dict[str, Any], reason
     except ApiException as exc:
         if exc.status != 404:
             raise
-    kopf.info(session, reason=reason, message=message)
+    await _event(memo, session, reason, message)
 
 
 async def _write_status(session: dict[str, Any], old: dict[str, Any], status: dict[str, Any], memo: kopf.Memo) -> None:
@@ -270,7 +322,7 @@ async def reap_if_idle(session: dict[str, Any], status: dict[str, Any], memo: ko
     if busy or idle_s < ttl:
         return
     meta = session["metadata"]
-    kopf.info(session, reason="Reaped", message=f"idle for {int(idle_s)} s (ttlSeconds {ttl})")
+    await _event(memo, session, "Reaped", f"idle for {int(idle_s)} s (ttlSeconds {ttl})")
     try:
         await asyncio.to_thread(
             memo.custom.delete_namespaced_custom_object, GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]

@@ -9,11 +9,14 @@ from pier.operator.config import OperatorSettings
 
 
 def run(settings: OperatorSettings, health_port: int = 8081) -> int:
-    """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier")."""
+    """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier").
+
+    `health_port` 0 serves no liveness endpoint.
+    """
     kopf.run(
         namespace=settings.namespace,
         peering_name="pier",
         standalone=False,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
     )
     return 0

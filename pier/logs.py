@@ -30,7 +30,13 @@ def unbind(token: contextvars.Token[dict[str, str]]) -> None:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, context and `extra` fields."""
 
-    _reserved = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+    # Record attributes that are not ours to print (kopf attaches its whole settings object to each record).
+    _reserved = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+        "message",
+        "asctime",
+        "settings",
+        "k8s_skip",
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -58,5 +64,7 @@ def configure(level: str = "INFO", json_format: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's access log duplicates our own request logging.
+    # aiohttp's access log duplicates our own request logging; kopf logs every handler run at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if root.level > logging.DEBUG:
+        logging.getLogger("kopf").setLevel(logging.WARNING)

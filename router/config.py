@@ -63,5 +63,6 @@ class RouterSettings(BaseSettings):
 
     # Kubernetes backend
     namespace: str = Field(default="default", description="namespace of the MCPSessions (kubernetes backend)")
+    kubeconfig: Path | None = Field(default=None, description="outside a cluster: the kubeconfig to use")
     kube_ready_timeout_s: float = Field(default=120, gt=0, description="a new MCPSession must be Ready within")
     bridge_token: SecretStr | None = Field(default=None, description="token the bridges require (kubernetes)")

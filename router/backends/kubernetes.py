@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -42,12 +43,19 @@ def session_name(user: str, profile: str) -> str:
 class ApiAccess:
     """Where the API server is and how to authenticate (in-cluster, or a kubeconfig)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: Path | None = None) -> None:
         self.cfg = client.Configuration()
+        if kubeconfig is not None:
+            config.load_kube_config(config_file=str(kubeconfig), client_configuration=self.cfg)
+            self._tls()
+            return
         try:
             config.load_incluster_config(client_configuration=self.cfg)
         except config.ConfigException:
             config.load_kube_config(client_configuration=self.cfg)
+        self._tls()
+
+    def _tls(self) -> None:
         self.ssl = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert)
         if self.cfg.cert_file:
             self.ssl.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
@@ -58,8 +66,12 @@ class ApiAccess:
     def headers(self) -> dict[str, str]:
         if self.cfg.refresh_api_key_hook is not None:
             self.cfg.refresh_api_key_hook(self.cfg)  # in-cluster tokens rotate
-        token = self.cfg.get_api_key_with_prefix("authorization")
-        return {"Authorization": token} if token else {}
+        # The router's HTTP client does not decompress (it relays bodies as they are): ask for plain ones.
+        headers = {"Accept-Encoding": "identity"}
+        for setting in self.cfg.auth_settings().values():  # the bearer token, however the client stores it
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        return headers
 
 
 class KubernetesBackend(SessionBackend):
@@ -83,7 +95,7 @@ class KubernetesBackend(SessionBackend):
         return f"{self.api.cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
 
     async def start(self) -> None:
-        self.api = await asyncio.to_thread(ApiAccess)
+        self.api = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
         self._watcher = asyncio.create_task(self._watch_forever(), name="pier-k8s-watch")
 
     async def close(self) -> None:
@@ -164,7 +176,12 @@ class KubernetesBackend(SessionBackend):
         return result
 
     async def acquire(self, user: str, profile: Profile) -> Session:
-        await asyncio.wait_for(self._synced.wait(), self.settings.kube_ready_timeout_s)
+        try:
+            await asyncio.wait_for(self._synced.wait(), self.settings.kube_ready_timeout_s)
+        except TimeoutError:
+            raise PierError(
+                "SESSION_START_FAILED", "the Kubernetes API has not answered (see the router's log)"
+            ) from None
         name = session_name(user, profile.name)
         if name not in self.objects:
             await self._create(name, user, profile)

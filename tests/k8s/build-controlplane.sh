@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Build kube-apiserver, kube-controller-manager and kubectl v1.20.2 for Pier's test control plane
+# (tests/k8s/cluster.py), offline, from Debian bookworm's `kubernetes` source package, and print the bin dir.
+#
+# Why this way: no package registry ships kube-apiserver, and the machine has no internet except the
+# registries. Debian's source package is the complete upstream v1.20.2 tree with every dependency vendored,
+# so it builds with Debian's Go (1.19) in GOPATH mode with no network access at all.
+#
+#   ./tests/k8s/build-controlplane.sh        (or: make k8s-controlplane)
+#
+# Result: ${PIER_K8S_CACHE:-$HOME/.cache/pier}/k8s-1.20.2/bin/{kube-apiserver,kube-controller-manager,kubectl}
+# The source (patched, with the generated files) and private apt lists stay in .../k8s-1.20.2/work (safe to delete).
+# Runs as root when apt packages are missing (it installs them); otherwise any user who owns the cache can run it.
+# Idempotent: with the binaries present it only prints the bin dir. Takes ~5 minutes on 2 cores the first time.
+#
+# Fixes needed for Go 1.19 / a bare machine (each is explained where it is applied below):
+#   1. vendored github.com/modern-go/reflect2 1.0.1 is replaced by Debian's 1.0.2 (1.0.1 crashes on Go >= 1.18)
+#   2. pkg/generated/openapi/zz_generated.openapi.go is not in the tarball: generated with `make gen_openapi`
+#   3. rsync must be installed: hack/lib/golang.sh copies built binaries with it (without it: empty files)
+set -euo pipefail
+
+K8S_VERSION=1.20.2
+# The Debian source version to fetch; override if the mirror has moved on to a newer Debian revision.
+DEB_VERSION="${PIER_K8S_DEB_VERSION:-1.20.5+really1.20.2-1.1+deb12u1}"
+CACHE="${PIER_K8S_CACHE:-$HOME/.cache/pier}/k8s-${K8S_VERSION}"
+BIN="$CACHE/bin"
+WORK="$CACHE/work"
+BINARIES=(kube-apiserver kube-controller-manager kubectl)
+
+have_binaries() {
+    local b
+    for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
+}
+
+# Fast path (and the idempotence guarantee): nothing to do once the binaries are in the cache.
+if have_binaries; then
+    echo "$BIN"
+    exit 0
+fi
+
+log() { echo "build-controlplane: $*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+# Long steps print where their output went, and its end if they fail.
+run_logged() {
+    local logfile="$1"
+    shift
+    log "  (log: $logfile)"
+    if ! "$@" >"$logfile" 2>&1; then
+        tail -n 40 "$logfile" >&2
+        die "'$*' failed; full log: $logfile"
+    fi
+}
+
+mkdir -p "$CACHE" "$WORK"
+# One build at a time (parallel test workers may all call this); the others wait, then take the fast path.
+exec 9>"$CACHE/.build.lock"
+flock 9
+if have_binaries; then
+    echo "$BIN"
+    exit 0
+fi
+START=$SECONDS
+
+# --- 1. System packages ------------------------------------------------------------------------------------
+#   golang-go: the compiler (1.19 on bookworm; k8s 1.20 wants >= 1.15)
+#   golang-github-modern-go-reflect2-dev: reflect2 1.0.2 sources, to replace the vendored 1.0.1 (fix 1)
+#   dpkg-dev: `apt-get source` unpacks with dpkg-source
+#   rsync, make: used by the hack/ build scripts (fix 3: without rsync they silently leave empty binaries)
+#   gcc, libc6-dev: the code generators are built with cgo on (Go's default; golang-go only recommends gcc)
+#   etcd-server, openssl: not for the build, but cluster.py needs them at run time
+PACKAGES=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev rsync make gcc libc6-dev etcd-server openssl)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    [[ $EUID -eq 0 ]] || die "missing packages: ${missing[*]} (run this script as root, or: sudo apt-get install ${missing[*]})"
+    log "installing ${missing[*]}"
+    apt-get update -q >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+        die "apt-get install ${missing[*]} failed"
+fi
+REFLECT2=/usr/share/gocode/src/github.com/modern-go/reflect2
+[[ -f "$REFLECT2/go_above_118.go" ]] || die "$REFLECT2 is not reflect2 >= 1.0.2 (needs golang-github-modern-go-reflect2-dev)"
+
+# --- 2. Source, via a private apt configuration ------------------------------------------------------------
+# Own sources list, lists dir and cache dir: the system's apt configuration and state stay untouched, and the
+# machine needs no deb-src line. The mirror is the one the machine already uses (only registries are reachable).
+debian_mirror() { # $1 = suite; prints the URIs the system's sources use for it, first match first
+    local suite="$1" f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f "$f" ]] || continue
+        # One-line format: "deb [options] URI suite components"; drop the options, then match the suite.
+        sed -E 's/\[[^]]*\]//' "$f" | awk -v s="$suite" '$1 == "deb" && $3 == s { print $2 }'
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f "$f" ]] || continue
+        # deb822 format: one stanza per blank-line-separated paragraph with URIs: and Suites: fields.
+        awk -v s="$suite" 'BEGIN { RS = ""; FS = "\n" }
+            { uri = ""; ok = 0
+              for (i = 1; i <= NF; i++) {
+                if ($i ~ /^URIs:/) { split($i, a, /[ \t]+/); uri = a[2] }
+                if ($i ~ /^Suites:/) { n = split($i, b, /[ \t]+/); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 }
+              }
+              if (ok && uri != "") print uri }' "$f"
+    done
+}
+SRC_DIR="$WORK/kubernetes-${DEB_VERSION%-*}"  # dpkg-source names the dir after the upstream version
+if [[ ! -f "$SRC_DIR/.pier-fetched" ]]; then
+    MIRROR="${PIER_DEBIAN_MIRROR:-$(debian_mirror bookworm | head -n1)}"
+    MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+    SECURITY="${PIER_DEBIAN_SECURITY_MIRROR:-$(debian_mirror bookworm-security | head -n1)}"
+    SECURITY="${SECURITY:-http://deb.debian.org/debian-security}"
+    APT_DIR="$WORK/apt"
+    mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
+    cat >"$APT_DIR/sources.list" <<EOF
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $SECURITY bookworm-security main
+EOF
+    APT_OPTS=(
+        -o "Dir::Etc::SourceList=$APT_DIR/sources.list"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::State::Lists=$APT_DIR/lists"
+        -o "Dir::Cache=$APT_DIR/cache"
+    )
+    # As root apt downloads as the `_apt` user, which cannot write into root's home: download as root.
+    [[ $EUID -eq 0 ]] && APT_OPTS+=(-o "APT::Sandbox::User=root")
+    log "fetching Debian source kubernetes=$DEB_VERSION from $MIRROR"
+    run_logged "$WORK/apt-update.log" apt-get "${APT_OPTS[@]}" update
+    # Fetch into a scratch dir and move into place only when complete, so an interrupted run starts over cleanly.
+    rm -rf "$WORK/fetch" "$SRC_DIR"
+    mkdir -p "$WORK/fetch"
+    if ! (cd "$WORK/fetch" && apt-get "${APT_OPTS[@]}" source --only-source "kubernetes=$DEB_VERSION") \
+        >"$WORK/apt-source.log" 2>&1; then
+        tail -n 20 "$WORK/apt-source.log" >&2
+        die "apt-get source kubernetes=$DEB_VERSION failed (if the mirror now has a newer Debian revision of 1.20.2,
+set PIER_K8S_DEB_VERSION to it; see: apt-cache showsrc kubernetes)"
+    fi
+    mv "$WORK/fetch/$(basename "$SRC_DIR")" "$SRC_DIR"
+    rm -rf "$WORK/fetch"
+    touch "$SRC_DIR/.pier-fetched"
+fi
+cd "$SRC_DIR"
+# The tarball is a `git archive` of the release tag; hack/lib/version.sh carries the tag (and stamps the binaries).
+grep -q "tag: v${K8S_VERSION}'" hack/lib/version.sh || die "$SRC_DIR is not Kubernetes v${K8S_VERSION}"
+
+# --- 3. Go 1.19 fixes -----------------------------------------------------------------------------------------
+# Fix 1: reflect2 1.0.1 (vendored, used by json-iterator in the API machinery) reads runtime map internals that
+# changed in Go 1.18: it compiles, then crashes or corrupts maps at run time. 1.0.2 is the upstream fix, and is
+# API-compatible. In GOPATH mode vendor/ is used as-is (go.mod/modules.txt are ignored), so swapping the
+# directory is all it takes.
+# (Each step below leaves a marker only once it is complete, so an interrupted run redoes just that step.)
+if [[ ! -f .pier-reflect2 ]]; then
+    log "replacing vendored reflect2 1.0.1 with Debian's 1.0.2"
+    rm -rf vendor/github.com/modern-go/reflect2
+    cp -rL "$REFLECT2" vendor/github.com/modern-go/reflect2
+    touch .pier-reflect2
+fi
+
+# The build: GOPATH mode, nothing from the network, the user's GOFLAGS ignored. hack/lib/init.sh forces
+# GO111MODULE=off itself; hack/lib/golang.sh lays out the GOPATH (_output/local/go/src/k8s.io/kubernetes -> the tree)
+# and puts GOCACHE under _output, so the build touches nothing outside the work dir.
+export GO111MODULE=off GOPROXY=off GOFLAGS=""
+
+# Fix 2: the OpenAPI definitions (pkg/generated/openapi/zz_generated.openapi.go, which kube-apiserver imports) are
+# generated at build time upstream and are not in the tarball. `make gen_openapi` builds openapi-gen from vendor/
+# and writes them (it also rewrites the aggregator/apiextensions/sample ones the tarball has, from the same sources).
+# Only this generator is needed: the deepcopy/conversion/defaults files are in the tarball, so the slow
+# `make generated_files` (which `make all` would run first) is skipped. Takes ~20 s.
+if [[ ! -f .pier-openapi ]]; then
+    log "generating OpenAPI definitions (make gen_openapi)"
+    run_logged "$WORK/gen-openapi.log" make gen_openapi
+    [[ -s pkg/generated/openapi/zz_generated.openapi.go ]] || die "make gen_openapi produced no zz_generated.openapi.go"
+    touch .pier-openapi
+fi
+
+# --- 4. Build -----------------------------------------------------------------------------------------------
+# hack/make-rules/build.sh is what `make WHAT=...` runs after `generated_files`: static (CGO_ENABLED=0) binaries,
+# version stamped v1.20.2 from the git-archive data in hack/lib/version.sh. Go's default parallelism (-p = cores).
+log "building ${BINARIES[*]} (about 4-5 minutes on 2 cores)"
+run_logged "$WORK/build.log" hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}"
+
+# Install into the cache: copy to a temp name and rename, so a half-copied binary never looks present.
+mkdir -p "$BIN"
+for b in "${BINARIES[@]}"; do
+    [[ -s "_output/bin/$b" ]] || die "build produced no _output/bin/$b"
+    install -m 0755 "_output/bin/$b" "$BIN/.$b.tmp"
+    mv -f "$BIN/.$b.tmp" "$BIN/$b"
+done
+version="$("$BIN/kubectl" version --client --short 2>/dev/null || true)"
+[[ "$version" == *"v${K8S_VERSION}"* ]] || die "built kubectl reports '$version', expected v${K8S_VERSION}"
+# _output holds 2 GB of Go build cache and intermediate objects that only a rebuild would use; the binaries are
+# what we keep. The (patched, generated) source stays, ~300 MB.
+rm -rf _output
+log "done in $((SECONDS - START))s: $version"
+echo "$BIN"

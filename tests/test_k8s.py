@@ -1,0 +1,242 @@
+"""Kubernetes: the MCPSession CRD, the operator and the router's Kubernetes backend on a real API server.
+
+The control plane (kube-apiserver + kube-controller-manager v1.20 built from Debian's source, and
+etcd) comes from tests/k8s/cluster.py; pods run on tests/k8s/node.py's node emulator. The operator
+and the router run with the ServiceAccount tokens of deploy/ (exactly its RBAC).
+`make test-k8s` runs this tier alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mcp import Client
+
+from pier.router.profiles import Catalog, demo_profile
+from tests.k8s.cluster import ControlPlane, build_controlplane
+from tests.k8s.node import NodeEmulator
+from tests.servers import ROOT, router_app, wait_until
+
+pytestmark = pytest.mark.k8s
+NAMESPACE = "pier"
+DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": [sys.executable, "-m", "pier.examples.demo_server"]}}})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"), build_controlplane())
+    plane.start()
+    try:
+        plane.kubectl("apply", "-k", str(ROOT / "deploy"))
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+async def node(cluster, tmp_path) -> AsyncIterator[NodeEmulator]:
+    emulator = NodeEmulator(cluster.kubeconfig, NAMESPACE, tmp_path)
+    await emulator.start()
+    try:
+        yield emulator
+    finally:
+        cluster.kubectl("delete", "mcps", "--all", "-n", NAMESPACE, "--wait=false", check=False)
+        await emulator.stop()
+
+
+@pytest.fixture
+async def operator(cluster, node, tmp_path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`pier operator` as its own process, with the operator ServiceAccount's token."""
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.token_kubeconfig(NAMESPACE, "pier-operator")),
+        "PIER_NAMESPACE": NAMESPACE,
+        "PIER_PROFILES_INLINE": DEMO_PROFILE,
+        "PIER_SYNC_INTERVAL_S": "1",
+        "PIER_REPLACE_BACKOFF_S": "0.5",
+    }
+    log = (tmp_path / "operator.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pier.cli", "operator", "--health-port", "0", env=env, stdout=log, stderr=log
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        log.close()
+
+
+def _apply(cluster: ControlPlane, manifest: dict) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest), check=False)
+
+
+def _session(name: str, user: str, ttl: int = 3600) -> dict:
+    return {
+        "apiVersion": "pier.dev/v1alpha1",
+        "kind": "MCPSession",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"userId": user, "server": {"profile": "demo"}, "ttlSeconds": ttl},
+    }
+
+
+def _get(cluster: ControlPlane, kind: str, name: str) -> dict | None:
+    result = cluster.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+async def _ready(cluster: ControlPlane, name: str) -> dict:
+    async def is_ready() -> bool:
+        obj = await asyncio.to_thread(_get, cluster, "mcps", name)
+        return bool(obj and (obj.get("status") or {}).get("phase") == "Ready")
+
+    await wait_until(is_ready, timeout=90, interval=0.3)
+    return await asyncio.to_thread(_get, cluster, "mcps", name)
+
+
+def _router_settings(cluster: ControlPlane) -> dict:
+    return {
+        "backend": "kubernetes",
+        "namespace": NAMESPACE,
+        "kubeconfig": cluster.token_kubeconfig(NAMESPACE, "pier-router"),
+    }
+
+
+async def test_an_applied_session_becomes_ready_and_serves_calls(cluster, operator, redis_server, http):
+    assert _apply(cluster, _session("alice-demo", "alice")).returncode == 0
+    session = await _ready(cluster, "alice-demo")
+    status = session["status"]
+    assert status["endpoint"].startswith("http://127.")
+    assert status["serverInfo"]["name"] == "pier-demo"
+    assert status["tools"] == 6
+    assert status["observedGeneration"] == session["metadata"]["generation"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "ServerRunning": "True"}
+    table = cluster.kubectl("get", "mcps", "-n", NAMESPACE).stdout
+    assert table.split("\n")[0].split() == ["NAME", "USER", "SERVER", "PHASE", "ENDPOINT", "AGE"]
+    assert "alice-demo" in table
+    assert "Ready" in table
+
+    async with router_app(redis_server.url, catalog=Catalog([demo_profile()]), **_router_settings(cluster)) as running:
+        # The router makes its own MCPSession for (alice, demo) and routes REST and MCP calls to it.
+        async with http.post(
+            f"{running.user_url('alice')}/tools/echo/call", json={"arguments": {"message": "in a pod"}}
+        ) as response:
+            body = await response.json()
+        assert body["result"]["content"][0]["text"] == "Echo: in a pod", body
+        async with Client(f"{running.user_url('alice')}/mcp") as client:
+            assert (await client.call_tool("echo", {"message": "mcp"})).content[0].text == "Echo: mcp"
+        names = cluster.kubectl("get", "mcps", "-n", NAMESPACE, "-o", "name").stdout.split()
+        assert len(names) == 2  # ours above, and the router's
+
+
+async def test_pods_are_replaced_and_crashes_counted(cluster, operator, node):
+    _apply(cluster, _session("bob-demo", "bob"))
+    first = (await _ready(cluster, "bob-demo"))["status"]["podName"]
+    cluster.kubectl("delete", "pod", first, "-n", NAMESPACE, "--wait=false")
+
+    async def replaced() -> bool:
+        status = ((await asyncio.to_thread(_get, cluster, "mcps", "bob-demo")) or {}).get("status") or {}
+        return status.get("phase") == "Ready" and status.get("podName") != first
+
+    await wait_until(replaced, timeout=90, interval=0.3)
+    status = (await asyncio.to_thread(_get, cluster, "mcps", "bob-demo"))["status"]
+    assert status["replacements"] == 1
+    events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
+                             "involvedObject.name=bob-demo", "-o", "json").stdout  # fmt: skip
+    reasons = {e["reason"] for e in json.loads(events)["items"]}
+    assert {"Started", "Ready", "Replaced"} <= reasons
+
+    node.kill_container(status["podName"], "bridge")
+
+    async def restart_counted() -> bool:
+        obj = await asyncio.to_thread(_get, cluster, "mcps", "bob-demo")
+        return bool(obj and (obj.get("status") or {}).get("restarts", 0) >= 1)
+
+    await wait_until(restart_counted, timeout=90, interval=0.3)
+
+
+async def test_deleting_a_session_deletes_its_pod_and_idle_ones_are_reaped(cluster, operator, node, http):
+    _apply(cluster, _session("carol-demo", "carol"))
+    pod = (await _ready(cluster, "carol-demo"))["status"]["podName"]
+    cluster.kubectl("delete", "mcps", "carol-demo", "-n", NAMESPACE)
+    await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", pod) is None), timeout=60)
+
+    _apply(cluster, _session("busy", "erin", ttl=2))
+    busy = (await _ready(cluster, "busy"))["status"]["endpoint"]
+    # A call that runs far longer than the TTL keeps its session alive the whole time.
+    async with http.post(f"{busy}/v1/calls", json={"tool": "slow", "arguments": {"seconds": 12}, "wait_s": 0}) as r:
+        call = (await r.json())["call_id"]
+    _apply(cluster, _session("idle", "dave", ttl=2))
+    await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "mcps", "idle") is None), timeout=60)
+    events = json.loads(cluster.kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "Reaped" and e["involvedObject"]["name"] == "idle" for e in events)
+    async with http.get(f"{busy}/v1/calls/{call}") as r:
+        assert (await r.json())["status"] == "running"  # still going, well past the TTL...
+    assert await asyncio.to_thread(_get, cluster, "mcps", "busy") is not None  # ...and its session still here
+
+
+async def test_two_routers_racing_share_one_session(cluster, operator, redis_server, http):
+    settings = _router_settings(cluster)
+    catalog = Catalog([demo_profile()])
+    async with (
+        router_app(redis_server.url, catalog=catalog, **settings) as one,
+        router_app(redis_server.url, catalog=catalog, **settings) as two,
+    ):
+
+        async def call(router, message: str) -> str:
+            async with http.post(f"{router.user_url('frank')}/tools/counter/call", json={"arguments": {}}) as response:
+                return (await response.json())["result"]["structuredContent"]["result"]
+
+        counts = await asyncio.gather(*(call(r, "x") for r in (one, two, one, two)))
+    assert sorted(counts) == [1, 2, 3, 4]  # one server saw all four calls
+    sessions = json.loads(cluster.kubectl("get", "mcps", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    assert [s["spec"]["userId"] for s in sessions].count("frank") == 1
+
+
+def test_invalid_specs_are_rejected_with_a_readable_message(cluster):
+    bad = _session("bad", "x")
+    bad["spec"]["server"] = {"profile": "demo", "command": ["sh"]}
+    result = _apply(cluster, bad)
+    assert result.returncode != 0
+    assert "spec.server" in result.stderr
+    bad["spec"] = {"server": {"profile": "demo"}}
+    result = _apply(cluster, bad)
+    assert result.returncode != 0
+    assert 'missing required field "userId"' in result.stderr
+    # Past kubectl's own checks, the API server's schema refuses it too.
+    server_side = cluster.kubectl("apply", "--validate=false", "-f", "-", input=json.dumps(bad), check=False)
+    assert server_side.returncode != 0
+    assert "spec.userId: Required value" in server_side.stderr
+
+
+def test_components_work_with_the_deploy_rbac_and_no_more(cluster):
+    router = cluster.token_kubeconfig(NAMESPACE, "pier-router")
+    operator = cluster.token_kubeconfig(NAMESPACE, "pier-operator")
+
+    def can(kubeconfig: Path, *args: str) -> bool:
+        return cluster.kubectl("auth", "can-i", *args, "-n", NAMESPACE, kubeconfig=kubeconfig,
+                               check=False).stdout.strip() == "yes"  # fmt: skip
+
+    assert can(router, "create", "mcpsessions.pier.dev")
+    assert not can(router, "create", "pods")
+    assert not can(router, "get", "secrets")
+    assert can(operator, "create", "pods")
+    assert can(operator, "patch", "mcpsessions.pier.dev/status")
+    assert not can(operator, "create", "mcpsessions.pier.dev")
+    assert not can(operator, "list", "secrets")
+    default = cluster.token_kubeconfig(NAMESPACE, "default")
+    denied = cluster.kubectl("get", "mcps", "-n", NAMESPACE, kubeconfig=default, check=False)
+    assert denied.returncode != 0
+    assert "forbidden" in denied.stderr.lower()
