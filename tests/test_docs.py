@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pier.jobs.config import JobsSettings
+from pier.operator.config import OperatorSettings
 from pier.router.config import RouterSettings
 from pier.sidecar.config import SidecarSettings
 from tests.servers import ROOT
@@ -12,7 +13,7 @@ from tests.servers import ROOT
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("settings", [RouterSettings, JobsSettings, SidecarSettings])
+@pytest.mark.parametrize("settings", [RouterSettings, JobsSettings, SidecarSettings, OperatorSettings])
 def test_every_setting_is_documented(settings):
     prefix = settings.model_config["env_prefix"]
     missing = [f"{prefix}{name.upper()}" for name in settings.model_fields if f"{prefix}{name.upper()}" not in README]

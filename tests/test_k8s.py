@@ -240,3 +240,22 @@ def test_components_work_with_the_deploy_rbac_and_no_more(cluster):
     denied = cluster.kubectl("get", "mcps", "-n", NAMESPACE, kubeconfig=default, check=False)
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr.lower()
+
+
+async def test_a_spec_change_replaces_the_pod(cluster, operator, node):
+    _apply(cluster, _session("grace-demo", "grace"))
+    before = (await _ready(cluster, "grace-demo"))["status"]["podName"]
+    changed = _session("grace-demo", "grace")
+    changed["spec"]["maxConcurrentCalls"] = 4
+    assert _apply(cluster, changed).returncode == 0
+
+    async def replaced() -> bool:
+        obj = await asyncio.to_thread(_get, cluster, "mcps", "grace-demo")
+        status = (obj or {}).get("status") or {}
+        return status.get("phase") == "Ready" and status.get("observedGeneration") == 2
+
+    await wait_until(replaced, timeout=90, interval=0.3)
+    after = (await asyncio.to_thread(_get, cluster, "mcps", "grace-demo"))["status"]["podName"]
+    assert after != before
+    assert after.startswith("grace-demo-g2-")
+    await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", before) is None), timeout=60)
