@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pydantic
 import pytest
 import yaml
@@ -104,3 +107,13 @@ def test_label_values_are_always_valid():
 
 def test_crd_yaml_parses_back():
     assert yaml.safe_load(render())["metadata"]["name"] == "mcpsessions.pier.dev"
+
+
+def test_the_operator_folder_never_shadows_the_stdlib_operator():
+    # `python -m` from the repository root puts the root first on sys.path; with -S nothing imports the
+    # stdlib `operator` before that, so a top-level `operator/__init__.py` would break every such command.
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", "import operator; print(operator.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip().endswith("operator.py")
