@@ -4,7 +4,7 @@ There is no kubelet (nor container runtime) here, so this registers a Node, bind
 to it, and runs each pod's containers as local processes: init containers first, then the rest,
 restarted per `restartPolicy: Always` with a growing delay. Each pod gets its own address in
 127.0.0.0/8, so every bridge listens on its real port (8080) as in a cluster; `emptyDir` volumes
-are temp dirs (mount paths in commands and env are rewritten to them); env `valueFrom` secrets
+are temp dirs (container paths in commands and env are rewritten to them); env `valueFrom` secrets
 and `status.podIP` are resolved. Readiness probes are run, and pod status (phase, IP, conditions,
 container states, restart counts) is reported as a kubelet would.
 """
@@ -206,8 +206,12 @@ class NodeEmulator:
         mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in container.get("volumeMounts") or []}
 
         def local(text: str) -> str:
+            # Only container paths move to the volume's temp dir: a path that exists on this host
+            # (the venv's python under /tmp, say) is a host path, not one inside a mount.
             for mount_path, host_path in sorted(mounts.items(), key=lambda m: -len(m[0])):
-                text = text.replace(mount_path, host_path)
+                inside = text == mount_path or text.startswith(mount_path.rstrip("/") + "/")
+                if inside and not os.path.exists(text):
+                    return host_path + text[len(mount_path) :]
             return text
 
         env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
