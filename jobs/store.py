@@ -5,6 +5,8 @@ Keys:
 - ``pier:jobs``                   the stream workers read (consumer group ``pier-workers``), bounded
 - ``pier:job:{id}:events``        pub/sub: progress events, then one completion event
 - ``pier:idem:{user}:{server}:{key}``  the job an idempotency key already started
+- ``pier:jobs:recent``            the latest job ids (for the dashboard)
+- ``pier:webhooks:dead``          webhook deliveries that failed every attempt
 """
 
 from __future__ import annotations
