@@ -1,0 +1,1 @@
+"""Pier's benchmark suite: `make bench`, `make bench-quick` (see bench/README.md)."""
