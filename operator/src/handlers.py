@@ -15,6 +15,7 @@ import base64
 import datetime as dt
 import logging
 import random
+import time
 from typing import Any
 
 import aiohttp
@@ -42,8 +43,10 @@ def _stamp(when: dt.datetime) -> str:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Replicas get distinct priorities: the highest works, the others stand by (kopf peering).
-    settings.peering.priority = random.randint(1, 2**30)
+    # Replicas get distinct priorities: the highest works, the others stand by (kopf peering). The
+    # newest start wins, so a restarted operator never waits out a departed peer's record, and a
+    # rolling update hands over at once; centiseconds (plus a random tie-break) keep replicas apart.
+    settings.peering.priority = int(time.time() * 100) * 100 + random.randint(0, 99)  # < 2**53: exact in JSON
     settings.peering.name = "pier"
     settings.posting.enabled = False  # the handlers post their own Events (see `_event`)
     settings.watching.server_timeout = 300
