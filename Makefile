@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIER := $(VENV)/bin/pier
 NPM_DIR := deps/npm
 
-.PHONY: install test test-k8s lint format run clean
+.PHONY: install test test-k8s lint format run clean manifests
 
 install: $(VENV)/.installed $(NPM_DIR)/node_modules/.installed
 
@@ -38,6 +38,10 @@ test-k8s: install
 
 run: install
 	exec $(PIER) up
+
+# The chart's values.yaml, values.schema.json and CRDs, and deploy/ (the chart rendered), from code (pier/helm.py).
+manifests: install
+	$(PY) -m pier.helm
 
 clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache

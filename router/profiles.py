@@ -38,6 +38,9 @@ class Profile(BaseModel):
     policy_url: str | None = Field(default=None, description="policy hook for this profile (overrides the global)")
     tools: ToolRules | None = Field(default=None, description="built-in allow/deny lists of tools")
     resources: dict[str, Any] | None = Field(default=None, description="Kubernetes resources of the server")
+    egress: list[dict[str, Any]] | None = Field(
+        default=None, description="Kubernetes: egress rules (NetworkPolicy) of its session pods; the Helm chart's"
+    )
 
     def retry_safe(self, tool: str, spec: dict[str, Any] | None) -> bool:
         """May a call of `tool` run again after a transport failure?"""

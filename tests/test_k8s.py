@@ -27,6 +27,7 @@ from tests.servers import ROOT, router_app, wait_until
 
 pytestmark = pytest.mark.k8s
 NAMESPACE = "pier"
+_ACCESS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": [sys.executable, "-m", "pier.examples.demo_server"]}}})
 
 
@@ -35,7 +36,10 @@ def cluster(tmp_path_factory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("k8s"), build_controlplane())
     plane.start()
     try:
-        plane.kubectl("apply", "-k", str(ROOT / "deploy"))
+        # deploy/'s CRDs, namespace and RBAC; not its workloads: these tests run operator and router themselves.
+        plane.kubectl("apply", "-f", str(ROOT / "deploy" / "crds"))
+        access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
+        plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))
         yield plane
     finally:
         plane.stop()

@@ -1,7 +1,7 @@
 """The MCPSession CustomResourceDefinition, generated from the pydantic models.
 
-`python -m pier.operator.crd > deploy/crd.yaml` writes it; a test checks the committed file
-(and the chart's copy) are what this produces. Kept within what Kubernetes 1.20 accepts.
+`make manifests` (pier/helm.py) writes it into the chart's crds/ and deploy/crds/; a test checks
+the committed files are what this produces. Kept within what Kubernetes 1.20 accepts.
 """
 
 from __future__ import annotations

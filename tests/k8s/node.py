@@ -3,10 +3,17 @@
 There is no kubelet (nor container runtime) here, so this registers a Node, binds pending pods
 to it, and runs each pod's containers as local processes: init containers first, then the rest,
 restarted per `restartPolicy: Always` with a growing delay. Each pod gets its own address in
-127.0.0.0/8, so every bridge listens on its real port (8080) as in a cluster; `emptyDir` volumes
-are temp dirs (container paths in commands and env are rewritten to them); env `valueFrom` secrets
-and `status.podIP` are resolved. Readiness probes are run, and pod status (phase, IP, conditions,
-container states, restart counts) is reported as a kubelet would.
+127.0.0.0/8, so every bridge listens on its real port (8080) as in a cluster, and "0.0.0.0" (every
+interface, in a pod) means that address. Volumes are temp dirs (container paths in commands and
+env are rewritten to them); `configMap` and `secret` volumes hold their keys as files; env
+`valueFrom` secrets and `status.podIP` are resolved, `$(VAR)` references expanded. Readiness
+probes (HTTP, TCP) are run, and pod status (phase, IP, conditions, container states, restart
+counts) is reported as a kubelet would.
+
+Stand-ins for what a cluster's network would do (there is no kube-proxy, DNS or in-cluster route
+to the API server here): a Service's name in a container's env or arguments is replaced by the
+address of one of its ready endpoints (Service port = target port is assumed), and a pod whose
+ServiceAccount token is mounted gets `KUBECONFIG` pointing at a kubeconfig with that token.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +41,8 @@ from pier.process import die_with_parent
 from pier.router.backends.kubernetes import ApiAccess
 
 _RESTART_MAX_S = 10.0
+_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+_VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 @dataclass
@@ -52,6 +62,7 @@ class RunningPod:
     uid: str
     ip: str
     workdir: Path
+    labels: dict[str, str] = field(default_factory=dict)
     containers: dict[str, Container] = field(default_factory=dict)
     initialized: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -157,7 +168,9 @@ class NodeEmulator:
         if spec["nodeName"] != self.node_name or running is not None:
             return
         workdir = Path(tempfile.mkdtemp(prefix=f"{meta['name']}-", dir=self.workdir))
-        running = RunningPod(meta["namespace"], meta["name"], meta["uid"], next(self._ips), workdir)
+        running = RunningPod(
+            meta["namespace"], meta["name"], meta["uid"], next(self._ips), workdir, meta.get("labels") or {}
+        )
         self.pods[key] = running
         running.tasks.append(asyncio.create_task(self._run_pod(running, pod)))
 
@@ -169,6 +182,7 @@ class NodeEmulator:
         for volume in spec.get("volumes") or []:
             path = running.workdir / "volumes" / volume["name"]
             path.mkdir(parents=True, exist_ok=True)
+            await self._fill_volume(running, volume, path)
             volumes[volume["name"]] = path
         for init in spec.get("initContainers") or []:
             await self._report(running)
@@ -185,6 +199,57 @@ class NodeEmulator:
             probe = container.get("readinessProbe")
             running.tasks.append(asyncio.create_task(self._probe(running, entry, probe)))
         await self._report(running)
+
+    async def _fill_volume(self, running: RunningPod, volume: dict[str, Any], path: Path) -> None:
+        """configMap and secret volumes: one file per key (or per listed item)."""
+        if "configMap" in volume:
+            source = volume["configMap"]
+            obj = await self._call("GET", f"/api/v1/namespaces/{running.namespace}/configmaps/{source['name']}")
+            data = {k: v.encode() for k, v in ((obj or {}).get("data") or {}).items()}
+        elif "secret" in volume:
+            source = volume["secret"]
+            obj = await self._call("GET", f"/api/v1/namespaces/{running.namespace}/secrets/{source['secretName']}")
+            data = {k: base64.b64decode(v) for k, v in ((obj or {}).get("data") or {}).items()}
+        else:
+            return
+        items = source.get("items") or [{"key": key, "path": key} for key in data]
+        for item in items:
+            if item["key"] in data:
+                (path / item["path"]).write_bytes(data[item["key"]])
+
+    async def service_addresses(self, namespace: str | None = None) -> dict[str, str]:
+        """Service name → the address of one ready pod it selects (what cluster DNS + kube-proxy would give).
+
+        Computed here: the endpoints controller can't publish these pods (Endpoints refuse loopback addresses).
+        """
+        namespace = namespace or self.namespace
+        listing = await self._call("GET", f"/api/v1/namespaces/{namespace}/services")
+        addresses = {}
+        for service in (listing or {}).get("items") or []:
+            selector = service["spec"].get("selector") or {}
+            for pod in self.pods.values():
+                ready = pod.containers and all(c.ready for c in pod.containers.values())
+                if selector and ready and pod.namespace == namespace and selector.items() <= pod.labels.items():
+                    addresses[service["metadata"]["name"]] = pod.ip
+                    break
+        return addresses
+
+    async def _resolve_services(self, running: RunningPod, texts: list[str]) -> dict[str, str]:
+        """Addresses of the Services these texts name, waiting a while for ones not ready yet."""
+        listing = await self._call("GET", f"/api/v1/namespaces/{running.namespace}/services")
+        names = [svc["metadata"]["name"] for svc in (listing or {}).get("items") or []]
+        wanted = {n for n in names if any(re.search(self._host_pattern(n, running.namespace), t) for t in texts)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:
+            addresses = await self.service_addresses(running.namespace)
+            if wanted <= addresses.keys() or loop.time() > deadline:
+                return {name: addresses[name] for name in wanted if name in addresses}
+            await asyncio.sleep(0.5)
+
+    @staticmethod
+    def _host_pattern(service: str, namespace: str) -> str:
+        return rf"(?<![\w.-]){re.escape(service)}(\.{re.escape(namespace)}(\.svc(\.cluster\.local)?)?)?(?=[:/]|$)"
 
     async def _keep_running(self, running: RunningPod, entry: Container, volumes: dict[str, Path]) -> None:
         delay = 1.0
@@ -215,12 +280,27 @@ class NodeEmulator:
             return text
 
         env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+        def expand(text: str) -> str:  # $(VAR): a variable defined before, as Kubernetes does
+            return _VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), text)
+
         for item in container.get("env") or []:
-            env[item["name"]] = local(await self._env_value(running, item))
-        # Each pod has its own address: the bridge binds it instead of every interface.
-        if "PIER_SIDECAR_HOST" in env:
-            env["PIER_SIDECAR_HOST"] = running.ip
-        command = [local(part) for part in [*(container.get("command") or []), *(container.get("args") or [])]]
+            env[item["name"]] = local(expand(await self._env_value(running, item)))
+        command = [local(expand(part)) for part in [*(container.get("command") or []), *(container.get("args") or [])]]
+        addresses = await self._resolve_services(running, [*env.values(), *command])
+
+        def networked(text: str) -> str:
+            if text == "0.0.0.0":  # every interface of a pod is its own address
+                return running.ip
+            for service, ip in addresses.items():
+                text = re.sub(self._host_pattern(service, running.namespace), ip, text)
+            return text
+
+        env = {name: networked(value) for name, value in env.items()}
+        command = [networked(part) for part in command]
+        token_dir = mounts.get(_TOKEN_DIR)
+        if token_dir is not None:
+            env["KUBECONFIG"] = str(self._token_kubeconfig(Path(token_dir)))
         if command and command[0] == "pier":
             command = [sys.executable, "-m", "pier.cli", *command[1:]]
         log = (running.workdir / f"{container['name']}.log").open("ab")
@@ -231,6 +311,21 @@ class NodeEmulator:
             )  # fmt: skip
         finally:
             log.close()
+
+    def _token_kubeconfig(self, token_dir: Path) -> Path:
+        """A kubeconfig with the pod's ServiceAccount token (in place of the in-cluster API route)."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": self.api.cfg.host,
+                                                   "certificate-authority": str(token_dir / "ca.crt")}}],
+            "users": [{"name": "u", "user": {"token": (token_dir / "token").read_text()}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }  # fmt: skip
+        path = token_dir.parent / "serviceaccount.kubeconfig"
+        path.write_text(dumps(config).decode())
+        return path
 
     async def _env_value(self, running: RunningPod, item: dict[str, Any]) -> str:
         if "value" in item:
@@ -249,20 +344,35 @@ class NodeEmulator:
             await asyncio.sleep(0.5)
             if entry.proc is None or entry.proc.returncode is not None:
                 continue
-            if probe is None:
-                ready = True
-            else:
-                get = probe["httpGet"]
-                try:
-                    async with self.http.get(
-                        f"http://{running.ip}:{get['port']}{get['path']}", timeout=aiohttp.ClientTimeout(total=2)
-                    ) as response:
-                        ready = 200 <= response.status < 400
-                except (aiohttp.ClientError, OSError, TimeoutError):
-                    ready = False
+            ready = probe is None or await self._passes(running, entry.spec, probe)
             if ready != entry.ready:
                 entry.ready = ready
                 await self._report(running)
+
+    async def _passes(self, running: RunningPod, container: dict[str, Any], probe: dict[str, Any]) -> bool:
+        """One readiness check: httpGet or tcpSocket, as a kubelet runs them."""
+
+        def port(value: int | str) -> int:  # a named port is looked up in the container's ports
+            named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+            return int(named.get(value, value))
+
+        try:
+            if "httpGet" in probe:
+                get = probe["httpGet"]
+                scheme = get.get("scheme", "HTTP").lower()
+                url = f"{scheme}://{running.ip}:{port(get['port'])}{get.get('path', '/')}"
+                # A kubelet does not verify the pod's certificate either.
+                async with self.http.get(url, ssl=False, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    return 200 <= response.status < 400
+            if "tcpSocket" in probe:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(running.ip, port(probe["tcpSocket"]["port"])), 2
+                )
+                writer.close()
+                return True
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return True
 
     async def _report(self, running: RunningPod, phase: str | None = None) -> None:
         containers = list(running.containers.values())
