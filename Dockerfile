@@ -16,7 +16,7 @@ COPY router/ router/
 COPY jobs/ jobs/
 COPY operator/src/ operator/src/
 COPY examples/ examples/
-RUN /opt/pier/bin/pip install . "uv==0.9.*"
+RUN /opt/pier/bin/pip install . "uv==0.13.*"
 
 # -- Node.js (node, npm, npx) from the official image: a current LTS, not Debian's -----------------
 FROM ${NODE_IMAGE} AS node

@@ -364,15 +364,24 @@ def values_table() -> str:
 # -- deploy/ ---------------------------------------------------------------------------------------------
 
 
-def render(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = RELEASE) -> list[Manifest]:
-    """The chart rendered by the Helm engine (helm-python-sdk), as objects in a stable order; CRDs excluded."""
+def _rendered(values: dict[str, Any] | None, name: str, namespace: str) -> dict[str, str]:
     import helm_python  # test/dev dependency: only generation and the tests render
 
     chart = helm_python.Chart.load(CHART)
     try:
-        rendered = chart.render(values or {}, name=name, namespace=namespace, is_install=True)
+        return chart.render(values or {}, name=name, namespace=namespace, is_install=True)
     finally:
         chart.close()
+
+
+def render_notes(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = RELEASE) -> str:
+    """What `helm install` prints (NOTES.txt)."""
+    return _rendered(values, name, namespace)[f"{CHART.name}/templates/NOTES.txt"]
+
+
+def render(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = RELEASE) -> list[Manifest]:
+    """The chart rendered by the Helm engine (helm-python-sdk), as objects in a stable order; CRDs excluded."""
+    rendered = _rendered(values, name, namespace)
     objects: list[Manifest] = []
     for path in sorted(rendered):
         if path.endswith(".yaml"):

@@ -71,14 +71,13 @@ async def test_the_installed_chart_serves_calls_through_the_router(cluster, tmp_
                 cluster.kubectl, "rollout", "status", workload, "-n", namespace, "--timeout=120s", timeout=130
             )
         router = f"http://{(await node.service_addresses())['e2e-pier-router']}:8000"
-        secret = json.loads(
-            (
-                await asyncio.to_thread(
-                    cluster.kubectl, "get", "secret", "e2e-pier-keys", "-n", namespace, "-o", "json"
-                )
-            ).stdout
+        # The generated key, read as NOTES.txt tells users to.
+        notes = helm.render_notes(OLD_CLUSTER, name=release, namespace=namespace)
+        assert f"get secret {release}-pier-keys -o jsonpath='{{.data.app-key}}'" in notes
+        encoded = await asyncio.to_thread(
+            cluster.kubectl, "get", "secret", f"{release}-pier-keys", "-n", namespace, "-o", "jsonpath={.data.app-key}"
         )
-        key = base64.b64decode(secret["data"]["app-key"]).decode()
+        key = base64.b64decode(encoded.stdout).decode()
         alice = f"{router}/v1/users/alice/servers/demo"
 
         async with http.post(f"{alice}/tools/echo/call", json={"arguments": {"message": "x"}}) as response:
