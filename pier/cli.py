@@ -105,7 +105,7 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     settings = OperatorSettings()
     logs.configure(settings.log_level)
-    return run(settings, args.health_port)
+    return run(settings, args.health_port, args.health_host)
 
 
 def _run_connect(args: argparse.Namespace) -> int:
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
     sub.add_parser("jobs", help="a job-pool worker (configured by PIER_* variables)")
     operator = sub.add_parser("operator", help="the MCPSession operator (configured by PIER_* variables)")
-    operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: none)")
+    operator.add_argument("--health-host", default="0.0.0.0", help="liveness endpoint address")
     up = sub.add_parser("up", help="the embedded default: Redis, router, job pool, local sessions, demo profile")
     up.add_argument("--data-dir", type=Path, default=Path(".pier"), help="where embedded Redis keeps its data")
     connect = sub.add_parser(

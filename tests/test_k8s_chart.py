@@ -124,3 +124,48 @@ def test_the_plain_manifests_apply(cluster):
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=_manifests(objects), check=False)
     assert result.returncode == 0, result.stderr
     assert "deployment.apps/pier-router created (server dry run)" in result.stdout
+
+
+async def test_operator_replicas_share_the_work_and_replacements_take_over(cluster, tmp_path, http):
+    """Two operator replicas (kopf peering): one pod per session, and fresh replicas take over at once."""
+    namespace, release, key = "pier-ha", "ha", "ha-app-key-0123456789abcdef"
+    values = {**OLD_CLUSTER, "operator": {"replicaCount": 2}, "router": {"replicaCount": 1},
+              "jobs": {"replicaCount": 1}, "auth": {"appKeys": [key]}}  # fmt: skip
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.kubectl("apply", "-f", "-", input=_manifests(helm.render(values, name=release, namespace=namespace)))
+    node = NodeEmulator(cluster.kubeconfig, namespace, tmp_path)
+    await node.start()
+
+    def kubectl(*args: str) -> Any:
+        result = cluster.kubectl(*args, "-n", namespace, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    async def both_peers_present() -> bool:
+        peering = await asyncio.to_thread(kubectl, "get", "kopfpeerings.kopf.dev", "pier")
+        return len((peering or {}).get("status") or {}) == 2
+
+    async def served(user: str) -> None:
+        url = f"http://{(await node.service_addresses())['ha-pier-router']}:8000/v1/users/{user}/servers/demo"
+        async with http.post(
+            f"{url}/tools/echo/call", json={"arguments": {"message": user}}, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
+            assert response.status == 200, await response.text()
+
+    try:
+        for workload in ("deployment/ha-pier-router", "deployment/ha-pier-operator"):
+            await asyncio.to_thread(
+                cluster.kubectl, "rollout", "status", workload, "-n", namespace, "--timeout=120s", timeout=130
+            )
+        await wait_until(both_peers_present, timeout=60, interval=0.5)
+        await served("alice")
+        session_pods = await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice")
+        assert len(session_pods["items"]) == 1  # two replicas, yet no second pod and no replacement
+        # Both replicas go at once; their replacements must not wait out the departed peers' records.
+        await asyncio.to_thread(
+            cluster.kubectl, "delete", "pod", "-l", "app.kubernetes.io/component=operator", "-n", namespace
+        )
+        await served("bob")
+        assert len((await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice"))["items"]) == 1
+    finally:
+        cluster.kubectl("delete", "mcps", "--all", "-n", namespace, "--wait=false", check=False)
+        await node.stop()

@@ -8,7 +8,7 @@ from pier.operator import handlers  # noqa: F401 - registers the handlers with k
 from pier.operator.config import OperatorSettings
 
 
-def run(settings: OperatorSettings, health_port: int = 8081) -> int:
+def run(settings: OperatorSettings, health_port: int = 8081, health_host: str = "0.0.0.0") -> int:
     """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier").
 
     `health_port` 0 serves no liveness endpoint.
@@ -17,6 +17,6 @@ def run(settings: OperatorSettings, health_port: int = 8081) -> int:
         namespace=settings.namespace,
         peering_name="pier",
         standalone=False,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        liveness_endpoint=f"http://{health_host}:{health_port}/healthz" if health_port else None,
     )
     return 0
