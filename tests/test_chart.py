@@ -281,3 +281,12 @@ def test_dockerfile_lints_clean():
 
 def test_the_readme_documents_every_value():
     assert helm.values_table() in (ROOT / "README.md").read_text(), "README's values table: paste helm.values_table()"
+
+
+def test_chart_image_and_package_versions_agree():
+    from pier import __version__
+    from pier.operator.config import OperatorSettings
+
+    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__
+    assert OperatorSettings.model_fields["bridge_image"].default == f"{helm.Image().repository}:{__version__}"
