@@ -128,3 +128,38 @@ async def test_bearer_token_guards_the_api(http):
             assert response.status == 200
         async with http.get(f"{running.url}/healthz") as response:
             assert response.status == 200
+
+
+async def test_retained_calls_are_capped_when_a_call_starts(http):
+    async with bridge_app(command=DEMO, max_retained_calls=3) as running:
+        calls = running.bridge.calls
+        # A running call is never forgotten, however many finish after it.
+        _, slow = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 2}, "wait_s": 0})
+        ids = []
+        for n in range(8):
+            status, body = await _post(http, running.url, {"tool": "echo", "arguments": {"message": str(n)}})
+            assert status == 200
+            ids.append(body["call_id"])
+            # The cap holds at every insert, not only after the periodic sweep.
+            assert len(calls.calls) <= 3
+        assert slow["call_id"] in calls.calls
+        assert calls.running == 1
+        # The newest finished calls are the ones kept; the oldest are gone.
+        assert (await get_json(http, f"{running.url}/v1/calls/{ids[-1]}"))["status"] == "completed"
+        async with http.get(f"{running.url}/v1/calls/{ids[0]}") as response:
+            assert response.status == 404
+        assert (await get_json(http, f"{running.url}/v1/calls/{slow['call_id']}?wait_s=30"))["status"] == "completed"
+        assert calls.running == 0
+
+
+async def test_sweep_forgets_finished_calls_past_their_retention(http):
+    async with bridge_app(command=DEMO, call_retention_s=0.2) as running:
+        _, done = await _post(http, running.url, {"tool": "echo", "arguments": {"message": "x"}})
+        _, slow = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 1}, "wait_s": 0})
+
+        def swept() -> bool:
+            running.bridge.calls.sweep()
+            return done["call_id"] not in running.bridge.calls.calls
+
+        await wait_until(swept)
+        assert slow["call_id"] in running.bridge.calls.calls  # still running: kept
