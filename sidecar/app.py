@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import pydantic
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,13 +17,12 @@ from pier.errors import PierError
 from pier.jsonrpc import dumps, loads
 from pier.process import clean_env
 from pier.sidecar.attach import FifoPeer
-from pier.sidecar.calls import CallRegistry
+from pier.sidecar.calls import CallRegistry, CallRequest
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.mcp_http import StreamableHTTP
 from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.models import CallRequest
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 from pier.tls import server_context
@@ -117,12 +115,14 @@ async def post_call(request: web.Request) -> web.Response:
     if bridge.draining:
         return error_response(PierError("SHUTTING_DOWN", "the bridge is shutting down"))
     try:
-        body = CallRequest.model_validate(loads(await request.read()))
+        body = CallRequest.parse(loads(await request.read()))
     except web.HTTPRequestEntityTooLarge:
         limit = bridge.settings.max_message_bytes
         return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit}))
-    except ValueError as exc:  # JSON or schema (pydantic's ValidationError is a ValueError)
-        return error_response(_bad_body(exc))
+    except ValueError:
+        return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
+    except PierError as err:
+        return error_response(err)
     try:
         call = await bridge.calls.start(body.tool, body.arguments, body.call_id)
     except PierError as err:
@@ -130,13 +130,6 @@ async def post_call(request: web.Request) -> web.Response:
         return error_response(err, _retry_after(err))
     await call.wait(body.wait_s)
     return json_response(call.to_dict(), call.http_status)
-
-
-def _bad_body(exc: ValueError) -> PierError:
-    if isinstance(exc, pydantic.ValidationError):
-        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors})
-    return PierError("BAD_REQUEST", "the body is not valid JSON")
 
 
 def _retry_after(err: PierError) -> dict[str, str] | None:
