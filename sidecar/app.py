@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pier.errors import PierError
 from pier.jsonrpc import dumps, loads
@@ -22,7 +21,7 @@ from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.mcp_http import StreamableHTTP
-from pier.sidecar.metrics import BridgeMetrics
+from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 from pier.tls import server_context
@@ -228,7 +227,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     bridge.metrics.clients.set(len(bridge.clients.sessions))
-    return web.Response(body=generate_latest(bridge.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=bridge.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- lifecycle -------------------------------------------------------------------------------

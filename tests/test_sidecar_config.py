@@ -48,7 +48,7 @@ def test_bad_values_are_refused_naming_the_variable(env):
         SidecarSettings.from_env(env)
 
 
-def test_a_bridge_imports_no_model_schema_or_settings_library():
+def test_a_bridge_imports_no_model_schema_settings_or_metrics_library():
     # They would cost every idle bridge megabytes and start-up time; jsonschema comes on first use.
     code = (
         "import sys, pier.cli; from pier.sidecar.config import SidecarSettings; import pier.sidecar.app; "
@@ -57,4 +57,4 @@ def test_a_bridge_imports_no_model_schema_or_settings_library():
     loaded = set(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     )
-    assert not loaded & {"pydantic", "pydantic_settings", "jsonschema"}
+    assert not loaded & {"pydantic", "pydantic_settings", "jsonschema", "prometheus_client"}
