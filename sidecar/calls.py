@@ -72,6 +72,12 @@ def _invalid_body(errors: list[tuple[list[Any], str]]) -> PierError:
 class Call:
     """One tool call: its progress as it runs, then its result or error."""
 
+    # Up to `max_retained_calls` of these stay in memory: no per-instance dict.
+    __slots__ = (
+        "_changed", "arguments", "created_at", "error", "finished_at", "id", "on_finish", "pending", "progress",
+        "progress_count", "result", "status", "task", "tool",
+    )  # fmt: skip
+
     def __init__(self, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
         self.id = call_id
         self.tool = tool
@@ -293,6 +299,8 @@ class CallRegistry:
         except PierError as err:
             call.finish("failed", error=err)
             return
+        finally:
+            call.task = None  # this task is ending: a retained call need not keep it
         if "result" in response:
             call.finish("completed", result=response["result"])
         elif response["error"].get("code") == REQUEST_CANCELLED:
