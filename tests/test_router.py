@@ -244,3 +244,22 @@ async def test_servers_health_and_metrics(http, redis_server):
         assert 'pier_router_calls_total{outcome="completed",profile="demo"} 1.0' in text
         assert 'pier_router_sessions_active{profile="demo"} 1.0' in text
         assert "pier_router_call_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+async def test_a_server_gets_the_profile_environment_and_none_of_the_routers_settings(
+    http, redis_server, bridges, monkeypatch
+):
+    monkeypatch.setenv("PIER_ROUTER_ONLY_SECRET", "router-secret")
+    monkeypatch.setenv("HOST_VARIABLE", "kept")
+    # The server prints its environment on stderr (the bridge keeps its tail), then runs the demo.
+    command = ["sh", "-c", 'env >&2; exec "$@"', "sh", *demo_profile().command]
+    profile = demo_profile().model_copy(update={"command": command, "env": {"FROM_PROFILE": "yes"}})
+    async with router_app(redis_server.url, Catalog([profile]), local_bridges=bridges) as running:
+        assert (await _call(http, running.user_url("alice"), "echo", message="x"))[0] == 200
+        [session] = running.router.backend.list("alice")
+        async with http.get(f"{session.endpoint.url}/v1/logs", headers=session.endpoint.headers()) as response:
+            lines = (await response.json())["lines"]
+    names = {line.split("=", 1)[0] for line in lines if "=" in line}
+    assert {"FROM_PROFILE", "HOST_VARIABLE"} <= names
+    assert not [name for name in names if name.startswith("PIER_")]  # neither the router's nor the bridge's

@@ -86,6 +86,7 @@ class InProcessSession(LocalSession):
     runner: web.AppRunner
     bridge: Bridge
     client: BridgeClient
+    stopping: set[asyncio.Task[None]]  # the backend's: it waits for them when it closes
     _stopped: bool = False
 
     @property
@@ -94,13 +95,17 @@ class InProcessSession(LocalSession):
         return self._stopped or self.bridge.upstream.gave_up.is_set()
 
     async def stop(self, graceful: bool) -> None:
+        # Always graceful: the bridge drains its calls (none, after a failed start), then stops its server.
         if self._stopped:
             return
         self._stopped = True
         self.client.local.pop(self.endpoint.url, None)
-        # Shutdown (the bridge drains its calls, then stops its server) must finish even if the
-        # caller is cancelled: a half-stopped bridge would leave its server running.
-        await asyncio.shield(self.runner.cleanup())
+        # It must finish even if the caller is cancelled (a half-stopped bridge would leave its
+        # server running), so it is a task of its own, which the backend waits for when it closes.
+        task = asyncio.create_task(self.runner.cleanup(), name=f"pier-stop-{self.key.user}-{self.key.profile}")
+        self.stopping.add(task)
+        task.add_done_callback(self.stopping.discard)
+        await asyncio.shield(task)
 
 
 class LocalBackend(SessionBackend):
@@ -212,6 +217,7 @@ class LocalBackend(SessionBackend):
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
         session = InProcessSession(key, Endpoint("", token))
         session.runner, session.bridge, session.client = runner, app[BRIDGE], self.bridge
+        session.stopping = self._stopping
         started = time.monotonic()
         try:
             await runner.setup()
