@@ -34,11 +34,12 @@ COLD_SAMPLES = 3
 VARIANTS: dict[str, tuple[str, dict[str, str], str]] = {
     "baseline": ("", {}, "Pier as it is (run by the bench venv's Python, like every variant)"),
     "no-audit-log": ("", {"PIER_AUDIT_LOG": "false"}, "router: PIER_AUDIT_LOG=false (one JSON log line less per call)"),
-    "lazy-json": ("lazyjson", {}, "JSON answers when nothing precedes the response; coalesced SSE writes"),
     "uvloop": ("uvloop", {}, "asyncio on uvloop"),
-    "lazy-json+uvloop": ("lazyjson,uvloop", {}, "both"),
-    "inproc": ("inproc", {}, "router: local bridges in the router's process, REST calls without the HTTP hop"),
-    "inproc+uvloop": ("inproc,uvloop", {}, "both"),
+    "process-bridges": (
+        "",
+        {"PIER_LOCAL_BRIDGES": "process"},
+        "router: one `pier sidecar` process per local session (the former default)",
+    ),
 }
 
 

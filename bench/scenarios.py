@@ -325,7 +325,8 @@ def process_memory(pid: int) -> dict[str, Any]:
 
 
 def router_memory(router_pid: int) -> dict[str, Any]:
-    """The router, its bridges (`pier sidecar` processes) and their servers, each summed."""
+    """The router, its bridges (`pier sidecar` processes, none with in-process bridges) and their
+    servers, each summed; a session is counted by its server (one each, whatever the bridge mode)."""
     bridges, servers, others = [], [], []
     for pid in descendants(router_pid):
         line = cmdline(pid)
@@ -340,7 +341,7 @@ def router_memory(router_pid: int) -> dict[str, Any]:
     return {
         "router": mem(router_pid),
         "others": {cmdline(p).split()[0].rsplit("/", 1)[-1]: mem(p) for p in others},
-        "sessions": len(bridges),
+        "sessions": len(servers),
         "bridges_rss_mib": round(sum(m["rss_mib"] for m in b), 1),
         "bridges_pss_mib": round(sum(m["pss_mib"] for m in b), 1),
         "bridge_rss_median_mib": sorted(m["rss_mib"] for m in b)[len(b) // 2] if b else None,

@@ -51,7 +51,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         "max_concurrent_calls": args.max_concurrent_calls,
         "allowed_origins": args.allowed_origins,
     }
-    settings = SidecarSettings(command=command, **{k: v for k, v in overrides.items() if v is not None})
+    settings = SidecarSettings.from_env(command=command, **{k: v for k, v in overrides.items() if v is not None})
     logs.configure(settings.log_level)
     from pier.sidecar.app import serve
 

@@ -118,7 +118,10 @@ async def cancel_job(request: web.Request) -> web.Response:
             with contextlib.suppress(BridgeUnreachable):
                 await router.bridge.cancel_call(Endpoint(record.endpoint, record.endpoint_token), record.call_id)
         cancelled = PierError("CANCELLED", "cancelled by the caller")
-        record = await router.store.finish(record.job_id, "cancelled", error=cancelled) or record
+        # A worker following the call may have seen the cancellation first and ended the job
+        # itself: then the stored record, not the one read before, says how it ended.
+        ended = await router.store.finish(record.job_id, "cancelled", error=cancelled)
+        record = ended or await router.store.get(record.job_id) or record
     return json_response(record.view())
 
 

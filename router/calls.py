@@ -123,9 +123,9 @@ class CallService:
             try:
                 if profile.tools is not None:
                     profile.tools.check(tool, user, caller.key_id)
-                await self.policer.check(
-                    self.policy_url(profile), "Input", [call.request_message()], call.policy_context
-                )
+                policy_url = self.policy_url(profile)
+                if policy_url:  # the message and context are built only for a hook that reads them
+                    await self.policer.check(policy_url, "Input", [call.request_message()], call.policy_context)
             except PolicyDenied as denied:
                 decision, decided_by = "deny", denied.details["decided_by"]
                 raise
@@ -218,8 +218,10 @@ class CallService:
             await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
 
     async def _check_output(self, call: ToolCall, result: dict[str, Any]) -> None:
-        response = {"jsonrpc": "2.0", "id": call.job_id, "result": result}
-        await self.policer.check(self.policy_url(call.profile), "Output", [response], call.policy_context)
+        policy_url = self.policy_url(call.profile)
+        if policy_url:
+            response = {"jsonrpc": "2.0", "id": call.job_id, "result": result}
+            await self.policer.check(policy_url, "Output", [response], call.policy_context)
 
     def _record(self, call: ToolCall) -> JobRecord:
         now = time.time()

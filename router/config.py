@@ -46,6 +46,9 @@ class RouterSettings(BaseSettings):
     session_start_timeout_s: float = Field(default=60, gt=0, description="a new session must be ready within")
     reap_interval_s: float = Field(default=5.0, gt=0, description="how often idle sessions are looked for")
     sidecar_log_level: str = Field(default="WARNING", description="log level of the bridges the router starts")
+    local_bridges: Literal["inprocess", "process"] = Field(
+        default="inprocess", description="local backend: bridges in the router's process, or one process each"
+    )
 
     max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
     retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")

@@ -25,6 +25,7 @@ from pier.router.backends.base import Session
 from pier.router.context import ROUTER, Router, principal
 from pier.router.profiles import Profile
 from pier.sidecar.client import BridgeUnreachable
+from pier.sidecar.mcp_http import CoalescedSSE
 from pier.web import json_response, origin_allowed
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
@@ -165,39 +166,41 @@ async def _forward(
     except (aiohttp.ClientError, OSError) as exc:
         raise BridgeUnreachable(session.endpoint, exc) from exc
     async with upstream:
-        response = web.StreamResponse(
-            status=upstream.status,
-            headers={name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers},
-        )
+        out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
         inspect = exchange.inspects_output and request.method != "DELETE"
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        if not is_sse and request.method != "GET":
+            # A JSON (or empty) answer is complete as it comes: one response, one write.
+            try:
+                raw = await upstream.read()
+            except aiohttp.ClientError as exc:
+                # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
+                raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
+            if inspect:
+                raw = await _checked_json(raw, exchange)
+            return web.Response(status=upstream.status, headers=out_headers, body=raw)
+        response = CoalescedSSE(status=upstream.status, headers=out_headers)
         try:
             with router.streaming():
-                if inspect and not is_sse:
-                    await _relay_json(upstream, response, request, exchange)
+                await response.prepare(request)
+                if inspect:
+                    await _relay_sse(upstream, response, exchange)
                 else:
-                    await response.prepare(request)
-                    if inspect:
-                        await _relay_sse(upstream, response, exchange)
-                    else:
-                        async for chunk in upstream.content.iter_any():
-                            await response.write(chunk)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientError):
             pass  # either side hung up; the bridge keeps the calls running
         return response
 
 
-async def _relay_json(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, request: web.Request, exchange: Exchange
-) -> None:
-    raw = await upstream.read()
+async def _checked_json(raw: bytes, exchange: Exchange) -> bytes:
+    """A JSON answer with each message through the output policy (and its tool calls audited)."""
     messages = parse_messages(raw)
-    if messages:
-        checked = [await exchange.check_output(m) for m in messages]
-        raw = dumps(checked if isinstance(loads(raw), list) else checked[0])
-    await response.prepare(request)
-    await response.write(raw)
+    if not messages:
+        return raw
+    checked = [await exchange.check_output(m) for m in messages]
+    return dumps(checked if isinstance(loads(raw), list) else checked[0])
 
 
 async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange) -> None:

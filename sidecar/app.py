@@ -10,21 +10,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import pydantic
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pier.errors import PierError
 from pier.jsonrpc import dumps, loads
 from pier.process import clean_env
 from pier.sidecar.attach import FifoPeer
-from pier.sidecar.calls import CallRegistry
+from pier.sidecar.calls import Call, CallRegistry, CallRequest
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.mcp_http import StreamableHTTP
-from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.models import CallRequest
+from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 from pier.tls import server_context
@@ -38,9 +35,15 @@ _HOUSEKEEPING_S = 10.0
 
 @dataclass
 class Bridge:
-    """Everything one bridge owns, built once per app."""
+    """Everything one bridge owns, built once per app.
+
+    Its call API is these methods; the HTTP handlers below serve them, and a router running the
+    bridge in its own process (local backend, in-process mode) calls them directly.
+    """
 
     settings: SidecarSettings
+    # The server's environment; by default the bridge's own without its settings.
+    server_env: dict[str, str] | None = None
     metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
     draining: bool = False
 
@@ -61,8 +64,25 @@ class Bridge:
             kill_timeout=s.kill_timeout_s,
             cwd=s.cwd,
             # The server never sees the bridge's own settings (its token among them).
-            env=clean_env(("PIER_SIDECAR_",)),
+            env=self.server_env if self.server_env is not None else clean_env(("PIER_SIDECAR_",)),
         )
+
+    async def start_call(self, body: CallRequest) -> Call:
+        """Start (or join) a call and wait up to `body.wait_s` for it; PierError when refused."""
+        if self.draining:
+            raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
+        try:
+            call = await self.calls.start(body.tool, body.arguments, body.call_id)
+        except PierError as err:
+            self.metrics.rejected.labels(err.code).inc()
+            raise
+        await call.wait(body.wait_s)
+        return call
+
+    async def tools(self) -> list[dict[str, object]]:
+        """The server's tools, once it is ready (PierError if it cannot become ready)."""
+        await self.upstream.wait_ready()
+        return self.upstream.tools
 
     def status(self) -> dict[str, object]:
         up = self.upstream
@@ -114,32 +134,24 @@ def make_guard(settings: SidecarSettings) -> Callable[[web.Request, Handler], Aw
 
 async def post_call(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
-    if bridge.draining:
-        return error_response(PierError("SHUTTING_DOWN", "the bridge is shutting down"))
     try:
-        body = CallRequest.model_validate(loads(await request.read()))
+        body = CallRequest.parse(loads(await request.read()))
     except web.HTTPRequestEntityTooLarge:
         limit = bridge.settings.max_message_bytes
         return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit}))
-    except ValueError as exc:  # JSON or schema (pydantic's ValidationError is a ValueError)
-        return error_response(_bad_body(exc))
-    try:
-        call = await bridge.calls.start(body.tool, body.arguments, body.call_id)
+    except ValueError:
+        return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
     except PierError as err:
-        bridge.metrics.rejected.labels(err.code).inc()
-        return error_response(err, _retry_after(err))
-    await call.wait(body.wait_s)
+        return error_response(err)
+    try:
+        call = await bridge.start_call(body)
+    except PierError as err:
+        return error_response(err, retry_after(err))
     return json_response(call.to_dict(), call.http_status)
 
 
-def _bad_body(exc: ValueError) -> PierError:
-    if isinstance(exc, pydantic.ValidationError):
-        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors})
-    return PierError("BAD_REQUEST", "the body is not valid JSON")
-
-
-def _retry_after(err: PierError) -> dict[str, str] | None:
+def retry_after(err: PierError) -> dict[str, str] | None:
+    """The Retry-After header an error's answer carries, if any."""
     return {"Retry-After": "1"} if err.code in ("CALL_QUEUE_FULL", "SERVER_UNAVAILABLE") else None
 
 
@@ -177,10 +189,10 @@ async def delete_call(request: web.Request) -> web.Response:
 async def get_tools(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     try:
-        await bridge.upstream.wait_ready()
+        tools = await bridge.tools()
     except PierError as err:
-        return error_response(err, _retry_after(err))
-    return json_response({"tools": bridge.upstream.tools})
+        return error_response(err, retry_after(err))
+    return json_response({"tools": tools})
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -215,7 +227,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     bridge.metrics.clients.set(len(bridge.clients.sessions))
-    return web.Response(body=generate_latest(bridge.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=bridge.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -253,12 +265,12 @@ async def _drain(app: web.Application) -> None:
         log.warning("grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight})
 
 
-def create_app(settings: SidecarSettings) -> web.Application:
+def create_app(settings: SidecarSettings, server_env: dict[str, str] | None = None) -> web.Application:
     """The bridge app; the server starts with the app and stops with it."""
     if not settings.command and settings.attach_dir is None:
         raise ValueError("the bridge needs a server command or an attach directory")
     app = web.Application(client_max_size=settings.max_message_bytes, middlewares=[make_guard(settings)])
-    bridge = Bridge(settings)
+    bridge = Bridge(settings, server_env)
     app[BRIDGE] = bridge
     app.cleanup_ctx.append(_lifespan)
     app.on_shutdown.append(_drain)

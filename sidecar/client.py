@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from pier.errors import PierError
 from pier.jsonrpc import dumps, loads
+from pier.sidecar.calls import CallRequest
+
+if TYPE_CHECKING:
+    from pier.sidecar.app import Bridge
 
 # Beyond a long-poll's own wait, how long the network may take.
 _SLACK_S = 10.0
@@ -35,12 +40,17 @@ class BridgeUnreachable(PierError):
 
 
 class BridgeClient:
-    """Calls into bridges over one shared connection pool."""
+    """Calls into bridges over one shared connection pool, or directly when they run in this process.
+
+    A bridge in `local` (the router's in-process local sessions) is still served over HTTP, for
+    the MCP relay and the job pool's workers; this client just skips the HTTP round trip to it.
+    """
 
     def __init__(self, http: aiohttp.ClientSession, ssl_context: ssl.SSLContext | None = None) -> None:
         self.http = http
         # mTLS to the bridges when configured; the default context otherwise (https endpoints).
         self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self.local: dict[str, Bridge] = {}  # endpoint URL → a bridge running in this process
 
     async def _request(
         self, method: str, endpoint: Endpoint, path: str, timeout: float, body: Any = None
@@ -66,6 +76,9 @@ class BridgeClient:
     ) -> tuple[int, dict[str, Any]]:
         """Start (or join) a call; 200/4xx/5xx when it finished in `wait_s`, 202 while it runs."""
         body = {"tool": tool, "arguments": arguments, "call_id": call_id, "wait_s": wait_s}
+        bridge = self.local.get(endpoint.url)
+        if bridge is not None:
+            return await _direct_call(bridge, body)
         return await self._request("POST", endpoint, "/v1/calls", wait_s + _SLACK_S, body)
 
     async def get_call(
@@ -80,11 +93,29 @@ class BridgeClient:
         return await self._request("DELETE", endpoint, f"/v1/calls/{call_id}", _SLACK_S)
 
     async def tools(self, endpoint: Endpoint, timeout: float) -> list[dict[str, Any]]:
+        bridge = self.local.get(endpoint.url)
+        if bridge is not None:
+            try:
+                return await asyncio.wait_for(bridge.tools(), timeout)
+            except TimeoutError as exc:
+                raise BridgeUnreachable(endpoint, exc) from exc
         status, body = await self._request("GET", endpoint, "/v1/tools", timeout)
         if status != 200:
             raise PierError.from_dict(body.get("error") or {"code": "SESSION_START_FAILED"})
         return body["tools"]
 
     async def status(self, endpoint: Endpoint, timeout: float = 5.0) -> dict[str, Any]:
+        bridge = self.local.get(endpoint.url)
+        if bridge is not None:
+            return bridge.status()
         _, body = await self._request("GET", endpoint, "/v1/status", timeout)
         return body
+
+
+async def _direct_call(bridge: Bridge, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """`POST /v1/calls` on a bridge in this process: the same checks and answer, no HTTP."""
+    try:
+        call = await bridge.start_call(CallRequest.parse(body))
+    except PierError as err:
+        return err.http_status, {"error": err.to_dict()}
+    return call.http_status, call.to_dict()

@@ -1,51 +1,146 @@
-"""Bridge settings: `PIER_SIDECAR_*` environment variables, overridden by command-line flags."""
+"""Bridge settings: `PIER_SIDECAR_*` environment variables, overridden by command-line flags.
+
+A plain dataclass rather than a pydantic-settings model: the bridge runs once per session, and
+pydantic (with pydantic-settings) would cost every idle bridge ~12 MiB and ~90 ms of start-up
+for the one moment it reads its environment. Values are still checked (types and bounds).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Any
 
 MiB = 1024 * 1024
+ENV_PREFIX = "PIER_SIDECAR_"
 
 
-class SidecarSettings(BaseSettings):
+class Secret:
+    """A string that never shows in reprs or logs (the bridge's token)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _bounded(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+@dataclass
+class SidecarSettings:
     """Everything one bridge needs to know; see the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="PIER_SIDECAR_", extra="ignore")
-
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    command: list[str] = Field(default_factory=list, description="stdio server command (child mode)")
-    attach_dir: Path | None = Field(default=None, description="FIFO directory (attach mode)")
+    port: int = _bounded(8080, ge=0, le=65535)
+    command: list[str] = field(default_factory=list)  # stdio server command (child mode)
+    attach_dir: Path | None = None  # FIFO directory (attach mode)
     cwd: Path | None = None
 
-    max_concurrent_calls: int = Field(default=16, ge=1)
-    max_queued_calls: int = Field(default=256, ge=0, description="calls waiting for a slot before refusing")
-    max_message_bytes: int = Field(default=16 * MiB, ge=1024)
+    max_concurrent_calls: int = _bounded(16, ge=1)
+    max_queued_calls: int = _bounded(256, ge=0)  # calls waiting for a slot before refusing
+    max_message_bytes: int = _bounded(16 * MiB, ge=1024)
 
-    start_timeout_s: float = Field(default=30.0, gt=0, description="server start + initialize deadline")
-    restart_backoff_initial_s: float = Field(default=0.2, ge=0)
-    restart_backoff_max_s: float = Field(default=30.0, ge=0)
-    max_restarts: int = Field(default=10, ge=0, description="consecutive failed runs before giving up; 0 = never")
-    stable_after_s: float = Field(default=30.0, ge=0, description="uptime after which a run counts as healthy")
-    write_timeout_s: float = Field(default=30.0, gt=0, description="how long a server may stop reading")
+    start_timeout_s: float = _bounded(30.0, gt=0)  # server start + initialize deadline
+    restart_backoff_initial_s: float = _bounded(0.2, ge=0)
+    restart_backoff_max_s: float = _bounded(30.0, ge=0)
+    max_restarts: int = _bounded(10, ge=0)  # consecutive failed runs before giving up; 0 = never
+    stable_after_s: float = _bounded(30.0, ge=0)  # uptime after which a run counts as healthy
+    write_timeout_s: float = _bounded(30.0, gt=0)  # how long a server may stop reading
 
-    shutdown_grace_s: float = Field(default=20.0, ge=0, description="SIGTERM: time for in-flight calls")
-    kill_timeout_s: float = Field(default=5.0, ge=0, description="server stop: EOF → SIGTERM → SIGKILL steps")
+    shutdown_grace_s: float = _bounded(20.0, ge=0)  # SIGTERM: time for in-flight calls
+    kill_timeout_s: float = _bounded(5.0, ge=0)  # server stop: EOF → SIGTERM → SIGKILL steps
 
-    allowed_origins: list[str] = Field(
-        default_factory=list, description="Origins allowed besides localhost ones; '*' allows any"
-    )
-    token: SecretStr | None = Field(default=None, description="bearer token required on /mcp and /v1")
-    tls_cert: Path | None = Field(default=None, description="serve HTTPS with this certificate")
+    allowed_origins: list[str] = field(default_factory=list)  # besides localhost ones; '*' allows any
+    token: Secret | None = None  # bearer token required on /mcp and /v1
+    tls_cert: Path | None = None  # serve HTTPS with this certificate
     tls_key: Path | None = None
-    tls_client_ca: Path | None = Field(default=None, description="require client certificates signed by this CA")
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA
 
-    call_retention_s: float = Field(default=600.0, gt=0, description="how long finished calls stay readable")
-    max_retained_calls: int = Field(default=10_000, ge=1)
-    client_idle_s: float = Field(default=3600.0, gt=0, description="MCP client sessions idle this long end")
-    max_clients: int = Field(default=10_000, ge=1)
-    stderr_tail_lines: int = Field(default=200, ge=1)
+    call_retention_s: float = _bounded(600.0, gt=0)  # how long finished calls stay readable
+    max_retained_calls: int = _bounded(10_000, ge=1)
+    client_idle_s: float = _bounded(3600.0, gt=0)  # MCP client sessions idle this long end
+    max_clients: int = _bounded(10_000, ge=1)
+    stderr_tail_lines: int = _bounded(200, ge=1)
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, hints[f.name], getattr(self, f.name))
+            _check_bounds(f, value)
+            setattr(self, f.name, value)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SidecarSettings:
+        """`PIER_SIDECAR_*` variables (names case-insensitive; lists as JSON), then `overrides`."""
+        env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = raw
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """`value` (given in code, or a string from the environment) as the field's type."""
+    where = f"{ENV_PREFIX}{name.upper()}"
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where}: a value is required")
+    if type(None) in args:  # X | None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            items = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("expected a list of strings (JSON in the environment)")
+            return list(items)
+        if hint is Secret:
+            return value if isinstance(value, Secret) else Secret(str(value))
+        if hint in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value) if hint is float else int(value)
+        if hint is Path:
+            return Path(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any) -> None:
+    bounds = f.metadata
+    where = f"{ENV_PREFIX}{f.name.upper()}"
+    if bounds.get("ge") is not None and value < bounds["ge"]:
+        raise ValueError(f"{where}: must be ≥ {bounds['ge']}, not {value}")
+    if bounds.get("gt") is not None and value <= bounds["gt"]:
+        raise ValueError(f"{where}: must be > {bounds['gt']}, not {value}")
+    if bounds.get("le") is not None and value > bounds["le"]:
+        raise ValueError(f"{where}: must be ≤ {bounds['le']}, not {value}")

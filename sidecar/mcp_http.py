@@ -2,7 +2,8 @@
 
 Each client gets its own `Mcp-Session-Id`; its `initialize` is answered from the bridge's cache
 and never reaches the server. Requests are relayed through the multiplexer; their progress,
-server→client requests and final response stream back on the POST's SSE response.
+server→client requests and final response stream back on the POST's SSE response; a POST whose
+responses come before anything else is answered with plain JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> w
     return web.Response(
         status=status, body=dumps(error_response(request_id, code, message)), content_type="application/json"
     )
+
+
+class CoalescedSSE(web.StreamResponse):
+    """An SSE response whose headers leave with its first event (as `web.Response` does),
+    rather than in a write of their own."""
+
+    _send_headers_immediately = False
 
 
 class PostStream:
@@ -191,24 +199,38 @@ class StreamableHTTP:
             stream.attach(pending)
             waiting += 1
 
-        if "text/event-stream" not in request.headers.get("Accept", ""):
-            # A JSON-only client gets the responses without the messages that came before them.
+        accept = request.headers.get("Accept", "")
+        sse_ok = "text/event-stream" in accept
+        # The spec lets a server answer a POST with JSON or with SSE. JSON is one response and one
+        # write, so it is the answer whenever nothing else (progress, a server request) comes
+        # first; SSE only when something does, or when the client accepts nothing else.
+        first: Message | None = None
+        if not sse_ok or "application/json" in accept:
             while waiting:
                 message, final = await stream.queue.get()
                 if final:
                     answered.append(message)
                     waiting -= 1
-            return json_response(answered if batch else answered[0])
+                elif sse_ok:
+                    first = message
+                    break
+                # else: a JSON-only client gets the responses without what came before them.
+            if first is None:
+                return json_response(answered if batch else answered[0])
 
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = CoalescedSSE(headers=SSE_HEADERS)
         await response.prepare(request)
         try:
             for message in answered:
                 await response.write(sse_event(message))
+            if first is not None:
+                await response.write(sse_event(first))
             while waiting:
                 message, final = await stream.queue.get()
                 waiting -= final
-                await response.write(sse_event(message))
+                event = sse_event(message)
+                # The last event goes out with the end of the stream: one write, not two.
+                await (response.write(event) if waiting else response.write_eof(event))
         except ConnectionResetError:
             # A dropped stream is not a cancellation (spec); the calls finish, unheard.
             log.info("client closed its POST stream early", extra={"client": client.id})

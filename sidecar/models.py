@@ -1,23 +1,13 @@
-"""Schemas of the bridge's internal call API (used by the router and the job pool)."""
+"""Schemas of the bridge's internal call API answers (the bridge itself builds them as plain dicts;
+these describe them for the router, the job pool and the tests). Requests: `calls.CallRequest`."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 CallStatus = Literal["running", "completed", "failed", "cancelled"]
-
-
-class CallRequest(BaseModel):
-    """`POST /v1/calls`: start a tool call (or join the one with the same `call_id`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tool: str = Field(min_length=1)
-    arguments: dict[str, Any] = Field(default_factory=dict)
-    call_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
-    wait_s: float = Field(default=30.0, ge=0, le=300, description="how long to wait before answering 202")
 
 
 class Progress(BaseModel):

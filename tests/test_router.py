@@ -6,8 +6,10 @@ import asyncio
 import os
 import signal
 
+import pytest
 from mcp import Client
 
+from pier.router.profiles import Catalog, demo_profile
 from tests.servers import get_json, router_app, wait_until
 
 
@@ -127,8 +129,9 @@ async def _kill_server_mid_call(http, running, user: str) -> None:
     os.kill((await _bridge_status(http, running, user))["pid"], signal.SIGKILL)
 
 
-async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http, redis_server):
-    async with router_app(redis_server.url) as running:
+@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http, redis_server, bridges):
+    async with router_app(redis_server.url, local_bridges=bridges) as running:
         alice = running.user_url("alice")
         assert (await _call(http, alice, "count"))[0] == 200
         unsafe = asyncio.create_task(_call(http, alice, "counter", delay_s=30))
@@ -145,7 +148,8 @@ async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http,
 
 
 async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_server):
-    async with router_app(redis_server.url) as running:
+    # Process mode: the bridge process itself is killed.
+    async with router_app(redis_server.url, local_bridges="process") as running:
         alice = running.user_url("alice")
         assert _count((await _call(http, alice, "counter"))[1]) == 1
         [session] = running.router.backend.list("alice")
@@ -153,6 +157,24 @@ async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_serve
         await session.proc.wait()
         status, body = await _call(http, alice, "counter")
         assert (status, _count(body)) == (200, 1)  # a fresh server
+        assert running.router.metrics.sessions_started.labels("demo")._value.get() == 2
+
+
+@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+async def test_a_bridge_that_gave_up_is_replaced_on_the_next_request(http, redis_server, bridges):
+    # A server that keeps crashing: its bridge gives up after one restart (a bridge setting in the profile).
+    env = {"PIER_SIDECAR_MAX_RESTARTS": "1", "PIER_SIDECAR_RESTART_BACKOFF_INITIAL_S": "0.01"}
+    catalog = Catalog([demo_profile().model_copy(update={"env": env})])
+    async with router_app(redis_server.url, catalog, local_bridges=bridges, max_retries=0) as running:
+        alice = running.user_url("alice")
+        assert _count((await _call(http, alice, "counter"))[1]) == 1
+        [session] = running.router.backend.list("alice")
+        for _ in range(2):
+            status, body = await _call(http, alice, "crash")
+            assert (status, body["error"]["code"]) == (502, "SERVER_EXITED")
+        await wait_until(lambda: session.exited)
+        status, body = await _call(http, alice, "counter")
+        assert (status, _count(body)) == (200, 1)  # a fresh bridge, a fresh server
         assert running.router.metrics.sessions_started.labels("demo")._value.get() == 2
 
 
@@ -222,3 +244,22 @@ async def test_servers_health_and_metrics(http, redis_server):
         assert 'pier_router_calls_total{outcome="completed",profile="demo"} 1.0' in text
         assert 'pier_router_sessions_active{profile="demo"} 1.0' in text
         assert "pier_router_call_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+async def test_a_server_gets_the_profile_environment_and_none_of_the_routers_settings(
+    http, redis_server, bridges, monkeypatch
+):
+    monkeypatch.setenv("PIER_ROUTER_ONLY_SECRET", "router-secret")
+    monkeypatch.setenv("HOST_VARIABLE", "kept")
+    # The server prints its environment on stderr (the bridge keeps its tail), then runs the demo.
+    command = ["sh", "-c", 'env >&2; exec "$@"', "sh", *demo_profile().command]
+    profile = demo_profile().model_copy(update={"command": command, "env": {"FROM_PROFILE": "yes"}})
+    async with router_app(redis_server.url, Catalog([profile]), local_bridges=bridges) as running:
+        assert (await _call(http, running.user_url("alice"), "echo", message="x"))[0] == 200
+        [session] = running.router.backend.list("alice")
+        async with http.get(f"{session.endpoint.url}/v1/logs", headers=session.endpoint.headers()) as response:
+            lines = (await response.json())["lines"]
+    names = {line.split("=", 1)[0] for line in lines if "=" in line}
+    assert {"FROM_PROFILE", "HOST_VARIABLE"} <= names
+    assert not [name for name in names if name.startswith("PIER_")]  # neither the router's nor the bridge's

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from mcp import Client
+from prometheus_client.parser import text_string_to_metric_families
+
 from pier.sidecar.models import CallRecord
 from tests.servers import DEMO, bridge_app, get_json, wait_until
 
@@ -103,6 +106,9 @@ async def test_tool_errors_are_completed_calls(http):
 async def test_status_tools_logs_and_metrics(http):
     async with bridge_app(command=DEMO) as running:
         await _post(http, running.url, {"tool": "echo", "arguments": {"message": "x"}})
+        await _post(http, running.url, {"tool": "nope"})
+        async with Client(f"{running.url}/mcp") as client:  # /mcp calls are timed by tool
+            await client.call_tool("echo", {"message": "y"})
         status = await get_json(http, f"{running.url}/v1/status")
         assert status["ready"] is True
         assert status["server_info"]["name"] == "pier-demo"
@@ -116,6 +122,14 @@ async def test_status_tools_logs_and_metrics(http):
             text = await response.text()
         assert "pier_bridge_server_up 1.0" in text
         assert "pier_bridge_requests_in_flight 0.0" in text
+        # Written by hand, read by Prometheus' own parser.
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["pier_bridge_server_restarts"].samples[0].value == 0
+        [rejected] = families["pier_bridge_rejected"].samples
+        assert (rejected.labels, rejected.value) == ({"code": "UNKNOWN_TOOL"}, 1)
+        durations = {s.name: s for s in families["pier_bridge_call_duration_seconds"].samples if not s.labels.get("le")}
+        buckets = [s for s in families["pier_bridge_call_duration_seconds"].samples if s.labels.get("le") == "+Inf"]
+        assert durations["pier_bridge_call_duration_seconds_count"].value == buckets[0].value == 1
 
 
 async def test_bearer_token_guards_the_api(http):
@@ -128,3 +142,79 @@ async def test_bearer_token_guards_the_api(http):
             assert response.status == 200
         async with http.get(f"{running.url}/healthz") as response:
             assert response.status == 200
+
+
+async def test_retained_calls_are_capped_when_a_call_starts(http):
+    async with bridge_app(command=DEMO, max_retained_calls=3) as running:
+        calls = running.bridge.calls
+        # A running call is never forgotten, however many finish after it.
+        _, slow = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 2}, "wait_s": 0})
+        ids = []
+        for n in range(8):
+            status, body = await _post(http, running.url, {"tool": "echo", "arguments": {"message": str(n)}})
+            assert status == 200
+            ids.append(body["call_id"])
+            # The cap holds at every insert, not only after the periodic sweep.
+            assert len(calls.calls) <= 3
+        assert slow["call_id"] in calls.calls
+        assert calls.running == 1
+        # The newest finished calls are the ones kept; the oldest are gone.
+        assert (await get_json(http, f"{running.url}/v1/calls/{ids[-1]}"))["status"] == "completed"
+        async with http.get(f"{running.url}/v1/calls/{ids[0]}") as response:
+            assert response.status == 404
+        assert (await get_json(http, f"{running.url}/v1/calls/{slow['call_id']}?wait_s=30"))["status"] == "completed"
+        assert calls.running == 0
+
+
+async def test_sweep_forgets_finished_calls_past_their_retention(http):
+    async with bridge_app(command=DEMO, call_retention_s=0.2) as running:
+        _, done = await _post(http, running.url, {"tool": "echo", "arguments": {"message": "x"}})
+        _, slow = await _post(http, running.url, {"tool": "slow", "arguments": {"seconds": 1}, "wait_s": 0})
+
+        def swept() -> bool:
+            running.bridge.calls.sweep()
+            return done["call_id"] not in running.bridge.calls.calls
+
+        await wait_until(swept)
+        assert slow["call_id"] in running.bridge.calls.calls  # still running: kept
+
+
+def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
+    from jsonschema import validators
+
+    from pier.sidecar.calls import _FlatSchema
+
+    schemas = [
+        {"type": "object", "properties": {"message": {"type": "string", "description": "x"}}, "required": ["message"]},
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {"n": {"type": "integer"}, "x": {"type": "number"}, "b": {"type": "boolean"}, "any": {}},
+            "additionalProperties": False,
+        },
+        {"type": "object", "properties": {"items": {"type": "array"}, "o": {"type": "object"}, "z": {"type": "null"}}},
+    ]
+    instances = [
+        {}, {"message": "hi"}, {"message": 1}, {"message": None}, {"message": "hi", "extra": 1},
+        {"n": 1}, {"n": 1.0}, {"n": 1.5}, {"n": True}, {"x": 2}, {"x": 2.5}, {"x": False}, {"b": 0}, {"b": False},
+        {"any": [1]}, {"other": 1}, {"items": []}, {"items": {}}, {"o": {}}, {"o": []}, {"z": None}, {"z": 0},
+    ]  # fmt: skip
+    for schema in schemas:
+        flat = _FlatSchema.of(schema)
+        assert flat is not None
+        full = validators.validator_for(schema)(schema)
+        for instance in instances:
+            assert flat.accepts(instance) == full.is_valid(instance), (schema, instance)
+    # Anything beyond flat typed properties is left to jsonschema.
+    for schema in [
+        {"type": "object", "properties": {"s": {"type": "string", "minLength": 1}}},
+        {"type": "object", "properties": {"e": {"enum": [1, 2]}}},
+        {"type": "object", "properties": {"t": {"type": ["string", "null"]}}},
+        {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+        {
+            "$schema": "http://json-schema.org/draft-04/schema#",
+            "type": "object",
+            "properties": {"n": {"type": "integer"}},
+        },
+    ]:
+        assert _FlatSchema.of(schema) is None, schema

@@ -62,7 +62,7 @@ async def test_garbage_on_stdout_is_skipped(http):
     async with bridge_app(command=noisy) as running:
         async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}) as r:
             assert (await r.json())["result"]["content"][0]["text"] == "Echo: x"
-        assert running.bridge.metrics.invalid_lines._value.get() == 2
+        assert running.bridge.metrics.invalid_lines.labels().value == 2
         assert running.bridge.upstream.restarts == 0
 
 
@@ -88,7 +88,7 @@ async def test_oversized_messages_are_refused_cleanly(http):
             assert response.status == 413
         async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "ok"}}) as r:
             assert r.status == 200
-        assert running.bridge.metrics.oversized._value.get() == 1
+        assert running.bridge.metrics.oversized.labels().value == 1
         assert running.bridge.upstream.restarts == 0
 
 

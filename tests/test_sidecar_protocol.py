@@ -108,12 +108,18 @@ async def test_batches_notifications_and_sse(http):
                 "params": {"name": "echo", "arguments": {"message": "b"}},
             },
         ]
+        # Nothing comes before the responses: one plain JSON answer, even though SSE is accepted.
         async with http.post(f"{running.url}/mcp", json=batch, headers=headers) as response:
-            assert response.headers["Content-Type"].startswith("text/event-stream")
-            text = await response.text()
+            assert response.headers["Content-Type"].startswith("application/json")
+            answers = {m["id"]: m for m in await response.json()}
+        assert answers["a"]["result"] == {}
+        assert answers["b"]["result"]["content"][0]["text"] == "Echo: b"
+        # A client that accepts only SSE gets SSE.
+        async with http.post(f"{running.url}/mcp", json=batch, headers={**headers, "Accept": "text/event-stream"}) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            text = await r.text()
         assert text.count("event: message") == 2
         assert '"id":"a"' in text
-        assert '"id":"b"' in text
         assert "Echo: b" in text
         async with http.get(f"{running.url}/mcp", headers={**headers, "Accept": "application/json"}) as response:
             assert response.status == 406
@@ -130,3 +136,25 @@ async def test_origin_is_checked(http):
         ]:
             async with http.post(f"{running.url}/mcp", json=INIT, headers={**ACCEPT, "Origin": origin}) as r:
                 assert r.status == status, origin
+
+
+async def test_progress_before_the_response_turns_the_answer_into_sse(http):
+    async with bridge_app(command=DEMO) as running:
+        headers = await _session(http, running.url)
+        call = {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {"name": "slow", "arguments": {"seconds": 0.3}, "_meta": {"progressToken": "p"}},
+        }
+        async with http.post(f"{running.url}/mcp", json=call, headers=headers) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = [e for e in (await response.text()).split("\n\n") if e.strip()]
+        assert all(e.startswith("event: message\ndata: ") for e in events)
+        assert '"notifications/progress"' in events[0]
+        assert '"id":5' in events[-1]
+        assert "Slept 0.3 seconds" in events[-1]
+        # A JSON-only client gets just the response.
+        async with http.post(f"{running.url}/mcp", json=call, headers={**headers, "Accept": "application/json"}) as r:
+            assert r.headers["Content-Type"].startswith("application/json")
+            assert (await r.json())["result"]["content"][0]["text"] == "Slept 0.3 seconds"
