@@ -193,6 +193,14 @@ _DEFAULT_EGRESS: list[Manifest] = [
 ]
 
 
+class Sessions(Values):
+    """Where the operator puts session pods (each runs one tenant's server)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. a node pool for tenant code")
+    tolerations: list[Manifest] = Field(default_factory=list)
+    runtime_class_name: str = Field(default="", description="e.g. gvisor: sandbox untrusted servers")
+
+
 class NetworkPolicy(Values):
     enabled: bool = Field(
         default=True,
@@ -226,7 +234,9 @@ class ChartValues(Values):
     kube_version: str = Field(default="", description="override the cluster version the templates target")
     common_labels: dict[str, str] = Field(default_factory=dict, description="added to every object")
     image: Image = Field(default_factory=Image)
-    image_pull_secrets: list[Manifest] = Field(default_factory=list, description="for every pod, sessions excepted")
+    image_pull_secrets: list[Manifest] = Field(
+        default_factory=list, description="LocalObjectReferences ({name}) for every pod, session pods included"
+    )
     profiles: dict[str, Manifest] = Field(
         default_factory=lambda: {
             "demo": {
@@ -242,6 +252,7 @@ class ChartValues(Values):
     bridge_token: BridgeToken = Field(default_factory=BridgeToken)
     router: Router = Field(default_factory=Router)
     operator: Operator = Field(default_factory=Operator)
+    sessions: Sessions = Field(default_factory=Sessions)
     jobs: Jobs = Field(default_factory=Jobs)
     redis: Redis = Field(default_factory=Redis)
     external_redis: ExternalRedis = Field(default_factory=ExternalRedis)

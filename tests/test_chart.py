@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pier import helm
+from pier.operator.config import OperatorSettings
 from tests.servers import ROOT
 
 # The values sets the issue names, plus the knobs that change what is rendered.
@@ -31,6 +32,12 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "jobs": {"replicaCount": 4},
         "router": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12}},
         "redis": {"persistence": {"storageClass": "fast-ssd", "size": "8Gi"}},
+        "imagePullSecrets": [{"name": "registry"}],
+        "sessions": {
+            "nodeSelector": {"pool": "tenants"},
+            "tolerations": [{"key": "tenants", "operator": "Exists", "effect": "NoSchedule"}],
+            "runtimeClassName": "gvisor",
+        },
     },
     "ingress": {
         "router": {
@@ -224,6 +231,18 @@ def test_ha():
     assert {o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"} == {
         "pier-router", "pier-jobs", "pier-operator"
     }  # fmt: skip
+    # Session placement reaches the operator as settings it parses (it builds the session pods).
+    env = _env(_pods(objects)["pier-operator"]["containers"][0])
+    settings = {k: v for k, v in env.items() if k.startswith(("PIER_SESSION_", "PIER_IMAGE_PULL"))}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        operator = OperatorSettings()
+    assert operator.image_pull_secrets == ["registry"]
+    assert operator.session_node_selector == {"pool": "tenants"}
+    assert operator.session_tolerations[0]["effect"] == "NoSchedule"
+    assert operator.session_runtime_class == "gvisor"
+    assert _pods(objects)["pier-router"]["imagePullSecrets"] == [{"name": "registry"}]
     claim = _one(objects, "StatefulSet", "pier-redis")["spec"]["volumeClaimTemplates"][0]["spec"]
     assert claim["storageClassName"] == "fast-ssd"
     # Older clusters get the API versions they serve.
@@ -285,7 +304,6 @@ def test_the_readme_documents_every_value():
 
 def test_chart_image_and_package_versions_agree():
     from pier import __version__
-    from pier.operator.config import OperatorSettings
 
     chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == __version__

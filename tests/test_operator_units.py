@@ -98,6 +98,23 @@ def test_image_mode_pod_wires_the_server_container_through_fifos():
     assert {"name": "io", "emptyDir": {}} in pod["spec"]["volumes"]
 
 
+def test_session_pods_run_where_the_platform_says():
+    spec = MCPSessionSpec.model_validate({"userId": "carol", "server": {"command": ["srv"]}})
+    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "runtimeClassName"} & set(
+        build_pod("s3", "uid-3", 1, 0, spec, None, OperatorSettings())["spec"]
+    )
+    settings = OperatorSettings(
+        image_pull_secrets=["registry"], session_node_selector={"pool": "tenants"},
+        session_tolerations=[{"key": "tenants", "operator": "Exists", "effect": "NoSchedule"}],
+        session_runtime_class="gvisor",
+    )  # fmt: skip
+    pod = build_pod("s3", "uid-3", 1, 0, spec, None, settings)["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["nodeSelector"] == {"pool": "tenants"}
+    assert pod["tolerations"][0]["key"] == "tenants"
+    assert pod["runtimeClassName"] == "gvisor"
+
+
 def test_label_values_are_always_valid():
     for text in ("alice", "alice@example.com", "x" * 200, "-weird-", "é"):
         value = label_value(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,12 @@ class OperatorSettings(BaseSettings):
     bridge_command: list[str] = Field(default_factory=lambda: ["pier"], description="how that image runs pier")
     bridge_token_secret: str | None = Field(
         default=None, description="Secret (key `token`) whose value bridges require from router and job pool"
+    )
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets session pods pull images with")
+    session_node_selector: dict[str, str] = Field(default_factory=dict, description="where session pods may run")
+    session_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="their tolerations")
+    session_runtime_class: str | None = Field(
+        default=None, description="RuntimeClass of session pods (a sandbox such as gVisor for untrusted servers)"
     )
     sync_interval_s: float = Field(default=5.0, gt=0, description="status refresh and TTL check period")
     replace_backoff_s: float = Field(default=2.0, gt=0, description="first delay before replacing a failed pod")

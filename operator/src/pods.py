@@ -169,5 +169,20 @@ def build_pod(
             "initContainers": init_containers,
             "containers": containers,
             "volumes": volumes,
+            **_placement(settings),
         },
     }
+
+
+def _placement(settings: OperatorSettings) -> dict[str, Any]:
+    """Where session pods run and what they pull with: the platform's choice, never the caller's."""
+    placement: dict[str, Any] = {}
+    if settings.image_pull_secrets:
+        placement["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
+    if settings.session_node_selector:
+        placement["nodeSelector"] = settings.session_node_selector
+    if settings.session_tolerations:
+        placement["tolerations"] = settings.session_tolerations
+    if settings.session_runtime_class:
+        placement["runtimeClassName"] = settings.session_runtime_class
+    return placement
