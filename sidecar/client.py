@@ -78,7 +78,11 @@ class BridgeClient:
         body = {"tool": tool, "arguments": arguments, "call_id": call_id, "wait_s": wait_s}
         bridge = self.local.get(endpoint.url)
         if bridge is not None:
-            return await _direct_call(bridge, body)
+            try:  # the same bound as over HTTP: a bridge that never answers is unreachable, not awaited forever
+                async with asyncio.timeout(wait_s + _SLACK_S):
+                    return await _direct_call(bridge, body)
+            except TimeoutError as exc:
+                raise BridgeUnreachable(endpoint, exc) from exc
         return await self._request("POST", endpoint, "/v1/calls", wait_s + _SLACK_S, body)
 
     async def get_call(

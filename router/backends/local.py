@@ -46,6 +46,7 @@ log = logging.getLogger("pier.router.local")
 
 SIDECAR = [sys.executable, "-m", "pier.cli", "sidecar"]
 _STOP_GRACE_S = 30.0  # a bridge's own grace period for its calls, plus slack
+_STOP_SLACK_S = 10.0  # an in-process bridge's stop: beyond its drain and kill steps
 
 
 class LocalSession(Session):
@@ -105,7 +106,15 @@ class InProcessSession(LocalSession):
         task = asyncio.create_task(self.runner.cleanup(), name=f"pier-stop-{self.key.user}-{self.key.profile}")
         self.stopping.add(task)
         task.add_done_callback(self.stopping.discard)
-        await asyncio.shield(task)
+        # Bounded all the same: a stop that never ends must not hold the reaper or the router's shutdown.
+        settings = self.bridge.settings
+        budget = settings.shutdown_grace_s + 3 * settings.kill_timeout_s + _STOP_SLACK_S
+        try:
+            await asyncio.wait_for(asyncio.shield(task), budget)
+        except TimeoutError:
+            log.error("bridge did not stop in time", extra={"user": self.key.user, "profile": self.key.profile})
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class LocalBackend(SessionBackend):
