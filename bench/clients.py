@@ -214,44 +214,40 @@ class StreamableHttpClient:
         await self.http.close()
 
 
-class RestClient:
+class _CallPoster:
+    """A JSON POST that runs `echo` and answers `{"status": "completed", "result": ...}` (Pier's call APIs)."""
+
+    def __init__(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> None:
+        self.url = url
+        self.http = aiohttp.ClientSession(connector=_connector(), timeout=_TIMEOUT)
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.body = orjson.dumps(body)
+
+    async def echo(self) -> None:
+        async with self.http.post(self.url, data=self.body, headers=self.headers) as response:
+            payload = orjson.loads(await response.read())
+        if response.status != 200 or payload.get("status") != "completed":
+            raise BenchError(f"HTTP {response.status}: {str(payload)[:300]}")
+        check_echo(payload["result"])
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+class RestClient(_CallPoster):
     """Pier's router REST call: `POST /v1/users/{user}/servers/{server}/tools/echo/call`."""
 
     def __init__(self, base: str, user: str, server: str, headers: dict[str, str] | None = None) -> None:
-        self.url = f"{base}/v1/users/{user}/servers/{server}/tools/echo/call"
-        self.http = aiohttp.ClientSession(connector=_connector(), timeout=_TIMEOUT)
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
-        self.body = orjson.dumps({"arguments": {"message": MESSAGE}})
-
-    async def echo(self) -> None:
-        async with self.http.post(self.url, data=self.body, headers=self.headers) as response:
-            payload = orjson.loads(await response.read())
-        if response.status != 200 or payload.get("status") != "completed":
-            raise BenchError(f"HTTP {response.status}: {str(payload)[:300]}")
-        check_echo(payload["result"])
-
-    async def close(self) -> None:
-        await self.http.close()
+        url = f"{base}/v1/users/{user}/servers/{server}/tools/echo/call"
+        super().__init__(url, {"arguments": {"message": MESSAGE}}, headers)
 
 
-class CallApiClient:
+class CallApiClient(_CallPoster):
     """The bridge's internal call API: `POST /v1/calls` (what the router itself uses)."""
 
     def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
-        self.url = f"{base}/v1/calls"
-        self.http = aiohttp.ClientSession(connector=_connector(), timeout=_TIMEOUT)
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
-        self.body = orjson.dumps({"tool": "echo", "arguments": {"message": MESSAGE}, "wait_s": 30})
-
-    async def echo(self) -> None:
-        async with self.http.post(self.url, data=self.body, headers=self.headers) as response:
-            payload = orjson.loads(await response.read())
-        if response.status != 200 or payload.get("status") != "completed":
-            raise BenchError(f"HTTP {response.status}: {str(payload)[:300]}")
-        check_echo(payload["result"])
-
-    async def close(self) -> None:
-        await self.http.close()
+        body = {"tool": "echo", "arguments": {"message": MESSAGE}, "wait_s": 30}
+        super().__init__(f"{base}/v1/calls", body, headers)
 
 
 # -- the SDK ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ real install with a call through the router are in tests/test_k8s_chart.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -203,8 +204,6 @@ def test_defaults_are_safe_to_install_as_is():
 
 
 def _b64(text: str) -> str:
-    import base64
-
     return base64.b64decode(text).decode()
 
 
