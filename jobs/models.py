@@ -36,6 +36,9 @@ class JobRecord(BaseModel):
     retry_safe: bool = False
     attempts: int = 1
     idempotency_key: str | None = None
+    request_digest: str | None = Field(
+        default=None, description="digest of tool and arguments: a key reused for another call is refused"
+    )
     webhook_url: str | None = None
     policy_url: str | None = Field(default=None, description="policy hook that must allow the result")
     identity: dict[str, Any] = Field(default_factory=dict, description="who asked (for policy and audit)")

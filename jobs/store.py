@@ -1,10 +1,12 @@
 """Jobs in Redis: records (JSON strings), the work stream, event channels, idempotency keys.
 
 Keys:
-- ``pier:job:{id}``               the JobRecord (TTL: a day while running, `result_ttl_s` once done)
+- ``pier:job:{id}``               the JobRecord (TTL: a day while queued or running, `result_ttl_s`
+                                  once done; a call the router still owns holds only a short lease)
 - ``pier:jobs``                   the stream workers read (consumer group ``pier-workers``), bounded
 - ``pier:job:{id}:events``        pub/sub: progress events, then one completion event
-- ``pier:idem:{user}:{server}:{key}``  the job an idempotency key already started
+- ``pier:idem:{user}:{server}:{key}``  the job an idempotency key started: always expires with that
+                                  job's record, so a key never points at a job that does not exist
 - ``pier:jobs:recent``            the latest job ids (for the dashboard)
 - ``pier:webhooks:dead``          webhook deliveries that failed every attempt
 """
@@ -60,6 +62,30 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
 
 def job_key(job_id: str) -> str:
     return f"pier:job:{job_id}"
+
+
+def idempotency_key(user: str, server: str, key: str) -> str:
+    return f"pier:idem:{user}:{server}:{key}"
+
+
+# KEYS: the idempotency key, the new job's record; ARGV: job id, record JSON, lease (s).
+_CLAIM = """
+local existing = redis.call('GET', KEYS[1])
+if existing and redis.call('EXISTS', 'pier:job:' .. existing) == 1 then
+    return existing
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return false
+"""
+# KEYS: the idempotency key, the job's record; ARGV: job id. The key is unbound only if it is still this job's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
 
 
 def events_channel(job_id: str) -> str:
@@ -134,18 +160,29 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def _ttl(self, record: JobRecord) -> int:
+        return self.result_ttl_s if record.done else RUNNING_TTL_S
+
+    @staticmethod
+    def _put(pipe: Any, record: JobRecord, ttl: int) -> None:
+        """Write `record` in `pipe`; its idempotency key, if any, gets the same lifetime."""
+        pipe.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+        if record.idempotency_key is not None:
+            pipe.expire(idempotency_key(record.user, record.server, record.idempotency_key), ttl)
+
     async def enqueue(self, record: JobRecord) -> None:
         """Save a new job and put it on the stream, atomically."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(job_key(record.job_id), record.model_dump_json(), ex=RUNNING_TTL_S)
+            self._put(pipe, record, RUNNING_TTL_S)
             pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.zadd(RECENT, {record.job_id: record.created_at})
             pipe.zremrangebyrank(RECENT, 0, -RECENT_KEEP - 1)
             await pipe.execute()
 
     async def save(self, record: JobRecord) -> None:
-        ttl = self.result_ttl_s if record.done else RUNNING_TTL_S
-        await self.redis.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._put(pipe, record, self._ttl(record))
+            await pipe.execute()
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.get(job_key(job_id))
@@ -169,8 +206,7 @@ class JobStore:
                     if not change(record):
                         return record
                     pipe.multi()
-                    ttl = self.result_ttl_s if record.done else RUNNING_TTL_S
-                    pipe.set(key, record.model_dump_json(), ex=ttl)
+                    self._put(pipe, record, self._ttl(record))
                     await pipe.execute()
                     return record
                 except WatchError:
@@ -234,13 +270,24 @@ class JobStore:
                 if event.get("type") == "completed":
                     return
 
-    async def claim_idempotency(self, user: str, server: str, key: str, job_id: str) -> str | None:
-        """Bind `key` to `job_id` unless bound already; returns the job it was bound to before."""
-        name = f"pier:idem:{user}:{server}:{key}"
-        if await self.redis.set(name, job_id, nx=True, ex=self.result_ttl_s):
-            return None
-        existing = await self.redis.get(name)
+    async def claim_idempotency(self, record: JobRecord, lease_s: int) -> str | None:
+        """Bind the record's idempotency key to it and save it, for `lease_s`, unless the key is bound.
+
+        Returns the job the key was bound to before. Atomic: a key is never bound to a record that
+        was not saved, and a key whose record has gone is taken over.
+        """
+        assert record.idempotency_key is not None
+        name = idempotency_key(record.user, record.server, record.idempotency_key)
+        existing = await self.redis.eval(
+            _CLAIM, 2, name, job_key(record.job_id), record.job_id, record.model_dump_json(), lease_s
+        )
         return existing.decode() if existing else None
+
+    async def release(self, record: JobRecord) -> None:
+        """Forget a job that never ran, and unbind its idempotency key (a resend may run it)."""
+        assert record.idempotency_key is not None
+        name = idempotency_key(record.user, record.server, record.idempotency_key)
+        await self.redis.eval(_RELEASE, 2, name, job_key(record.job_id), record.job_id)
 
     async def queue_depth(self) -> int:
         return int(await self.redis.xlen(STREAM))

@@ -241,7 +241,9 @@ class Worker:
             elif state == "cancelled":
                 await self._finish(job_id, "cancelled", error=PierError("CANCELLED", "the call was cancelled"))
             elif (call.get("error") or {}).get("code") == "SERVER_EXITED":
-                record = await self._session_lost(record, call["error"]["message"])
+                error = call["error"]
+                suspect = bool((error.get("details") or {}).get("suspect"))
+                record = await self._session_lost(record, error["message"], suspect)
                 if record is None:
                     return
                 continue
@@ -256,9 +258,13 @@ class Worker:
             await self.store.publish(record.job_id, {"type": "progress", "job_id": record.job_id, **item})
         return count
 
-    async def _session_lost(self, record: JobRecord, why: str) -> JobRecord | None:
-        """The call died with its server or session: run it again if safe, else fail the job."""
-        if record.retry_safe and record.attempts <= self.settings.max_retries:
+    async def _session_lost(self, record: JobRecord, why: str, suspect: bool = False) -> JobRecord | None:
+        """The call died with its server or session: run it again if safe, else fail the job.
+
+        A `suspect` call (the newest in flight when its server exited) may have killed the server
+        itself: it is not run again.
+        """
+        if record.retry_safe and not suspect and record.attempts <= self.settings.max_retries:
             call_id = f"{record.job_id}.{record.attempts}"
             endpoint = Endpoint(record.endpoint, record.endpoint_token)
             try:
@@ -277,7 +283,7 @@ class Worker:
 
                 updated = await self.store.update(record.job_id, rerun)
                 return None if updated is None or updated.done else updated
-        details = {"reason": why, "retry_safe": record.retry_safe, "attempts": record.attempts}
+        details = {"reason": why, "retry_safe": record.retry_safe, "attempts": record.attempts, "suspect": suspect}
         await self._finish(record.job_id, "failed", error=PierError("SESSION_LOST", why, details))
         return None
 

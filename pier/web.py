@@ -31,6 +31,29 @@ def error_response(err: PierError, headers: dict[str, str] | None = None) -> web
     return json_response({"error": err.to_dict()}, err.http_status, headers)
 
 
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body: PAYLOAD_TOO_LARGE over `limit` bytes, REQUEST_TIMEOUT when it trickles in.
+
+    A slow body must not hold a handler (and its memory) forever; a declared Content-Length over
+    the limit is refused before a byte of it is read.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    except TimeoutError:
+        raise PierError(
+            "REQUEST_TIMEOUT", f"the request body did not arrive within {timeout_s:g} s", {"timeout_s": timeout_s}
+        ) from None
+
+
+def too_large(limit: int) -> PierError:
+    return PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
+
+
 def origin_allowed(origin: str, allowed: list[str]) -> bool:
     """DNS-rebinding protection: browsers may call only from local or explicitly allowed origins."""
     if "*" in allowed or origin in allowed:

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pier.errors import PierError
 from pier.jobs.models import JobRecord
-from pier.jsonrpc import dumps, loads
-from pier.router.context import ROUTER, principal
+from pier.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
+from pier.router.context import ROUTER, principal, read_request_body
 from pier.sidecar.client import BridgeUnreachable, Endpoint
 from pier.web import SSE_HEADERS, json_response
 
@@ -32,9 +32,11 @@ class ToolCallBody(BaseModel):
 
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse the JSON body into `model`: 400 for bad JSON, 422 for a body that breaks the schema."""
-    raw = await request.read()
+    raw = await read_request_body(request)
     try:
-        data = loads(raw) if raw else {}
+        data = parse(raw) if raw else {}
+    except TooDeep as exc:
+        raise PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}) from None
     except ValueError:
         raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
     try:

@@ -27,14 +27,16 @@ from pier.router.profiles import Catalog
 from pier.router.ratelimit import RateLimiter
 from pier.sidecar.client import BridgeClient
 from pier.tls import CertReloader, client_context, peer_subject, server_context
-from pier.web import error_response, json_response
+from pier.web import error_response, json_response, too_large
 
 log = logging.getLogger("pier.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# No key needed: probes, metrics, the dashboard page (its data needs one), bridgekit's public routes.
+# No key needed: probes, metrics, the dashboard page (its data needs one), bridgekit's health route.
+# bridgekit's `/mcp/events/{job_id}` is public there; here it takes a key like every job route, or
+# anyone holding a job id would read another user's result.
 PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/dashboard"})
-PUBLIC_PREFIXES = ("/mcp/events/", "/static/")
+PUBLIC_PREFIXES = ("/static/",)
 
 
 @web.middleware
@@ -71,8 +73,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             return compat.error_response(err)
         return error_response(err)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[ROUTER].settings.max_body_bytes
-        err = PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
+        err = too_large(request.app[ROUTER].settings.max_body_bytes)
+        return compat.error_response(err) if compat.is_compat(request) else error_response(err)
+    except RedisError as exc:
+        # Jobs, idempotency keys and events live in Redis: while it is away, say so and when to retry.
+        request.app[ROUTER].metrics.redis_errors.labels("request").inc()
+        log.warning("Redis unavailable", extra={"path": request.path, "error": str(exc)})
+        err = PierError("STORE_UNAVAILABLE", "Pier's job store (Redis) is unreachable; retry", {"retry_after_s": 1})
         return compat.error_response(err) if compat.is_compat(request) else error_response(err)
     except web.HTTPException:
         raise
@@ -157,6 +164,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if router.keys.open:
         log.warning("NO API KEYS CONFIGURED: the router is open to anyone who can reach it")
     yield
+    await router.calls.close()
     if reloader is not None:
         await reloader.stop()
     await router.store.hub.close()
@@ -173,7 +181,13 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     """The router app. `catalog` defaults to the one `settings` names."""
     catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
     keys = KeyRing.load([k.get_secret_value() for k in settings.app_keys], settings.user_keys, settings.keys_file)
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors, authenticate])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[observe, errors, authenticate],
+        # aiohttp's keep-alive timer also closes a connection still waiting for a whole request
+        # head: slow-header clients are dropped after it, as are idle keep-alive connections.
+        handler_args={"keepalive_timeout": settings.header_timeout_s},
+    )
     app[ROUTER] = Router(settings, catalog, keys)
     if settings.tls_cert is not None:
         key = settings.tls_key or settings.tls_cert

@@ -146,11 +146,8 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    """One `data:` frame when the job completes, then the stream closes (no auth: ids are unguessable)."""
-    router = request.app[ROUTER]
-    record = await router.store.get(request.match_info["job_id"])
-    if record is None:
-        raise PierError("JOB_NOT_FOUND", "no such job")
+    """One `data:` frame when the job completes, then the stream closes (same key and owner check as jobs)."""
+    record = await load_job(request, request.match_info["job_id"])
 
     def render(event: dict[str, Any]) -> bytes | None:
         if event["type"] != "completed":

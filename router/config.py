@@ -26,6 +26,9 @@ class RouterSettings(BaseSettings):
     call_timeout_s: float = Field(default=25.0, gt=0, description="hand-off threshold (profile may override)")
     max_call_timeout_s: float = Field(default=120.0, gt=0, description="cap on a request's own timeout_s")
     result_ttl_s: int = Field(default=3600, ge=60, description="how long job results are kept")
+    handoff_grace_s: float = Field(
+        default=10.0, gt=0, description="how long a hand-off waits for an unreachable Redis before cancelling the call"
+    )
     webhook_url: str | None = Field(default=None, description="where finished jobs are POSTed (profile may override)")
 
     policy_url: str | None = Field(default=None, description="policy hook (minibridge Policer format)")
@@ -53,6 +56,10 @@ class RouterSettings(BaseSettings):
     max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
     retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")
     max_body_bytes: int = Field(default=16 * MiB, ge=1024, description="larger request bodies get 413")
+    header_timeout_s: float = Field(
+        default=30.0, gt=0, description="a connection's request headers must arrive within; also the keep-alive limit"
+    )
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request's body must arrive within (else 408)")
     tls_cert: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
     tls_key: Path | None = Field(default=None, description="its private key")
     tls_client_ca: Path | None = Field(default=None, description="mTLS: require client certificates from this CA")
@@ -61,6 +68,10 @@ class RouterSettings(BaseSettings):
     internal_tls_ca: Path | None = Field(default=None, description="CA of router/job pool ↔ bridge mTLS")
     internal_tls_cert: Path | None = Field(default=None, description="certificate for bridge mTLS (both ends)")
     internal_tls_key: Path | None = None
+    ws_max_in_flight: int = Field(default=64, ge=1, description="requests in flight on one WebSocket; more are refused")
+    ws_max_in_flight_per_user: int = Field(
+        default=256, ge=1, description="requests in flight over all of one user's WebSockets; more are refused"
+    )
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins allowed on /mcp")
     log_level: str = "INFO"
 

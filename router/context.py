@@ -26,8 +26,10 @@ from pier.router.metrics import RouterMetrics
 from pier.router.profiles import Catalog, Profile
 from pier.router.ratelimit import RateLimiter
 from pier.sidecar.client import BridgeClient
+from pier.web import read_body
 
-USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+# Checked with fullmatch: a pattern ending in `$` also matches before a final newline ("alice\n").
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Router:
 
     async def target(self, request: web.Request, user: str, server: str) -> Profile:
         """Authorize `request` for (user, server), count it against the user's rate limit."""
-        if not USER_ID.match(user):
+        if not USER_ID.fullmatch(user):
             raise PierError("BAD_REQUEST", "user ids are 1-128 characters: letters, digits and . _ @ + = -")
         caller = principal(request)
         caller.check_user(user)
@@ -81,3 +83,9 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
+
+
+async def read_request_body(request: web.Request) -> bytes:
+    """The body, within the router's size and time limits (413, 408)."""
+    settings = request.app[ROUTER].settings
+    return await read_body(request, settings.max_body_bytes, settings.body_timeout_s)

@@ -18,11 +18,11 @@ from aiohttp import web
 
 from pier import audit
 from pier.errors import PierError
-from pier.jsonrpc import Message, dumps, gateway_error_response, loads
+from pier.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
 from pier.policy import PolicyContext, PolicyDenied
 from pier.router.auth import Principal
 from pier.router.backends.base import Session
-from pier.router.context import ROUTER, Router, principal
+from pier.router.context import ROUTER, Router, principal, read_request_body
 from pier.router.profiles import Profile
 from pier.sidecar.client import BridgeUnreachable
 from pier.sidecar.mcp_http import CoalescedSSE
@@ -101,15 +101,33 @@ class Exchange:
 
 
 def parse_messages(body: bytes | None) -> list[Message] | None:
-    """The JSON-RPC messages of a body, or None when it is not JSON (the bridge will say so)."""
+    """The JSON-RPC messages of a caller's body, or None when it is not JSON (the bridge will say so).
+
+    Raises TooDeep for JSON nested too deeply to pass on.
+    """
     if not body:
         return None
     try:
-        payload = loads(body)
+        payload = parse(body)
+    except TooDeep:
+        raise
     except ValueError:
         return None
-    items = payload if isinstance(payload, list) else [payload]
-    return [m for m in items if isinstance(m, dict)]
+    return messages_in(payload)
+
+
+def messages_in(payload: Any) -> list[Message]:
+    """The messages of a parsed body: one, or a batch."""
+    return [m for m in (payload if isinstance(payload, list) else [payload]) if isinstance(m, dict)]
+
+
+def is_batch(body: bytes | None) -> bool:
+    return (body or b"").lstrip()[:1] == b"["
+
+
+def too_deep_response(exc: TooDeep) -> web.Response:
+    """A body nested too deeply: refused here, as the bridge would refuse it."""
+    return json_response(error_response(None, PARSE_ERROR, f"Parse error: {exc}"), 400)
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -119,10 +137,13 @@ async def relay(request: web.Request) -> web.StreamResponse:
         raise PierError("FORBIDDEN", f"origin {origin!r} is not allowed")
     user, server = request.match_info["user"], request.match_info["server"]
     profile = await router.target(request, user, server)
-    body = await request.read() if request.method == "POST" else None
+    body = await read_request_body(request) if request.method == "POST" else None
     headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
     exchange = Exchange(router, principal(request), user, profile, "mcp")
-    messages = parse_messages(body)
+    try:
+        messages = parse_messages(body)
+    except TooDeep as exc:
+        return too_deep_response(exc)
     if messages:
         try:
             await exchange.check_input(messages)
@@ -130,7 +151,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
             errors = [gateway_error_response(m["id"], denied) for m in messages if "id" in m and "method" in m]
             if not errors:
                 raise
-            return json_response(errors if isinstance(loads(body or b"null"), list) else errors[0])
+            return json_response(errors if is_batch(body) else errors[0])
 
     if request.method == "GET":
         # A held GET stream is not a call in flight: it must not keep an idle session alive forever.
@@ -196,11 +217,15 @@ async def _forward(
 
 async def _checked_json(raw: bytes, exchange: Exchange) -> bytes:
     """A JSON answer with each message through the output policy (and its tool calls audited)."""
-    messages = parse_messages(raw)
+    try:
+        payload = loads(raw)
+    except ValueError:
+        return raw
+    messages = messages_in(payload)
     if not messages:
         return raw
     checked = [await exchange.check_output(m) for m in messages]
-    return dumps(checked if isinstance(loads(raw), list) else checked[0])
+    return dumps(checked if isinstance(payload, list) else checked[0])
 
 
 async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange) -> None:
@@ -218,7 +243,10 @@ async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamRespo
 async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
     lines = event.split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
-    messages = parse_messages(data)
+    try:
+        messages = messages_in(loads(data)) if data else []
+    except ValueError:
+        messages = []
     if not messages:
         return event  # comments, keepalives, priming events
     checked = await exchange.check_output(messages[0])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from pier.errors import PierError
-from pier.jsonrpc import dumps, loads
+from pier.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.process import clean_env
 from pier.sidecar.attach import FifoPeer
 from pier.sidecar.calls import Call, CallRegistry, CallRequest
@@ -25,7 +25,7 @@ from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 from pier.tls import server_context
-from pier.web import error_response, json_response, origin_allowed
+from pier.web import error_response, json_response, origin_allowed, read_body
 from pier.web import serve as web_serve
 
 log = logging.getLogger("pier.sidecar")
@@ -134,11 +134,11 @@ def make_guard(settings: SidecarSettings) -> Callable[[web.Request, Handler], Aw
 
 async def post_call(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
+    settings = bridge.settings
     try:
-        body = CallRequest.parse(loads(await request.read()))
-    except web.HTTPRequestEntityTooLarge:
-        limit = bridge.settings.max_message_bytes
-        return error_response(PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit}))
+        body = CallRequest.parse(parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s)))
+    except TooDeep as exc:
+        return error_response(PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}))
     except ValueError:
         return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
     except PierError as err:

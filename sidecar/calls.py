@@ -23,7 +23,7 @@ from pier.sidecar.upstream import Upstream
 log = logging.getLogger("pier.sidecar.calls")
 
 _MAX_PROGRESS = 100  # kept per call; older entries are dropped (the count says how many came)
-_CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
 _REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s"})
 
 
@@ -54,7 +54,7 @@ class CallRequest:
         if not isinstance(arguments, dict):
             errors.append((["arguments"], "must be an object"))
         call_id = data.get("call_id")
-        if call_id is not None and not (isinstance(call_id, str) and _CALL_ID.match(call_id)):
+        if call_id is not None and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
             errors.append((["call_id"], "1-200 characters: letters, digits and . _ : -"))
         wait_s = data.get("wait_s", 30.0)
         if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 300:
@@ -298,6 +298,12 @@ class CallRegistry:
             response = await call.pending.future
         except PierError as err:
             call.finish("failed", error=err)
+            return
+        except Exception as exc:
+            # Whatever goes wrong, the call ends: a call left `running` would keep its session
+            # busy forever (never reaped nor evicted) and its caller waiting.
+            log.exception("call failed unexpectedly", extra={"call_id": call.id, "tool": call.tool})
+            call.finish("failed", error=PierError("INTERNAL", f"the bridge failed the call: {type(exc).__name__}"))
             return
         finally:
             call.task = None  # this task is ending: a retained call need not keep it

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from pier.process import die_with_parent
+from pier.process import WATCHDOG, die_with_parent
 from pier.sidecar.transport import ServerExit, Transport, split_lines
 
 log = logging.getLogger("pier.sidecar.child")
@@ -53,6 +53,7 @@ class ChildProcess(Transport):
             preexec_fn=die_with_parent,  # only calls prctl: safe between fork and exec
             limit=self.limit,
         )
+        WATCHDOG.watch(self._proc.pid)  # its own group (start_new_session): helpers it starts go with it
         self._writer = self._proc.stdin
         assert self._proc.stdout is not None
         assert self._proc.stderr is not None
@@ -100,6 +101,7 @@ class ChildProcess(Transport):
                     await self._terminate()
             # The server is gone; anything it left in its process group goes too.
             self._signal_group(signal.SIGKILL)
+            WATCHDOG.forget(self._proc.pid)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -65,6 +65,7 @@ class SidecarSettings:
     max_restarts: int = _bounded(10, ge=0)  # consecutive failed runs before giving up; 0 = never
     stable_after_s: float = _bounded(30.0, ge=0)  # uptime after which a run counts as healthy
     write_timeout_s: float = _bounded(30.0, gt=0)  # how long a server may stop reading
+    body_timeout_s: float = _bounded(30.0, gt=0)  # a request's body must arrive within
 
     shutdown_grace_s: float = _bounded(20.0, ge=0)  # SIGTERM: time for in-flight calls
     kill_timeout_s: float = _bounded(5.0, ge=0)  # server stop: EOF → SIGTERM → SIGKILL steps

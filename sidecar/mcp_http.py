@@ -20,19 +20,20 @@ from pier.jsonrpc import (
     INVALID_REQUEST,
     PARSE_ERROR,
     Message,
+    TooDeep,
     dumps,
     error_response,
     gateway_error_response,
     is_notification,
     is_request,
-    loads,
+    parse,
     validate_message,
 )
 from pier.sidecar.clients import ClientRegistry, ClientSession
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
 from pier.sidecar.upstream import Upstream
-from pier.web import SSE_HEADERS, json_response
+from pier.web import SSE_HEADERS, json_response, read_body
 
 log = logging.getLogger("pier.sidecar.mcp")
 
@@ -88,13 +89,16 @@ class StreamableHTTP:
     async def post(self, request: web.Request) -> web.StreamResponse:
         if request.content_type != "application/json":
             return rpc_error(415, INVALID_REQUEST, "Unsupported Media Type: send application/json")
+        settings = self.upstream.settings
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.upstream.settings.max_message_bytes
-            return rpc_error(413, INVALID_REQUEST, f"Message too large: the limit is {limit} bytes")
+            body = await read_body(request, settings.max_message_bytes, settings.body_timeout_s)
+        except PierError as err:
+            return rpc_error(err.http_status, INVALID_REQUEST, err.message)
         try:
-            payload = loads(body)
+            payload = parse(body)
+        except TooDeep as exc:
+            self.metrics.rejected.labels("PARSE_ERROR").inc()
+            return rpc_error(400, PARSE_ERROR, f"Parse error: {exc}")
         except ValueError:
             self.metrics.rejected.labels("PARSE_ERROR").inc()
             return rpc_error(400, PARSE_ERROR, "Parse error: the body is not valid JSON")

@@ -162,12 +162,21 @@ class Multiplexer:
             self._post(error_response(request_id, REQUEST_CANCELLED, "client session ended"))
             del self._server_requests[request_id]
 
-    def fail_all(self, error: PierError) -> None:
-        """The server run ended: every request in flight fails now, with the reason."""
+    def fail_all(self, error: PierError, blame_newest: bool = False) -> None:
+        """The server run ended: every request in flight fails now, with the reason.
+
+        With `blame_newest` (the server ended by itself), the newest caller's request is marked
+        `suspect`: a server usually dies of the last thing it was asked, so that request is never
+        retried automatically (it would only crash the server again, and the calls retried with
+        it); the others are innocent bystanders.
+        """
         pending, self.pending = self.pending, {}
         self._server_requests.clear()
+        callers = [item for item in pending.values() if item.sink is not NO_SINK]
+        newest = max(callers, key=lambda p: p.started) if callers and blame_newest else None
         for item in pending.values():
-            item.finish(gateway_error_response(item.original_id, error))
+            details = {**error.details, "suspect": item is newest}
+            item.finish(gateway_error_response(item.original_id, PierError(error.code, error.message, details)))
 
     # -- server → client -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import re
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,9 @@ _DRAIN_ABOVE = 64 * 1024
 # Enough of an oversized message to find its id, so the caller waiting for it hears why.
 _OVERSIZE_HEAD = 4096
 _ID_RE = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+# Signals a server gets from someone else (an operator, the OOM killer, a container stop), unlike the
+# crash signals (SIGSEGV, SIGABRT…) a request can provoke.
+_KILLED_FROM_OUTSIDE = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass
@@ -34,6 +38,11 @@ class ServerExit:
 
     def details(self) -> dict[str, object]:
         return {"reason": self.reason, "exit_code": self.exit_code, "stderr_tail": self.stderr_tail[-20:]}
+
+    @property
+    def self_inflicted(self) -> bool:
+        """Did the server end by itself (an exit, a crash) rather than being killed from outside?"""
+        return self.exit_code is None or self.exit_code >= 0 or -self.exit_code not in _KILLED_FROM_OUTSIDE
 
 
 def oversize_id(head: bytes) -> int | str | None:

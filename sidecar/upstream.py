@@ -16,7 +16,7 @@ from typing import Any
 
 from pier import __version__
 from pier.errors import PierError
-from pier.jsonrpc import Message, dumps, gateway_error_response, loads, validate_message
+from pier.jsonrpc import MAX_DEPTH, Message, dumps, gateway_error_response, loads, too_deep, validate_message
 from pier.sidecar.clients import ClientSession
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.metrics import BridgeMetrics
@@ -56,6 +56,7 @@ class Upstream:
         self.last_activity = time.time()
 
         self._ready = asyncio.Event()
+        self._changed = asyncio.Event()  # set (then replaced) when the server becomes ready or a run ends
         self._ever_ready = False
         self._gave_up = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
@@ -116,6 +117,7 @@ class Upstream:
             if self.settings.max_restarts and consecutive_failures > self.settings.max_restarts:
                 self.state = "failed"
                 self._gave_up.set()
+                self._notify()
                 log.error("server keeps failing; giving up", extra={"failures": consecutive_failures})
                 return
             self.state = "restarting"
@@ -141,6 +143,7 @@ class Upstream:
                 self.state = "ready"
                 self._ready.set()
                 self._ever_ready = True
+                self._notify()
                 self.metrics.server_up.set(1)
                 log.info("server ready", extra={"server": (self.init_result or {}).get("serverInfo")})
             else:
@@ -160,7 +163,8 @@ class Upstream:
         self._ready.clear()
         self.metrics.server_up.set(0)
         self.last_exit = exit_info
-        self.mux.fail_all(PierError("SERVER_EXITED", exit_info.reason, exit_info.details()))
+        self._notify()  # a server that never got ready is reported to its waiters at once
+        self.mux.fail_all(PierError("SERVER_EXITED", exit_info.reason, exit_info.details()), exit_info.self_inflicted)
         await transport.close()
         self.transport = None
         if not self._stopping:
@@ -276,21 +280,35 @@ class Upstream:
             self._waiting -= 1
 
     async def wait_ready(self) -> None:
-        """Wait (at most the start timeout) until the server is initialized."""
+        """Wait (at most the start timeout) until the server is initialized.
+
+        Raises at once, with the exit code and stderr tail, when the server has exited without
+        ever becoming ready (even while this waits): a server that cannot start says so now,
+        not after the start timeout.
+        """
         if self._ready.is_set():
             return
-        if self._gave_up.is_set():
-            raise PierError("SERVER_UNAVAILABLE", "the server keeps failing to start", self._exit_details())
-        if self.last_exit is not None and not self._ever_ready:
-            # It has never started: say why now rather than after the start timeout.
-            reason = f"the server failed to start: {self.last_exit.reason}"
-            raise PierError("SERVER_UNAVAILABLE", reason, self._exit_details())
         try:
-            await asyncio.wait_for(self._ready.wait(), self.settings.start_timeout_s)
+            async with asyncio.timeout(self.settings.start_timeout_s):
+                while not self._ready.is_set():
+                    self._raise_if_failed()
+                    await self._changed.wait()
         except TimeoutError:
             raise PierError(
                 "SERVER_UNAVAILABLE", "the server did not become ready in time", self._exit_details()
             ) from None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _raise_if_failed(self) -> None:
+        if self._gave_up.is_set():
+            raise PierError("SERVER_UNAVAILABLE", "the server keeps failing to start", self._exit_details())
+        if self.last_exit is not None and not self._ever_ready:
+            raise PierError(
+                "SERVER_UNAVAILABLE", f"the server failed to start: {self.last_exit.reason}", self._exit_details()
+            )
 
     def _exit_details(self) -> dict[str, Any]:
         return self.last_exit.details() if self.last_exit else {}
@@ -330,6 +348,13 @@ class Upstream:
         if problem:
             self._skip(line, problem)
             return
+        if too_deep(message):
+            # It could never be written on to its caller: the caller hears why instead.
+            self.metrics.invalid_lines.inc()
+            log.error("server sent a message nested too deeply", extra={"max_depth": MAX_DEPTH})
+            why = f"the server's response is nested more than {MAX_DEPTH} levels deep"
+            self._refuse_response(message.get("id"), why, {"max_depth": MAX_DEPTH})
+            return
         self.mux.server_message(message)
 
     def _skip(self, line: bytes, why: str) -> None:
@@ -344,12 +369,12 @@ class Upstream:
         self.metrics.oversized.inc()
         limit = self.settings.max_message_bytes
         log.error("server sent a message over the size limit", extra={"bytes": size, "limit": limit})
-        request_id = oversize_id(head)
+        self._refuse_response(
+            oversize_id(head), "the server's response exceeds the message size limit", {"bytes": size, "limit": limit}
+        )
+
+    def _refuse_response(self, request_id: object, why: str, details: dict[str, Any]) -> None:
+        """A message from the server that cannot be passed on: fail the request it answers, if any."""
         pending = self.mux.pending.pop(request_id, None) if isinstance(request_id, int) else None
         if pending is not None:
-            error = PierError(
-                "SERVER_ERROR",
-                "the server's response exceeds the message size limit",
-                {"bytes": size, "limit": limit},
-            )
-            pending.finish(gateway_error_response(pending.original_id, error))
+            pending.finish(gateway_error_response(pending.original_id, PierError("SERVER_ERROR", why, details)))
