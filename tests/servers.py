@@ -22,6 +22,7 @@ from pier.sidecar.config import SidecarSettings
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
 DEMO = [sys.executable, str(ROOT / "examples" / "demo_server.py")]
+ROGUE = [sys.executable, str(ROOT / "tests" / "rogue_server.py")]  # misbehaves on request
 EVERYTHING = [
     "node",
     str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),

@@ -1,0 +1,60 @@
+"""A real stdio MCP server (hand-written JSON-RPC, stdlib only) that misbehaves when asked to.
+
+Tools:
+- ``echo(message)``   answers normally
+- ``deep(levels)``    answers with a result nested `levels` deep (beyond what Pier passes on)
+
+Run: ``python tests/rogue_server.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+TOOLS = [
+    {"name": "echo", "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}}},
+    {"name": "deep", "inputSchema": {"type": "object", "properties": {"levels": {"type": "integer"}}}},
+]
+
+
+def nested(levels: int) -> object:
+    value: object = "bottom"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def answer(request: dict) -> dict | None:
+    method, params = request.get("method"), request.get("params") or {}
+    if "id" not in request:
+        return None
+    if method == "initialize":
+        result = {
+            "protocolVersion": params.get("protocolVersion", "2025-11-25"),
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "rogue", "version": "1"},
+        }
+    elif method == "tools/list":
+        result = {"tools": TOOLS}
+    elif method == "tools/call" and params.get("name") == "deep":
+        # Nested under the result: the server's line is valid JSON, just too deep to pass on.
+        levels = params["arguments"]["levels"]
+        result = {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"v": nested(levels)}}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": f"Echo: {params['arguments'].get('message')}"}]}
+    else:
+        return {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no such method"}}
+    return {"jsonrpc": "2.0", "id": request["id"], "result": result}
+
+
+def main() -> None:
+    for line in sys.stdin:
+        response = answer(json.loads(line))
+        if response is not None:
+            sys.stdout.write(json.dumps(response) + "\n")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
