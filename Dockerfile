@@ -1,22 +1,26 @@
 # One image for every component (router, job pool, operator, and the bridge in each session pod):
-# they are one Python package, and the bridge must run the stdio servers people use, which are
-# Python (uvx) or Node (npx) programs. Build: docker build -t ghcr.io/pier-dev/pier:0.1.0 .
+# they are one workspace installed from one lock, and the bridge must run the stdio servers people
+# use, which are Python (uvx) or Node (npx) programs. Build: docker build -t ghcr.io/pier-dev/pier:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG NODE_IMAGE=node:22-bookworm-slim
 
-# -- build: Pier and uv into a venv (pip's caches and build tools stay in this stage) -------------
+# -- build: Pier into a venv exactly as uv.lock pins it (uv's caches stay in this stage) ---------
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/pier
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/pier UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never
+# uv installs the lock; it also ships in the image, as `uvx` starts Python servers in session pods.
+RUN pip install "uv==0.13.9"
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY pier/ pier/
+COPY pyproject.toml uv.lock ./
+COPY core/ core/
 COPY sidecar/ sidecar/
 COPY router/ router/
 COPY jobs/ jobs/
-COPY operator/src/ operator/src/
+COPY operator/ operator/
 COPY examples/ examples/
-RUN /opt/pier/bin/pip install . "uv==0.13.*"
+COPY cli/ cli/
+RUN uv sync --frozen --no-dev --no-editable --package pier \
+    && cp "$(command -v uv)" "$(command -v uvx)" /opt/pier/bin/
 
 # -- Node.js (node, npm, npx) from the official image: a current LTS, not Debian's -----------------
 FROM ${NODE_IMAGE} AS node

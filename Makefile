@@ -9,11 +9,14 @@ NPM_DIR := deps/npm
 
 install: $(VENV)/.installed $(NPM_DIR)/node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml deps/install-system.sh
+# uv installs the workspace exactly as uv.lock pins it (every component editable, plus the dev tools);
+# it bootstraps itself from PyPI into the venv, where the lock then keeps it.
+UV := $(VENV)/bin/uv
+MEMBERS := core sidecar router jobs operator examples cli
+$(VENV)/.installed: pyproject.toml uv.lock $(MEMBERS:%=%/pyproject.toml) deps/install-system.sh
 	./deps/install-system.sh
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	test -x $(UV) || { python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet "uv>=0.13,<0.14"; }
+	$(UV) sync --frozen --quiet
 	touch $@
 
 $(NPM_DIR)/node_modules/.installed: $(NPM_DIR)/package.json $(NPM_DIR)/package-lock.json deps/install-system.sh
@@ -39,9 +42,9 @@ test-k8s: install
 run: install
 	exec $(PIER) up
 
-# The chart's values.yaml, values.schema.json and CRDs, and deploy/ (the chart rendered), from code (pier/helm.py).
+# The chart's values.yaml, values.schema.json and CRDs, and deploy/ (the chart rendered), from code (tools/helm.py).
 manifests: install
-	$(PY) -m pier.helm
+	$(PY) -m tools.helm
 
 clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache

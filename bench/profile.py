@@ -55,10 +55,7 @@ def module_of(path: str) -> str:
     path = path.replace("\\", "/")
     for marker, prefix in (
         ("/site-packages/", ""),
-        ("/work/main/sidecar/", "pier.sidecar."),
-        ("/work/main/router/", "pier.router."),
-        ("/work/main/jobs/", "pier.jobs."),
-        ("/work/main/pier/", "pier."),
+        ("/src/pier/", "pier."),  # the workspace's components: <component>/src/pier/<component>/…
         ("/lib/python3.11/", ""),
     ):
         if marker in path:

@@ -29,8 +29,8 @@ from bench.stats import describe
 
 def serve_forks() -> None:
     """The fork-server loop (runs in its own process)."""
-    import pier.cli
     import pier.sidecar.app  # imported for its import cost, paid once here
+    import pier.sidecar.main
 
     gc.collect()
     gc.freeze()  # what exists now is never scanned (hence never written) by the collector again
@@ -44,7 +44,7 @@ def serve_forks() -> None:
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)  # its "listening" line is not needed: the port was chosen for it
-            code = pier.cli.main(["sidecar", "--host", "127.0.0.1", "--port", port, "--", *peers.EVERYTHING])
+            code = pier.sidecar.main.main(["--host", "127.0.0.1", "--port", port, "--", *peers.EVERYTHING])
             os._exit(code)
         print(pid, flush=True)
 

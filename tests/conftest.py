@@ -1,7 +1,7 @@
 import aiohttp
 import pytest
 
-from pier.redis_server import RedisServer
+from pier.cli.redis_server import RedisServer
 
 
 @pytest.fixture

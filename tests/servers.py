@@ -21,7 +21,7 @@ from pier.sidecar.config import SidecarSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
-DEMO = [sys.executable, str(ROOT / "examples" / "demo_server.py")]
+DEMO = [sys.executable, "-m", "pier.examples.demo_server"]
 ROGUE = [sys.executable, str(ROOT / "tests" / "rogue_server.py")]  # misbehaves on request
 EVERYTHING = [
     "node",
@@ -112,10 +112,10 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
 @contextlib.asynccontextmanager
 async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: object) -> AsyncIterator[RunningRouter]:
     """A router served in-process on a free loopback port, with the demo and everything profiles."""
+    from pier.core.catalog import Catalog, Profile, demo_profile
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
     from pier.router.context import ROUTER
-    from pier.router.profiles import Catalog, Profile, demo_profile
 
     if catalog is None:
         catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])

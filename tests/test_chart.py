@@ -20,9 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pier import helm
 from pier.operator.config import OperatorSettings
 from tests.servers import ROOT
+from tools import helm
 
 # The values sets the issue names, plus the knobs that change what is rendered.
 VALUES_SETS: dict[str, dict[str, Any]] = {
@@ -274,7 +274,7 @@ def test_ingress_tls_webhooks_monitoring_and_profile_egress():
 
 
 def test_the_catalog_the_chart_writes_is_one_the_router_loads(tmp_path):
-    from pier.router.profiles import Catalog
+    from pier.core.catalog import Catalog
 
     objects = _render(VALUES_SETS["ingress"])
     path = tmp_path / "profiles.yaml"
@@ -302,7 +302,7 @@ def test_the_readme_documents_every_value():
 
 
 def test_chart_image_and_package_versions_agree():
-    from pier import __version__
+    from pier.core import __version__
 
     chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == __version__

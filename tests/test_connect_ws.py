@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from mcp import Client, StdioServerParameters
 
-from pier.redis_server import free_port
+from pier.cli.redis_server import free_port
 from tests.servers import router_app
 from tests.test_policy import PolicyServer
 

@@ -20,9 +20,9 @@ import uuid
 import aiohttp
 import pytest
 
-from pier.jobs.store import job_key
-from pier.redis_server import free_port
-from pier.router.profiles import Catalog, Profile, demo_profile
+from pier.cli.redis_server import free_port
+from pier.core.catalog import Catalog, Profile, demo_profile
+from pier.core.jobstore import job_key
 from tests.servers import PIER, ROGUE, get_json, router_app, wait_job, wait_until, worker_processes
 
 

@@ -10,8 +10,8 @@ import signal
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from pier.jobs.store import DEAD_LETTERS, GROUP, STREAM
-from pier.redis_server import RedisServer
+from pier.cli.redis_server import RedisServer
+from pier.core.jobstore import DEAD_LETTERS, GROUP, STREAM
 from tests.servers import get_json, router_app, sse_events, wait_job, wait_until, worker_processes
 
 SECRET = "whsec_" + base64.b64encode(b"pier-test-webhook-secret-32bytes").decode()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mcp import Client
 
-from pier.router.profiles import Catalog, demo_profile
+from pier.core.catalog import Catalog, demo_profile
 from tests.k8s.cluster import ControlPlane, build_controlplane
 from tests.k8s.node import NodeEmulator
 from tests.servers import ROOT, router_app, wait_until

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pier import helm
 from tests.k8s.cluster import ControlPlane, build_controlplane
 from tests.k8s.node import NodeEmulator
 from tests.servers import ROOT, wait_until
 from tests.test_chart import VALUES_SETS
+from tools import helm
 
 pytestmark = pytest.mark.k8s
 OLD_CLUSTER = {"kubeVersion": "1.20.2"}

@@ -9,12 +9,12 @@ import pydantic
 import pytest
 import yaml
 
+from pier.core.catalog import Profile
+from pier.core.mcpsession import MCPSessionSpec
 from pier.operator.config import OperatorSettings
-from pier.operator.crd import crd, render
-from pier.operator.models import MCPSessionSpec
 from pier.operator.pods import IO_DIR, build_pod, label_value
-from pier.router.profiles import Profile
 from tests.servers import ROOT
+from tools.crd import crd, render
 
 
 def test_the_committed_crd_is_the_generated_one():

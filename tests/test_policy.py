@@ -10,9 +10,9 @@ from aiohttp import web
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from pier.policy import ToolRules
-from pier.redis_server import free_port
-from pier.router.profiles import Catalog, demo_profile
+from pier.cli.redis_server import free_port
+from pier.core.catalog import Catalog, demo_profile
+from pier.core.policy import ToolRules
 from tests.servers import router_app, wait_job, worker_processes
 
 POLICY_TOKEN = "policy-token-do-not-log"
@@ -57,7 +57,7 @@ async def _call(http, url: str, tool: str, **arguments) -> tuple[int, dict]:
 
 
 async def test_denied_calls_never_reach_the_server(http, redis_server, caplog):
-    caplog.set_level(logging.INFO, logger="pier.audit")
+    caplog.set_level(logging.INFO, logger="pier.core.audit")
     async with (
         PolicyServer() as policy,
         router_app(redis_server.url, policy_url=policy.url, policy_token=POLICY_TOKEN) as running,
@@ -93,7 +93,7 @@ async def test_denied_calls_never_reach_the_server(http, redis_server, caplog):
     assert first["identity"]["key_class"] == "open"
     assert {s["type"] for s in policy.seen} == {"Input", "Output"}
     assert set(policy.auth) == {f"Bearer {POLICY_TOKEN}"}
-    audits = [r.audit for r in caplog.records if r.name == "pier.audit"]
+    audits = [r.audit for r in caplog.records if r.name == "pier.core.audit"]
     assert [(a["tool"], a["decision"], a["outcome"], a["via"]) for a in audits] == [
         ("echo", "allow", "completed", "rest"),
         ("counter", "deny", "POLICY_DENIED", "rest"),

@@ -9,7 +9,7 @@ import signal
 import pytest
 from mcp import Client
 
-from pier.router.profiles import Catalog, demo_profile
+from pier.core.catalog import Catalog, demo_profile
 from tests.servers import get_json, router_app, wait_until
 
 

@@ -9,7 +9,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from pier.logs import JsonFormatter
+from pier.core.logs import JsonFormatter
 from tests.servers import router_app, wait_until, worker_processes
 from tests.test_jobs import Receiver
 from tests.test_policy import PolicyServer

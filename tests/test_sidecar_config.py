@@ -51,7 +51,7 @@ def test_bad_values_are_refused_naming_the_variable(env):
 def test_a_bridge_imports_no_model_schema_settings_or_metrics_library():
     # They would cost every idle bridge megabytes and start-up time; jsonschema comes on first use.
     code = (
-        "import sys, pier.cli; from pier.sidecar.config import SidecarSettings; import pier.sidecar.app; "
+        "import sys, pier.sidecar.main; from pier.sidecar.config import SidecarSettings; import pier.sidecar.app; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     loaded = set(

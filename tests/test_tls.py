@@ -28,7 +28,7 @@ async def _echo(session: aiohttp.ClientSession, url: str, headers: dict | None =
 
 
 async def test_https_with_client_certificates(redis_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pier.audit")
+    caplog.set_level(logging.INFO, logger="pier.core.audit")
     ca = CertificateAuthority(tmp_path / "ca")
     server = ca.issue("router")
     alice = ca.issue("alice")
@@ -45,7 +45,7 @@ async def test_https_with_client_certificates(redis_server, tmp_path, caplog):
             async with _client(ca, certificate) as session:
                 with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
                     await _echo(session, url, {"X-API-Key": "app-key"})
-    [audit] = [r.audit for r in caplog.records if r.name == "pier.audit"]
+    [audit] = [r.audit for r in caplog.records if r.name == "pier.core.audit"]
     assert audit["who"]["subject"] == "commonName=alice"
 
 

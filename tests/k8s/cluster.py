@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from pier.process import die_with_parent
+from pier.core.process import die_with_parent
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

@@ -36,8 +36,8 @@ from typing import Any
 
 import aiohttp
 
-from pier.jsonrpc import dumps, loads
-from pier.process import die_with_parent
+from pier.core.jsonrpc import dumps, loads
+from pier.core.process import die_with_parent
 from pier.router.backends.kubernetes import ApiAccess
 
 _RESTART_MAX_S = 10.0

@@ -1,0 +1,7 @@
+"""`python -m pier.cli …` is `pier …`."""
+
+import sys
+
+from pier.cli.main import main
+
+sys.exit(main())

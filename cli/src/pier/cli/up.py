@@ -1,0 +1,67 @@
+"""`pier up`: the embedded default: Redis, the router (local sessions), a job worker, the demo profile.
+
+One process (plus Redis and the sessions it starts); Ctrl-C stops all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from pier.cli.redis_server import RedisServer
+from pier.core.catalog import Catalog, demo_profile
+from pier.core.web import serve
+from pier.jobs.config import JobsSettings
+from pier.jobs.worker import Worker
+from pier.router.app import create_app
+from pier.router.config import RouterSettings
+from pier.router.context import ROUTER
+
+log = logging.getLogger("pier.cli.up")
+
+
+def banner(url: str, settings: RouterSettings) -> str:
+    return f"""
+Pier is up: {url}
+  servers    curl -s {url}/v1/servers
+  tools      curl -s {url}/v1/users/alice/servers/demo/tools
+  call       curl -s -X POST {url}/v1/users/alice/servers/demo/tools/echo/call \\
+                  -H 'Content-Type: application/json' -d '{{"arguments": {{"message": "hello"}}}}'
+  MCP        {url}/v1/users/alice/servers/demo/mcp
+  dashboard  {url}/dashboard
+  redis      {settings.redis_url}
+Ctrl-C stops everything.
+"""
+
+
+async def up(settings: RouterSettings, data_dir: Path) -> None:
+    redis = None
+    if "PIER_REDIS_URL" not in os.environ:
+        redis = RedisServer(data_dir / "redis")
+        await redis.start()
+        settings = settings.model_copy(update={"redis_url": redis.url})
+    catalog = Catalog.load(settings.profiles, settings.profiles_inline)
+    catalog.add(demo_profile())
+    app = create_app(settings, catalog)
+    worker = Worker(JobsSettings(redis_url=settings.redis_url, worker_name="pier-up"))
+
+    async def run_worker(_: web.Application) -> AsyncIterator[None]:
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app.cleanup_ctx.append(run_worker)
+    try:
+        await serve(
+            app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
+            on_ready=lambda url: print(banner(url, settings), flush=True),
+        )  # fmt: skip
+    finally:
+        if redis is not None:
+            await redis.stop()
+        print("Pier stopped.", file=sys.stderr)

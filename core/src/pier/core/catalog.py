@@ -1,0 +1,116 @@
+"""The profile catalog: which MCP servers exist, written by the platform team, never by callers."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pier.core.errors import PierError
+from pier.core.policy import ToolRules
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+
+class Profile(BaseModel):
+    """One server the platform offers: how to run it and how to treat its calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    command: list[str] = Field(min_length=1, description="stdio server command and arguments")
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    image: str | None = Field(default=None, description="Kubernetes: run the server in its own container")
+    call_timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold")
+    max_concurrent_calls: int = Field(default=16, ge=1)
+    ttl_s: float | None = Field(default=None, ge=0, description="idle TTL; 0 = never reaped")
+    trust_annotations: bool = Field(
+        default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
+    )
+    retry_safe_tools: list[str] = Field(default_factory=list, description="tools always safe to retry")
+    webhook_url: str | None = None
+    policy_url: str | None = Field(default=None, description="policy hook for this profile (overrides the global)")
+    tools: ToolRules | None = Field(default=None, description="built-in allow/deny lists of tools")
+    resources: dict[str, Any] | None = Field(default=None, description="Kubernetes resources of the server")
+    egress: list[dict[str, Any]] | None = Field(
+        default=None, description="Kubernetes: egress rules (NetworkPolicy) of its session pods; the Helm chart's"
+    )
+
+    def retry_safe(self, tool: str, spec: dict[str, Any] | None) -> bool:
+        """May a call of `tool` run again after a transport failure?"""
+        if tool in self.retry_safe_tools:
+            return True
+        if not self.trust_annotations or spec is None:
+            return False
+        hints = spec.get("annotations") or {}
+        return bool(hints.get("readOnlyHint") or hints.get("idempotentHint"))
+
+    def public(self) -> dict[str, Any]:
+        """What callers may see of a profile (never its command or environment)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "call_timeout_s": self.call_timeout_s,
+            "ttl_s": self.ttl_s,
+            "max_concurrent_calls": self.max_concurrent_calls,
+        }
+
+
+class CatalogFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def demo_profile() -> Profile:
+    """The demo server shipped with Pier (`examples/demo_server.py`)."""
+    return Profile(
+        name="demo",
+        description="Pier's demo server: echo, slow, counter, count, fail, crash",
+        command=[sys.executable, "-m", "pier.examples.demo_server"],
+        trust_annotations=True,
+    )
+
+
+def inline_profile(command: str, args: list[str]) -> Profile:
+    """A profile for a caller-chosen command (bridgekit's mcp_config); only when the operator allows it."""
+    digest = hashlib.sha256("\0".join([command, *args]).encode()).hexdigest()[:12]
+    return Profile(name=f"inline-{digest}", description="inline command", command=[command, *args])
+
+
+class Catalog:
+    """Profiles by name."""
+
+    def __init__(self, profiles: list[Profile]) -> None:
+        self.profiles = {p.name: p for p in profiles}
+
+    @classmethod
+    def parse(cls, text: str, source: str = "catalog") -> Catalog:
+        try:
+            data = CatalogFile.model_validate(yaml.safe_load(text) or {})
+            return cls([Profile.model_validate({"name": name, **spec}) for name, spec in data.profiles.items()])
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise ValueError(f"invalid profile catalog {source}: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: Path | None, inline: str | None = None) -> Catalog:
+        catalog = cls([])
+        if path is not None:
+            catalog.profiles.update(cls.parse(path.read_text(), str(path)).profiles)
+        if inline:
+            catalog.profiles.update(cls.parse(inline, "PIER_PROFILES_INLINE").profiles)
+        return catalog
+
+    def add(self, profile: Profile) -> None:
+        self.profiles.setdefault(profile.name, profile)
+
+    def get(self, name: str) -> Profile:
+        profile = self.profiles.get(name)
+        if profile is None:
+            raise PierError("UNKNOWN_SERVER", f"no server profile {name!r}", {"servers": sorted(self.profiles)})
+        return profile

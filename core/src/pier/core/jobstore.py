@@ -1,0 +1,303 @@
+"""Jobs in Redis: records (JSON strings), the work stream, event channels, idempotency keys.
+
+Keys:
+- ``pier:job:{id}``               the JobRecord (TTL: a day while queued or running, `result_ttl_s`
+                                  once done; a call the router still owns holds only a short lease)
+- ``pier:jobs``                   the stream workers read (consumer group ``pier-workers``), bounded
+- ``pier:job:{id}:events``        pub/sub: progress events, then one completion event
+- ``pier:idem:{user}:{server}:{key}``  the job an idempotency key started: always expires with that
+                                  job's record, so a key never points at a job that does not exist
+- ``pier:jobs:recent``            the latest job ids (for the dashboard)
+- ``pier:webhooks:dead``          webhook deliveries that failed every attempt
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pier.core.errors import PierError
+from pier.core.job import JobError, JobRecord
+from pier.core.jsonrpc import dumps, loads
+
+log = logging.getLogger("pier.core.jobstore")
+
+STREAM = "pier:jobs"
+GROUP = "pier-workers"
+STREAM_MAXLEN = 100_000
+RECENT = "pier:jobs:recent"  # sorted set of job ids by creation time, for the dashboard
+RECENT_KEEP = 200
+DEAD_LETTERS = "pier:webhooks:dead"
+RUNNING_TTL_S = 86_400
+
+
+def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
+    """A Redis client that reconnects by itself (with backoff) after Redis restarts.
+
+    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_timeout=15,  # longer than any blocking read (XREADGROUP blocks 5 s)
+        socket_connect_timeout=3,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def job_key(job_id: str) -> str:
+    return f"pier:job:{job_id}"
+
+
+def idempotency_key(user: str, server: str, key: str) -> str:
+    return f"pier:idem:{user}:{server}:{key}"
+
+
+# KEYS: the idempotency key, the new job's record; ARGV: job id, record JSON, lease (s).
+_CLAIM = """
+local existing = redis.call('GET', KEYS[1])
+if existing and redis.call('EXISTS', 'pier:job:' .. existing) == 1 then
+    return existing
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return false
+"""
+# KEYS: the idempotency key, the job's record; ARGV: job id. The key is unbound only if it is still this job's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+def events_channel(job_id: str) -> str:
+    return f"pier:job:{job_id}:events"
+
+
+class EventHub:
+    """One Redis subscription (a pattern) for every job-event stream this process serves.
+
+    A connection per SSE client would exhaust Redis connections under load; instead one reader
+    fans events out to in-process queues, and resubscribes by itself when Redis comes back.
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._listeners: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pier-job-events")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @contextlib.contextmanager
+    def listen(self, job_id: str) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._listeners.setdefault(job_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            listeners = self._listeners.get(job_id, set())
+            listeners.discard(queue)
+            if not listeners:
+                self._listeners.pop(job_id, None)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.psubscribe(events_channel("*"))
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None:
+                        continue
+                    job_id = message["channel"].decode().split(":")[2]
+                    for queue in self._listeners.get(job_id, ()):
+                        queue.put_nowait(loads(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("job events: Redis unavailable; resubscribing", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, result_ttl_s: int, hub: EventHub | None = None) -> None:
+        self.redis = redis
+        self.result_ttl_s = result_ttl_s
+        self.hub = hub or EventHub(redis)
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _ttl(self, record: JobRecord) -> int:
+        return self.result_ttl_s if record.done else RUNNING_TTL_S
+
+    @staticmethod
+    def _put(pipe: Any, record: JobRecord, ttl: int) -> None:
+        """Write `record` in `pipe`; its idempotency key, if any, gets the same lifetime."""
+        pipe.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+        if record.idempotency_key is not None:
+            pipe.expire(idempotency_key(record.user, record.server, record.idempotency_key), ttl)
+
+    async def enqueue(self, record: JobRecord) -> None:
+        """Save a new job and put it on the stream, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._put(pipe, record, RUNNING_TTL_S)
+            pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.zadd(RECENT, {record.job_id: record.created_at})
+            pipe.zremrangebyrank(RECENT, 0, -RECENT_KEEP - 1)
+            await pipe.execute()
+
+    async def save(self, record: JobRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._put(pipe, record, self._ttl(record))
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.get(job_key(job_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    async def update(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord | None:
+        """Apply `change` to the stored record atomically (optimistic lock); it returns False to skip.
+
+        Two parties may race (a worker finishing, a caller cancelling): whoever writes second sees
+        the first one's state and decides again, so a finished job is never overwritten.
+        """
+        key = job_key(job_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if not raw:
+                        return None
+                    record = JobRecord.model_validate_json(raw)
+                    if not change(record):
+                        return record
+                    pipe.multi()
+                    self._put(pipe, record, self._ttl(record))
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+
+    async def finish(
+        self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
+    ) -> JobRecord | None:
+        """End a job (unless it has ended already) and publish its completion.
+
+        Returns the record if this call ended it, None if it was gone or had ended before.
+        """
+        finished = False
+
+        def change(record: JobRecord) -> bool:
+            nonlocal finished
+            if record.done:
+                return False
+            record.status = status  # type: ignore[assignment]
+            record.result = result
+            record.error = JobError(**error.to_dict()) if error else None
+            record.finished_at = time.time()
+            finished = True
+            return True
+
+        record = await self.update(job_id, change)
+        if record is None or not finished:
+            return None
+        await self.publish(job_id, {"type": "completed", **record.completion_event()})
+        return record
+
+    async def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        await self.redis.publish(events_channel(job_id), dumps(event))
+
+    async def events(self, job_id: str, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """Progress events, then the completion event; ends after completion or `timeout_s`.
+
+        Listens before reading the record, so a completion in between is never missed; a quiet
+        spell re-reads the record, so an event lost while Redis restarted is never waited for.
+        """
+        with self.hub.listen(job_id) as queue:
+            record = await self.get(job_id)
+            if record is None:
+                return
+            if record.done:
+                yield {"type": "completed", **record.completion_event()}
+                return
+            deadline = time.monotonic() + timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    event = await asyncio.wait_for(queue.get(), min(remaining, 5.0))
+                except TimeoutError:
+                    record = await self.get(job_id)
+                    if record is None or record.done:
+                        if record is not None:
+                            yield {"type": "completed", **record.completion_event()}
+                        return
+                    yield {"type": "keepalive"}
+                    continue
+                yield event
+                if event.get("type") == "completed":
+                    return
+
+    async def claim_idempotency(self, record: JobRecord, lease_s: int) -> str | None:
+        """Bind the record's idempotency key to it and save it, for `lease_s`, unless the key is bound.
+
+        Returns the job the key was bound to before. Atomic: a key is never bound to a record that
+        was not saved, and a key whose record has gone is taken over.
+        """
+        assert record.idempotency_key is not None
+        name = idempotency_key(record.user, record.server, record.idempotency_key)
+        existing = await self.redis.eval(
+            _CLAIM, 2, name, job_key(record.job_id), record.job_id, record.model_dump_json(), lease_s
+        )
+        return existing.decode() if existing else None
+
+    async def release(self, record: JobRecord) -> None:
+        """Forget a job that never ran, and unbind its idempotency key (a resend may run it)."""
+        assert record.idempotency_key is not None
+        name = idempotency_key(record.user, record.server, record.idempotency_key)
+        await self.redis.eval(_RELEASE, 2, name, job_key(record.job_id), record.job_id)
+
+    async def queue_depth(self) -> int:
+        return int(await self.redis.xlen(STREAM))
+
+    async def recent_jobs(self, count: int) -> list[JobRecord]:
+        ids = await self.redis.zrevrange(RECENT, 0, count - 1)
+        if not ids:
+            return []
+        raws = await self.redis.mget([job_key(i.decode()) for i in ids])
+        return [JobRecord.model_validate_json(raw) for raw in raws if raw]
+
+    async def dead_letter_count(self) -> int:
+        return int(await self.redis.llen(DEAD_LETTERS))

@@ -1,0 +1,144 @@
+"""Policy: the built-in tool rules of a profile, and the external policy hook (minibridge's Policer).
+
+The hook receives every message from a caller (`Input`) and every response from the server
+(`Output`) before it is forwarded: `{"type": "Input"|"Output", "messages": ["<raw JSON-RPC>"]}`
+plus Pier's context (`user`, `profile`, `session`, `identity`). `200 {"decision": "Allow"}`
+forwards; anything else blocks, with the policy's `reasons` passed on to the caller.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, ConfigDict, Field
+
+from pier.core.errors import PierError
+from pier.core.jsonrpc import dumps, loads
+
+log = logging.getLogger("pier.core.policy")
+
+Kind = Literal["Input", "Output"]
+
+
+class ToolList(BaseModel):
+    """Glob patterns of tool names; an empty `allow` allows every tool not denied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+    def verdict(self, tool: str) -> str | None:
+        """Why `tool` is refused, or None."""
+        if any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.deny):
+            return f"tool {tool!r} is denied"
+        if self.allow and not any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.allow):
+            return f"tool {tool!r} is not in the allowed list"
+        return None
+
+
+class ToolRules(ToolList):
+    """A profile's built-in policy, optionally refined per user and per API key (by key id)."""
+
+    users: dict[str, ToolList] = Field(default_factory=dict)
+    keys: dict[str, ToolList] = Field(default_factory=dict, description="key id (see the audit log) → rules")
+
+    def check(self, tool: str, user: str, key_id: str) -> None:
+        for rules in (self, self.users.get(user), self.keys.get(key_id)):
+            why = rules.verdict(tool) if rules is not None else None
+            if why:
+                raise PolicyDenied([why], "built-in")
+
+
+class PolicyDenied(PierError):
+    def __init__(self, reasons: list[str], decided_by: str) -> None:
+        super().__init__(
+            "POLICY_DENIED", "blocked by policy: " + "; ".join(reasons), {"reasons": reasons, "decided_by": decided_by}
+        )
+        self.reasons = reasons
+
+
+@dataclass
+class PolicyContext:
+    """Who is asking, about which session: sent along with every message."""
+
+    user: str
+    profile: str
+    session: str
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+class PolicyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "pier_policy_decisions_total", "policy hook decisions, by message type and decision",
+            ["type", "decision"], registry=registry,
+        )  # fmt: skip
+
+
+class Policer:
+    """Client of the policy hook; fails closed unless told otherwise."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        metrics: PolicyMetrics,
+        token: str | None,
+        fail_open: bool,
+        timeout_s: float,
+    ) -> None:
+        self.http = http
+        self.metrics = metrics
+        self.token = token
+        self.fail_open = fail_open
+        self.timeout_s = timeout_s
+
+    async def check(self, url: str | None, kind: Kind, messages: list[Any], context: PolicyContext) -> None:
+        """Raise PolicyDenied unless the policy at `url` allows `messages` (no url: allowed)."""
+        if not url or not messages:
+            return
+        body = {
+            "type": kind,
+            "messages": [m if isinstance(m, str) else dumps(m).decode() for m in messages],
+            "user": context.user,
+            "profile": context.profile,
+            "session": context.session,
+            "identity": context.identity,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            async with self.http.post(
+                url, data=dumps(body), headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.metrics.decisions.labels(kind, "unreachable").inc()
+            if self.fail_open:
+                log.warning("policy service unreachable; allowing (fail-open)", extra={"error": str(exc)})
+                return
+            raise PolicyDenied([f"policy service unreachable: {type(exc).__name__}"], "policy") from None
+        decision, reasons = _parse(raw)
+        if status == 200 and decision == "Allow":
+            self.metrics.decisions.labels(kind, "allow").inc()
+            return
+        self.metrics.decisions.labels(kind, "deny").inc()
+        raise PolicyDenied(reasons or [f"denied by the policy service (HTTP {status})"], "policy")
+
+
+def _parse(raw: bytes) -> tuple[str | None, list[str]]:
+    try:
+        data = loads(raw)
+    except ValueError:
+        return None, []
+    if not isinstance(data, dict):
+        return None, []
+    reasons = data.get("reasons") or []
+    return data.get("decision"), [str(r) for r in reasons] if isinstance(reasons, list) else [str(reasons)]

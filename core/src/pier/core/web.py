@@ -1,0 +1,102 @@
+"""HTTP pieces shared by the bridge and the router: JSON and error responses, SSE, origins."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from pier.core.errors import PierError
+from pier.core.jsonrpc import dumps
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=dumps(payload), content_type="application/json", headers=headers)
+
+
+def error_response(err: PierError, headers: dict[str, str] | None = None) -> web.Response:
+    """`{"error": {"code", "message", "details"}}` with the code's HTTP status (and Retry-After if due)."""
+    headers = dict(headers or {})
+    retry_after = err.details.get("retry_after_s")
+    if retry_after is not None:
+        headers["Retry-After"] = str(int(retry_after))
+    return json_response({"error": err.to_dict()}, err.http_status, headers)
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body: PAYLOAD_TOO_LARGE over `limit` bytes, REQUEST_TIMEOUT when it trickles in.
+
+    A slow body must not hold a handler (and its memory) forever; a declared Content-Length over
+    the limit is refused before a byte of it is read.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    except TimeoutError:
+        raise PierError(
+            "REQUEST_TIMEOUT", f"the request body did not arrive within {timeout_s:g} s", {"timeout_s": timeout_s}
+        ) from None
+
+
+def too_large(limit: int) -> PierError:
+    return PierError("PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes", {"limit": limit})
+
+
+def origin_allowed(origin: str, allowed: list[str]) -> bool:
+    """DNS-rebinding protection: browsers may call only from local or explicitly allowed origins."""
+    if "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).hostname in _LOCAL_HOSTS
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float = 10.0,
+    on_ready: Callable[[str], None] | None = None,
+    stop_when: Awaitable[object] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Serve `app` until SIGTERM/SIGINT (or `stop_when` completes), then shut it down cleanly.
+
+    `on_ready` gets the URL actually bound (useful with port 0).
+    """
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
+        if on_ready is not None:
+            on_ready(f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}")
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waits = {asyncio.ensure_future(stop.wait())}
+        if stop_when is not None:
+            waits.add(asyncio.ensure_future(stop_when))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,335 @@
+"""kopf handlers for MCPSession: small functions around one level-triggered `reconcile`.
+
+Every trigger (create, resume, spec update, a change of one of its pods, the periodic resync)
+runs the same reconcile, which compares what exists with what should and fixes the difference:
+a pod for the current generation (old generations deleted: a spec change replaces the pod), a
+failed or vanished pod replaced with bounded backoff, the status kept true, Kubernetes Events on
+transitions, and idle sessions deleted after their TTL (activity comes from the bridge's
+/v1/status, so no API write happens per call, and a long call in flight is activity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from pier.core.catalog import Catalog, Profile
+from pier.core.errors import PierError
+from pier.core.mcpsession import GROUP, PLURAL, SESSION_LABEL, VERSION, MCPSessionSpec
+from pier.operator.config import OperatorSettings
+from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, build_pod
+
+log = logging.getLogger("pier.operator")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Replicas get distinct priorities: the highest works, the others stand by (kopf peering). The
+    # newest start wins, so a restarted operator never waits out a departed peer's record, and a
+    # rolling update hands over at once; centiseconds (plus a random tie-break) keep replicas apart.
+    settings.peering.priority = int(time.time() * 100) * 100 + random.randint(0, 99)  # < 2**53: exact in JSON
+    settings.peering.name = "pier"
+    settings.posting.enabled = False  # the handlers post their own Events (see `_event`)
+    settings.watching.server_timeout = 300
+    ours = OperatorSettings()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    memo.settings = ours
+    memo.core = client.CoreV1Api()
+    memo.custom = client.CustomObjectsApi()
+    memo.catalog = Catalog.load(ours.profiles, ours.profiles_inline)
+    memo.http = aiohttp.ClientSession()
+    memo.bridge_token = await asyncio.to_thread(_bridge_token, memo.core, ours)
+    await asyncio.to_thread(_ensure_peering, memo.custom, ours.namespace)
+    memo.resync = asyncio.create_task(resync_forever(memo), name="pier-resync")
+
+
+def _ensure_peering(custom: client.CustomObjectsApi, namespace: str) -> None:
+    """The KopfPeering object replicas meet in (created here: a CRD and its object cannot share one apply)."""
+    body = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "pier", "namespace": namespace}}
+    try:
+        custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await asyncio.gather(memo.resync, return_exceptions=True)
+    await memo.http.close()
+
+
+def _bridge_token(core: client.CoreV1Api, settings: OperatorSettings) -> str | None:
+    if not settings.bridge_token_secret:
+        return None
+    secret = core.read_namespaced_secret(settings.bridge_token_secret, settings.namespace)
+    return base64.b64decode(secret.data["token"]).decode()
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile(dict(body), memo)
+
+
+@kopf.on.event("", "v1", "pods", labels={SESSION_LABEL: kopf.PRESENT})
+async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    name, namespace = body["metadata"]["labels"][SESSION_LABEL], body["metadata"]["namespace"]
+    try:
+        session = await asyncio.to_thread(
+            memo.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # the session is gone; its pods go with it (owner references)
+        raise
+    await reconcile(session, memo)
+
+
+async def resync_forever(memo: kopf.Memo) -> None:
+    """Every `sync_interval_s`: reconcile every session and reap the idle ones.
+
+    A plain background task rather than a kopf timer: timers make kopf put a finalizer on every
+    object, and nothing here needs one (pods go with their owner by garbage collection).
+    """
+    settings: OperatorSettings = memo.settings
+    while True:
+        await asyncio.sleep(settings.sync_interval_s)
+        try:
+            listing = await asyncio.to_thread(
+                memo.custom.list_namespaced_custom_object, GROUP, VERSION, settings.namespace, PLURAL
+            )
+        except ApiException as exc:
+            log.warning("cannot list MCPSessions", extra={"error": str(exc)})
+            continue
+        for session in listing["items"]:
+            try:
+                status = await reconcile(session, memo)
+                await reap_if_idle(session, status, memo)
+            except Exception:  # one session's trouble must not stop the others, nor the loop
+                log.exception("resync failed", extra={"session": session["metadata"]["name"]})
+
+
+async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
+    """Make the world match the session; returns the status written."""
+    meta = session["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 1)
+    old = dict(session.get("status") or {})
+    if meta.get("deletionTimestamp"):
+        return old
+    status = {**old, "observedGeneration": generation}
+    try:
+        spec = MCPSessionSpec.model_validate(session["spec"])
+        profile = memo.catalog.get(spec.server.profile) if spec.server.profile else None
+    except (ValidationError, PierError) as exc:  # an unknown profile, or a spec the schema let through
+        status.update(phase="Failed", conditions=_conditions(old, False, "InvalidSpec", str(exc), False))
+        await _write_status(session, old, status, memo)
+        return status
+
+    pods = await asyncio.to_thread(memo.core.list_namespaced_pod, namespace, label_selector=f"{SESSION_LABEL}={name}")
+    current = None
+    for pod in pods.items:
+        annotations = pod.metadata.annotations or {}
+        if pod.metadata.deletion_timestamp:
+            continue
+        if annotations.get(GENERATION_ANNOTATION) != str(generation):
+            await _delete_pod(memo, pod, session, "Replaced", "spec changed: replacing the pod")
+        elif pod.status.phase in ("Failed", "Succeeded"):
+            await _delete_pod(memo, pod, session, "PodFailed", f"pod {pod.metadata.name} {pod.status.phase}")
+        else:
+            current = pod
+
+    if current is None:
+        await _start_pod(session, spec, profile, status, memo)
+    else:
+        await _observe_pod(current, status, old, session, memo)
+    await _write_status(session, old, status, memo)
+    return status
+
+
+async def _start_pod(
+    session: dict[str, Any], spec: MCPSessionSpec, profile: Profile | None, status: dict[str, Any], memo: kopf.Memo
+) -> None:
+    meta = session["metadata"]
+    replacements = int(status.get("replacements") or 0)
+    settings: OperatorSettings = memo.settings
+    if status.get("podName"):
+        # A pod existed: this is a replacement, which waits out a bounded, growing backoff.
+        backoff = min(settings.replace_backoff_s * 2**replacements, settings.replace_backoff_max_s)
+        last = status.get("lastReplaceTime")
+        if last and (_now() - dt.datetime.fromisoformat(last.replace("Z", "+00:00"))).total_seconds() < backoff:
+            return
+        replacements += 1
+    pod = build_pod(meta["name"], meta["uid"], meta.get("generation", 1), replacements, spec, profile, settings)
+    try:
+        await asyncio.to_thread(memo.core.create_namespaced_pod, meta["namespace"], pod)
+    except ApiException as exc:
+        if exc.status != 409:  # someone (another trigger) created it just now
+            raise
+    reason = "Replaced" if replacements else "Started"
+    await _event(memo, session, reason, f"pod {pod['metadata']['name']} created")
+    status.update(
+        phase="Starting",
+        podName=pod["metadata"]["name"],
+        endpoint=None,
+        replacements=replacements,
+        lastReplaceTime=_stamp(_now()),
+        conditions=_conditions(status, False, "PodCreated", "waiting for the bridge to be ready", False),
+    )
+
+
+async def _observe_pod(
+    pod: Any, status: dict[str, Any], old: dict[str, Any], session: dict[str, Any], memo: kopf.Memo
+) -> None:
+    ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+    restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
+    endpoint = f"http://{pod.status.pod_ip}:{BRIDGE_PORT}" if pod.status.pod_ip else None
+    status.update(podName=pod.metadata.name, endpoint=endpoint if ready else None)
+    bridge = await _bridge_status(memo, endpoint) if ready and endpoint else None
+    if bridge is not None:
+        info = bridge.get("server_info") or {}
+        server_info = {
+            "name": info.get("name"),
+            "version": info.get("version"),
+            "protocolVersion": bridge.get("protocol_version"),
+        }
+        # Empty values are left out: the kubernetes client sends "" as null, which the schema refuses.
+        status["serverInfo"] = {k: v for k, v in server_info.items() if v}
+        status["tools"] = bridge.get("tools")
+        restarts += int(bridge.get("restarts") or 0)
+        last = bridge.get("last_activity")
+        if last:
+            status["lastActivityTime"] = _stamp(dt.datetime.fromtimestamp(last, dt.UTC))
+    status["restarts"] = restarts
+    if restarts > int(old.get("restarts") or 0):
+        await _event(memo, session, "ServerCrashed", f"the server restarted ({restarts} restarts so far)", "Warning")
+    phase = "Ready" if ready else "Starting"
+    if phase == "Ready" and old.get("phase") != "Ready":
+        await _event(memo, session, "Ready", f"serving at {endpoint}")
+    status["phase"] = phase
+    reason, message = ("BridgeReady", "the bridge answers /readyz") if ready else _why_not_ready(pod)
+    status["conditions"] = _conditions(old, ready, reason, message, bridge is not None or ready)
+
+
+def _why_not_ready(pod: Any) -> tuple[str, str]:
+    for cs in pod.status.container_statuses or []:
+        waiting = cs.state.waiting if cs.state else None
+        if waiting is not None and waiting.reason:
+            return waiting.reason, f"{cs.name}: {waiting.message or waiting.reason}"
+    return "Starting", f"pod {pod.metadata.name} is {pod.status.phase}"
+
+
+def _conditions(old: dict[str, Any], ready: bool, reason: str, message: str, running: bool) -> list[dict[str, Any]]:
+    previous = {c["type"]: c for c in old.get("conditions") or []}
+    result = []
+    for kind, value in (("Ready", ready), ("ServerRunning", running)):
+        state = "True" if value else "False"
+        before = previous.get(kind, {})
+        since = before.get("lastTransitionTime") if before.get("status") == state else _stamp(_now())
+        result.append(
+            {"type": kind, "status": state, "reason": reason, "message": message[:1000], "lastTransitionTime": since}
+        )
+    return result
+
+
+async def _event(memo: kopf.Memo, session: dict[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
+    """A Kubernetes Event on the session (`kubectl describe mcps` shows them)."""
+    meta = session["metadata"]
+    now = _now()
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+        involved_object=client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}", kind="MCPSession", name=meta["name"],
+            namespace=meta["namespace"], uid=meta["uid"],
+        ),
+        reason=reason, message=message[:1000], type=kind, first_timestamp=now, last_timestamp=now, count=1,
+        source=client.V1EventSource(component="pier-operator"),
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(memo.core.create_namespaced_event, meta["namespace"], event)
+    except ApiException as exc:  # an Event is worth a log line, not a failed reconcile
+        log.warning("could not post an Event", extra={"reason": reason, "error": str(exc)})
+
+
+async def _bridge_status(memo: kopf.Memo, endpoint: str) -> dict[str, Any] | None:
+    headers = {"Authorization": f"Bearer {memo.bridge_token}"} if memo.bridge_token else {}
+    try:
+        async with memo.http.get(
+            f"{endpoint}/v1/status", headers=headers, timeout=aiohttp.ClientTimeout(total=3)
+        ) as response:
+            return await response.json() if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+async def _delete_pod(memo: kopf.Memo, pod: Any, session: dict[str, Any], reason: str, message: str) -> None:
+    try:
+        await asyncio.to_thread(memo.core.delete_namespaced_pod, pod.metadata.name, pod.metadata.namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    await _event(memo, session, reason, message)
+
+
+async def _write_status(session: dict[str, Any], old: dict[str, Any], status: dict[str, Any], memo: kopf.Memo) -> None:
+    # A merge patch of what changed only (None removes a field); nothing changed → no API write.
+    changes = {k: v for k, v in status.items() if old.get(k) != v and not (v is None and k not in old)}
+    if not changes:
+        return
+    meta = session["metadata"]
+    try:
+        await asyncio.to_thread(
+            memo.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": changes},
+        )  # fmt: skip
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+async def reap_if_idle(session: dict[str, Any], status: dict[str, Any], memo: kopf.Memo) -> None:
+    """Delete a session whose bridge has had nothing in flight and no activity for `ttlSeconds`."""
+    ttl = int((session.get("spec") or {}).get("ttlSeconds") or 0)
+    endpoint = status.get("endpoint")
+    if not ttl or status.get("phase") != "Ready" or not endpoint:
+        return
+    bridge = await _bridge_status(memo, endpoint)
+    if bridge is None:
+        return  # activity unknown: never reap on a guess
+    busy = bridge.get("in_flight") or bridge.get("calls_running") or bridge.get("queued")
+    idle_s = _now().timestamp() - float(bridge.get("last_activity") or 0)
+    if busy or idle_s < ttl:
+        return
+    meta = session["metadata"]
+    await _event(memo, session, "Reaped", f"idle for {int(idle_s)} s (ttlSeconds {ttl})")
+    try:
+        await asyncio.to_thread(
+            memo.custom.delete_namespaced_custom_object, GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise

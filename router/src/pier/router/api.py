@@ -1,0 +1,169 @@
+"""Router v1 REST: servers, tools, calls, sessions, jobs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pydantic
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from pier.core.bridge import BridgeUnreachable, Endpoint
+from pier.core.errors import PierError
+from pier.core.job import JobRecord
+from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
+from pier.core.web import SSE_HEADERS, json_response
+from pier.router.context import ROUTER, principal, read_request_body
+
+M = TypeVar("M", bound=BaseModel)
+JOB_EVENTS_TIMEOUT_S = 3600.0
+
+
+class ToolCallBody(BaseModel):
+    """`POST …/tools/{tool}/call`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold for this call (capped)")
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Parse the JSON body into `model`: 400 for bad JSON, 422 for a body that breaks the schema."""
+    raw = await read_request_body(request)
+    try:
+        data = parse(raw) if raw else {}
+    except TooDeep as exc:
+        raise PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}) from None
+    except ValueError:
+        raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors}) from None
+
+
+async def list_servers(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    return json_response({"servers": [p.public() for p in router.catalog.profiles.values()]})
+
+
+async def list_tools(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    profile = await router.target(request, user, server)
+    async with router.backend.use(user, profile) as session:
+        try:
+            tools = await router.bridge.tools(session.endpoint, router.settings.session_start_timeout_s)
+        except BridgeUnreachable:
+            await router.backend.forget(session, "unreachable")
+            raise
+        session.tools = {t["name"]: t for t in tools}
+    return json_response({"tools": tools})
+
+
+async def call_tool(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    profile = await router.target(request, user, server)
+    body = await read_model(request, ToolCallBody)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200):
+        raise PierError("BAD_REQUEST", "Idempotency-Key must be 1-200 characters")
+    tool = request.match_info["tool"]
+    result = await router.calls.call(principal(request), user, profile, tool, body.arguments, body.timeout_s, key)
+    return json_response(result.body, result.status)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user = request.match_info["user"]
+    principal(request).check_user(user)
+    return json_response({"sessions": [s.view() for s in router.backend.list(user)]})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    user, server = request.match_info["user"], request.match_info["server"]
+    principal(request).check_user(user)
+    router.catalog.get(server)
+    if not await router.backend.end(user, server):
+        raise PierError("NOT_FOUND", f"{user} has no {server} session")
+    return web.Response(status=204)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+async def load_job(request: web.Request, job_id: str) -> JobRecord:
+    record = await request.app[ROUTER].store.get(job_id)
+    if record is None:
+        raise PierError("JOB_NOT_FOUND", f"no job {job_id!r} (results expire after their TTL)")
+    principal(request).check_user(record.user)
+    return record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    record = await load_job(request, request.match_info["job_id"])
+    return json_response(record.view())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    record = await load_job(request, request.match_info["job_id"])
+    if not record.done:
+        if record.endpoint:
+            # If the session is gone, so is the call.
+            with contextlib.suppress(BridgeUnreachable):
+                await router.bridge.cancel_call(Endpoint(record.endpoint, record.endpoint_token), record.call_id)
+        cancelled = PierError("CANCELLED", "cancelled by the caller")
+        # A worker following the call may have seen the cancellation first and ended the job
+        # itself: then the stored record, not the one read before, says how it ended.
+        ended = await router.store.finish(record.job_id, "cancelled", error=cancelled)
+        record = ended or await router.store.get(record.job_id) or record
+    return json_response(record.view())
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """SSE: `progress` events while the job runs, then one `completed` event, then the stream ends."""
+    record = await load_job(request, request.match_info["job_id"])
+
+    def render(event: dict[str, Any]) -> bytes:
+        data = {k: v for k, v in event.items() if k != "type"}
+        return f"event: {event['type']}\n".encode() + b"data: " + dumps(data) + b"\n\n"
+
+    return await stream_job(request, record.job_id, render)
+
+
+async def stream_job(
+    request: web.Request, job_id: str, render: Callable[[dict[str, Any]], bytes | None]
+) -> web.StreamResponse:
+    """Stream a job's events as SSE; `render` makes one event a frame (None skips it)."""
+    router = request.app[ROUTER]
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        with router.streaming():
+            async for event in router.store.events(job_id, JOB_EVENTS_TIMEOUT_S):
+                frame = b": keepalive\n\n" if event["type"] == "keepalive" else render(event)
+                if frame:
+                    await response.write(frame)
+            await response.write_eof()
+    except ConnectionResetError:
+        pass  # the caller left; the job goes on
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/servers", list_servers)
+    r.add_get("/v1/users/{user}/servers/{server}/tools", list_tools)
+    r.add_post("/v1/users/{user}/servers/{server}/tools/{tool}/call", call_tool)
+    r.add_get("/v1/users/{user}/sessions", list_sessions)
+    r.add_delete("/v1/users/{user}/servers/{server}", end_session)
+    r.add_get("/v1/jobs/{job_id}", get_job)
+    r.add_get("/v1/jobs/{job_id}/events", job_events)
+    r.add_delete("/v1/jobs/{job_id}", cancel_job)

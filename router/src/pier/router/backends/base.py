@@ -1,0 +1,87 @@
+"""What the router needs from a session backend: find or start a user's session, end it, list them."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pier.core.bridge import Endpoint
+from pier.core.catalog import Profile
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    user: str
+    profile: str
+
+
+@dataclass(eq=False)
+class Session:
+    """A user's session of one profile, as the router sees it."""
+
+    key: SessionKey
+    endpoint: Endpoint
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    state: str = "ready"
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    in_flight: int = 0  # calls this router is forwarding right now
+    bridge_status: dict[str, Any] = field(default_factory=dict)  # last /v1/status seen
+
+    def view(self) -> dict[str, Any]:
+        """The session for listings and the dashboard (no endpoint token)."""
+        now = time.time()
+        status = self.bridge_status
+        return {
+            "user": self.key.user,
+            "server": self.key.profile,
+            "state": self.state,
+            "created_at": self.created_at,
+            "age_s": round(now - self.created_at, 1),
+            "idle_s": round(now - self.last_used, 1),
+            "in_flight": max(self.in_flight, status.get("in_flight", 0) + status.get("queued", 0)),
+            "restarts": status.get("restarts", 0),
+            "tools": len(self.tools),
+        }
+
+
+class SessionBackend(abc.ABC):
+    """Local processes or Kubernetes pods: the router does not care which."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin background work (reaping, watching)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work; a local backend also stops every session it owns."""
+
+    @abc.abstractmethod
+    async def acquire(self, user: str, profile: Profile) -> Session:
+        """The user's live session of `profile`, started if needed (exactly one, however many ask)."""
+
+    @abc.abstractmethod
+    async def end(self, user: str, profile_name: str) -> bool:
+        """End a session; False when there was none."""
+
+    @abc.abstractmethod
+    async def forget(self, session: Session, reason: str) -> None:
+        """A session found dead: drop it so the next request starts a fresh one."""
+
+    @abc.abstractmethod
+    def list(self, user: str | None = None) -> list[Session]:
+        """Known sessions, of one user or all."""
+
+    @contextlib.asynccontextmanager
+    async def use(self, user: str, profile: Profile) -> AsyncIterator[Session]:
+        """Hold a session for the length of a call: it counts as in use and is not reaped."""
+        session = await self.acquire(user, profile)
+        session.in_flight += 1
+        session.last_used = time.time()
+        try:
+            yield session
+        finally:
+            session.in_flight -= 1
+            session.last_used = time.time()

@@ -1,0 +1,267 @@
+"""Kubernetes sessions: (user, profile) → an MCPSession, run by the operator as one pod.
+
+A watch keeps every MCPSession of the namespace in memory, so a request costs no API call once
+its session is Ready. The first request creates the MCPSession under a deterministic name
+(several router replicas racing create it once: the losers get 409 and wait like the winner),
+then waits for the operator to report it Ready, or fails with the reason the status gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes import client, config
+
+from pier.core.bridge import BridgeClient, Endpoint
+from pier.core.catalog import Profile
+from pier.core.errors import PierError
+from pier.core.jsonrpc import dumps, loads
+from pier.core.mcpsession import GROUP, PLURAL, PROFILE_LABEL, USER_LABEL, VERSION
+from pier.operator.pods import label_value
+from pier.router.backends.base import Session, SessionBackend, SessionKey
+from pier.router.config import RouterSettings
+from pier.router.metrics import RouterMetrics
+
+log = logging.getLogger("pier.router.kubernetes")
+
+
+def session_name(user: str, profile: str) -> str:
+    """A valid, deterministic object name: readable where it can be, unique always (a digest)."""
+    digest = hashlib.sha256(f"{user}\0{profile}".encode()).hexdigest()[:10]
+    readable = re.sub(r"[^a-z0-9-]+", "-", f"{profile}-{user}".lower()).strip("-")[:40].strip("-")
+    return f"{readable}-{digest}" if readable else f"s-{digest}"
+
+
+class ApiAccess:
+    """Where the API server is and how to authenticate (in-cluster, or a kubeconfig)."""
+
+    def __init__(self, kubeconfig: Path | None = None) -> None:
+        self.cfg = client.Configuration()
+        if kubeconfig is not None:
+            config.load_kube_config(config_file=str(kubeconfig), client_configuration=self.cfg)
+            self._tls()
+            return
+        try:
+            config.load_incluster_config(client_configuration=self.cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=self.cfg)
+        self._tls()
+
+    def _tls(self) -> None:
+        self.ssl = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert)
+        if self.cfg.cert_file:
+            self.ssl.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
+        if not self.cfg.verify_ssl:
+            self.ssl.check_hostname = False
+            self.ssl.verify_mode = ssl.CERT_NONE
+
+    def headers(self) -> dict[str, str]:
+        if self.cfg.refresh_api_key_hook is not None:
+            self.cfg.refresh_api_key_hook(self.cfg)  # in-cluster tokens rotate
+        # The router's HTTP client does not decompress (it relays bodies as they are): ask for plain ones.
+        headers = {"Accept-Encoding": "identity"}
+        for setting in self.cfg.auth_settings().values():  # the bearer token, however the client stores it
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        return headers
+
+
+class KubernetesBackend(SessionBackend):
+    def __init__(
+        self, settings: RouterSettings, bridge: BridgeClient, metrics: RouterMetrics, http: aiohttp.ClientSession
+    ) -> None:
+        self.settings = settings
+        self.bridge = bridge
+        self.metrics = metrics
+        self.http = http
+        self.namespace = settings.namespace
+        self.objects: dict[str, dict[str, Any]] = {}  # name → MCPSession, kept by the watch
+        self.sessions: dict[str, Session] = {}  # name → the router's view of a Ready session
+        self._changed = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+        self.api: ApiAccess
+
+    @property
+    def _base(self) -> str:
+        return f"{self.api.cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+
+    async def start(self) -> None:
+        self.api = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
+        self._watcher = asyncio.create_task(self._watch_forever(), name="pier-k8s-watch")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    # -- the cache -------------------------------------------------------------------------
+
+    async def _request(self, method: str, url: str, body: Any = None, timeout: float = 15) -> tuple[int, Any]:
+        headers = {**self.api.headers(), "Content-Type": "application/json"}
+        async with self.http.request(
+            method, url, data=dumps(body) if body is not None else None, headers=headers, ssl=self.api.ssl,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:  # fmt: skip
+            raw = await response.read()
+            return response.status, loads(raw) if raw else None
+
+    async def _watch_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                version = await self._relist()
+                backoff = 0.2
+                await self._watch(version)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, PierError) as exc:
+                log.warning("MCPSession watch interrupted; relisting", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _relist(self) -> str:
+        status, listing = await self._request("GET", self._base)
+        if status != 200:
+            raise PierError("INTERNAL", f"cannot list MCPSessions (HTTP {status}): {listing}")
+        self.objects = {item["metadata"]["name"]: item for item in listing["items"]}
+        self._notify()
+        self._synced.set()
+        return listing["metadata"]["resourceVersion"]
+
+    async def _watch(self, version: str) -> None:
+        url = f"{self._base}?watch=1&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={version}"
+        async with self.http.get(
+            url, headers=self.api.headers(), ssl=self.api.ssl, timeout=aiohttp.ClientTimeout(total=None, sock_read=330)
+        ) as response:
+            if response.status != 200:
+                raise PierError("INTERNAL", f"cannot watch MCPSessions (HTTP {response.status})")
+            async for line in response.content:
+                event = loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    return  # e.g. 410 Gone: relist
+                name = obj.get("metadata", {}).get("name")
+                if kind == "DELETED":
+                    self.objects.pop(name, None)
+                    self.sessions.pop(name, None)
+                elif kind in ("ADDED", "MODIFIED"):
+                    self.objects[name] = obj
+                self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- SessionBackend --------------------------------------------------------------------
+
+    def list(self, user: str | None = None) -> list[Session]:
+        result = []
+        for name, obj in self.objects.items():
+            spec = obj.get("spec") or {}
+            if user is not None and spec.get("userId") != user:
+                continue
+            session = self.sessions.get(name) or Session(
+                SessionKey(spec.get("userId", ""), (spec.get("server") or {}).get("profile") or "inline"),
+                Endpoint(""),
+            )
+            session.state = ((obj.get("status") or {}).get("phase") or "Pending").lower()
+            result.append(session)
+        return result
+
+    async def acquire(self, user: str, profile: Profile) -> Session:
+        try:
+            await asyncio.wait_for(self._synced.wait(), self.settings.kube_ready_timeout_s)
+        except TimeoutError:
+            raise PierError(
+                "SESSION_START_FAILED", "the Kubernetes API has not answered (see the router's log)"
+            ) from None
+        name = session_name(user, profile.name)
+        if name not in self.objects:
+            await self._create(name, user, profile)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.kube_ready_timeout_s
+        while True:
+            obj = self.objects.get(name)
+            status = (obj or {}).get("status") or {}
+            if status.get("phase") == "Ready" and status.get("endpoint"):
+                return await self._ready(name, user, profile, status["endpoint"])
+            if status.get("phase") == "Failed":
+                raise PierError("SESSION_START_FAILED", _reason(status), {"session": name, "status": status})
+            if obj is None and name not in self.objects:
+                await self._create(name, user, profile)  # deleted meanwhile: ask again
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                limit = self.settings.kube_ready_timeout_s
+                why = f"session {name} was not Ready within {limit:.0f} s: {_reason(status)}"
+                raise PierError("SESSION_START_FAILED", why, {"session": name, "status": status})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _create(self, name: str, user: str, profile: Profile) -> None:
+        ttl = profile.ttl_s if profile.ttl_s is not None else self.settings.session_ttl_s
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "MCPSession",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    USER_LABEL: label_value(user),
+                    PROFILE_LABEL: profile.name,
+                    "app.kubernetes.io/managed-by": "pier-router",
+                },
+            },
+            "spec": {
+                "userId": user,
+                "server": {"profile": profile.name},
+                "ttlSeconds": int(ttl),
+                "callTimeoutSeconds": int(profile.call_timeout_s or self.settings.call_timeout_s),
+                "maxConcurrentCalls": profile.max_concurrent_calls,
+            },
+        }
+        status, answer = await self._request("POST", self._base, body)
+        if status == 409:
+            return  # another router replica (or request) created it first: same session
+        if status not in (200, 201):
+            self.metrics.sessions_failed.labels(profile.name).inc()
+            raise PierError("SESSION_START_FAILED", f"cannot create MCPSession {name} (HTTP {status})",
+                            {"answer": answer})  # fmt: skip
+        self.metrics.sessions_started.labels(profile.name).inc()
+        self.objects.setdefault(name, answer)
+        log.info("MCPSession created", extra={"session": name})
+
+    async def _ready(self, name: str, user: str, profile: Profile, endpoint: str) -> Session:
+        session = self.sessions.get(name)
+        if session is None or session.endpoint.url != endpoint:
+            # A new pod (or the first time): its tools once, then no API or bridge call per request.
+            target = Endpoint(endpoint, self.settings.bridge_token.get_secret_value() if self.settings.bridge_token
+                              else None)  # fmt: skip
+            tools = await self.bridge.tools(target, self.settings.session_start_timeout_s)
+            session = Session(SessionKey(user, profile.name), target, {t["name"]: t for t in tools})
+            self.sessions[name] = session
+        return session
+
+    async def end(self, user: str, profile_name: str) -> bool:
+        name = session_name(user, profile_name)
+        status, _ = await self._request("DELETE", f"{self._base}/{name}")
+        self.sessions.pop(name, None)
+        return status in (200, 202)
+
+    async def forget(self, session: Session, reason: str) -> None:
+        # The operator replaces failed pods; the router only stops trusting this endpoint.
+        for name, known in list(self.sessions.items()):
+            if known is session:
+                del self.sessions[name]
+
+
+def _reason(status: dict[str, Any]) -> str:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") != "True":
+            return f"{condition.get('reason')}: {condition.get('message')}"
+    return f"phase {status.get('phase') or 'Pending'}"

@@ -1,0 +1,420 @@
+"""One tool call through the router: policy, session, bridge, retry if safe, hand off if slow.
+
+A call is started on the session's bridge with the job id as its call id and waited for up to
+the timeout. Done in time → the result. Not done → a job record and a stream entry, and the
+call keeps running in the session (the job pool follows it; it is never run twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from pier.core import audit, logs
+from pier.core.bridge import BridgeClient, BridgeUnreachable
+from pier.core.catalog import Profile
+from pier.core.errors import PierError
+from pier.core.job import JobError, JobRecord
+from pier.core.jobstore import JobStore
+from pier.core.policy import Policer, PolicyContext, PolicyDenied
+from pier.router.auth import Principal
+from pier.router.backends.base import Session, SessionBackend
+from pier.router.config import RouterSettings
+from pier.router.metrics import RouterMetrics
+
+log = logging.getLogger("pier.router.calls")
+
+# The call never reached the server: retrying cannot run it twice.
+_NOT_STARTED = frozenset({"SERVER_UNAVAILABLE", "CALL_QUEUE_FULL"})
+# The session failed under the call: retry only what is safe to run again.
+_TRANSPORT = frozenset({"SERVER_EXITED", "SESSION_LOST"})
+_SUCCESS = frozenset({"completed", "queued", "replayed"})
+# Errors after which a keyed call has certainly not run (to its end): its key is released, so a
+# resend runs it rather than replaying the error.
+_NEVER_RAN = _NOT_STARTED | {
+    "UNKNOWN_TOOL", "INVALID_ARGUMENTS", "POLICY_DENIED", "SESSION_CAPACITY", "SESSION_START_FAILED",
+    "SHUTTING_DOWN", "STORE_UNAVAILABLE",
+}  # fmt: skip
+_HANDOFF_POLL_S = 0.5  # while a hand-off waits for Redis, how often the call is looked at
+_LEASE_SLACK_S = 60  # beyond a call's timeout and hand-off grace, before its keyed record expires
+_CLOSE_WAIT_S = 2.0
+
+
+@dataclass
+class CallResult:
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass
+class ToolCall:
+    """Everything about one call the router is handling."""
+
+    caller: Principal
+    user: str
+    profile: Profile
+    tool: str
+    arguments: dict[str, Any]
+    timeout: float
+    idempotency_key: str | None = None
+    via: str = "rest"
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def policy_context(self) -> PolicyContext:
+        return PolicyContext(self.user, self.profile.name, f"{self.user}/{self.profile.name}", self.caller.identity())
+
+    def request_message(self) -> dict[str, Any]:
+        """The call as the JSON-RPC message the server receives (what the policy hook judges)."""
+        params = {"name": self.tool, "arguments": self.arguments}
+        return {"jsonrpc": "2.0", "id": self.job_id, "method": "tools/call", "params": params}
+
+
+def _why_not_retried(error: PierError, retry_safe: bool) -> str | None:
+    """Why a failed attempt must not be made again, or None when it may."""
+    if error.code in _NOT_STARTED:
+        return None  # it never reached the server
+    if error.code not in _TRANSPORT:
+        return "the call ran and failed"
+    if not retry_safe:
+        return "the tool is not trusted as read-only/idempotent and the call has no Idempotency-Key"
+    if error.details.get("suspect"):
+        return "it was the newest call in flight when the server exited, so it may have caused the exit"
+    return None
+
+
+def queued_body(job_id: str) -> dict[str, Any]:
+    return {
+        "status": "queued",
+        "job_id": job_id,
+        "poll_url": f"/v1/jobs/{job_id}",
+        "events_url": f"/v1/jobs/{job_id}/events",
+    }
+
+
+class CallService:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        backend: SessionBackend,
+        bridge: BridgeClient,
+        store: JobStore,
+        policer: Policer,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.bridge = bridge
+        self.store = store
+        self.policer = policer
+        self.metrics = metrics
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+        self.total = 0
+        self.errors = 0
+        self._settling: set[asyncio.Task[None]] = set()  # keyed outcomes waiting for Redis
+
+    def timeout_for(self, profile: Profile, requested: float | None) -> float:
+        timeout = requested or profile.call_timeout_s or self.settings.call_timeout_s
+        return min(timeout, self.settings.max_call_timeout_s)
+
+    def policy_url(self, profile: Profile) -> str | None:
+        return profile.policy_url or self.settings.policy_url
+
+    async def call(
+        self,
+        caller: Principal,
+        user: str,
+        profile: Profile,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout_s: float | None = None,
+        idempotency_key: str | None = None,
+        via: str = "rest",
+    ) -> CallResult:
+        call = ToolCall(
+            caller, user, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key, via
+        )
+        logs.bind(job_id=call.job_id)
+        started = time.monotonic()
+        outcome, decision, decided_by = "error", "allow", None
+        claimed = False  # this call's idempotency key is bound to it
+        try:
+            try:
+                if profile.tools is not None:
+                    profile.tools.check(tool, user, caller.key_id)
+                policy_url = self.policy_url(profile)
+                if policy_url:  # the message and context are built only for a hook that reads them
+                    await self.policer.check(policy_url, "Input", [call.request_message()], call.policy_context)
+            except PolicyDenied as denied:
+                decision, decided_by = "deny", denied.details["decided_by"]
+                raise
+            if idempotency_key:
+                replayed = await self._claim(call)
+                if replayed is not None:
+                    outcome = "replayed"
+                    return replayed
+                claimed = True
+            result = await self._run(call)
+            outcome = result.body["status"]
+            if outcome == "completed" and result.body["result"].get("isError"):
+                outcome = "tool_error"
+            return result
+        except PierError as err:
+            outcome = err.code
+            if isinstance(err, PolicyDenied):
+                decision, decided_by = "deny", err.details["decided_by"]
+            if claimed:
+                if err.code in _NEVER_RAN:
+                    self._settle(call, self.store.release, self._record(call))
+                else:
+                    self._settle(call, self.store.finish, call.job_id, "failed", error=err)
+            raise
+        finally:
+            elapsed = time.monotonic() - started
+            self._account(call, outcome, elapsed)
+            if self.settings.audit_log:
+                audit.record(
+                    who=caller.identity(), user=user, profile=profile.name, tool=tool, arguments=arguments,
+                    decision=decision, decided_by=decided_by, outcome=outcome, duration_ms=elapsed * 1000, via=via,
+                )  # fmt: skip
+
+    def _account(self, call: ToolCall, outcome: str, elapsed: float) -> None:
+        # Only calls that reached a real tool name it in a label: callers cannot grow the label set.
+        success = outcome in _SUCCESS or outcome == "tool_error"
+        label = call.tool if success else "other"
+        self.metrics.call_duration.labels(call.profile.name, label).observe(elapsed)
+        self.metrics.calls.labels(call.profile.name, outcome).inc()
+        self.total += 1
+        self.errors += not success
+        self.recent.appendleft(
+            {
+                "at": time.time(),
+                "user": call.user,
+                "server": call.profile.name,
+                "tool": call.tool,
+                "outcome": outcome,
+                "duration_ms": round(elapsed * 1000, 1),
+            }
+        )
+
+    async def _run(self, call: ToolCall) -> CallResult:
+        attempt = 0
+        retry_safe = bool(call.idempotency_key)
+        while True:
+            call_id = call.job_id if attempt == 0 else f"{call.job_id}.{attempt}"
+            session: Session | None = None
+            try:
+                async with self.backend.use(call.user, call.profile) as session:
+                    spec = session.tools.get(call.tool)
+                    retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
+                    status, body = await self.bridge.start_call(
+                        session.endpoint, call.tool, call.arguments, call_id, call.timeout
+                    )
+                    if status == 202:
+                        return await self._hand_off(call, session, body, retry_safe, attempt)
+            except BridgeUnreachable as exc:
+                if session is not None:
+                    await self.backend.forget(session, "unreachable")
+                error: PierError = exc
+            else:
+                if body.get("status") == "completed":
+                    return await self._completed(call, body["result"])
+                if body.get("status") == "cancelled":
+                    raise PierError("CANCELLED", "the call was cancelled")
+                error = PierError.from_dict(body.get("error") or {})
+            why_not = _why_not_retried(error, retry_safe)
+            if why_not is not None or attempt >= self.settings.max_retries:
+                if why_not is not None and error.code in _TRANSPORT:
+                    error.details.setdefault("retried", False)
+                    error.details.setdefault("why_not_retried", why_not)
+                raise error
+            attempt += 1
+            self.metrics.retries.labels(call.profile.name).inc()
+            log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
+            await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
+
+    async def _check_output(self, call: ToolCall, result: dict[str, Any]) -> None:
+        policy_url = self.policy_url(call.profile)
+        if policy_url:
+            response = {"jsonrpc": "2.0", "id": call.job_id, "result": result}
+            await self.policer.check(policy_url, "Output", [response], call.policy_context)
+
+    def _record(self, call: ToolCall) -> JobRecord:
+        now = time.time()
+        return JobRecord(
+            job_id=call.job_id,
+            status="running",
+            user=call.user,
+            server=call.profile.name,
+            tool=call.tool,
+            arguments=call.arguments,
+            call_id=call.job_id,
+            endpoint="",
+            idempotency_key=call.idempotency_key,
+            request_digest=audit.digest({"tool": call.tool, "arguments": call.arguments}),
+            webhook_url=call.profile.webhook_url or self.settings.webhook_url,
+            policy_url=self.policy_url(call.profile),
+            identity=call.caller.identity(),
+            created_at=now,
+            started_at=now,
+        )
+
+    async def _completed(self, call: ToolCall, result: dict[str, Any]) -> CallResult:
+        await self._check_output(call, result)
+        if call.idempotency_key:
+            self._settle(call, self.store.finish, call.job_id, "completed", result=result)
+        return CallResult(200, {"status": "completed", "result": result})
+
+    async def _hand_off(
+        self, call: ToolCall, session: Session, running: dict[str, Any], retry_safe: bool, attempt: int
+    ) -> CallResult:
+        """Give a call that overran its timeout to the job pool; it keeps running in its session.
+
+        While Redis is unreachable the hand-off is retried for `handoff_grace_s`, and the call is
+        watched meanwhile: if it finishes, the caller gets its answer directly. If Redis stays away,
+        the call is cancelled and the caller told to retry (STORE_UNAVAILABLE): a call is never left
+        running with no job through which its caller could get the result.
+        """
+        record = self._record(call)
+        record.status = "queued"
+        record.call_id = running["call_id"]
+        record.endpoint = session.endpoint.url
+        record.endpoint_token = session.endpoint.token
+        record.retry_safe = retry_safe
+        record.attempts = attempt + 1
+        if running.get("progress"):
+            record.progress = running["progress"][-1]
+            record.progress_count = running.get("progress_count", 0)
+        try:
+            await self.store.enqueue(record)
+        except RedisError as exc:
+            log.warning("Redis unavailable at hand-off; holding the call", extra={"error": str(exc)})
+            answer = await self._hand_off_when_redis_returns(call, session, record)
+            if answer is not None:
+                return answer
+        self.metrics.handoffs.labels(call.profile.name).inc()
+        log.info("call handed to the job pool", extra={"tool": call.tool})
+        return CallResult(202, queued_body(call.job_id))
+
+    async def _hand_off_when_redis_returns(
+        self, call: ToolCall, session: Session, record: JobRecord
+    ) -> CallResult | None:
+        """Retry the hand-off for `handoff_grace_s`; None once it is done, or the call's own answer
+        if the call finished first. Cancels the call and raises STORE_UNAVAILABLE when time is up."""
+        try:
+            async with asyncio.timeout(self.settings.handoff_grace_s):
+                while True:
+                    self.metrics.redis_errors.labels("handoff").inc()
+                    status, body = await self.bridge.get_call(session.endpoint, record.call_id, _HANDOFF_POLL_S)
+                    if status != 202:
+                        return await self._answer_late(call, body)
+                    try:
+                        await self.store.enqueue(record)
+                        return None
+                    except RedisError:
+                        continue
+        except TimeoutError:
+            with contextlib.suppress(PierError):
+                await self.bridge.cancel_call(session.endpoint, record.call_id)
+            raise PierError(
+                "STORE_UNAVAILABLE",
+                "the call overran its timeout and could not be handed to the job pool (Redis is unreachable); "
+                "it was cancelled: retry later",
+                {"cancelled": True, "retry_after_s": 1},
+            ) from None
+
+    async def _answer_late(self, call: ToolCall, body: dict[str, Any]) -> CallResult:
+        """A call that finished while its hand-off waited for Redis: its answer, as if in time."""
+        if body.get("status") == "completed":
+            return await self._completed(call, body["result"])
+        if body.get("status") == "cancelled":
+            raise PierError("CANCELLED", "the call was cancelled")
+        raise PierError.from_dict(body.get("error") or {})
+
+    def _settle(self, call: ToolCall, write: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any) -> None:
+        """Write a keyed call's outcome to Redis, now or, if Redis is away, as soon as it is back.
+
+        The caller does not wait for it: it has its answer. Retried until the record's lease ends
+        (after which record and key have expired by themselves).
+        """
+        deadline = time.monotonic() + self.lease_s(call)
+
+        async def settle() -> None:
+            backoff = 0.1
+            while True:
+                try:
+                    await write(*args, **kwargs)
+                    return
+                except RedisError as exc:
+                    if time.monotonic() + backoff > deadline:
+                        log.error("could not record a call's outcome; its record expires", extra={"error": str(exc)})
+                        return
+                    self.metrics.redis_errors.labels("settle").inc()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+
+        task = asyncio.create_task(settle(), name=f"pier-settle-{call.job_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def lease_s(self, call: ToolCall) -> int:
+        """How long a keyed call's record lives while the router owns the call (it may die meanwhile)."""
+        return int(call.timeout + self.settings.handoff_grace_s + _LEASE_SLACK_S)
+
+    async def close(self) -> None:
+        """Give outcomes still waiting for Redis a last moment, then drop them (their leases expire)."""
+        if self._settling:
+            _, pending = await asyncio.wait(self._settling, timeout=_CLOSE_WAIT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _claim(self, call: ToolCall) -> CallResult | None:
+        """Bind the call's idempotency key to it; if the key was bound, the first call's outcome instead."""
+        assert call.idempotency_key is not None
+        record = self._record(call)
+        while True:
+            existing = await self.store.claim_idempotency(record, self.lease_s(call))
+            if existing is None:
+                return None
+            first = await self.store.get(existing)
+            if first is None:
+                continue  # gone since the claim (released or expired): claim again
+            if first.request_digest != record.request_digest:
+                raise PierError(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "this Idempotency-Key was used for a different call (another tool or other arguments)",
+                    {"job_id": existing},
+                )
+            replayed = await self._replay(existing, call.timeout)
+            if replayed is not None:
+                return replayed
+
+    async def _replay(self, job_id: str, timeout: float) -> CallResult | None:
+        """A repeated Idempotency-Key: the first call's outcome (waited for up to the timeout).
+
+        None when the first call's job has gone meanwhile (it never ran and was released).
+        """
+        record = await self.store.get(job_id)
+        if record is not None and not record.done:
+            async for event in self.store.events(job_id, timeout):
+                if event.get("type") == "completed":
+                    break
+            record = await self.store.get(job_id)
+        if record is None:
+            return None
+        if record.status == "completed":
+            return CallResult(200, {"status": "completed", "result": record.result, "job_id": job_id})
+        if record.done:
+            error = record.error or JobError(code="CANCELLED", message="the call was cancelled")
+            raise PierError(error.code, error.message, {**error.details, "job_id": job_id})
+        return CallResult(202, queued_body(job_id))

@@ -1,0 +1,263 @@
+"""The native MCP relay: `/v1/users/{user}/servers/{server}/mcp` streamed to the session's bridge.
+
+Bodies and responses (SSE included) pass through unchanged; the router's own credentials are
+swapped for the session's token. When the profile has a policy, or the body calls a tool, the
+relay reads what it forwards: tools are checked against the built-in rules, messages go through
+the policy hook (`Input` before forwarding, `Output` per response message), and each tool call
+gets its audit record. MCP sessions belong to the bridge: when the bridge is replaced, the
+client gets the spec's 404 and initializes again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pier.core import audit
+from pier.core.bridge import BridgeUnreachable
+from pier.core.catalog import Profile
+from pier.core.errors import PierError
+from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
+from pier.core.policy import PolicyContext, PolicyDenied
+from pier.core.web import json_response, origin_allowed
+from pier.router.auth import Principal
+from pier.router.backends.base import Session
+from pier.router.context import ROUTER, Router, principal, read_request_body
+from pier.sidecar.mcp_http import CoalescedSSE
+
+# Headers of the MCP transport that pass through; everything else stays on its side.
+_REQUEST_HEADERS = ("Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID")
+_RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control")
+
+
+class Exchange:
+    """One relayed POST: its tool calls (for audit) and the policy its responses must pass."""
+
+    def __init__(self, router: Router, caller: Principal, user: str, profile: Profile, via: str) -> None:
+        self.router = router
+        self.caller = caller
+        self.user = user
+        self.profile = profile
+        self.via = via
+        self.policy_url = router.calls.policy_url(profile)
+        self.context = PolicyContext(user, profile.name, f"{user}/{profile.name}", caller.identity())
+        self.tool_calls: dict[Any, tuple[str, Any, float]] = {}  # request id → (tool, arguments, start)
+
+    @property
+    def inspects_output(self) -> bool:
+        return bool(self.policy_url or self.tool_calls)
+
+    async def check_input(self, messages: list[Message]) -> None:
+        """Built-in tool rules, then the policy hook; raises PolicyDenied (nothing is forwarded)."""
+        for message in messages:
+            if message.get("method") == "tools/call":
+                params = message.get("params") or {}
+                tool, arguments = str(params.get("name")), params.get("arguments") or {}
+                try:
+                    if self.profile.tools is not None:
+                        self.profile.tools.check(tool, self.user, self.caller.key_id)
+                    await self.router.policer.check(self.policy_url, "Input", [message], self.context)
+                except PolicyDenied as denied:
+                    self._audit(tool, arguments, "deny", denied.code, 0.0, denied.details["decided_by"])
+                    raise
+                self.tool_calls[message.get("id")] = (tool, arguments, time.monotonic())
+        others = [m for m in messages if m.get("method") != "tools/call"]
+        await self.router.policer.check(self.policy_url, "Input", others, self.context)
+
+    async def check_output(self, message: Message) -> Message:
+        """The message to forward: itself, or an error in its place when the policy denies it."""
+        try:
+            await self.router.policer.check(self.policy_url, "Output", [message], self.context)
+        except PolicyDenied as denied:
+            self._finish(message, denied)
+            return gateway_error_response(message.get("id"), denied) if "id" in message else {}
+        self._finish(message, None)
+        return message
+
+    def _finish(self, message: Message, denied: PolicyDenied | None) -> None:
+        if "method" in message or message.get("id") not in self.tool_calls:
+            return
+        tool, arguments, started = self.tool_calls.pop(message["id"])
+        if denied is not None:
+            outcome, decision, by = denied.code, "deny", denied.details["decided_by"]
+        elif "error" in message:
+            data = message["error"].get("data")
+            outcome = data.get("code", "rpc_error") if isinstance(data, dict) else "rpc_error"
+            decision, by = "allow", None
+        else:
+            outcome = "tool_error" if (message.get("result") or {}).get("isError") else "completed"
+            decision, by = "allow", None
+        self._audit(tool, arguments, decision, outcome, (time.monotonic() - started) * 1000, by)
+
+    def _audit(self, tool: str, arguments: Any, decision: str, outcome: str, ms: float, by: str | None) -> None:
+        if self.router.settings.audit_log:
+            audit.record(
+                who=self.caller.identity(), user=self.user, profile=self.profile.name, tool=tool,
+                arguments=arguments, decision=decision, decided_by=by, outcome=outcome, duration_ms=ms, via=self.via,
+            )  # fmt: skip
+
+
+def parse_messages(body: bytes | None) -> list[Message] | None:
+    """The JSON-RPC messages of a caller's body, or None when it is not JSON (the bridge will say so).
+
+    Raises TooDeep for JSON nested too deeply to pass on.
+    """
+    if not body:
+        return None
+    try:
+        payload = parse(body)
+    except TooDeep:
+        raise
+    except ValueError:
+        return None
+    return messages_in(payload)
+
+
+def messages_in(payload: Any) -> list[Message]:
+    """The messages of a parsed body: one, or a batch."""
+    return [m for m in (payload if isinstance(payload, list) else [payload]) if isinstance(m, dict)]
+
+
+def is_batch(body: bytes | None) -> bool:
+    return (body or b"").lstrip()[:1] == b"["
+
+
+def too_deep_response(exc: TooDeep) -> web.Response:
+    """A body nested too deeply: refused here, as the bridge would refuse it."""
+    return json_response(error_response(None, PARSE_ERROR, f"Parse error: {exc}"), 400)
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, router.settings.allowed_origins):
+        raise PierError("FORBIDDEN", f"origin {origin!r} is not allowed")
+    user, server = request.match_info["user"], request.match_info["server"]
+    profile = await router.target(request, user, server)
+    body = await read_request_body(request) if request.method == "POST" else None
+    headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
+    exchange = Exchange(router, principal(request), user, profile, "mcp")
+    try:
+        messages = parse_messages(body)
+    except TooDeep as exc:
+        return too_deep_response(exc)
+    if messages:
+        try:
+            await exchange.check_input(messages)
+        except PolicyDenied as denied:
+            errors = [gateway_error_response(m["id"], denied) for m in messages if "id" in m and "method" in m]
+            if not errors:
+                raise
+            return json_response(errors if is_batch(body) else errors[0])
+
+    if request.method == "GET":
+        # A held GET stream is not a call in flight: it must not keep an idle session alive forever.
+        session = await router.backend.acquire(user, profile)
+        return await _forward(router, request, session, headers, body, exchange)
+    async with router.backend.use(user, profile) as session:
+        try:
+            return await _forward(router, request, session, headers, body, exchange)
+        except BridgeUnreachable:
+            await router.backend.forget(session, "unreachable")
+    # The bridge was gone: a fresh session answers (an old MCP session id gets its 404 there).
+    async with router.backend.use(user, profile) as session:
+        return await _forward(router, request, session, headers, body, exchange)
+
+
+async def _forward(
+    router: Router,
+    request: web.Request,
+    session: Session,
+    headers: dict[str, str],
+    body: bytes | None,
+    exchange: Exchange,
+) -> web.StreamResponse:
+    try:
+        upstream = await router.http.request(
+            request.method,
+            session.endpoint.url + "/mcp",
+            headers={**headers, **session.endpoint.headers()},
+            data=body,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            ssl=router.bridge.ssl,
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        raise BridgeUnreachable(session.endpoint, exc) from exc
+    async with upstream:
+        out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
+        inspect = exchange.inspects_output and request.method != "DELETE"
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        if not is_sse and request.method != "GET":
+            # A JSON (or empty) answer is complete as it comes: one response, one write.
+            try:
+                raw = await upstream.read()
+            except aiohttp.ClientError as exc:
+                # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
+                raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
+            if inspect:
+                raw = await _checked_json(raw, exchange)
+            return web.Response(status=upstream.status, headers=out_headers, body=raw)
+        response = CoalescedSSE(status=upstream.status, headers=out_headers)
+        try:
+            with router.streaming():
+                await response.prepare(request)
+                if inspect:
+                    await _relay_sse(upstream, response, exchange)
+                else:
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientError):
+            pass  # either side hung up; the bridge keeps the calls running
+        return response
+
+
+async def _checked_json(raw: bytes, exchange: Exchange) -> bytes:
+    """A JSON answer with each message through the output policy (and its tool calls audited)."""
+    try:
+        payload = loads(raw)
+    except ValueError:
+        return raw
+    messages = messages_in(payload)
+    if not messages:
+        return raw
+    checked = [await exchange.check_output(m) for m in messages]
+    return dumps(checked if isinstance(payload, list) else checked[0])
+
+
+async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange) -> None:
+    """Forward an SSE stream event by event, each message through the output policy."""
+    buffer = b""
+    async for chunk in upstream.content.iter_any():
+        buffer += chunk.replace(b"\r\n", b"\n")
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            await response.write(await _checked_event(event, exchange) + b"\n\n")
+    if buffer:
+        await response.write(buffer)
+
+
+async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
+    lines = event.split(b"\n")
+    data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+    try:
+        messages = messages_in(loads(data)) if data else []
+    except ValueError:
+        messages = []
+    if not messages:
+        return event  # comments, keepalives, priming events
+    checked = await exchange.check_output(messages[0])
+    if not checked:
+        return b": withheld by policy"
+    kept = [line for line in lines if not line.startswith(b"data:")]
+    return b"\n".join([*kept, b"data: " + dumps(checked)])
+
+
+def add_routes(app: web.Application) -> None:
+    path = "/v1/users/{user}/servers/{server}/mcp"
+    app.router.add_post(path, relay)
+    app.router.add_get(path, relay)
+    app.router.add_delete(path, relay)

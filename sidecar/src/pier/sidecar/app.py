@@ -1,0 +1,310 @@
+"""The bridge's aiohttp application: wiring, guards, the call API, probes, and serving."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from pier.core.errors import PierError
+from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
+from pier.core.process import clean_env
+from pier.core.tls import server_context
+from pier.core.web import error_response, json_response, origin_allowed, read_body
+from pier.core.web import serve as web_serve
+from pier.sidecar.attach import FifoPeer
+from pier.sidecar.calls import Call, CallRegistry, CallRequest
+from pier.sidecar.child import ChildProcess
+from pier.sidecar.clients import ClientRegistry
+from pier.sidecar.config import SidecarSettings
+from pier.sidecar.mcp_http import StreamableHTTP
+from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
+from pier.sidecar.transport import Transport
+from pier.sidecar.upstream import Upstream
+
+log = logging.getLogger("pier.sidecar")
+
+_HOUSEKEEPING_S = 10.0
+
+
+@dataclass
+class Bridge:
+    """Everything one bridge owns, built once per app.
+
+    Its call API is these methods; the HTTP handlers below serve them, and a router running the
+    bridge in its own process (local backend, in-process mode) calls them directly.
+    """
+
+    settings: SidecarSettings
+    # The server's environment; by default the bridge's own without its settings.
+    server_env: dict[str, str] | None = None
+    metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
+        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self.clients.broadcast)
+        self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
+        self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
+
+    def _make_transport(self) -> Transport:
+        s = self.settings
+        if s.attach_dir is not None:
+            return FifoPeer(s.attach_dir, limit=s.max_message_bytes, stderr_lines=s.stderr_tail_lines)
+        return ChildProcess(
+            s.command,
+            limit=s.max_message_bytes,
+            stderr_lines=s.stderr_tail_lines,
+            kill_timeout=s.kill_timeout_s,
+            cwd=s.cwd,
+            # The server never sees the bridge's own settings (its token among them).
+            env=self.server_env if self.server_env is not None else clean_env(("PIER_SIDECAR_",)),
+        )
+
+    async def start_call(self, body: CallRequest) -> Call:
+        """Start (or join) a call and wait up to `body.wait_s` for it; PierError when refused."""
+        if self.draining:
+            raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
+        try:
+            call = await self.calls.start(body.tool, body.arguments, body.call_id)
+        except PierError as err:
+            self.metrics.rejected.labels(err.code).inc()
+            raise
+        await call.wait(body.wait_s)
+        return call
+
+    async def tools(self) -> list[dict[str, object]]:
+        """The server's tools, once it is ready (PierError if it cannot become ready)."""
+        await self.upstream.wait_ready()
+        return self.upstream.tools
+
+    def status(self) -> dict[str, object]:
+        up = self.upstream
+        init = up.init_result or {}
+        transport = up.transport
+        return {
+            "state": "draining" if self.draining else up.state,
+            "ready": up.ready and not self.draining,
+            "mode": "attach" if self.settings.attach_dir is not None else "child",
+            "pid": transport.pid if transport else None,
+            "restarts": up.restarts,
+            "in_flight": up.in_flight,
+            "queued": up.queued,
+            "calls_running": self.calls.running,
+            "clients": len(self.clients.sessions),
+            "started_at": up.started_at,
+            "last_activity": up.last_activity,
+            "server_info": init.get("serverInfo"),
+            "protocol_version": init.get("protocolVersion"),
+            "tools": len(up.tools),
+            "last_exit": up.last_exit.details() if up.last_exit else None,
+        }
+
+
+BRIDGE = web.AppKey("bridge", Bridge)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_guard(settings: SidecarSettings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    token = settings.token.get_secret_value().encode() if settings.token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(origin, settings.allowed_origins):
+            return error_response(PierError("FORBIDDEN", f"origin {origin!r} is not allowed"))
+        if token is not None and (request.path == "/mcp" or request.path.startswith("/v1/")):
+            supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(supplied, token):
+                return error_response(PierError("UNAUTHENTICATED", "a valid bearer token is required"))
+        return await handler(request)
+
+    return guard
+
+
+# -- the call API ----------------------------------------------------------------------------
+
+
+async def post_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    settings = bridge.settings
+    try:
+        body = CallRequest.parse(parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s)))
+    except TooDeep as exc:
+        return error_response(PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}))
+    except ValueError:
+        return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
+    except PierError as err:
+        return error_response(err)
+    try:
+        call = await bridge.start_call(body)
+    except PierError as err:
+        return error_response(err, retry_after(err))
+    return json_response(call.to_dict(), call.http_status)
+
+
+def retry_after(err: PierError) -> dict[str, str] | None:
+    """The Retry-After header an error's answer carries, if any."""
+    return {"Retry-After": "1"} if err.code in ("CALL_QUEUE_FULL", "SERVER_UNAVAILABLE") else None
+
+
+def _query_float(request: web.Request, name: str, default: float, high: float) -> float:
+    try:
+        return min(max(float(request.query.get(name, default)), 0.0), high)
+    except ValueError:
+        raise PierError("BAD_REQUEST", f"query parameter {name} must be a number") from None
+
+
+async def get_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        call = bridge.calls.get(request.match_info["call_id"])
+        wait_s = _query_float(request, "wait_s", 0, 300)
+        progress_after = (
+            int(_query_float(request, "progress_after", -1, 1e12)) if "progress_after" in request.query else -1
+        )
+    except PierError as err:
+        return error_response(err)
+    await call.wait(wait_s, progress_after)
+    return json_response(call.to_dict(max(progress_after, 0)), call.http_status)
+
+
+async def delete_call(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        call = bridge.calls.get(request.match_info["call_id"])
+    except PierError as err:
+        return error_response(err)
+    bridge.calls.cancel(call, request.query.get("reason", "cancelled by the caller"))
+    return json_response(call.to_dict(), call.http_status)
+
+
+async def get_tools(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    try:
+        tools = await bridge.tools()
+    except PierError as err:
+        return error_response(err, retry_after(err))
+    return json_response({"tools": tools})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return json_response(request.app[BRIDGE].status())
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    up = bridge.upstream
+    lines = list(up.transport.stderr_tail) if up.transport else (up.last_exit.stderr_tail if up.last_exit else [])
+    try:
+        count = int(_query_float(request, "lines", 100, bridge.settings.stderr_tail_lines))
+    except PierError as err:
+        return error_response(err)
+    note = "attach mode: the server's stderr is in its own container's log" if bridge.settings.attach_dir else None
+    return json_response({"lines": lines[-count:] if count else [], "note": note})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    if bridge.upstream.gave_up.is_set():
+        return json_response({"status": "failed", "last_exit": bridge.status()["last_exit"]}, 503)
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    status = bridge.status()
+    return json_response({"ready": status["ready"], "state": status["state"]}, 200 if status["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    bridge.metrics.clients.set(len(bridge.clients.sessions))
+    return web.Response(body=bridge.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[BRIDGE]
+    bridge.upstream.start()
+    housekeeping = asyncio.create_task(_housekeeping(bridge))
+    yield
+    housekeeping.cancel()
+    await asyncio.gather(housekeeping, return_exceptions=True)
+    await bridge.calls.close()
+    await bridge.upstream.stop()
+
+
+async def _housekeeping(bridge: Bridge) -> None:
+    while True:
+        await asyncio.sleep(_HOUSEKEEPING_S)
+        bridge.calls.sweep()
+        for client in bridge.clients.expire():
+            bridge.upstream.mux.cancel_client(client, "client session expired")
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: refuse new work, end GET streams, give in-flight calls the grace period."""
+    bridge = app[BRIDGE]
+    bridge.draining = True
+    bridge.clients.close_all()
+    deadline = time.monotonic() + bridge.settings.shutdown_grace_s
+    # A few polls, once, at shutdown: simpler than an event every call would have to set.
+    while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    if bridge.upstream.in_flight:
+        log.warning("grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight})
+
+
+def create_app(settings: SidecarSettings, server_env: dict[str, str] | None = None) -> web.Application:
+    """The bridge app; the server starts with the app and stops with it."""
+    if not settings.command and settings.attach_dir is None:
+        raise ValueError("the bridge needs a server command or an attach directory")
+    app = web.Application(client_max_size=settings.max_message_bytes, middlewares=[make_guard(settings)])
+    bridge = Bridge(settings, server_env)
+    app[BRIDGE] = bridge
+    app.cleanup_ctx.append(_lifespan)
+    app.on_shutdown.append(_drain)
+    app.router.add_post("/mcp", bridge.mcp.post)
+    app.router.add_get("/mcp", bridge.mcp.get)
+    app.router.add_delete("/mcp", bridge.mcp.delete)
+    app.router.add_post("/v1/calls", post_call)
+    app.router.add_get("/v1/calls/{call_id}", get_call)
+    app.router.add_delete("/v1/calls/{call_id}", delete_call)
+    app.router.add_get("/v1/tools", get_tools)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/logs", get_logs)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(settings: SidecarSettings) -> int:
+    """Run the bridge until SIGTERM/SIGINT (or until the server keeps failing). Returns the exit code."""
+    app = create_app(settings)
+    gave_up = app[BRIDGE].upstream.gave_up
+
+    def listening(url: str) -> None:
+        # One machine-readable line on stdout, so a parent that asked for port 0 learns the real one.
+        sys.stdout.write(dumps({"event": "listening", "url": url}).decode() + "\n")
+        sys.stdout.flush()
+        log.info("bridge listening", extra={"url": url})
+
+    context = None
+    if settings.tls_cert is not None:
+        context = server_context(settings.tls_cert, settings.tls_key or settings.tls_cert, settings.tls_client_ca)
+    await web_serve(
+        app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace_s + 1,
+        on_ready=listening, stop_when=gave_up.wait(), ssl_context=context,
+    )  # fmt: skip
+    return 1 if gave_up.is_set() else 0

@@ -1,0 +1,380 @@
+"""The one stdio server behind the bridge: its runs, its handshake, its caches, its limits.
+
+A supervisor task starts the server, initializes it once, caches the InitializeResult and the
+tool list, and restarts it with backoff when it exits. Requests wait (bounded) for a slot and
+for readiness, then go through the multiplexer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pier.core import __version__
+from pier.core.errors import PierError
+from pier.core.jsonrpc import MAX_DEPTH, Message, dumps, gateway_error_response, loads, too_deep, validate_message
+from pier.sidecar.clients import ClientSession
+from pier.sidecar.config import SidecarSettings
+from pier.sidecar.metrics import BridgeMetrics
+from pier.sidecar.multiplexer import NO_SINK, Multiplexer, Pending, Sink
+from pier.sidecar.transport import ServerExit, Transport, oversize_id
+
+log = logging.getLogger("pier.sidecar.upstream")
+
+HANDSHAKE_VERSION = "2025-11-25"
+# What the bridge offers the server: it can relay these to whichever client is calling.
+BRIDGE_CAPABILITIES = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
+
+
+class Upstream:
+    """Owns the server's lifecycle and is the only way to send it a request."""
+
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        make_transport: Callable[[], Transport],
+        metrics: BridgeMetrics,
+        broadcast: Callable[[Message], None],
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._make_transport = make_transport
+        self.mux = Multiplexer(self._post, broadcast, self._schedule_tools_refresh)
+        self.transport: Transport | None = None
+
+        self.state = "starting"  # starting | ready | restarting | failed | stopped
+        self.init_result: dict[str, Any] | None = None
+        self.tools: list[dict[str, Any]] = []
+        self.tools_by_name: dict[str, dict[str, Any]] = {}
+        self.restarts = 0
+        self.last_exit: ServerExit | None = None
+        self.started_at = time.time()
+        self.last_activity = time.time()
+
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()  # set (then replaced) when the server becomes ready or a run ends
+        self._ever_ready = False
+        self._gave_up = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
+        self._waiting = 0
+        self._active = 0
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tools_task: asyncio.Task[None] | None = None
+        self.on_tools_changed: Callable[[], None] = lambda: None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._supervisor = asyncio.create_task(self._supervise(), name="pier-upstream")
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def gave_up(self) -> asyncio.Event:
+        return self._gave_up
+
+    @property
+    def in_flight(self) -> int:
+        """Callers' requests the server is working on (the bridge's own handshake not counted)."""
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a concurrency slot."""
+        return self._waiting
+
+    async def stop(self) -> None:
+        """Stop the server (stdin EOF → SIGTERM → SIGKILL) and the supervisor."""
+        self._stopping = True
+        self._ready.clear()
+        if self.transport is not None:
+            await self.transport.close()
+        for task in (self._supervisor, self._tools_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self.state = "stopped"
+
+    async def _supervise(self) -> None:
+        backoff = self.settings.restart_backoff_initial_s
+        consecutive_failures = 0
+        while not self._stopping:
+            ready_since = await self._run_once()
+            if self._stopping:
+                return
+            self.restarts += 1
+            self.metrics.restarts.inc()
+            if ready_since is not None and time.monotonic() - ready_since >= self.settings.stable_after_s:
+                consecutive_failures, backoff = 0, self.settings.restart_backoff_initial_s
+            consecutive_failures += 1
+            if self.settings.max_restarts and consecutive_failures > self.settings.max_restarts:
+                self.state = "failed"
+                self._gave_up.set()
+                self._notify()
+                log.error("server keeps failing; giving up", extra={"failures": consecutive_failures})
+                return
+            self.state = "restarting"
+            log.warning("restarting server", extra={"in_s": backoff, "restarts": self.restarts})
+            await asyncio.sleep(backoff)
+            backoff = min(max(backoff * 2, 0.05), self.settings.restart_backoff_max_s)
+
+    async def _run_once(self) -> float | None:
+        """One run of the server, from spawn to exit. Returns when it became ready (or None)."""
+        self.state = "starting"
+        transport = self._make_transport()
+        transport.on_line = self._on_line
+        transport.on_oversize = self._on_oversize
+        ready_since = None
+        try:
+            await transport.open()
+            self.transport = transport
+            closed = asyncio.ensure_future(transport.wait_closed())
+            handshake = asyncio.ensure_future(self._handshake())
+            await asyncio.wait({closed, handshake}, return_when=asyncio.FIRST_COMPLETED)
+            if handshake.done() and handshake.exception() is None:
+                ready_since = time.monotonic()
+                self.state = "ready"
+                self._ready.set()
+                self._ever_ready = True
+                self._notify()
+                self.metrics.server_up.set(1)
+                log.info("server ready", extra={"server": (self.init_result or {}).get("serverInfo")})
+            else:
+                handshake.cancel()
+                with contextlib.suppress(BaseException):
+                    await handshake
+                if not closed.done():
+                    error = handshake.exception() if not handshake.cancelled() else None
+                    log.error("server failed to initialize", extra={"error": str(error)})
+                    await transport.close()
+            exit_info = await closed
+        except OSError as exc:
+            exit_info = ServerExit(reason=f"could not start the server: {exc}")
+        except asyncio.CancelledError:
+            await transport.close()
+            raise
+        self._ready.clear()
+        self.metrics.server_up.set(0)
+        self.last_exit = exit_info
+        self._notify()  # a server that never got ready is reported to its waiters at once
+        self.mux.fail_all(PierError("SERVER_EXITED", exit_info.reason, exit_info.details()), exit_info.self_inflicted)
+        await transport.close()
+        self.transport = None
+        if not self._stopping:
+            log.warning("server exited", extra=exit_info.details())
+        return ready_since
+
+    async def _handshake(self) -> None:
+        timeout = self.settings.start_timeout_s
+        response = await self._internal_request(
+            "initialize",
+            {
+                "protocolVersion": HANDSHAKE_VERSION,
+                "capabilities": BRIDGE_CAPABILITIES,
+                "clientInfo": {"name": "pier-bridge", "version": __version__},
+            },
+            timeout,
+        )
+        self.init_result = response
+        self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        if "tools" in response.get("capabilities", {}):
+            await self._refresh_tools(timeout)
+
+    async def _refresh_tools(self, timeout: float) -> None:
+        tools: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params = {"cursor": cursor} if cursor else {}
+            page = await self._internal_request("tools/list", params, timeout)
+            tools.extend(page.get("tools", []))
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        self.tools = tools
+        self.tools_by_name = {tool["name"]: tool for tool in tools}
+        self.on_tools_changed()
+
+    def _schedule_tools_refresh(self) -> None:
+        if self._tools_task is not None and not self._tools_task.done():
+            return
+        self._tools_task = asyncio.create_task(self._refresh_tools_logged())
+
+    async def _refresh_tools_logged(self) -> None:
+        try:
+            await self._refresh_tools(self.settings.start_timeout_s)
+        except (PierError, TimeoutError) as exc:
+            log.warning("could not refresh the tool list", extra={"error": str(exc)})
+
+    async def _internal_request(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+        pending, outgoing = self.mux.register(
+            {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}, None, NO_SINK
+        )
+        try:
+            await self._send(outgoing)
+            response = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except BaseException:
+            self.mux.discard(pending)
+            raise
+        if "error" in response:
+            error = response["error"]
+            raise PierError("SERVER_ERROR", f"{method} failed: {error.get('message')}", {"error": error})
+        return response["result"]
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def begin(
+        self, message: Message, client: ClientSession | None, sink: Sink, track_progress: bool = False
+    ) -> Pending:
+        """Send a request to the server once a slot is free and the server is ready.
+
+        The slot is held until the request's future resolves (answer, failure or cancel).
+        """
+        if self._stopping:
+            raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
+        await self._acquire_slot()
+        try:
+            await self.wait_ready()
+            pending, outgoing = self.mux.register(message, client, sink, track_progress)
+            try:
+                await self._send(outgoing)
+            except BaseException:
+                self.mux.discard(pending)
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        self._active += 1
+        self.metrics.in_flight.inc()
+        pending.future.add_done_callback(self._release_slot)
+        self.last_activity = time.time()
+        return pending
+
+    def _release_slot(self, _future: asyncio.Future[Message]) -> None:
+        self._slots.release()
+        self._active -= 1
+        self.metrics.in_flight.dec()
+        self.last_activity = time.time()
+
+    def check_capacity(self) -> None:
+        """Refuse a new request when every slot is taken and the wait queue is full."""
+        if self._slots.locked() and self._waiting >= self.settings.max_queued_calls:
+            raise PierError(
+                "CALL_QUEUE_FULL",
+                "too many calls in flight for this session; retry later",
+                {"max_concurrent_calls": self.settings.max_concurrent_calls, "queued": self._waiting},
+            )
+
+    async def _acquire_slot(self) -> None:
+        self.check_capacity()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+
+    async def wait_ready(self) -> None:
+        """Wait (at most the start timeout) until the server is initialized.
+
+        Raises at once, with the exit code and stderr tail, when the server has exited without
+        ever becoming ready (even while this waits): a server that cannot start says so now,
+        not after the start timeout.
+        """
+        if self._ready.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.settings.start_timeout_s):
+                while not self._ready.is_set():
+                    self._raise_if_failed()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise PierError(
+                "SERVER_UNAVAILABLE", "the server did not become ready in time", self._exit_details()
+            ) from None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _raise_if_failed(self) -> None:
+        if self._gave_up.is_set():
+            raise PierError("SERVER_UNAVAILABLE", "the server keeps failing to start", self._exit_details())
+        if self.last_exit is not None and not self._ever_ready:
+            raise PierError(
+                "SERVER_UNAVAILABLE", f"the server failed to start: {self.last_exit.reason}", self._exit_details()
+            )
+
+    def _exit_details(self) -> dict[str, Any]:
+        return self.last_exit.details() if self.last_exit else {}
+
+    # -- the pipe --------------------------------------------------------------------------
+
+    async def _send(self, message: Message) -> None:
+        transport = self.transport
+        if transport is None:
+            raise PierError("SERVER_UNAVAILABLE", "the server is not running")
+        try:
+            await transport.send(dumps(message) + b"\n", self.settings.write_timeout_s)
+        except TimeoutError:
+            raise PierError(
+                "UPSTREAM_TIMEOUT",
+                "the server stopped reading its input",
+                {"timeout_s": self.settings.write_timeout_s},
+            ) from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise PierError("SERVER_EXITED", f"could not write to the server: {exc}", self._exit_details()) from None
+
+    def _post(self, message: Message) -> None:
+        """Write a small control message without waiting (responses, cancellations)."""
+        transport = self.transport
+        if transport is None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            transport.send_nowait(dumps(message) + b"\n")
+
+    def _on_line(self, line: bytes) -> None:
+        try:
+            message = loads(line)
+        except ValueError:
+            self._skip(line, "not JSON")
+            return
+        problem = validate_message(message)
+        if problem:
+            self._skip(line, problem)
+            return
+        if too_deep(message):
+            # It could never be written on to its caller: the caller hears why instead.
+            self.metrics.invalid_lines.inc()
+            log.error("server sent a message nested too deeply", extra={"max_depth": MAX_DEPTH})
+            why = f"the server's response is nested more than {MAX_DEPTH} levels deep"
+            self._refuse_response(message.get("id"), why, {"max_depth": MAX_DEPTH})
+            return
+        self.mux.server_message(message)
+
+    def _skip(self, line: bytes, why: str) -> None:
+        # Servers that print logs to stdout are common; they must not take the session down.
+        self.metrics.invalid_lines.inc()
+        log.warning(
+            "skipped a line from the server",
+            extra={"why": why, "line": line[:200].decode("utf-8", "replace")},
+        )
+
+    def _on_oversize(self, head: bytes, size: int) -> None:
+        self.metrics.oversized.inc()
+        limit = self.settings.max_message_bytes
+        log.error("server sent a message over the size limit", extra={"bytes": size, "limit": limit})
+        self._refuse_response(
+            oversize_id(head), "the server's response exceeds the message size limit", {"bytes": size, "limit": limit}
+        )
+
+    def _refuse_response(self, request_id: object, why: str, details: dict[str, Any]) -> None:
+        """A message from the server that cannot be passed on: fail the request it answers, if any."""
+        pending = self.mux.pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if pending is not None:
+            pending.finish(gateway_error_response(pending.original_id, PierError("SERVER_ERROR", why, details)))

@@ -1,0 +1,1 @@
+"""Development tooling (not shipped): the chart and CRD generated from code (`make manifests`)."""
