@@ -5,7 +5,7 @@ from __future__ import annotations
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from pier.sidecar.models import CallRecord
+from pier.core.bridge import CallAnswer
 from tests.servers import DEMO, bridge_app, get_json, wait_until
 
 
@@ -23,7 +23,7 @@ async def test_a_call_outlives_the_wait_and_runs_exactly_once(http):
         )
         assert status == 202
         assert body["status"] == "running"
-        CallRecord.model_validate(body)
+        CallAnswer.from_dict(body)
 
         # Asking again with the same id joins the same call; it never runs twice.
         status, again = await _post(http, running.url, {"tool": "counter", "call_id": "job-1", "wait_s": 0})
@@ -32,7 +32,7 @@ async def test_a_call_outlives_the_wait_and_runs_exactly_once(http):
         done = await get_json(http, f"{running.url}/v1/calls/job-1?wait_s=30")
         assert done["status"] == "completed"
         assert done["result"]["structuredContent"] == {"result": 1}
-        CallRecord.model_validate(done)
+        CallAnswer.from_dict(done)
 
         status, repeat = await _post(http, running.url, {"tool": "counter", "call_id": "job-1"})
         assert (status, repeat["result"]) == (200, done["result"])

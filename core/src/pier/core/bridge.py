@@ -1,23 +1,35 @@
-"""Client of a bridge's call API, used by the router and the job pool (keep-alive, timeouts)."""
+"""The bridge's call API, both ends: its typed messages, and the handle the router and job pool hold.
+
+A bridge (`pier.sidecar`) serves `POST /v1/calls`, `GET|DELETE /v1/calls/{id}`, `GET /v1/tools` and
+`GET /v1/status`. What those carry is defined here once — `CallRequest`, `CallAnswer`,
+`BridgeStatus` — as checked dataclasses rather than pydantic models: every bridge builds them, and a
+model library would cost each idle bridge its import (see `pier.sidecar.config`).
+
+A `BridgeHandle` is how one session's bridge is called: `HttpBridge` over the network (pods,
+bridge processes, and the job pool always), or the sidecar's `InProcessBridge` for a bridge
+running in the router's own process. Both give the same typed answers and raise the same errors:
+a call refused before it exists raises its `PierError`; a call that ran and failed is an answer
+with `status == "failed"`.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import re
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads
-from pier.sidecar.calls import CallRequest
 
-if TYPE_CHECKING:
-    from pier.sidecar.app import Bridge
+CallStatus = Literal["running", "completed", "failed", "cancelled"]
 
 # Beyond a long-poll's own wait, how long the network may take.
-_SLACK_S = 10.0
+SLACK_S = 10.0
+_CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
+_REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s"})
 
 
 @dataclass(frozen=True)
@@ -39,87 +51,212 @@ class BridgeUnreachable(PierError):
         self.endpoint = endpoint
 
 
-class BridgeClient:
-    """Calls into bridges over one shared connection pool, or directly when they run in this process.
+# -- what the call API carries ------------------------------------------------------------------
 
-    A bridge in `local` (the router's in-process local sessions) is still served over HTTP, for
-    the MCP relay and the job pool's workers; this client just skips the HTTP round trip to it.
-    """
 
-    def __init__(self, http: aiohttp.ClientSession, ssl_context: ssl.SSLContext | None = None) -> None:
+@dataclass(slots=True)
+class CallRequest:
+    """`POST /v1/calls`: start a tool call (or join the one with the same `call_id`)."""
+
+    tool: str
+    arguments: dict[str, Any]
+    call_id: str | None = None
+    wait_s: float = 30.0
+
+    @classmethod
+    def parse(cls, data: Any) -> CallRequest:
+        """The request in `data`, or INVALID_ARGUMENTS listing what is wrong with it."""
+        if not isinstance(data, dict):
+            raise _invalid_body([([], "the body must be a JSON object")])
+        errors: list[tuple[list[Any], str]] = [
+            ([name], "extra fields not permitted") for name in data.keys() - _REQUEST_FIELDS
+        ]
+        tool = data.get("tool")
+        if not isinstance(tool, str) or not tool:
+            errors.append((["tool"], "a non-empty string is required"))
+        arguments = data.get("arguments", {})
+        if not isinstance(arguments, dict):
+            errors.append((["arguments"], "must be an object"))
+        call_id = data.get("call_id")
+        if call_id is not None and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+            errors.append((["call_id"], "1-200 characters: letters, digits and . _ : -"))
+        wait_s = data.get("wait_s", 30.0)
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 300:
+            errors.append((["wait_s"], "a number of seconds from 0 to 300"))
+        if errors:
+            raise _invalid_body(errors)
+        return cls(tool, arguments, call_id, float(wait_s))  # type: ignore[arg-type]  # checked above
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "arguments": self.arguments, "call_id": self.call_id, "wait_s": self.wait_s}
+
+
+def _invalid_body(errors: list[tuple[list[Any], str]]) -> PierError:
+    details = {"errors": [{"path": path, "message": message} for path, message in errors]}
+    return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", details)
+
+
+@dataclass(slots=True)
+class CallAnswer:
+    """A call as the bridge reports it: running (with its progress so far), or how it ended."""
+
+    call_id: str
+    tool: str
+    status: CallStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # a PierError's dict when status is "failed"
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    progress_count: int = 0
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def failure(self) -> PierError | None:
+        """Why the call failed, or None."""
+        return PierError.from_dict(self.error) if self.error is not None else None
+
+    @property
+    def http_status(self) -> int:
+        """202 while running, 200 once done, the error's status when it failed."""
+        if self.status == "running":
+            return 202
+        failure = self.failure
+        return failure.http_status if failure is not None else 200
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallAnswer:
+        if data.get("status") not in ("running", "completed", "failed", "cancelled") or "call_id" not in data:
+            raise ValueError(f"not a call answer: {str(data)[:200]}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(slots=True)
+class BridgeStatus:
+    """`GET /v1/status`: the bridge and its server, and how busy they are."""
+
+    state: str  # starting | ready | restarting | failed | stopped | draining
+    ready: bool
+    mode: Literal["child", "attach"]
+    pid: int | None = None
+    restarts: int = 0
+    in_flight: int = 0  # requests the server is working on
+    queued: int = 0  # requests waiting for a concurrency slot
+    calls_running: int = 0  # call-API calls not finished
+    clients: int = 0  # MCP client sessions
+    started_at: float = 0.0
+    last_activity: float = 0.0
+    server_info: dict[str, Any] | None = None
+    protocol_version: str | None = None
+    tools: int = 0
+    last_exit: dict[str, Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Something is running or waiting on this bridge: it must not be reaped or evicted."""
+        return bool(self.in_flight or self.calls_running or self.queued)
+
+    def idle_for(self, now: float, last_used: float = 0.0) -> float:
+        """Seconds since the last activity the bridge (or, `last_used`, its user's router) saw."""
+        return now - max(self.last_activity, last_used)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BridgeStatus:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+# -- the handle --------------------------------------------------------------------------------
+
+
+class BridgeHandle(Protocol):
+    """One session's bridge, wherever it runs."""
+
+    endpoint: Endpoint  # where it is served over HTTP (the relay and the job pool reach it there)
+
+    async def start_call(self, request: CallRequest) -> CallAnswer:
+        """Start (or join) a call and wait up to `request.wait_s`; PierError when it is refused."""
+        ...
+
+    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
+        """A call's state: returns at completion, at new progress, or after `wait_s`."""
+        ...
+
+    async def cancel_call(self, call_id: str) -> CallAnswer:
+        """Cancel a call (`notifications/cancelled` reaches the server)."""
+        ...
+
+    async def tools(self, timeout: float) -> list[dict[str, Any]]:
+        """The server's tools, once it is ready (PierError if it cannot become ready)."""
+        ...
+
+    async def status(self, timeout: float = 5.0) -> BridgeStatus: ...
+
+
+class HttpBridge:
+    """A bridge reached over HTTP, through a shared connection pool (keep-alive, timeouts)."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, endpoint: Endpoint, ssl_context: ssl.SSLContext | bool = True
+    ) -> None:
         self.http = http
-        # mTLS to the bridges when configured; the default context otherwise (https endpoints).
-        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
-        self.local: dict[str, Bridge] = {}  # endpoint URL → a bridge running in this process
+        self.endpoint = endpoint
+        self.ssl = ssl_context
 
-    async def _request(
-        self, method: str, endpoint: Endpoint, path: str, timeout: float, body: Any = None
-    ) -> tuple[int, dict[str, Any]]:
+    async def _request(self, method: str, path: str, timeout: float, body: Any = None) -> tuple[int, dict[str, Any]]:
         try:
             async with self.http.request(
                 method,
-                endpoint.url + path,
+                self.endpoint.url + path,
                 data=dumps(body) if body is not None else None,
-                headers={**endpoint.headers(), "Content-Type": "application/json"},
+                headers={**self.endpoint.headers(), "Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 ssl=self.ssl,
             ) as response:
                 raw = await response.read()
                 return response.status, loads(raw) if raw else {}
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            raise BridgeUnreachable(endpoint, exc) from exc
-        except ValueError as exc:  # not JSON: not a bridge
-            raise BridgeUnreachable(endpoint, exc) from exc
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, ValueError) as exc:  # ValueError: not a bridge
+            raise BridgeUnreachable(self.endpoint, exc) from exc
 
-    async def start_call(
-        self, endpoint: Endpoint, tool: str, arguments: dict[str, Any], call_id: str, wait_s: float
-    ) -> tuple[int, dict[str, Any]]:
-        """Start (or join) a call; 200/4xx/5xx when it finished in `wait_s`, 202 while it runs."""
-        body = {"tool": tool, "arguments": arguments, "call_id": call_id, "wait_s": wait_s}
-        bridge = self.local.get(endpoint.url)
-        if bridge is not None:
-            try:  # the same bound as over HTTP: a bridge that never answers is unreachable, not awaited forever
-                async with asyncio.timeout(wait_s + _SLACK_S):
-                    return await _direct_call(bridge, body)
-            except TimeoutError as exc:
-                raise BridgeUnreachable(endpoint, exc) from exc
-        return await self._request("POST", endpoint, "/v1/calls", wait_s + _SLACK_S, body)
+    async def _answer(self, method: str, path: str, timeout: float, body: Any = None) -> CallAnswer:
+        status, data = await self._request(method, path, timeout, body)
+        if "call_id" not in data:  # refused: the call does not exist
+            raise PierError.from_dict(data.get("error") or {"code": "INTERNAL", "message": f"HTTP {status}"})
+        try:
+            return CallAnswer.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise BridgeUnreachable(self.endpoint, exc) from exc
 
-    async def get_call(
-        self, endpoint: Endpoint, call_id: str, wait_s: float = 0, progress_after: int | None = None
-    ) -> tuple[int, dict[str, Any]]:
+    async def start_call(self, request: CallRequest) -> CallAnswer:
+        return await self._answer("POST", "/v1/calls", request.wait_s + SLACK_S, request.to_dict())
+
+    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
         query = f"?wait_s={wait_s}"
         if progress_after is not None:
             query += f"&progress_after={progress_after}"
-        return await self._request("GET", endpoint, f"/v1/calls/{call_id}{query}", wait_s + _SLACK_S)
+        return await self._answer("GET", f"/v1/calls/{call_id}{query}", wait_s + SLACK_S)
 
-    async def cancel_call(self, endpoint: Endpoint, call_id: str) -> tuple[int, dict[str, Any]]:
-        return await self._request("DELETE", endpoint, f"/v1/calls/{call_id}", _SLACK_S)
+    async def cancel_call(self, call_id: str) -> CallAnswer:
+        return await self._answer("DELETE", f"/v1/calls/{call_id}", SLACK_S)
 
-    async def tools(self, endpoint: Endpoint, timeout: float) -> list[dict[str, Any]]:
-        bridge = self.local.get(endpoint.url)
-        if bridge is not None:
-            try:
-                return await asyncio.wait_for(bridge.tools(), timeout)
-            except TimeoutError as exc:
-                raise BridgeUnreachable(endpoint, exc) from exc
-        status, body = await self._request("GET", endpoint, "/v1/tools", timeout)
+    async def tools(self, timeout: float) -> list[dict[str, Any]]:
+        status, body = await self._request("GET", "/v1/tools", timeout)
         if status != 200:
             raise PierError.from_dict(body.get("error") or {"code": "SESSION_START_FAILED"})
-        return body["tools"]
+        tools: list[dict[str, Any]] = body["tools"]
+        return tools
 
-    async def status(self, endpoint: Endpoint, timeout: float = 5.0) -> dict[str, Any]:
-        bridge = self.local.get(endpoint.url)
-        if bridge is not None:
-            return bridge.status()
-        _, body = await self._request("GET", endpoint, "/v1/status", timeout)
-        return body
-
-
-async def _direct_call(bridge: Bridge, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """`POST /v1/calls` on a bridge in this process: the same checks and answer, no HTTP."""
-    try:
-        call = await bridge.start_call(CallRequest.parse(body))
-    except PierError as err:
-        return err.http_status, {"error": err.to_dict()}
-    return call.http_status, call.to_dict()
+    async def status(self, timeout: float = 5.0) -> BridgeStatus:
+        _, body = await self._request("GET", "/v1/status", timeout)
+        try:
+            return BridgeStatus.from_dict(body)
+        except TypeError as exc:
+            raise BridgeUnreachable(self.endpoint, exc) from exc

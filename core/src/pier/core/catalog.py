@@ -10,10 +10,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pier.core import defaults
 from pier.core.errors import PierError
+from pier.core.names import PROFILE_NAME, anchored
 from pier.core.policy import ToolRules
-
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
 class Profile(BaseModel):
@@ -21,14 +21,14 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=anchored(PROFILE_NAME))
     description: str = ""
     command: list[str] = Field(min_length=1, description="stdio server command and arguments")
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
     image: str | None = Field(default=None, description="Kubernetes: run the server in its own container")
     call_timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold")
-    max_concurrent_calls: int = Field(default=16, ge=1)
+    max_concurrent_calls: int = Field(default=defaults.MAX_CONCURRENT_CALLS, ge=1)
     ttl_s: float | None = Field(default=None, ge=0, description="idle TTL; 0 = never reaped")
     trust_annotations: bool = Field(
         default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
@@ -41,6 +41,10 @@ class Profile(BaseModel):
     egress: list[dict[str, Any]] | None = Field(
         default=None, description="Kubernetes: egress rules (NetworkPolicy) of its session pods; the Helm chart's"
     )
+
+    def idle_ttl_s(self, default: float) -> float:
+        """How long an idle session of this profile lives (0: forever); `default` when it sets none."""
+        return self.ttl_s if self.ttl_s is not None else default
 
     def retry_safe(self, tool: str, spec: dict[str, Any] | None) -> bool:
         """May a call of `tool` run again after a transport failure?"""

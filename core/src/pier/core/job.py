@@ -1,11 +1,24 @@
-"""Job records as stored in Redis, and the views callers see."""
+"""A job: a call the router handed off (or a keyed call it runs), its record in Redis, and the one
+place its state changes.
+
+States: ``queued`` (handed off, no worker yet) → ``running`` (a worker follows it; a call the router
+runs itself under an Idempotency-Key starts here) → ``completed`` | ``failed`` | ``cancelled``. A
+running job may be re-run (a new call id, one more attempt) when its session lost it, if it is
+retry-safe and was not the suspect of its server's crash. An ended job never changes again (but for
+its webhook's delivery state). Every change goes through a method below, which says whether it
+applied; `JobStore.update` applies one atomically.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from pier.core.errors import PierError
+from pier.core.policy import Caller
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -54,6 +67,60 @@ class JobRecord(BaseModel):
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    def caller(self) -> Caller:
+        """Who asked for this call, as the policy hook judges its result."""
+        key_id = str(self.identity.get("key_id") or "")
+        return Caller(self.identity, key_id, self.user, self.server, self.policy_url, via="job")
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def take(self) -> bool:
+        """queued → running: a worker starts following the call."""
+        if self.status != "queued":
+            return False
+        self.status = "running"
+        return True
+
+    def note_progress(self, latest: dict[str, Any] | None, count: int) -> bool:
+        """The call's latest progress, while it runs."""
+        if self.done:
+            return False
+        self.progress, self.progress_count = latest, count
+        return True
+
+    def may_rerun(self, max_reruns: int, suspect: bool) -> bool:
+        """May this job's call run again after its session lost it?
+
+        Only a retry-safe call, within `max_reruns`, and never the suspect of its server's exit (the
+        newest call in flight when the server ended by itself may be what killed it).
+        """
+        return self.retry_safe and not suspect and not self.done and self.attempts <= max_reruns
+
+    def rerun(self, call_id: str) -> bool:
+        """The job now follows a new run of its call, `call_id`."""
+        if self.done:
+            return False
+        self.call_id, self.attempts = call_id, self.attempts + 1
+        return True
+
+    def finish(
+        self, status: Literal["completed", "failed", "cancelled"], result: dict[str, Any] | None = None,
+        error: PierError | None = None,
+    ) -> bool:  # fmt: skip
+        """→ completed / failed / cancelled, once: an ended job stays as it ended."""
+        if self.done:
+            return False
+        self.status = status
+        self.result = result
+        self.error = JobError(**error.to_dict()) if error else None
+        self.finished_at = time.time()
+        return True
+
+    def webhook_sent(self, delivered: bool) -> bool:
+        """The completion webhook was delivered, or dead-lettered after its last attempt."""
+        self.webhook_state = "delivered" if delivered else "dead"
+        return True
 
     def view(self) -> dict[str, Any]:
         """`GET /v1/jobs/{id}`."""

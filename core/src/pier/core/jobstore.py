@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -28,7 +28,7 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pier.core.errors import PierError
-from pier.core.job import JobError, JobRecord
+from pier.core.job import JobRecord
 from pier.core.jsonrpc import dumps, loads
 
 log = logging.getLogger("pier.core.jobstore")
@@ -188,9 +188,10 @@ class JobStore:
         raw = await self.redis.get(job_key(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
-    async def update(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord | None:
-        """Apply `change` to the stored record atomically (optimistic lock); it returns False to skip.
+    async def update(self, job_id: str, change: Callable[[JobRecord], bool]) -> tuple[JobRecord | None, bool]:
+        """Apply `change` (a `JobRecord` transition) to the stored record atomically (optimistic lock).
 
+        Returns the record as stored afterwards (None when it is gone) and whether `change` applied.
         Two parties may race (a worker finishing, a caller cancelling): whoever writes second sees
         the first one's state and decides again, so a finished job is never overwritten.
         """
@@ -201,39 +202,30 @@ class JobStore:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
                     if not raw:
-                        return None
+                        return None, False
                     record = JobRecord.model_validate_json(raw)
                     if not change(record):
-                        return record
+                        return record, False
                     pipe.multi()
                     self._put(pipe, record, self._ttl(record))
                     await pipe.execute()
-                    return record
+                    return record, True
                 except WatchError:
                     continue
 
     async def finish(
-        self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
+        self,
+        job_id: str,
+        status: Literal["completed", "failed", "cancelled"],
+        result: dict[str, Any] | None = None,
+        error: PierError | None = None,
     ) -> JobRecord | None:
         """End a job (unless it has ended already) and publish its completion.
 
         Returns the record if this call ended it, None if it was gone or had ended before.
         """
-        finished = False
-
-        def change(record: JobRecord) -> bool:
-            nonlocal finished
-            if record.done:
-                return False
-            record.status = status  # type: ignore[assignment]
-            record.result = result
-            record.error = JobError(**error.to_dict()) if error else None
-            record.finished_at = time.time()
-            finished = True
-            return True
-
-        record = await self.update(job_id, change)
-        if record is None or not finished:
+        record, ended = await self.update(job_id, lambda r: r.finish(status, result, error))
+        if record is None or not ended:
             return None
         await self.publish(job_id, {"type": "completed", **record.completion_event()})
         return record

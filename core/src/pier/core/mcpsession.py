@@ -1,13 +1,26 @@
-"""The MCPSession resource: pydantic models, the one source of truth for the CRD's schema."""
+"""The MCPSession resource: its schema (the CRD is generated from these models), its names and
+labels, the body the router creates, and the status the operator writes and the router reads.
+
+One source of truth for both ends: the router builds sessions with `new_session` and reads them with
+`MCPSessionStatus`; the operator reads `MCPSessionSpec` and writes `MCPSessionStatus` (as a merge
+patch of what changed, `status_patch`).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pier.core import defaults
+from pier.core.catalog import Profile
+from pier.core.names import PROFILE_NAME, USER_ID, anchored
+
 GROUP = "pier.dev"
 VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
 PLURAL = "mcpsessions"
 KIND = "MCPSession"
 SESSION_LABEL = "pier.dev/session"
@@ -28,9 +41,8 @@ class ServerSpec(Strict):
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["profile"]}, {"required": ["command"]}]})
 
     profile: str | None = Field(
-        default=None, description="name of a profile in the platform's catalog",
-        pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
-    )  # fmt: skip
+        default=None, description="name of a profile in the platform's catalog", pattern=anchored(PROFILE_NAME)
+    )
     command: list[str] | None = Field(default=None, description="stdio server command and arguments", min_length=1)
     env: list[dict[str, Any]] | None = Field(
         default=None,
@@ -54,15 +66,17 @@ class ServerSpec(Strict):
 
 class MCPSessionSpec(Strict):
     user_id: str = Field(
-        alias="userId", description="tenant key", min_length=1, max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$",
-    )  # fmt: skip
-    server: ServerSpec
-    ttl_seconds: int = Field(default=3600, alias="ttlSeconds", ge=0, description="idle TTL; 0 = never reaped")
-    call_timeout_seconds: int = Field(
-        default=25, alias="callTimeoutSeconds", ge=1, le=3600, description="router's hand-off threshold"
+        alias="userId", description="tenant key", min_length=1, max_length=128, pattern=anchored(USER_ID)
     )
-    max_concurrent_calls: int = Field(default=16, alias="maxConcurrentCalls", ge=1, le=1024)
+    server: ServerSpec
+    ttl_seconds: int = Field(
+        default=defaults.SESSION_TTL_S, alias="ttlSeconds", ge=0, description="idle TTL; 0 = never reaped"
+    )
+    call_timeout_seconds: int | None = Field(
+        default=None, alias="callTimeoutSeconds", ge=1, le=3600,
+        description="the router's hand-off threshold for calls to this session (default: the profile's)",
+    )  # fmt: skip
+    max_concurrent_calls: int = Field(default=defaults.MAX_CONCURRENT_CALLS, alias="maxConcurrentCalls", ge=1, le=1024)
 
 
 class ServerInfo(Strict):
@@ -91,3 +105,69 @@ class MCPSessionStatus(Strict):
     last_replace_time: str | None = Field(default=None, alias="lastReplaceTime")
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
     conditions: list[Condition] | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.phase == "Ready" and bool(self.endpoint)
+
+    def not_ready_reason(self) -> str:
+        """Why the session is not Ready, as its Ready condition says."""
+        for condition in self.conditions or []:
+            if condition.type == "Ready" and condition.status != "True":
+                return f"{condition.reason}: {condition.message}"
+        return f"phase {self.phase or 'Pending'}"
+
+    def as_object(self) -> dict[str, Any]:
+        """The status as the API server stores it (camelCase, unset fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def status_patch(old: MCPSessionStatus, new: MCPSessionStatus) -> dict[str, Any]:
+    """A merge patch from `old` to `new`: the fields that changed, None for the ones removed."""
+    before, after = old.as_object(), new.as_object()
+    patch: dict[str, Any] = {key: value for key, value in after.items() if before.get(key) != value}
+    patch.update({key: None for key in before.keys() - after.keys()})
+    return patch
+
+
+# -- names and labels ---------------------------------------------------------------------------
+
+
+def session_name(user: str, profile: str) -> str:
+    """A valid, deterministic object name: readable where it can be, unique always (a digest)."""
+    digest = hashlib.sha256(f"{user}\0{profile}".encode()).hexdigest()[:10]
+    readable = re.sub(r"[^a-z0-9-]+", "-", f"{profile}-{user}".lower()).strip("-")[:40].strip("-")
+    return f"{readable}-{digest}" if readable else f"s-{digest}"
+
+
+def label_value(text: str) -> str:
+    """A valid label value (≤ 63 characters of [A-Za-z0-9._-]) that still tells who it is."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._-")
+    if len(cleaned) <= 63 and cleaned == text:
+        return cleaned
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    prefix = cleaned[:50].strip("._-")
+    return f"{prefix}-{digest}" if prefix else digest
+
+
+def new_session(user: str, profile: Profile, ttl_s: float) -> dict[str, Any]:
+    """The MCPSession the router creates for `user`'s first use of `profile`."""
+    spec = MCPSessionSpec(
+        user_id=user,
+        server=ServerSpec(profile=profile.name),
+        ttl_seconds=int(ttl_s),
+        max_concurrent_calls=profile.max_concurrent_calls,
+    )
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": session_name(user, profile.name),
+            "labels": {
+                USER_LABEL: label_value(user),
+                PROFILE_LABEL: profile.name,
+                "app.kubernetes.io/managed-by": "pier-router",
+            },
+        },
+        "spec": spec.model_dump(by_alias=True, exclude_none=True),
+    }

@@ -1,4 +1,9 @@
-"""Policy: the built-in tool rules of a profile, and the external policy hook (minibridge's Policer).
+"""Policy: where every tool call and message is judged, whichever way it came in.
+
+`Gate` is the one place the built-in tool rules of a profile and the external policy hook
+(minibridge's Policer) are applied, and the audit record written: the router's ingress
+pipeline (REST, bridgekit, the MCP relay, WebSocket) and the job pool (a handed-off call's
+result) both go through it.
 
 The hook receives every message from a caller (`Input`) and every response from the server
 (`Output`) before it is forwarded: `{"type": "Input"|"Output", "messages": ["<raw JSON-RPC>"]}`
@@ -10,15 +15,17 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
+from pier.core import audit
 from pier.core.errors import PierError
-from pier.core.jsonrpc import dumps, loads
+from pier.core.jsonrpc import Message, dumps, loads
 
 log = logging.getLogger("pier.core.policy")
 
@@ -63,14 +70,22 @@ class PolicyDenied(PierError):
         self.reasons = reasons
 
 
-@dataclass
-class PolicyContext:
-    """Who is asking, about which session: sent along with every message."""
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, for which user's session of which profile, and through which entry point."""
 
+    identity: dict[str, Any]  # the principal as audit records and the policy hook see it (no secret)
+    key_id: str  # the key's digest, for per-key tool rules
     user: str
     profile: str
-    session: str
-    identity: dict[str, Any] = field(default_factory=dict)
+    policy_url: str | None  # the profile's hook, else the global one; None: no hook
+    tool_rules: ToolRules | None = None
+    via: str = "rest"  # rest | chat | mcp | ws | job
+
+    def context(self) -> dict[str, Any]:
+        """What the policy hook learns besides the messages."""
+        return {"user": self.user, "profile": self.profile, "session": f"{self.user}/{self.profile}",
+                "identity": self.identity}  # fmt: skip
 
 
 class PolicyMetrics:
@@ -98,18 +113,11 @@ class Policer:
         self.fail_open = fail_open
         self.timeout_s = timeout_s
 
-    async def check(self, url: str | None, kind: Kind, messages: list[Any], context: PolicyContext) -> None:
+    async def check(self, url: str | None, kind: Kind, messages: list[Any], context: dict[str, Any]) -> None:
         """Raise PolicyDenied unless the policy at `url` allows `messages` (no url: allowed)."""
         if not url or not messages:
             return
-        body = {
-            "type": kind,
-            "messages": [m if isinstance(m, str) else dumps(m).decode() for m in messages],
-            "user": context.user,
-            "profile": context.profile,
-            "session": context.session,
-            "identity": context.identity,
-        }
+        body = {"type": kind, "messages": [m if isinstance(m, str) else dumps(m).decode() for m in messages], **context}
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -142,3 +150,46 @@ def _parse(raw: bytes) -> tuple[str | None, list[str]]:
         return None, []
     reasons = data.get("reasons") or []
     return data.get("decision"), [str(r) for r in reasons] if isinstance(reasons, list) else [str(reasons)]
+
+
+class Gate:
+    """Tool rules → policy hook → audit record, for every call and message wherever it entered."""
+
+    def __init__(self, policer: Policer, audit_log: bool = True) -> None:
+        self.policer = policer
+        self.audit_log = audit_log
+
+    async def check_call(
+        self, caller: Caller, tool: str, arguments: Any, message: Message | None = None, request_id: str | int = 0
+    ) -> None:
+        """A tool call, before it reaches the server: the profile's rules, then the hook (`Input`).
+
+        `message` is the JSON-RPC request as the client sent it (the relay); built from the call,
+        with `request_id`, otherwise. Raises PolicyDenied (its caller audits the denial).
+        """
+        if caller.tool_rules is not None:
+            caller.tool_rules.check(tool, caller.user, caller.key_id)
+        if caller.policy_url:  # the message is built only for a hook that reads it
+            params = {"name": tool, "arguments": arguments}
+            request = message or {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+            await self.policer.check(caller.policy_url, "Input", [request], caller.context())
+
+    async def check_messages(self, caller: Caller, messages: list[Message]) -> None:
+        """Messages other than tool calls, before they reach the server (hook `Input`)."""
+        await self.policer.check(caller.policy_url, "Input", messages, caller.context())
+
+    async def check_output(self, caller: Caller, message: Message) -> None:
+        """A message from the server, before the caller gets it (hook `Output`); raises PolicyDenied."""
+        await self.policer.check(caller.policy_url, "Output", [message], caller.context())
+
+    def audit(
+        self, caller: Caller, tool: str, arguments: Any, outcome: str, started: float,
+        denied: PolicyDenied | None = None,
+    ) -> None:  # fmt: skip
+        """The call's audit record (`started`: its time.monotonic() start, or 0 for a refusal)."""
+        if self.audit_log:
+            audit.record(
+                who=caller.identity, user=caller.user, profile=caller.profile, tool=tool, arguments=arguments,
+                decision="deny" if denied else "allow", decided_by=denied.details["decided_by"] if denied else None,
+                outcome=outcome, duration_ms=(time.monotonic() - started) * 1000 if started else 0.0, via=caller.via,
+            )  # fmt: skip

@@ -18,6 +18,13 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+class CoalescedSSE(web.StreamResponse):
+    """An SSE response whose headers leave with its first event (as `web.Response` does),
+    rather than in a write of their own."""
+
+    _send_headers_immediately = False
+
+
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=dumps(payload), content_type="application/json", headers=headers)
 

@@ -21,7 +21,7 @@ class JobsSettings(BaseSettings):
     visibility_timeout_s: float = Field(default=30.0, gt=0, description="a silent worker's jobs are reclaimed after")
     poll_wait_s: float = Field(default=20.0, gt=0, description="long-poll of a bridge call")
     result_ttl_s: int = Field(default=3600, ge=60)
-    max_retries: int = Field(default=2, ge=0, description="re-runs of a retry-safe job whose session lost it")
+    max_reruns: int = Field(default=2, ge=0, description="re-runs of a retry-safe job whose session lost it")
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = Field(default=None, description="Standard Webhooks secret (whsec_…)")
     webhook_timeout_s: float = Field(default=10.0, gt=0)

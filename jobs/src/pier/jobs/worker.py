@@ -9,9 +9,11 @@ the session lost the call is it run again, and only if that is safe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import ssl
 import time
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -19,11 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
 from pier.core import logs
-from pier.core.bridge import BridgeClient, BridgeUnreachable, Endpoint
+from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jobstore import GROUP, STREAM, JobStore, connect
-from pier.core.policy import Policer, PolicyContext, PolicyDenied, PolicyMetrics
+from pier.core.policy import Gate, Policer, PolicyDenied, PolicyMetrics
 from pier.core.tls import client_context
 from pier.core.web import json_response, serve
 from pier.jobs.config import JobsSettings
@@ -44,9 +46,9 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.store = JobStore(self.redis, settings.result_ttl_s)
         self.http: aiohttp.ClientSession | None = None
-        self.bridge: BridgeClient
+        self.bridge_ssl: ssl.SSLContext | bool = True
         self.webhooks: WebhookSender
-        self.policer: Policer
+        self.gate: Gate
         self.following: dict[str, asyncio.Task[None]] = {}  # stream entry id → its task
         self._slots = asyncio.Semaphore(settings.max_jobs)
         self._loops: list[asyncio.Task[None]] = []
@@ -56,23 +58,20 @@ class Worker:
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         s = self.settings
-        bridge_ssl = (
-            client_context(s.internal_tls_ca, s.internal_tls_cert, s.internal_tls_key)
-            if (s.internal_tls_cert is not None)
-            else None
-        )
-        self.bridge = BridgeClient(self.http, bridge_ssl)
+        if s.internal_tls_cert is not None:
+            self.bridge_ssl = client_context(s.internal_tls_ca, s.internal_tls_cert, s.internal_tls_key)
         secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
         if self.settings.webhook_url and not secret:
             log.warning("webhooks will be sent unsigned: set PIER_WEBHOOK_SECRET")
         policy_token = self.settings.policy_token.get_secret_value() if self.settings.policy_token else None
-        self.policer = Policer(
+        policer = Policer(
             self.http,
             PolicyMetrics(self.metrics.registry),
             policy_token,
             self.settings.policy_fail_open,
             self.settings.policy_timeout_s,
         )
+        self.gate = Gate(policer, audit_log=False)  # the router audited the call when it handed it off
         self.webhooks = WebhookSender(
             self.http, self.redis, self.metrics, secret, self.settings.webhook_timeout_s,
             self.settings.webhook_attempts, self.settings.webhook_backoff_s,
@@ -193,6 +192,10 @@ class Worker:
 
     # -- one job ---------------------------------------------------------------------------
 
+    def _bridge(self, record: JobRecord) -> HttpBridge:
+        assert self.http is not None
+        return HttpBridge(self.http, Endpoint(record.endpoint, record.endpoint_token), self.bridge_ssl)
+
     async def _follow(self, job_id: str) -> None:
         record = await self.store.get(job_id)
         if record is None:
@@ -201,143 +204,108 @@ class Worker:
         if record.done:
             await self._after_finish(record)  # a reclaimed job whose webhook may not have gone out
             return
-        record = await self.store.update(job_id, _mark_running) or record
+        record = (await self.store.update(job_id, JobRecord.take))[0] or record
         seen = record.progress_count
         last_save = 0.0
         unreachable = 0
         while True:
-            endpoint = Endpoint(record.endpoint, record.endpoint_token)
             try:
-                status, call = await self.bridge.get_call(
-                    endpoint, record.call_id, self.settings.poll_wait_s, progress_after=seen
-                )
+                answer = await self._bridge(record).get_call(record.call_id, self.settings.poll_wait_s, seen)
                 unreachable = 0
             except BridgeUnreachable as exc:
                 unreachable += 1
                 if unreachable < _UNREACHABLE_TRIES:
                     await asyncio.sleep(0.5 * unreachable)
                     continue
-                record = await self._session_lost(record, f"the session is gone: {exc.message}")
-                if record is None:
+                lost = await self._session_lost(record, f"the session is gone: {exc.message}")
+                if lost is None:
                     return
+                record = lost
                 continue
-            if status == 404:
-                record = await self._session_lost(record, "the session was replaced and no longer knows the call")
-                if record is None:
+            except PierError as err:  # CALL_NOT_FOUND
+                lost = await self._session_lost(record, f"the session no longer knows the call: {err.message}")
+                if lost is None:
                     return
+                record = lost
                 continue
-            state = call.get("status")
-            if state == "running":
-                seen = await self._progress(record, call, seen)
+            if answer.status == "running":
+                seen = await self._progress(record, answer, seen)
                 if time.monotonic() - last_save >= _PROGRESS_SAVE_S:
                     last_save = time.monotonic()
-                    latest = call["progress"][-1] if call.get("progress") else record.progress
-                    record = await self.store.update(job_id, _progress_change(latest, seen)) or record
+                    latest = answer.progress[-1] if answer.progress else record.progress
+                    note = functools.partial(JobRecord.note_progress, latest=latest, count=seen)
+                    saved, _ = await self.store.update(job_id, note)
+                    record = saved or record
                     if record.done:  # cancelled meanwhile
                         return
                 continue
-            if state == "completed":
-                await self._finish(job_id, "completed", result=call.get("result"))
-            elif state == "cancelled":
-                await self._finish(job_id, "cancelled", error=PierError("CANCELLED", "the call was cancelled"))
-            elif (call.get("error") or {}).get("code") == "SERVER_EXITED":
-                error = call["error"]
-                suspect = bool((error.get("details") or {}).get("suspect"))
-                record = await self._session_lost(record, error["message"], suspect)
-                if record is None:
+            failure = answer.failure
+            if answer.status == "completed":
+                await self._finish(record, "completed", result=answer.result)
+            elif answer.status == "cancelled":
+                await self._finish(record, "cancelled", error=PierError("CANCELLED", "the call was cancelled"))
+            elif failure is not None and failure.code == "SERVER_EXITED":
+                lost = await self._session_lost(record, failure.message, bool(failure.details.get("suspect")))
+                if lost is None:
                     return
+                record = lost
                 continue
             else:
-                await self._finish(job_id, "failed", error=PierError.from_dict(call.get("error") or {}))
+                await self._finish(record, "failed", error=failure)
             return
 
-    async def _progress(self, record: JobRecord, call: dict[str, Any], seen: int) -> int:
+    async def _progress(self, record: JobRecord, answer: CallAnswer, seen: int) -> int:
         """Publish progress the bridge reported since `seen`; returns the new count."""
-        count = call.get("progress_count", seen)
-        for item in call.get("progress", []):
+        for item in answer.progress:
             await self.store.publish(record.job_id, {"type": "progress", "job_id": record.job_id, **item})
-        return count
+        return answer.progress_count
 
     async def _session_lost(self, record: JobRecord, why: str, suspect: bool = False) -> JobRecord | None:
         """The call died with its server or session: run it again if safe, else fail the job.
 
-        A `suspect` call (the newest in flight when its server exited) may have killed the server
-        itself: it is not run again.
+        Returns the record to go on following (its new run), or None once the job has ended.
         """
-        if record.retry_safe and not suspect and record.attempts <= self.settings.max_retries:
+        if record.may_rerun(self.settings.max_reruns, suspect):
             call_id = f"{record.job_id}.{record.attempts}"
-            endpoint = Endpoint(record.endpoint, record.endpoint_token)
             try:
-                status, _ = await self.bridge.start_call(endpoint, record.tool, record.arguments, call_id, 0)
-            except BridgeUnreachable:
-                status = 0
-            if status in (200, 202):
+                await self._bridge(record).start_call(CallRequest(record.tool, record.arguments, call_id, 0))
+            except PierError as refused:  # unreachable, or refused: it cannot run there again
+                why = f"{why}; the re-run was refused: {refused.message}"
+            else:
                 self.metrics.reruns.labels(record.server).inc()
                 log.warning("re-running a retry-safe job its session lost", extra={"why": why, "call_id": call_id})
-
-                def rerun(r: JobRecord) -> bool:
-                    if r.done:
-                        return False
-                    r.call_id, r.attempts = call_id, r.attempts + 1
-                    return True
-
-                updated = await self.store.update(record.job_id, rerun)
+                updated, _ = await self.store.update(record.job_id, lambda r: r.rerun(call_id))
                 return None if updated is None or updated.done else updated
         details = {"reason": why, "retry_safe": record.retry_safe, "attempts": record.attempts, "suspect": suspect}
-        await self._finish(record.job_id, "failed", error=PierError("SESSION_LOST", why, details))
+        await self._finish(record, "failed", error=PierError("SESSION_LOST", why, details))
         return None
 
     async def _finish(
-        self, job_id: str, status: str, result: dict[str, Any] | None = None, error: PierError | None = None
+        self,
+        record: JobRecord,
+        status: Literal["completed", "failed", "cancelled"],
+        result: dict[str, Any] | None = None,
+        error: PierError | None = None,
     ) -> None:
-        if status == "completed":
-            record = await self.store.get(job_id)
-            if record is not None:
-                try:
-                    context = PolicyContext(
-                        record.user, record.server, f"{record.user}/{record.server}", record.identity
-                    )
-                    response = {"jsonrpc": "2.0", "id": job_id, "result": result}
-                    await self.policer.check(record.policy_url, "Output", [response], context)
-                except PolicyDenied as denied:  # the result is withheld from the caller
-                    status, result, error = "failed", None, denied
-        record = await self.store.finish(job_id, status, result=result, error=error)
-        if record is None:
+        if status == "completed" and record.policy_url:
+            try:  # the result passes the policy hook before its caller sees it, as through the router
+                await self.gate.check_output(record.caller(), {"jsonrpc": "2.0", "id": record.job_id, "result": result})
+            except PolicyDenied as denied:  # withheld
+                status, result, error = "failed", None, denied
+        ended = await self.store.finish(record.job_id, status, result=result, error=error)
+        if ended is None:
             return  # ended by someone else (a cancel) first
-        assert record.finished_at is not None
-        self.metrics.finished.labels(record.server, record.status).inc()
-        self.metrics.duration.labels(record.server).observe(record.finished_at - record.created_at)
-        await self._after_finish(record)
+        assert ended.finished_at is not None
+        self.metrics.finished.labels(ended.server, ended.status).inc()
+        self.metrics.duration.labels(ended.server).observe(ended.finished_at - ended.created_at)
+        await self._after_finish(ended)
 
     async def _after_finish(self, record: JobRecord) -> None:
         url = record.webhook_url or self.settings.webhook_url
         if not url or record.webhook_state != "pending":
             return
         delivered = await self.webhooks.deliver(url, record)
-        state = "delivered" if delivered else "dead"
-
-        def change(r: JobRecord) -> bool:
-            r.webhook_state = state  # type: ignore[assignment]
-            return True
-
-        await self.store.update(record.job_id, change)
-
-
-def _mark_running(record: JobRecord) -> bool:
-    if record.status != "queued":
-        return False
-    record.status = "running"
-    return True
-
-
-def _progress_change(latest: dict[str, Any] | None, count: int) -> Any:
-    def change(record: JobRecord) -> bool:
-        if record.done:
-            return False
-        record.progress, record.progress_count = latest, count
-        return True
-
-    return change
+        await self.store.update(record.job_id, lambda r: r.webhook_sent(delivered))
 
 
 # -- the process -------------------------------------------------------------------------------

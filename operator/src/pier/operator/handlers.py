@@ -24,9 +24,20 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from pier.core.bridge import BridgeStatus, Endpoint, HttpBridge
 from pier.core.catalog import Catalog, Profile
 from pier.core.errors import PierError
-from pier.core.mcpsession import GROUP, PLURAL, SESSION_LABEL, VERSION, MCPSessionSpec
+from pier.core.mcpsession import (
+    GROUP,
+    PLURAL,
+    SESSION_LABEL,
+    VERSION,
+    Condition,
+    MCPSessionSpec,
+    MCPSessionStatus,
+    ServerInfo,
+    status_patch,
+)  # fmt: skip
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, build_pod
 
@@ -134,19 +145,20 @@ async def resync_forever(memo: kopf.Memo) -> None:
                 log.exception("resync failed", extra={"session": session["metadata"]["name"]})
 
 
-async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
+async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatus:
     """Make the world match the session; returns the status written."""
     meta = session["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 1)
-    old = dict(session.get("status") or {})
+    old = _read_status(session)
     if meta.get("deletionTimestamp"):
         return old
-    status = {**old, "observedGeneration": generation}
+    status = old.model_copy(update={"observed_generation": generation})
     try:
         spec = MCPSessionSpec.model_validate(session["spec"])
         profile = memo.catalog.get(spec.server.profile) if spec.server.profile else None
     except (ValidationError, PierError) as exc:  # an unknown profile, or a spec the schema let through
-        status.update(phase="Failed", conditions=_conditions(old, False, "InvalidSpec", str(exc), False))
+        status.phase = "Failed"
+        status.conditions = _conditions(old, False, "InvalidSpec", str(exc), False)
         await _write_status(session, old, status, memo)
         return status
 
@@ -171,16 +183,23 @@ async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
     return status
 
 
+def _read_status(session: dict[str, Any]) -> MCPSessionStatus:
+    try:
+        return MCPSessionStatus.model_validate(session.get("status") or {})
+    except ValidationError:  # written by someone else, wrongly: start from nothing
+        return MCPSessionStatus()
+
+
 async def _start_pod(
-    session: dict[str, Any], spec: MCPSessionSpec, profile: Profile | None, status: dict[str, Any], memo: kopf.Memo
+    session: dict[str, Any], spec: MCPSessionSpec, profile: Profile | None, status: MCPSessionStatus, memo: kopf.Memo
 ) -> None:
     meta = session["metadata"]
-    replacements = int(status.get("replacements") or 0)
+    replacements = status.replacements or 0
     settings: OperatorSettings = memo.settings
-    if status.get("podName"):
+    if status.pod_name:
         # A pod existed: this is a replacement, which waits out a bounded, growing backoff.
         backoff = min(settings.replace_backoff_s * 2**replacements, settings.replace_backoff_max_s)
-        last = status.get("lastReplaceTime")
+        last = status.last_replace_time
         if last and (_now() - dt.datetime.fromisoformat(last.replace("Z", "+00:00"))).total_seconds() < backoff:
             return
         replacements += 1
@@ -192,47 +211,42 @@ async def _start_pod(
             raise
     reason = "Replaced" if replacements else "Started"
     await _event(memo, session, reason, f"pod {pod['metadata']['name']} created")
-    status.update(
-        phase="Starting",
-        podName=pod["metadata"]["name"],
-        endpoint=None,
-        replacements=replacements,
-        lastReplaceTime=_stamp(_now()),
-        conditions=_conditions(status, False, "PodCreated", "waiting for the bridge to be ready", False),
-    )
+    status.phase = "Starting"
+    status.pod_name = pod["metadata"]["name"]
+    status.endpoint = None
+    status.replacements = replacements
+    status.last_replace_time = _stamp(_now())
+    status.conditions = _conditions(status, False, "PodCreated", "waiting for the bridge to be ready", False)
 
 
 async def _observe_pod(
-    pod: Any, status: dict[str, Any], old: dict[str, Any], session: dict[str, Any], memo: kopf.Memo
+    pod: Any, status: MCPSessionStatus, old: MCPSessionStatus, session: dict[str, Any], memo: kopf.Memo
 ) -> None:
     ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
     restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
     endpoint = f"http://{pod.status.pod_ip}:{BRIDGE_PORT}" if pod.status.pod_ip else None
-    status.update(podName=pod.metadata.name, endpoint=endpoint if ready else None)
+    status.pod_name = pod.metadata.name
+    status.endpoint = endpoint if ready else None
     bridge = await _bridge_status(memo, endpoint) if ready and endpoint else None
     if bridge is not None:
-        info = bridge.get("server_info") or {}
-        server_info = {
-            "name": info.get("name"),
-            "version": info.get("version"),
-            "protocolVersion": bridge.get("protocol_version"),
-        }
+        info = bridge.server_info or {}
         # Empty values are left out: the kubernetes client sends "" as null, which the schema refuses.
-        status["serverInfo"] = {k: v for k, v in server_info.items() if v}
-        status["tools"] = bridge.get("tools")
-        restarts += int(bridge.get("restarts") or 0)
-        last = bridge.get("last_activity")
-        if last:
-            status["lastActivityTime"] = _stamp(dt.datetime.fromtimestamp(last, dt.UTC))
-    status["restarts"] = restarts
-    if restarts > int(old.get("restarts") or 0):
+        status.server_info = ServerInfo(
+            name=info.get("name") or None, version=info.get("version") or None,
+            protocol_version=bridge.protocol_version or None,
+        )  # fmt: skip
+        status.tools = bridge.tools
+        restarts += bridge.restarts
+        if bridge.last_activity:
+            status.last_activity_time = _stamp(dt.datetime.fromtimestamp(bridge.last_activity, dt.UTC))
+    status.restarts = restarts
+    if restarts > (old.restarts or 0):
         await _event(memo, session, "ServerCrashed", f"the server restarted ({restarts} restarts so far)", "Warning")
-    phase = "Ready" if ready else "Starting"
-    if phase == "Ready" and old.get("phase") != "Ready":
+    status.phase = "Ready" if ready else "Starting"
+    if ready and old.phase != "Ready":
         await _event(memo, session, "Ready", f"serving at {endpoint}")
-    status["phase"] = phase
     reason, message = ("BridgeReady", "the bridge answers /readyz") if ready else _why_not_ready(pod)
-    status["conditions"] = _conditions(old, ready, reason, message, bridge is not None or ready)
+    status.conditions = _conditions(old, ready, reason, message, bridge is not None or ready)
 
 
 def _why_not_ready(pod: Any) -> tuple[str, str]:
@@ -243,15 +257,15 @@ def _why_not_ready(pod: Any) -> tuple[str, str]:
     return "Starting", f"pod {pod.metadata.name} is {pod.status.phase}"
 
 
-def _conditions(old: dict[str, Any], ready: bool, reason: str, message: str, running: bool) -> list[dict[str, Any]]:
-    previous = {c["type"]: c for c in old.get("conditions") or []}
+def _conditions(old: MCPSessionStatus, ready: bool, reason: str, message: str, running: bool) -> list[Condition]:
+    previous = {c.type: c for c in old.conditions or []}
     result = []
     for kind, value in (("Ready", ready), ("ServerRunning", running)):
         state = "True" if value else "False"
-        before = previous.get(kind, {})
-        since = before.get("lastTransitionTime") if before.get("status") == state else _stamp(_now())
+        before = previous.get(kind)
+        since = before.last_transition_time if before is not None and before.status == state else _stamp(_now())
         result.append(
-            {"type": kind, "status": state, "reason": reason, "message": message[:1000], "lastTransitionTime": since}
+            Condition(type=kind, status=state, reason=reason, message=message[:1000], last_transition_time=since)  # type: ignore[arg-type]
         )
     return result
 
@@ -275,14 +289,11 @@ async def _event(memo: kopf.Memo, session: dict[str, Any], reason: str, message:
         log.warning("could not post an Event", extra={"reason": reason, "error": str(exc)})
 
 
-async def _bridge_status(memo: kopf.Memo, endpoint: str) -> dict[str, Any] | None:
-    headers = {"Authorization": f"Bearer {memo.bridge_token}"} if memo.bridge_token else {}
+async def _bridge_status(memo: kopf.Memo, endpoint: str) -> BridgeStatus | None:
+    bridge = HttpBridge(memo.http, Endpoint(endpoint, memo.bridge_token))
     try:
-        async with memo.http.get(
-            f"{endpoint}/v1/status", headers=headers, timeout=aiohttp.ClientTimeout(total=3)
-        ) as response:
-            return await response.json() if response.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return await bridge.status(timeout=3)
+    except PierError:
         return None
 
 
@@ -295,11 +306,12 @@ async def _delete_pod(memo: kopf.Memo, pod: Any, session: dict[str, Any], reason
     await _event(memo, session, reason, message)
 
 
-async def _write_status(session: dict[str, Any], old: dict[str, Any], status: dict[str, Any], memo: kopf.Memo) -> None:
-    # A merge patch of what changed only (None removes a field); nothing changed → no API write.
-    changes = {k: v for k, v in status.items() if old.get(k) != v and not (v is None and k not in old)}
+async def _write_status(
+    session: dict[str, Any], old: MCPSessionStatus, status: MCPSessionStatus, memo: kopf.Memo
+) -> None:
+    changes = status_patch(old, status)
     if not changes:
-        return
+        return  # nothing changed → no API write
     meta = session["metadata"]
     try:
         await asyncio.to_thread(
@@ -311,18 +323,17 @@ async def _write_status(session: dict[str, Any], old: dict[str, Any], status: di
             raise
 
 
-async def reap_if_idle(session: dict[str, Any], status: dict[str, Any], memo: kopf.Memo) -> None:
+async def reap_if_idle(session: dict[str, Any], status: MCPSessionStatus, memo: kopf.Memo) -> None:
     """Delete a session whose bridge has had nothing in flight and no activity for `ttlSeconds`."""
     ttl = int((session.get("spec") or {}).get("ttlSeconds") or 0)
-    endpoint = status.get("endpoint")
-    if not ttl or status.get("phase") != "Ready" or not endpoint:
+    if not ttl or not status.serving:
         return
-    bridge = await _bridge_status(memo, endpoint)
+    assert status.endpoint is not None
+    bridge = await _bridge_status(memo, status.endpoint)
     if bridge is None:
         return  # activity unknown: never reap on a guess
-    busy = bridge.get("in_flight") or bridge.get("calls_running") or bridge.get("queued")
-    idle_s = _now().timestamp() - float(bridge.get("last_activity") or 0)
-    if busy or idle_s < ttl:
+    idle_s = bridge.idle_for(_now().timestamp())
+    if bridge.busy or idle_s < ttl:
         return
     meta = session["metadata"]
     await _event(memo, session, "Reaped", f"idle for {int(idle_s)} s (ttlSeconds {ttl})")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any
 
 from pier.core.catalog import Profile
-from pier.core.mcpsession import GROUP, KIND, PROFILE_LABEL, SESSION_LABEL, USER_LABEL, VERSION, MCPSessionSpec
+from pier.core.mcpsession import (
+    API_VERSION,
+    KIND,
+    PROFILE_LABEL,
+    SESSION_LABEL,
+    USER_LABEL,
+    MCPSessionSpec,
+    label_value,
+)  # fmt: skip
 from pier.operator.config import OperatorSettings
 
 BRIDGE_PORT = 8080
@@ -15,16 +21,6 @@ IO_DIR = "/pier/io"  # the emptyDir shared by the bridge and the server containe
 TMP_DIR = "/tmp"
 GENERATION_ANNOTATION = "pier.dev/generation"
 _DEFAULT_BRIDGE_RESOURCES = {"requests": {"cpu": "20m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
-
-
-def label_value(text: str) -> str:
-    """A valid label value (≤ 63 characters of [A-Za-z0-9._-]) that still tells who it is."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._-")
-    if len(cleaned) <= 63 and cleaned == text:
-        return cleaned
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    prefix = cleaned[:50].strip("._-")
-    return f"{prefix}-{digest}" if prefix else digest
 
 
 def pod_name(session: str, generation: int, replacement: int) -> str:
@@ -145,7 +141,7 @@ def build_pod(
             "annotations": {GENERATION_ANNOTATION: str(generation)},
             "ownerReferences": [
                 {
-                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "apiVersion": API_VERSION,
                     "kind": KIND,
                     "name": name,
                     "uid": uid,

@@ -1,4 +1,4 @@
-"""Router v1 REST: servers, tools, calls, sessions, jobs."""
+"""Router v1 REST (the `/v1` sub-application): servers, tools, calls, sessions, jobs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.web import SSE_HEADERS, json_response
-from pier.router.context import ROUTER, principal, read_request_body
+from pier.router.context import read_request_body, router_of
+from pier.router.ingress import principal_of
 
 M = TypeVar("M", bound=BaseModel)
 JOB_EVENTS_TIMEOUT_S = 3600.0
@@ -47,17 +48,17 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 async def list_servers(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     return json_response({"servers": [p.public() for p in router.catalog.profiles.values()]})
 
 
 async def list_tools(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user, server = request.match_info["user"], request.match_info["server"]
-    profile = await router.target(request, user, server)
+    _, profile = await router.ingress.admit(request, user, server, "rest")
     async with router.backend.use(user, profile) as session:
         try:
-            tools = await router.bridge.tools(session.endpoint, router.settings.session_start_timeout_s)
+            tools = await session.bridge.tools(router.settings.session_start_timeout_s)
         except BridgeUnreachable:
             await router.backend.forget(session, "unreachable")
             raise
@@ -66,29 +67,28 @@ async def list_tools(request: web.Request) -> web.Response:
 
 
 async def call_tool(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user, server = request.match_info["user"], request.match_info["server"]
-    profile = await router.target(request, user, server)
+    caller, profile = await router.ingress.admit(request, user, server, "rest")
     body = await read_model(request, ToolCallBody)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):
         raise PierError("BAD_REQUEST", "Idempotency-Key must be 1-200 characters")
-    tool = request.match_info["tool"]
-    result = await router.calls.call(principal(request), user, profile, tool, body.arguments, body.timeout_s, key)
+    result = await router.calls.call(caller, profile, request.match_info["tool"], body.arguments, body.timeout_s, key)
     return json_response(result.body, result.status)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user = request.match_info["user"]
-    principal(request).check_user(user)
+    principal_of(request).check_user(user)
     return json_response({"sessions": [s.view() for s in router.backend.list(user)]})
 
 
 async def end_session(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user, server = request.match_info["user"], request.match_info["server"]
-    principal(request).check_user(user)
+    principal_of(request).check_user(user)
     router.catalog.get(server)
     if not await router.backend.end(user, server):
         raise PierError("NOT_FOUND", f"{user} has no {server} session")
@@ -99,10 +99,10 @@ async def end_session(request: web.Request) -> web.Response:
 
 
 async def load_job(request: web.Request, job_id: str) -> JobRecord:
-    record = await request.app[ROUTER].store.get(job_id)
+    record = await router_of(request).store.get(job_id)
     if record is None:
         raise PierError("JOB_NOT_FOUND", f"no job {job_id!r} (results expire after their TTL)")
-    principal(request).check_user(record.user)
+    principal_of(request).check_user(record.user)
     return record
 
 
@@ -112,13 +112,13 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     record = await load_job(request, request.match_info["job_id"])
     if not record.done:
         if record.endpoint:
             # If the session is gone, so is the call.
-            with contextlib.suppress(BridgeUnreachable):
-                await router.bridge.cancel_call(Endpoint(record.endpoint, record.endpoint_token), record.call_id)
+            with contextlib.suppress(PierError):
+                await router.http_bridge(Endpoint(record.endpoint, record.endpoint_token)).cancel_call(record.call_id)
         cancelled = PierError("CANCELLED", "cancelled by the caller")
         # A worker following the call may have seen the cancellation first and ended the job
         # itself: then the stored record, not the one read before, says how it ended.
@@ -142,7 +142,7 @@ async def stream_job(
     request: web.Request, job_id: str, render: Callable[[dict[str, Any]], bytes | None]
 ) -> web.StreamResponse:
     """Stream a job's events as SSE; `render` makes one event a frame (None skips it)."""
-    router = request.app[ROUTER]
+    router = router_of(request)
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
@@ -157,13 +157,13 @@ async def stream_job(
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v1/servers", list_servers)
-    r.add_get("/v1/users/{user}/servers/{server}/tools", list_tools)
-    r.add_post("/v1/users/{user}/servers/{server}/tools/{tool}/call", call_tool)
-    r.add_get("/v1/users/{user}/sessions", list_sessions)
-    r.add_delete("/v1/users/{user}/servers/{server}", end_session)
-    r.add_get("/v1/jobs/{job_id}", get_job)
-    r.add_get("/v1/jobs/{job_id}/events", job_events)
-    r.add_delete("/v1/jobs/{job_id}", cancel_job)
+def add_routes(v1: web.Application) -> None:
+    r = v1.router
+    r.add_get("/servers", list_servers)
+    r.add_get("/users/{user}/servers/{server}/tools", list_tools)
+    r.add_post("/users/{user}/servers/{server}/tools/{tool}/call", call_tool)
+    r.add_get("/users/{user}/sessions", list_sessions)
+    r.add_delete("/users/{user}/servers/{server}", end_session)
+    r.add_get("/jobs/{job_id}", get_job)
+    r.add_get("/jobs/{job_id}/events", job_events)
+    r.add_delete("/jobs/{job_id}", cancel_job)

@@ -1,14 +1,14 @@
-"""One tool call through the router: policy, session, bridge, retry if safe, hand off if slow.
+"""One tool call through the router: session, bridge, retry if safe, hand off if slow.
 
 A call is started on the session's bridge with the job id as its call id and waited for up to
 the timeout. Done in time → the result. Not done → a job record and a stream entry, and the
-call keeps running in the session (the job pool follows it; it is never run twice).
+call keeps running in the session (the job pool follows it; it is never run twice). The steps
+around it — rules, policy, audit, accounting — are the ingress pipeline's (`ingress`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -20,15 +20,15 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from pier.core import audit, logs
-from pier.core.bridge import BridgeClient, BridgeUnreachable
+from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
 from pier.core.jobstore import JobStore
-from pier.core.policy import Policer, PolicyContext, PolicyDenied
-from pier.router.auth import Principal
+from pier.core.policy import Caller, PolicyDenied
 from pier.router.backends.base import Session, SessionBackend
 from pier.router.config import RouterSettings
+from pier.router.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 log = logging.getLogger("pier.router.calls")
@@ -37,7 +37,6 @@ log = logging.getLogger("pier.router.calls")
 _NOT_STARTED = frozenset({"SERVER_UNAVAILABLE", "CALL_QUEUE_FULL"})
 # The session failed under the call: retry only what is safe to run again.
 _TRANSPORT = frozenset({"SERVER_EXITED", "SESSION_LOST"})
-_SUCCESS = frozenset({"completed", "queued", "replayed"})
 # Errors after which a keyed call has certainly not run (to its end): its key is released, so a
 # resend runs it rather than replaying the error.
 _NEVER_RAN = _NOT_STARTED | {
@@ -59,24 +58,26 @@ class CallResult:
 class ToolCall:
     """Everything about one call the router is handling."""
 
-    caller: Principal
-    user: str
+    caller: Caller
     profile: Profile
     tool: str
     arguments: dict[str, Any]
     timeout: float
     idempotency_key: str | None = None
-    via: str = "rest"
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
-    def policy_context(self) -> PolicyContext:
-        return PolicyContext(self.user, self.profile.name, f"{self.user}/{self.profile.name}", self.caller.identity())
+    def user(self) -> str:
+        return self.caller.user
 
-    def request_message(self) -> dict[str, Any]:
-        """The call as the JSON-RPC message the server receives (what the policy hook judges)."""
-        params = {"name": self.tool, "arguments": self.arguments}
-        return {"jsonrpc": "2.0", "id": self.job_id, "method": "tools/call", "params": params}
+
+def queued_body(job_id: str) -> dict[str, Any]:
+    return {
+        "status": "queued",
+        "job_id": job_id,
+        "poll_url": f"/v1/jobs/{job_id}",
+        "events_url": f"/v1/jobs/{job_id}/events",
+    }
 
 
 def _why_not_retried(error: PierError, retry_safe: bool) -> str | None:
@@ -92,86 +93,57 @@ def _why_not_retried(error: PierError, retry_safe: bool) -> str | None:
     return None
 
 
-def queued_body(job_id: str) -> dict[str, Any]:
-    return {
-        "status": "queued",
-        "job_id": job_id,
-        "poll_url": f"/v1/jobs/{job_id}",
-        "events_url": f"/v1/jobs/{job_id}/events",
-    }
-
-
 class CallService:
     def __init__(
         self,
         settings: RouterSettings,
         backend: SessionBackend,
-        bridge: BridgeClient,
         store: JobStore,
-        policer: Policer,
+        ingress: Ingress,
         metrics: RouterMetrics,
     ) -> None:
         self.settings = settings
         self.backend = backend
-        self.bridge = bridge
         self.store = store
-        self.policer = policer
+        self.ingress = ingress
         self.metrics = metrics
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
-        self.total = 0
-        self.errors = 0
         self._settling: set[asyncio.Task[None]] = set()  # keyed outcomes waiting for Redis
 
     def timeout_for(self, profile: Profile, requested: float | None) -> float:
         timeout = requested or profile.call_timeout_s or self.settings.call_timeout_s
         return min(timeout, self.settings.max_call_timeout_s)
 
-    def policy_url(self, profile: Profile) -> str | None:
-        return profile.policy_url or self.settings.policy_url
-
     async def call(
         self,
-        caller: Principal,
-        user: str,
+        caller: Caller,
         profile: Profile,
         tool: str,
         arguments: dict[str, Any],
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
-        via: str = "rest",
     ) -> CallResult:
-        call = ToolCall(
-            caller, user, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key, via
-        )
+        """Run one call for an admitted caller: 200 with its result, or 202 with its job."""
+        call = ToolCall(caller, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key)
         logs.bind(job_id=call.job_id)
         started = time.monotonic()
-        outcome, decision, decided_by = "error", "allow", None
+        outcome, denied = "error", None
         claimed = False  # this call's idempotency key is bound to it
         try:
-            try:
-                if profile.tools is not None:
-                    profile.tools.check(tool, user, caller.key_id)
-                policy_url = self.policy_url(profile)
-                if policy_url:  # the message and context are built only for a hook that reads them
-                    await self.policer.check(policy_url, "Input", [call.request_message()], call.policy_context)
-            except PolicyDenied as denied:
-                decision, decided_by = "deny", denied.details["decided_by"]
-                raise
+            await self.ingress.gate.check_call(caller, tool, arguments, request_id=call.job_id)
             if idempotency_key:
                 replayed = await self._claim(call)
                 if replayed is not None:
                     outcome = "replayed"
                     return replayed
                 claimed = True
-            result = await self._run(call)
+            result = await self._run(call, timeout_s is not None)
             outcome = result.body["status"]
             if outcome == "completed" and result.body["result"].get("isError"):
                 outcome = "tool_error"
             return result
         except PierError as err:
             outcome = err.code
-            if isinstance(err, PolicyDenied):
-                decision, decided_by = "deny", err.details["decided_by"]
+            denied = err if isinstance(err, PolicyDenied) else None
             if claimed:
                 if err.code in _NEVER_RAN:
                     self._settle(call, self.store.release, self._record(call))
@@ -179,34 +151,9 @@ class CallService:
                     self._settle(call, self.store.finish, call.job_id, "failed", error=err)
             raise
         finally:
-            elapsed = time.monotonic() - started
-            self._account(call, outcome, elapsed)
-            if self.settings.audit_log:
-                audit.record(
-                    who=caller.identity(), user=user, profile=profile.name, tool=tool, arguments=arguments,
-                    decision=decision, decided_by=decided_by, outcome=outcome, duration_ms=elapsed * 1000, via=via,
-                )  # fmt: skip
+            self.ingress.finish(caller, tool, arguments, outcome, started, denied)
 
-    def _account(self, call: ToolCall, outcome: str, elapsed: float) -> None:
-        # Only calls that reached a real tool name it in a label: callers cannot grow the label set.
-        success = outcome in _SUCCESS or outcome == "tool_error"
-        label = call.tool if success else "other"
-        self.metrics.call_duration.labels(call.profile.name, label).observe(elapsed)
-        self.metrics.calls.labels(call.profile.name, outcome).inc()
-        self.total += 1
-        self.errors += not success
-        self.recent.appendleft(
-            {
-                "at": time.time(),
-                "user": call.user,
-                "server": call.profile.name,
-                "tool": call.tool,
-                "outcome": outcome,
-                "duration_ms": round(elapsed * 1000, 1),
-            }
-        )
-
-    async def _run(self, call: ToolCall) -> CallResult:
+    async def _run(self, call: ToolCall, timeout_given: bool) -> CallResult:
         attempt = 0
         retry_safe = bool(call.idempotency_key)
         while True:
@@ -214,23 +161,28 @@ class CallService:
             session: Session | None = None
             try:
                 async with self.backend.use(call.user, call.profile) as session:
+                    if session.call_timeout_s and not timeout_given:  # an MCPSession's own threshold
+                        call.timeout = min(session.call_timeout_s, self.settings.max_call_timeout_s)
                     spec = session.tools.get(call.tool)
                     retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
-                    status, body = await self.bridge.start_call(
-                        session.endpoint, call.tool, call.arguments, call_id, call.timeout
+                    answer = await session.bridge.start_call(
+                        CallRequest(call.tool, call.arguments, call_id, call.timeout)
                     )
-                    if status == 202:
-                        return await self._hand_off(call, session, body, retry_safe, attempt)
+                    if not answer.done:
+                        return await self._hand_off(call, session, answer, retry_safe, attempt)
             except BridgeUnreachable as exc:
                 if session is not None:
                     await self.backend.forget(session, "unreachable")
                 error: PierError = exc
+            except PierError as refused:  # the bridge refused to start it
+                error = refused
             else:
-                if body.get("status") == "completed":
-                    return await self._completed(call, body["result"])
-                if body.get("status") == "cancelled":
+                if answer.status == "completed":
+                    assert answer.result is not None
+                    return await self._completed(call, answer.result)
+                if answer.status == "cancelled":
                     raise PierError("CANCELLED", "the call was cancelled")
-                error = PierError.from_dict(body.get("error") or {})
+                error = answer.failure or PierError("INTERNAL", "the call failed without a reason")
             why_not = _why_not_retried(error, retry_safe)
             if why_not is not None or attempt >= self.settings.max_retries:
                 if why_not is not None and error.code in _TRANSPORT:
@@ -242,11 +194,13 @@ class CallService:
             log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
             await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
 
-    async def _check_output(self, call: ToolCall, result: dict[str, Any]) -> None:
-        policy_url = self.policy_url(call.profile)
-        if policy_url:
+    async def _completed(self, call: ToolCall, result: dict[str, Any]) -> CallResult:
+        if call.caller.policy_url:
             response = {"jsonrpc": "2.0", "id": call.job_id, "result": result}
-            await self.policer.check(policy_url, "Output", [response], call.policy_context)
+            await self.ingress.gate.check_output(call.caller, response)
+        if call.idempotency_key:
+            self._settle(call, self.store.finish, call.job_id, "completed", result=result)
+        return CallResult(200, {"status": "completed", "result": result})
 
     def _record(self, call: ToolCall) -> JobRecord:
         now = time.time()
@@ -262,20 +216,16 @@ class CallService:
             idempotency_key=call.idempotency_key,
             request_digest=audit.digest({"tool": call.tool, "arguments": call.arguments}),
             webhook_url=call.profile.webhook_url or self.settings.webhook_url,
-            policy_url=self.policy_url(call.profile),
-            identity=call.caller.identity(),
+            policy_url=call.caller.policy_url,
+            identity=call.caller.identity,
             created_at=now,
             started_at=now,
         )
 
-    async def _completed(self, call: ToolCall, result: dict[str, Any]) -> CallResult:
-        await self._check_output(call, result)
-        if call.idempotency_key:
-            self._settle(call, self.store.finish, call.job_id, "completed", result=result)
-        return CallResult(200, {"status": "completed", "result": result})
+    # -- hand-off ------------------------------------------------------------------------------
 
     async def _hand_off(
-        self, call: ToolCall, session: Session, running: dict[str, Any], retry_safe: bool, attempt: int
+        self, call: ToolCall, session: Session, running: CallAnswer, retry_safe: bool, attempt: int
     ) -> CallResult:
         """Give a call that overran its timeout to the job pool; it keeps running in its session.
 
@@ -286,14 +236,14 @@ class CallService:
         """
         record = self._record(call)
         record.status = "queued"
-        record.call_id = running["call_id"]
+        record.call_id = running.call_id
         record.endpoint = session.endpoint.url
         record.endpoint_token = session.endpoint.token
         record.retry_safe = retry_safe
         record.attempts = attempt + 1
-        if running.get("progress"):
-            record.progress = running["progress"][-1]
-            record.progress_count = running.get("progress_count", 0)
+        if running.progress:
+            record.progress = running.progress[-1]
+            record.progress_count = running.progress_count
         try:
             await self.store.enqueue(record)
         except RedisError as exc:
@@ -314,9 +264,9 @@ class CallService:
             async with asyncio.timeout(self.settings.handoff_grace_s):
                 while True:
                     self.metrics.redis_errors.labels("handoff").inc()
-                    status, body = await self.bridge.get_call(session.endpoint, record.call_id, _HANDOFF_POLL_S)
-                    if status != 202:
-                        return await self._answer_late(call, body)
+                    answer = await session.bridge.get_call(record.call_id, _HANDOFF_POLL_S)
+                    if answer.done:
+                        return await self._answer_late(call, answer)
                     try:
                         await self.store.enqueue(record)
                         return None
@@ -324,7 +274,7 @@ class CallService:
                         continue
         except TimeoutError:
             with contextlib.suppress(PierError):
-                await self.bridge.cancel_call(session.endpoint, record.call_id)
+                await session.bridge.cancel_call(record.call_id)
             raise PierError(
                 "STORE_UNAVAILABLE",
                 "the call overran its timeout and could not be handed to the job pool (Redis is unreachable); "
@@ -332,13 +282,16 @@ class CallService:
                 {"cancelled": True, "retry_after_s": 1},
             ) from None
 
-    async def _answer_late(self, call: ToolCall, body: dict[str, Any]) -> CallResult:
+    async def _answer_late(self, call: ToolCall, answer: CallAnswer) -> CallResult:
         """A call that finished while its hand-off waited for Redis: its answer, as if in time."""
-        if body.get("status") == "completed":
-            return await self._completed(call, body["result"])
-        if body.get("status") == "cancelled":
+        if answer.status == "completed":
+            assert answer.result is not None
+            return await self._completed(call, answer.result)
+        if answer.status == "cancelled":
             raise PierError("CANCELLED", "the call was cancelled")
-        raise PierError.from_dict(body.get("error") or {})
+        raise answer.failure or PierError("INTERNAL", "the call failed without a reason")
+
+    # -- idempotency keys ----------------------------------------------------------------------
 
     def _settle(self, call: ToolCall, write: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any) -> None:
         """Write a keyed call's outcome to Redis, now or, if Redis is away, as soon as it is back.

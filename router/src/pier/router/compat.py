@@ -1,5 +1,9 @@
 """mcp-bridgekit compatibility: its routes, fields and `error_code`s, so its users switch by URL.
 
+Its routes live at the root, where bridgekit has them (aiohttp mounts sub-applications under a
+prefix only), so each is wrapped in its own middleware chain — bridgekit's error shape around the
+same identity step the v1 API takes — rather than chosen by its path in a global middleware.
+
 `POST /chat` answers with one SSE `data:` frame, as bridgekit does. Its `mcp_config` (a command
 chosen by the caller) is refused unless the operator turned `allow_inline_commands` on; callers
 name a catalog profile with `server` (or get the default profile).
@@ -7,6 +11,7 @@ name a catalog profile with `server` (or get the default profile).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -19,9 +24,9 @@ from pier.core.job import iso
 from pier.core.jsonrpc import dumps
 from pier.core.web import SSE_HEADERS, json_response
 from pier.router.api import load_job, read_model, stream_job
-from pier.router.context import ROUTER, Router, principal
-
-PATHS = ("/chat", "/job/", "/tools/", "/session/", "/mcp/events/", "/health")
+from pier.router.context import Router, router_of
+from pier.router.ingress import principal_of
+from pier.router.middleware import Handler, authenticate, errors
 
 # Pier's codes in bridgekit's vocabulary (codes it lacks keep Pier's name).
 _CODES = {
@@ -35,10 +40,6 @@ _CODES = {
     "INVALID_ARGUMENTS": "TOOL_CALL_FAILED",
     "CALL_QUEUE_FULL": "TOOL_CALL_FAILED",
 }
-
-
-def is_compat(request: web.Request) -> bool:
-    return request.path.startswith(PATHS)
 
 
 def bridgekit_code(err: PierError) -> str:
@@ -95,16 +96,13 @@ def sse_frame(payload: dict[str, Any]) -> bytes:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    router = request.app[ROUTER]
+    router = router_of(request)
     body = await read_model(request, ChatRequest)
     profile = pick_profile(router, body.server, body.mcp_config)
-    await router.target(request, body.user_id, profile.name)
+    caller, _ = await router.ingress.admit(request, body.user_id, profile.name, "chat")
     if not body.tool_name:
         raise PierError("INVALID_ARGUMENTS", "tool_name is required")
-    caller = principal(request)
-    result = await router.calls.call(
-        caller, body.user_id, profile, body.tool_name, body.tool_args, body.timeout_s, via="chat"
-    )
+    result = await router.calls.call(caller, profile, body.tool_name, body.tool_args, body.timeout_s)
     if result.status == 202:
         frame = {"status": "queued", "error_code": "TOOL_TIMED_OUT", "job_id": result.body["job_id"]}
     else:
@@ -124,21 +122,21 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def tools(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user = request.match_info["user_id"]
     command = request.query.get("command")
     config = McpConfig(command=command, args=request.query.get("args", "").split(",")) if command else None
     profile = pick_profile(router, request.query.get("server"), config)
-    await router.target(request, user, profile.name)
+    await router.ingress.admit(request, user, profile.name, "chat")
     async with router.backend.use(user, profile) as session:
-        listed = await router.bridge.tools(session.endpoint, router.settings.session_start_timeout_s)
+        listed = await session.bridge.tools(router.settings.session_start_timeout_s)
     return json_response({"user_id": user, "server": profile.name, "tools": listed})
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user = request.match_info["user_id"]
-    principal(request).check_user(user)
+    principal_of(request).check_user(user)
     ended = [s.key.profile for s in router.backend.list(user)]
     for name in ended:
         await router.backend.end(user, name)
@@ -158,7 +156,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+    router = router_of(request)
     sessions = router.backend.list()
     try:
         queued = await router.store.queue_depth()
@@ -168,8 +166,8 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "active_sessions": len(sessions),
-            "total_requests": router.calls.total,
-            "errors": router.calls.errors,
+            "total_requests": router.ingress.total,
+            "errors": router.ingress.errors,
             "queued_jobs": queued,
             "known_tools": sorted({name for s in sessions for name in s.tools}),
             "time": iso(time.time()),
@@ -177,11 +175,24 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+_render_errors = errors(error_response)
+
+
+def bridgekit_route(handler: Handler, public: bool = False) -> Handler:
+    """`handler` behind bridgekit's error shape and, unless `public`, the ingress pipeline's identity step."""
+    inner: Handler = handler if public else functools.partial(authenticate, handler=handler)
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await _render_errors(request, inner)
+
+    return route
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
-    r.add_post("/chat", chat)
-    r.add_get("/job/{job_id}", get_job)
-    r.add_get("/tools/{user_id}", tools)
-    r.add_delete("/session/{user_id}", delete_session)
-    r.add_get("/mcp/events/{job_id}", job_events)
-    r.add_get("/health", health)
+    r.add_post("/chat", bridgekit_route(chat))
+    r.add_get("/job/{job_id}", bridgekit_route(get_job))
+    r.add_get("/tools/{user_id}", bridgekit_route(tools))
+    r.add_delete("/session/{user_id}", bridgekit_route(delete_session))
+    r.add_get("/mcp/events/{job_id}", bridgekit_route(job_events))
+    r.add_get("/health", bridgekit_route(health, public=True))

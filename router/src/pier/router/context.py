@@ -1,10 +1,10 @@
-"""What one router process holds: settings, catalog, keys, and the resources its lifespan opens."""
+"""What one router process holds: its settings, catalog and keys, and the resources its app opens
+(one cleanup context each, in `app`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,22 +14,16 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pier.core import logs
-from pier.core.bridge import BridgeClient
-from pier.core.catalog import Catalog, Profile
-from pier.core.errors import PierError
+from pier.core.bridge import Endpoint, HttpBridge
+from pier.core.catalog import Catalog
 from pier.core.jobstore import JobStore
-from pier.core.policy import Policer
 from pier.core.web import read_body
-from pier.router.auth import KeyRing, Principal
+from pier.router.auth import KeyRing
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
+from pier.router.ingress import Ingress
 from pier.router.metrics import RouterMetrics
-from pier.router.ratelimit import RateLimiter
-
-# Checked with fullmatch: a pattern ending in `$` also matches before a final newline ("alice\n").
-USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 
 
 @dataclass
@@ -39,17 +33,20 @@ class Router:
     keys: KeyRing
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     ssl_context: ssl.SSLContext | None = None  # HTTPS (reloaded in place when the files change)
-    # Opened by the app's lifespan:
-    http: aiohttp.ClientSession = field(init=False)
+    # Opened by the app's cleanup contexts (app.py), in this order:
+    http: aiohttp.ClientSession = field(init=False)  # to bridges and the policy hook
+    bridge_ssl: ssl.SSLContext | bool = True  # internal mTLS to the bridges, when configured
     redis: aioredis.Redis = field(init=False)
     store: JobStore = field(init=False)
-    limiter: RateLimiter = field(init=False)
     backend: SessionBackend = field(init=False)
-    bridge: BridgeClient = field(init=False)
+    ingress: Ingress = field(init=False)
     calls: CallService = field(init=False)
-    policer: Policer = field(init=False)
     # Long-lived responses (SSE, relayed streams), ended at shutdown rather than waited for.
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def http_bridge(self, endpoint: Endpoint) -> HttpBridge:
+        """A bridge reached over HTTP (one a job record names, or a pod's)."""
+        return HttpBridge(self.http, endpoint, self.bridge_ssl)
 
     @contextlib.contextmanager
     def streaming(self) -> Iterator[None]:
@@ -65,27 +62,16 @@ class Router:
         for task in self.streams:
             task.cancel()
 
-    async def target(self, request: web.Request, user: str, server: str) -> Profile:
-        """Authorize `request` for (user, server), count it against the user's rate limit."""
-        if not USER_ID.fullmatch(user):
-            raise PierError("BAD_REQUEST", "user ids are 1-128 characters: letters, digits and . _ @ + = -")
-        caller = principal(request)
-        caller.check_user(user)
-        profile = self.catalog.get(server)
-        logs.bind(user=user, profile=server)  # for the rest of this request's log lines
-        await self.limiter.check(caller, user)
-        return profile
-
 
 ROUTER = web.AppKey("router", Router)
-PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-def principal(request: web.Request) -> Principal:
-    return request[PRINCIPAL]
+def router_of(request: web.Request) -> Router:
+    """The router a request reached (from whichever of its sub-applications)."""
+    return request.config_dict[ROUTER]
 
 
 async def read_request_body(request: web.Request) -> bytes:
     """The body, within the router's size and time limits (413, 408)."""
-    settings = request.app[ROUTER].settings
+    settings = router_of(request).settings
     return await read_body(request, settings.max_body_bytes, settings.body_timeout_s)

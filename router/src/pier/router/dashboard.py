@@ -10,7 +10,8 @@ from redis.exceptions import RedisError
 
 from pier.core.errors import PierError
 from pier.core.web import json_response
-from pier.router.context import ROUTER, principal
+from pier.router.context import router_of
+from pier.router.ingress import principal_of
 
 _PAGE = resources.files("pier.router").joinpath("static/dashboard.html")
 
@@ -21,11 +22,11 @@ async def page(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     """Everything the page shows. Every tenant is on it, so user keys may not read it."""
-    if principal(request).key_class == "user":
+    if principal_of(request).key_class == "user":
         raise PierError("FORBIDDEN", "the dashboard needs an app key")
-    router = request.app[ROUTER]
+    router = router_of(request)
     sessions = router.backend.list()
-    recent = list(router.calls.recent)
+    recent = list(router.ingress.recent)
     try:
         jobs = [job.view() for job in await router.store.recent_jobs(25)]
         queue_depth = await router.store.queue_depth()
@@ -43,7 +44,7 @@ async def state(request: web.Request) -> web.Response:
             "sessions": [s.view() for s in sorted(sessions, key=lambda s: s.created_at)],
             "calls": recent[:25],
             "errors": [c for c in recent if c["outcome"] not in ("completed", "queued", "replayed")][:25],
-            "totals": {"calls": router.calls.total, "errors": router.calls.errors},
+            "totals": {"calls": router.ingress.total, "errors": router.ingress.errors},
             "jobs": jobs,
             "queue_depth": queue_depth,
             "dead_letters": dead_letters,
@@ -52,6 +53,9 @@ async def state(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
+def add_page(app: web.Application) -> None:
     app.router.add_get("/dashboard", page)
-    app.router.add_get("/v1/dashboard", state)
+
+
+def add_routes(v1: web.Application) -> None:
+    v1.router.add_get("/dashboard", state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pier.sidecar.metrics import LATENCY_BUCKETS
+from pier.core.defaults import LATENCY_BUCKETS
 
 
 class RouterMetrics:

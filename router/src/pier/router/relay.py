@@ -4,8 +4,8 @@ Bodies and responses (SSE included) pass through unchanged; the router's own cre
 swapped for the session's token. When the profile has a policy, or the body calls a tool, the
 relay reads what it forwards: tools are checked against the built-in rules, messages go through
 the policy hook (`Input` before forwarding, `Output` per response message), and each tool call
-gets its audit record. MCP sessions belong to the bridge: when the bridge is replaced, the
-client gets the spec's 404 and initializes again.
+gets its audit record and accounting (the ingress pipeline, `ingress`). MCP sessions belong to
+the bridge: when the bridge is replaced, the client gets the spec's 404 and initializes again.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pier.core import audit
 from pier.core.bridge import BridgeUnreachable
-from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
-from pier.core.policy import PolicyContext, PolicyDenied
-from pier.core.web import json_response, origin_allowed
-from pier.router.auth import Principal
+from pier.core.policy import Caller, PolicyDenied
+from pier.core.web import CoalescedSSE, json_response, origin_allowed
 from pier.router.backends.base import Session
-from pier.router.context import ROUTER, Router, principal, read_request_body
-from pier.sidecar.mcp_http import CoalescedSSE
+from pier.router.context import Router, read_request_body, router_of
+from pier.router.ingress import Ingress
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = ("Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID")
@@ -34,21 +31,17 @@ _RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control")
 
 
 class Exchange:
-    """One relayed POST: its tool calls (for audit) and the policy its responses must pass."""
+    """One relayed POST (or WebSocket) through the ingress pipeline: each message's rules and policy
+    on the way in, each answer's policy on the way out, each tool call's audit and accounting."""
 
-    def __init__(self, router: Router, caller: Principal, user: str, profile: Profile, via: str) -> None:
-        self.router = router
+    def __init__(self, ingress: Ingress, caller: Caller) -> None:
+        self.ingress = ingress
         self.caller = caller
-        self.user = user
-        self.profile = profile
-        self.via = via
-        self.policy_url = router.calls.policy_url(profile)
-        self.context = PolicyContext(user, profile.name, f"{user}/{profile.name}", caller.identity())
         self.tool_calls: dict[Any, tuple[str, Any, float]] = {}  # request id → (tool, arguments, start)
 
     @property
     def inspects_output(self) -> bool:
-        return bool(self.policy_url or self.tool_calls)
+        return bool(self.caller.policy_url or self.tool_calls)
 
     async def check_input(self, messages: list[Message]) -> None:
         """Built-in tool rules, then the policy hook; raises PolicyDenied (nothing is forwarded)."""
@@ -56,21 +49,20 @@ class Exchange:
             if message.get("method") == "tools/call":
                 params = message.get("params") or {}
                 tool, arguments = str(params.get("name")), params.get("arguments") or {}
+                started = time.monotonic()
                 try:
-                    if self.profile.tools is not None:
-                        self.profile.tools.check(tool, self.user, self.caller.key_id)
-                    await self.router.policer.check(self.policy_url, "Input", [message], self.context)
+                    await self.ingress.gate.check_call(self.caller, tool, arguments, message)
                 except PolicyDenied as denied:
-                    self._audit(tool, arguments, "deny", denied.code, 0.0, denied.details["decided_by"])
+                    self.ingress.finish(self.caller, tool, arguments, denied.code, started, denied)
                     raise
-                self.tool_calls[message.get("id")] = (tool, arguments, time.monotonic())
+                self.tool_calls[message.get("id")] = (tool, arguments, started)
         others = [m for m in messages if m.get("method") != "tools/call"]
-        await self.router.policer.check(self.policy_url, "Input", others, self.context)
+        await self.ingress.gate.check_messages(self.caller, others)
 
     async def check_output(self, message: Message) -> Message:
         """The message to forward: itself, or an error in its place when the policy denies it."""
         try:
-            await self.router.policer.check(self.policy_url, "Output", [message], self.context)
+            await self.ingress.gate.check_output(self.caller, message)
         except PolicyDenied as denied:
             self._finish(message, denied)
             return gateway_error_response(message.get("id"), denied) if "id" in message else {}
@@ -82,22 +74,13 @@ class Exchange:
             return
         tool, arguments, started = self.tool_calls.pop(message["id"])
         if denied is not None:
-            outcome, decision, by = denied.code, "deny", denied.details["decided_by"]
+            outcome = denied.code
         elif "error" in message:
             data = message["error"].get("data")
             outcome = data.get("code", "rpc_error") if isinstance(data, dict) else "rpc_error"
-            decision, by = "allow", None
         else:
             outcome = "tool_error" if (message.get("result") or {}).get("isError") else "completed"
-            decision, by = "allow", None
-        self._audit(tool, arguments, decision, outcome, (time.monotonic() - started) * 1000, by)
-
-    def _audit(self, tool: str, arguments: Any, decision: str, outcome: str, ms: float, by: str | None) -> None:
-        if self.router.settings.audit_log:
-            audit.record(
-                who=self.caller.identity(), user=self.user, profile=self.profile.name, tool=tool,
-                arguments=arguments, decision=decision, decided_by=by, outcome=outcome, duration_ms=ms, via=self.via,
-            )  # fmt: skip
+        self.ingress.finish(self.caller, tool, arguments, outcome, started, denied)
 
 
 def parse_messages(body: bytes | None) -> list[Message] | None:
@@ -131,15 +114,15 @@ def too_deep_response(exc: TooDeep) -> web.Response:
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
-    router = request.app[ROUTER]
+    router = router_of(request)
     origin = request.headers.get("Origin")
     if origin is not None and not origin_allowed(origin, router.settings.allowed_origins):
         raise PierError("FORBIDDEN", f"origin {origin!r} is not allowed")
     user, server = request.match_info["user"], request.match_info["server"]
-    profile = await router.target(request, user, server)
+    caller, profile = await router.ingress.admit(request, user, server, "mcp")
     body = await read_request_body(request) if request.method == "POST" else None
     headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
-    exchange = Exchange(router, principal(request), user, profile, "mcp")
+    exchange = Exchange(router.ingress, caller)
     try:
         messages = parse_messages(body)
     except TooDeep as exc:
@@ -182,7 +165,7 @@ async def _forward(
             headers={**headers, **session.endpoint.headers()},
             data=body,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            ssl=router.bridge.ssl,
+            ssl=router.bridge_ssl,
         )
     except (aiohttp.ClientError, OSError) as exc:
         raise BridgeUnreachable(session.endpoint, exc) from exc
@@ -256,8 +239,8 @@ async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
     return b"\n".join([*kept, b"data: " + dumps(checked)])
 
 
-def add_routes(app: web.Application) -> None:
-    path = "/v1/users/{user}/servers/{server}/mcp"
-    app.router.add_post(path, relay)
-    app.router.add_get(path, relay)
-    app.router.add_delete(path, relay)
+def add_routes(v1: web.Application) -> None:
+    path = "/users/{user}/servers/{server}/mcp"
+    v1.router.add_post(path, relay)
+    v1.router.add_get(path, relay)
+    v1.router.add_delete(path, relay)

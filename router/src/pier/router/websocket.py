@@ -24,7 +24,8 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response
 from pier.core.mcp_client import HttpSession
 from pier.core.policy import PolicyDenied
-from pier.router.context import ROUTER, principal
+from pier.router.config import RouterSettings
+from pier.router.context import router_of
 from pier.router.relay import Exchange, parse_messages
 
 
@@ -51,13 +52,13 @@ USER_IN_FLIGHT = web.AppKey("ws_user_in_flight", InFlight)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    router = request.app[ROUTER]
+    router = router_of(request)
     user, server = request.match_info["user"], request.match_info["server"]
-    profile = await router.target(request, user, server)
+    caller, profile = await router.ingress.admit(request, user, server, "ws")
     session = await router.backend.acquire(user, profile)
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=router.settings.max_body_bytes)
     await ws.prepare(request)
-    exchange = Exchange(router, principal(request), user, profile, "ws")
+    exchange = Exchange(router.ingress, caller)
     per_socket = router.settings.ws_max_in_flight
     per_user = request.app[USER_IN_FLIGHT]
 
@@ -75,7 +76,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=per_socket + 2, keepalive_timeout=30), auto_decompress=False
     )
-    upstream = HttpSession(http, session.endpoint.url + "/mcp", deliver, session.endpoint.headers(), router.bridge.ssl)
+    upstream = HttpSession(http, session.endpoint.url + "/mcp", deliver, session.endpoint.headers(), router.bridge_ssl)
     requests: set[asyncio.Task[None]] = set()
 
     async def send(message: Message) -> None:
@@ -140,6 +141,6 @@ def _queue_full(per_socket: int, per_user: int) -> PierError:
     )
 
 
-def add_routes(app: web.Application) -> None:
-    app[USER_IN_FLIGHT] = InFlight(app[ROUTER].settings.ws_max_in_flight_per_user)
-    app.router.add_get("/v1/users/{user}/servers/{server}/ws", websocket)
+def add_routes(v1: web.Application, settings: RouterSettings) -> None:
+    v1[USER_IN_FLIGHT] = InFlight(settings.ws_max_in_flight_per_user)
+    v1.router.add_get("/users/{user}/servers/{server}/ws", websocket)

@@ -9,9 +9,11 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
+from pier.core.bridge import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.process import clean_env
@@ -19,7 +21,7 @@ from pier.core.tls import server_context
 from pier.core.web import error_response, json_response, origin_allowed, read_body
 from pier.core.web import serve as web_serve
 from pier.sidecar.attach import FifoPeer
-from pier.sidecar.calls import Call, CallRegistry, CallRequest
+from pier.sidecar.calls import CallRegistry
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
@@ -67,44 +69,55 @@ class Bridge:
             env=self.server_env if self.server_env is not None else clean_env(("PIER_SIDECAR_",)),
         )
 
-    async def start_call(self, body: CallRequest) -> Call:
-        """Start (or join) a call and wait up to `body.wait_s` for it; PierError when refused."""
+    async def start_call(self, request: CallRequest) -> CallAnswer:
+        """Start (or join) a call and wait up to `request.wait_s` for it; PierError when refused."""
         if self.draining:
             raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
         try:
-            call = await self.calls.start(body.tool, body.arguments, body.call_id)
+            call = await self.calls.start(request.tool, request.arguments, request.call_id)
         except PierError as err:
             self.metrics.rejected.labels(err.code).inc()
             raise
-        await call.wait(body.wait_s)
-        return call
+        await call.wait(request.wait_s)
+        return call.answer()
 
-    async def tools(self) -> list[dict[str, object]]:
+    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int = -1) -> CallAnswer:
+        """A call once it is done, has progress beyond `progress_after`, or after `wait_s`."""
+        call = self.calls.get(call_id)
+        await call.wait(wait_s, progress_after)
+        return call.answer(max(progress_after, 0))
+
+    def cancel_call(self, call_id: str, reason: str = "cancelled by the caller") -> CallAnswer:
+        call = self.calls.get(call_id)
+        self.calls.cancel(call, reason)
+        return call.answer()
+
+    async def tools(self) -> list[dict[str, Any]]:
         """The server's tools, once it is ready (PierError if it cannot become ready)."""
         await self.upstream.wait_ready()
         return self.upstream.tools
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> BridgeStatus:
         up = self.upstream
         init = up.init_result or {}
         transport = up.transport
-        return {
-            "state": "draining" if self.draining else up.state,
-            "ready": up.ready and not self.draining,
-            "mode": "attach" if self.settings.attach_dir is not None else "child",
-            "pid": transport.pid if transport else None,
-            "restarts": up.restarts,
-            "in_flight": up.in_flight,
-            "queued": up.queued,
-            "calls_running": self.calls.running,
-            "clients": len(self.clients.sessions),
-            "started_at": up.started_at,
-            "last_activity": up.last_activity,
-            "server_info": init.get("serverInfo"),
-            "protocol_version": init.get("protocolVersion"),
-            "tools": len(up.tools),
-            "last_exit": up.last_exit.details() if up.last_exit else None,
-        }
+        return BridgeStatus(
+            state="draining" if self.draining else up.state,
+            ready=up.ready and not self.draining,
+            mode="attach" if self.settings.attach_dir is not None else "child",
+            pid=transport.pid if transport else None,
+            restarts=up.restarts,
+            in_flight=up.in_flight,
+            queued=up.queued,
+            calls_running=self.calls.running,
+            clients=len(self.clients.sessions),
+            started_at=up.started_at,
+            last_activity=up.last_activity,
+            server_info=init.get("serverInfo"),
+            protocol_version=init.get("protocolVersion"),
+            tools=len(up.tools),
+            last_exit=up.last_exit.details() if up.last_exit else None,
+        )
 
 
 BRIDGE = web.AppKey("bridge", Bridge)
@@ -136,18 +149,15 @@ async def post_call(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     settings = bridge.settings
     try:
-        body = CallRequest.parse(parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s)))
+        body = parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s))
+        answer = await bridge.start_call(CallRequest.parse(body))
     except TooDeep as exc:
         return error_response(PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}))
     except ValueError:
         return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
     except PierError as err:
-        return error_response(err)
-    try:
-        call = await bridge.start_call(body)
-    except PierError as err:
         return error_response(err, retry_after(err))
-    return json_response(call.to_dict(), call.http_status)
+    return json_response(answer.to_dict(), answer.http_status)
 
 
 def retry_after(err: PierError) -> dict[str, str] | None:
@@ -165,25 +175,25 @@ def _query_float(request: web.Request, name: str, default: float, high: float) -
 async def get_call(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     try:
-        call = bridge.calls.get(request.match_info["call_id"])
+        bridge.calls.get(request.match_info["call_id"])  # an unknown call is 404, whatever the query says
         wait_s = _query_float(request, "wait_s", 0, 300)
         progress_after = (
             int(_query_float(request, "progress_after", -1, 1e12)) if "progress_after" in request.query else -1
         )
+        answer = await bridge.get_call(request.match_info["call_id"], wait_s, progress_after)
     except PierError as err:
         return error_response(err)
-    await call.wait(wait_s, progress_after)
-    return json_response(call.to_dict(max(progress_after, 0)), call.http_status)
+    return json_response(answer.to_dict(), answer.http_status)
 
 
 async def delete_call(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     try:
-        call = bridge.calls.get(request.match_info["call_id"])
+        reason = request.query.get("reason", "cancelled by the caller")
+        answer = bridge.cancel_call(request.match_info["call_id"], reason)
     except PierError as err:
         return error_response(err)
-    bridge.calls.cancel(call, request.query.get("reason", "cancelled by the caller"))
-    return json_response(call.to_dict(), call.http_status)
+    return json_response(answer.to_dict(), answer.http_status)
 
 
 async def get_tools(request: web.Request) -> web.Response:
@@ -196,7 +206,7 @@ async def get_tools(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return json_response(request.app[BRIDGE].status())
+    return json_response(request.app[BRIDGE].status().to_dict())
 
 
 async def get_logs(request: web.Request) -> web.Response:
@@ -214,14 +224,14 @@ async def get_logs(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     if bridge.upstream.gave_up.is_set():
-        return json_response({"status": "failed", "last_exit": bridge.status()["last_exit"]}, 503)
+        return json_response({"status": "failed", "last_exit": bridge.status().last_exit}, 503)
     return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     status = bridge.status()
-    return json_response({"ready": status["ready"], "state": status["state"]}, 200 if status["ready"] else 503)
+    return json_response({"ready": status.ready, "state": status.state}, 200 if status.ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

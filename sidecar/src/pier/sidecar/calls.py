@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pier.core.bridge import CallAnswer
 from pier.core.errors import PierError
 from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
 from pier.sidecar.multiplexer import Pending
@@ -23,50 +23,6 @@ from pier.sidecar.upstream import Upstream
 log = logging.getLogger("pier.sidecar.calls")
 
 _MAX_PROGRESS = 100  # kept per call; older entries are dropped (the count says how many came)
-_CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
-_REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s"})
-
-
-class CallRequest:
-    """`POST /v1/calls`: start a tool call (or join the one with the same `call_id`).
-
-    Checked by hand: this is the only body the bridge parses, and a model library would cost
-    every bridge its import (see config.py).
-    """
-
-    __slots__ = ("arguments", "call_id", "tool", "wait_s")
-
-    def __init__(self, tool: str, arguments: dict[str, Any], call_id: str | None, wait_s: float) -> None:
-        self.tool, self.arguments, self.call_id, self.wait_s = tool, arguments, call_id, wait_s
-
-    @classmethod
-    def parse(cls, data: Any) -> CallRequest:
-        """The request in `data`, or INVALID_ARGUMENTS listing what is wrong with it."""
-        if not isinstance(data, dict):
-            raise _invalid_body([([], "the body must be a JSON object")])
-        errors: list[tuple[list[Any], str]] = [
-            ([name], "extra fields not permitted") for name in data.keys() - _REQUEST_FIELDS
-        ]
-        tool = data.get("tool")
-        if not isinstance(tool, str) or not tool:
-            errors.append((["tool"], "a non-empty string is required"))
-        arguments = data.get("arguments", {})
-        if not isinstance(arguments, dict):
-            errors.append((["arguments"], "must be an object"))
-        call_id = data.get("call_id")
-        if call_id is not None and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
-            errors.append((["call_id"], "1-200 characters: letters, digits and . _ : -"))
-        wait_s = data.get("wait_s", 30.0)
-        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 300:
-            errors.append((["wait_s"], "a number of seconds from 0 to 300"))
-        if errors:
-            raise _invalid_body(errors)
-        return cls(tool, arguments, call_id, float(wait_s))
-
-
-def _invalid_body(errors: list[tuple[list[Any], str]]) -> PierError:
-    details = {"errors": [{"path": path, "message": message} for path, message in errors]}
-    return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", details)
 
 
 class Call:
@@ -142,25 +98,20 @@ class Call:
                 while not self.done and (progress_after < 0 or self.progress_count <= progress_after):
                     await self._changed.wait()
 
-    def to_dict(self, progress_after: int = 0) -> dict[str, Any]:
+    def answer(self, progress_after: int = 0) -> CallAnswer:
+        """The call as the call API reports it, with the progress after the first `progress_after`."""
         skip = max(0, progress_after - (self.progress_count - len(self.progress)))
-        return {
-            "call_id": self.id,
-            "tool": self.tool,
-            "status": self.status,
-            "result": self.result,
-            "error": self.error.to_dict() if self.error else None,
-            "progress": self.progress[skip:],
-            "progress_count": self.progress_count,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-        }
-
-    @property
-    def http_status(self) -> int:
-        if self.status == "running":
-            return 202
-        return self.error.http_status if self.error else 200
+        return CallAnswer(
+            call_id=self.id,
+            tool=self.tool,
+            status=self.status,  # type: ignore[arg-type]  # one of CallStatus, set by this class only
+            result=self.result,
+            error=self.error.to_dict() if self.error else None,
+            progress=self.progress[skip:],
+            progress_count=self.progress_count,
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+        )
 
 
 def error_from_response(error: dict[str, Any]) -> PierError:

@@ -29,7 +29,7 @@ from pier.core.jsonrpc import (
     parse,
     validate_message,
 )
-from pier.core.web import SSE_HEADERS, json_response, read_body
+from pier.core.web import SSE_HEADERS, CoalescedSSE, json_response, read_body
 from pier.sidecar.clients import ClientRegistry, ClientSession
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
@@ -54,13 +54,6 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> w
     return web.Response(
         status=status, body=dumps(error_response(request_id, code, message)), content_type="application/json"
     )
-
-
-class CoalescedSSE(web.StreamResponse):
-    """An SSE response whose headers leave with its first event (as `web.Response` does),
-    rather than in a write of their own."""
-
-    _send_headers_immediately = False
 
 
 class PostStream:

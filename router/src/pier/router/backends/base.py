@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pier.core.bridge import Endpoint
+from pier.core.bridge import BridgeHandle, BridgeStatus, Endpoint
 from pier.core.catalog import Profile
 
 
@@ -24,18 +24,25 @@ class Session:
     """A user's session of one profile, as the router sees it."""
 
     key: SessionKey
-    endpoint: Endpoint
+    bridge: BridgeHandle  # how to call its bridge (in this process, or over HTTP)
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: str = "ready"
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0  # calls this router is forwarding right now
-    bridge_status: dict[str, Any] = field(default_factory=dict)  # last /v1/status seen
+    bridge_status: BridgeStatus | None = None  # the last /v1/status seen
+    call_timeout_s: float | None = None  # the session's own hand-off threshold (an MCPSession may set one)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where its bridge is served over HTTP (the relay and the job pool reach it there)."""
+        return self.bridge.endpoint
 
     def view(self) -> dict[str, Any]:
         """The session for listings and the dashboard (no endpoint token)."""
         now = time.time()
         status = self.bridge_status
+        in_bridge = status.in_flight + status.queued if status else 0
         return {
             "user": self.key.user,
             "server": self.key.profile,
@@ -43,8 +50,8 @@ class Session:
             "created_at": self.created_at,
             "age_s": round(now - self.created_at, 1),
             "idle_s": round(now - self.last_used, 1),
-            "in_flight": max(self.in_flight, status.get("in_flight", 0) + status.get("queued", 0)),
-            "restarts": status.get("restarts", 0),
+            "in_flight": max(self.in_flight, in_bridge),
+            "restarts": status.restarts if status else 0,
             "tools": len(self.tools),
         }
 

@@ -10,34 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import re
 import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from kubernetes import client, config
+from pydantic import ValidationError
 
-from pier.core.bridge import BridgeClient, Endpoint
+from pier.core.bridge import Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads
-from pier.core.mcpsession import GROUP, PLURAL, PROFILE_LABEL, USER_LABEL, VERSION
-from pier.operator.pods import label_value
+from pier.core.mcpsession import GROUP, PLURAL, VERSION, MCPSessionStatus, new_session, session_name
 from pier.router.backends.base import Session, SessionBackend, SessionKey
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
 
 log = logging.getLogger("pier.router.kubernetes")
-
-
-def session_name(user: str, profile: str) -> str:
-    """A valid, deterministic object name: readable where it can be, unique always (a digest)."""
-    digest = hashlib.sha256(f"{user}\0{profile}".encode()).hexdigest()[:10]
-    readable = re.sub(r"[^a-z0-9-]+", "-", f"{profile}-{user}".lower()).strip("-")[:40].strip("-")
-    return f"{readable}-{digest}" if readable else f"s-{digest}"
 
 
 class ApiAccess:
@@ -76,12 +67,12 @@ class ApiAccess:
 
 class KubernetesBackend(SessionBackend):
     def __init__(
-        self, settings: RouterSettings, bridge: BridgeClient, metrics: RouterMetrics, http: aiohttp.ClientSession
+        self, settings: RouterSettings, metrics: RouterMetrics, http: aiohttp.ClientSession, bridge_ssl: Any
     ) -> None:
         self.settings = settings
-        self.bridge = bridge
         self.metrics = metrics
         self.http = http
+        self.bridge_ssl = bridge_ssl
         self.namespace = settings.namespace
         self.objects: dict[str, dict[str, Any]] = {}  # name → MCPSession, kept by the watch
         self.sessions: dict[str, Session] = {}  # name → the router's view of a Ready session
@@ -169,9 +160,9 @@ class KubernetesBackend(SessionBackend):
                 continue
             session = self.sessions.get(name) or Session(
                 SessionKey(spec.get("userId", ""), (spec.get("server") or {}).get("profile") or "inline"),
-                Endpoint(""),
+                HttpBridge(self.http, Endpoint("")),  # not Ready yet: listed, never called
             )
-            session.state = ((obj.get("status") or {}).get("phase") or "Pending").lower()
+            session.state = (_status(obj).phase or "Pending").lower()
             result.append(session)
         return result
 
@@ -189,42 +180,23 @@ class KubernetesBackend(SessionBackend):
         deadline = loop.time() + self.settings.kube_ready_timeout_s
         while True:
             obj = self.objects.get(name)
-            status = (obj or {}).get("status") or {}
-            if status.get("phase") == "Ready" and status.get("endpoint"):
-                return await self._ready(name, user, profile, status["endpoint"])
-            if status.get("phase") == "Failed":
-                raise PierError("SESSION_START_FAILED", _reason(status), {"session": name, "status": status})
+            status = _status(obj)
+            if status.serving and obj is not None:
+                return await self._ready(name, user, profile, obj)
+            if status.phase == "Failed":
+                raise PierError("SESSION_START_FAILED", status.not_ready_reason(), {"session": name, **_shown(obj)})
             if obj is None and name not in self.objects:
                 await self._create(name, user, profile)  # deleted meanwhile: ask again
             remaining = deadline - loop.time()
             if remaining <= 0:
                 limit = self.settings.kube_ready_timeout_s
-                why = f"session {name} was not Ready within {limit:.0f} s: {_reason(status)}"
-                raise PierError("SESSION_START_FAILED", why, {"session": name, "status": status})
+                why = f"session {name} was not Ready within {limit:.0f} s: {status.not_ready_reason()}"
+                raise PierError("SESSION_START_FAILED", why, {"session": name, **_shown(obj)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def _create(self, name: str, user: str, profile: Profile) -> None:
-        ttl = profile.ttl_s if profile.ttl_s is not None else self.settings.session_ttl_s
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "MCPSession",
-            "metadata": {
-                "name": name,
-                "labels": {
-                    USER_LABEL: label_value(user),
-                    PROFILE_LABEL: profile.name,
-                    "app.kubernetes.io/managed-by": "pier-router",
-                },
-            },
-            "spec": {
-                "userId": user,
-                "server": {"profile": profile.name},
-                "ttlSeconds": int(ttl),
-                "callTimeoutSeconds": int(profile.call_timeout_s or self.settings.call_timeout_s),
-                "maxConcurrentCalls": profile.max_concurrent_calls,
-            },
-        }
+        body = new_session(user, profile, profile.idle_ttl_s(self.settings.session_ttl_s))
         status, answer = await self._request("POST", self._base, body)
         if status == 409:
             return  # another router replica (or request) created it first: same session
@@ -236,15 +208,19 @@ class KubernetesBackend(SessionBackend):
         self.objects.setdefault(name, answer)
         log.info("MCPSession created", extra={"session": name})
 
-    async def _ready(self, name: str, user: str, profile: Profile, endpoint: str) -> Session:
+    async def _ready(self, name: str, user: str, profile: Profile, obj: dict[str, Any]) -> Session:
+        endpoint = _status(obj).endpoint
+        assert endpoint is not None
         session = self.sessions.get(name)
         if session is None or session.endpoint.url != endpoint:
             # A new pod (or the first time): its tools once, then no API or bridge call per request.
-            target = Endpoint(endpoint, self.settings.bridge_token.get_secret_value() if self.settings.bridge_token
-                              else None)  # fmt: skip
-            tools = await self.bridge.tools(target, self.settings.session_start_timeout_s)
-            session = Session(SessionKey(user, profile.name), target, {t["name"]: t for t in tools})
+            token = self.settings.bridge_token.get_secret_value() if self.settings.bridge_token else None
+            bridge = HttpBridge(self.http, Endpoint(endpoint, token), self.bridge_ssl)
+            tools = await bridge.tools(self.settings.session_start_timeout_s)
+            session = Session(SessionKey(user, profile.name), bridge, {t["name"]: t for t in tools})
             self.sessions[name] = session
+        timeout = (obj.get("spec") or {}).get("callTimeoutSeconds")
+        session.call_timeout_s = float(timeout) if timeout else None
         return session
 
     async def end(self, user: str, profile_name: str) -> bool:
@@ -260,8 +236,13 @@ class KubernetesBackend(SessionBackend):
                 del self.sessions[name]
 
 
-def _reason(status: dict[str, Any]) -> str:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Ready" and condition.get("status") != "True":
-            return f"{condition.get('reason')}: {condition.get('message')}"
-    return f"phase {status.get('phase') or 'Pending'}"
+def _status(obj: dict[str, Any] | None) -> MCPSessionStatus:
+    """A session's status as the operator wrote it (an unreadable one counts as none yet)."""
+    try:
+        return MCPSessionStatus.model_validate((obj or {}).get("status") or {})
+    except ValidationError:
+        return MCPSessionStatus()
+
+
+def _shown(obj: dict[str, Any] | None) -> dict[str, Any]:
+    return {"status": (obj or {}).get("status") or {}}

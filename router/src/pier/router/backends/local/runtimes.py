@@ -1,0 +1,251 @@
+"""How a local session's bridge runs (`PIER_LOCAL_BRIDGES`), and how it stops.
+
+- ``inprocess`` (default): the bridge app runs in the router's own process and event loop. A new
+  session costs its server's start and little else (no Python start-up and imports: a first call
+  ~0.3 s sooner, a few MiB per session instead of ~35), and the router's own calls reach the
+  bridge directly (`InProcessBridge`) instead of through a second HTTP hop. The bridge is still
+  served on a loopback port (with its token, and internal mTLS if configured) for the MCP relay
+  and the job pool.
+- ``process``: each bridge a `pier sidecar` process, exactly as a pod runs it (`HttpBridge`).
+
+Either way the server is a child process of the bridge, and the same bridge code runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from pier.core.bridge import BridgeHandle, Endpoint, HttpBridge
+from pier.core.catalog import Profile
+from pier.core.errors import PierError
+from pier.core.jsonrpc import loads
+from pier.core.process import clean_env, die_with_parent
+from pier.core.tls import server_context
+from pier.router.backends.base import Session, SessionKey
+from pier.router.config import RouterSettings
+from pier.sidecar.app import BRIDGE, Bridge, create_app
+from pier.sidecar.config import ENV_PREFIX, SidecarSettings
+from pier.sidecar.embedded import InProcessBridge
+
+log = logging.getLogger("pier.router.local")
+
+SIDECAR = [sys.executable, "-m", "pier.sidecar"]  # its own entry point: no CLI (nor router) imported
+_STOP_GRACE_S = 30.0  # a bridge process's own grace period for its calls, plus slack
+_STOP_SLACK_S = 10.0  # an in-process bridge's stop: beyond its drain and kill steps
+
+
+@dataclass(eq=False, kw_only=True)
+class LocalSession(Session):
+    """A local session; how its bridge runs (and stops) is the subclass's business."""
+
+    profile: Profile
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited and self.state == "ready"
+
+    @property
+    @abc.abstractmethod
+    def exited(self) -> bool:
+        """The bridge is gone (or has given up on its server): the session cannot serve again."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop the bridge (its in-flight calls get its grace period), and its server."""
+
+
+@dataclass(eq=False, kw_only=True)
+class ProcessSession(LocalSession):
+    """The bridge is a `pier sidecar` child process."""
+
+    proc: asyncio.subprocess.Process
+
+    @property
+    def exited(self) -> bool:
+        return self.proc.returncode is not None
+
+    async def stop(self) -> None:
+        await kill(self.proc, graceful=True)
+
+
+@dataclass(eq=False, kw_only=True)
+class InProcessSession(LocalSession):
+    """The bridge runs on the router's event loop; only its server is a child process."""
+
+    runner: web.AppRunner
+    app_bridge: Bridge
+    stopping: set[asyncio.Task[None]]  # the runtime's: it waits for them when it closes
+    stopped: bool = field(default=False)
+
+    @property
+    def exited(self) -> bool:
+        # A bridge process exits when it gives up on its server; an in-process one just says so.
+        return self.stopped or self.app_bridge.upstream.gave_up.is_set()
+
+    async def stop(self) -> None:
+        # Always graceful: the bridge drains its calls (none, after a failed start), then stops its server.
+        if self.stopped:
+            return
+        self.stopped = True
+        # It must finish even if the caller is cancelled (a half-stopped bridge would leave its
+        # server running), so it is a task of its own, which the runtime waits for when it closes.
+        task = asyncio.create_task(self.runner.cleanup(), name=f"pier-stop-{self.key.user}-{self.key.profile}")
+        self.stopping.add(task)
+        task.add_done_callback(self.stopping.discard)
+        # Bounded all the same: a stop that never ends must not hold the reaper or the router's shutdown.
+        settings = self.app_bridge.settings
+        budget = settings.shutdown_grace_s + 3 * settings.kill_timeout_s + _STOP_SLACK_S
+        try:
+            await asyncio.wait_for(asyncio.shield(task), budget)
+        except TimeoutError:
+            log.error("bridge did not stop in time", extra={"user": self.key.user, "profile": self.key.profile})
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Runtime(abc.ABC):
+    """Starts local sessions' bridges (ready, tools listed) and stops them."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
+        """A started session (its server initialized, its tools listed); PierError when it cannot start."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Wait for stops still under way."""
+
+    def tls_settings(self) -> dict[str, Path]:
+        """With internal mTLS, each bridge serves HTTPS and accepts only clients of the same CA."""
+        s = self.settings
+        if s.internal_tls_cert is None:
+            return {}
+        tls = {"tls_cert": s.internal_tls_cert}
+        if s.internal_tls_key is not None:
+            tls["tls_key"] = s.internal_tls_key
+        if s.internal_tls_ca is not None:
+            tls["tls_client_ca"] = s.internal_tls_ca
+        return tls
+
+    async def _list_tools(self, bridge: BridgeHandle, started: float) -> dict[str, dict[str, object]]:
+        remaining = self.settings.session_start_timeout_s - (time.monotonic() - started)
+        return {t["name"]: t for t in await bridge.tools(max(remaining, 1.0))}
+
+
+class InProcessRuntime(Runtime):
+    def __init__(self, settings: RouterSettings) -> None:
+        super().__init__(settings)
+        self.stopping: set[asyncio.Task[None]] = set()
+        # In-process bridges log through the router's handlers, at the bridges' own level.
+        self._bridge_logger = logging.getLogger("pier.sidecar")
+        self._saved_level = self._bridge_logger.level
+        self._bridge_logger.setLevel(settings.sidecar_log_level.upper())
+
+    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
+        s = self.settings
+        # What a bridge process would read from its environment: the profile's PIER_SIDECAR_*
+        # values, then the router's choices. The server gets what it would get from a bridge
+        # process: the router's environment without PIER_*, plus the profile's (without the
+        # bridge's settings).
+        settings = SidecarSettings.from_env(
+            profile.env, command=profile.command, host="127.0.0.1", port=0, cwd=profile.cwd, token=token,
+            max_concurrent_calls=profile.max_concurrent_calls, start_timeout_s=s.session_start_timeout_s,
+            log_level=s.sidecar_log_level, **self.tls_settings(),
+        )  # fmt: skip
+        server_env = {
+            **clean_env(),
+            **{k: v for k, v in profile.env.items() if not k.upper().startswith(ENV_PREFIX)},
+        }
+        app = create_app(settings, server_env)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
+        bridge = InProcessBridge(app[BRIDGE], Endpoint("", token))
+        session = InProcessSession(
+            key, bridge, profile=profile, runner=runner, app_bridge=app[BRIDGE], stopping=self.stopping
+        )
+        started = time.monotonic()
+        try:
+            await runner.setup()
+            ssl_context = None
+            if settings.tls_cert is not None:
+                ssl_context = server_context(
+                    settings.tls_cert, settings.tls_key or settings.tls_cert, settings.tls_client_ca
+                )
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+            await site.start()
+            scheme = "https" if ssl_context else "http"
+            bridge.endpoint = Endpoint(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}", token)
+            session.tools = await self._list_tools(bridge, started)
+        except BaseException:
+            await session.stop()
+            raise
+        return session
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.stopping, return_exceptions=True)
+        self._bridge_logger.setLevel(self._saved_level)
+
+
+class ProcessRuntime(Runtime):
+    def __init__(self, settings: RouterSettings, http: aiohttp.ClientSession, ssl: ssl.SSLContext | bool) -> None:
+        super().__init__(settings)
+        self.http = http
+        self.ssl = ssl
+
+    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
+        env = {
+            **clean_env(),  # the router's own settings (keys!) never reach a session
+            **profile.env,
+            "PIER_SIDECAR_TOKEN": token,
+            "PIER_SIDECAR_MAX_CONCURRENT_CALLS": str(profile.max_concurrent_calls),
+            "PIER_SIDECAR_START_TIMEOUT_S": str(self.settings.session_start_timeout_s),
+            "PIER_SIDECAR_LOG_LEVEL": self.settings.sidecar_log_level,
+            **{ENV_PREFIX + name.upper(): str(path) for name, path in self.tls_settings().items()},
+        }
+        proc = await asyncio.create_subprocess_exec(
+            *SIDECAR, "--host", "127.0.0.1", "--port", "0", "--", *profile.command,
+            stdout=subprocess.PIPE, env=env, cwd=profile.cwd, preexec_fn=die_with_parent,
+        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            bridge = HttpBridge(self.http, Endpoint(await self._listening_url(proc), token), self.ssl)
+            tools = await self._list_tools(bridge, started)
+        except BaseException:
+            await kill(proc)
+            raise
+        return ProcessSession(key, bridge, tools, profile=profile, proc=proc)
+
+    async def _listening_url(self, proc: asyncio.subprocess.Process) -> str:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), self.settings.session_start_timeout_s)
+        if not line:
+            code = await proc.wait()
+            raise PierError("SESSION_START_FAILED", f"the bridge exited with code {code} before listening")
+        url: str = loads(line)["url"]
+        return url
+
+
+async def kill(proc: asyncio.subprocess.Process, graceful: bool = False) -> None:
+    """Stop a bridge process (graceful: SIGTERM, so it drains its calls) and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
