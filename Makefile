@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIER := $(VENV)/bin/pier
 NPM_DIR := deps/npm
 
-.PHONY: install test test-k8s lint format run clean manifests
+.PHONY: install test test-fast test-k8s lint format run clean manifests
 
 install: $(VENV)/.installed $(NPM_DIR)/node_modules/.installed
 
@@ -27,6 +27,7 @@ $(NPM_DIR)/node_modules/.installed: $(NPM_DIR)/package.json $(NPM_DIR)/package-l
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
@@ -34,6 +35,11 @@ format: $(VENV)/.installed
 
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: everything but the Kubernetes tier and the load and fault tests (marked slow), on
+# two workers (every test has its own Redis, ports and sessions).
+test-fast: install lint
+	$(PY) -m pytest -q -n 2 -m "not k8s and not slow" $(PYTEST_ARGS)
 
 # The Kubernetes tier alone (builds the test control plane once, then reuses it).
 test-k8s: install

@@ -121,12 +121,12 @@ async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: ob
         catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])
     app = create_app(RouterSettings(redis_url=redis_url, port=0, **settings), catalog)
     runner = web.AppRunner(app, shutdown_timeout=5)
-    await runner.setup()
-    context = app[ROUTER].ssl_context
-    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
-    await site.start()
-    scheme = "https" if context else "http"
     try:
+        await runner.setup()
+        context = app[ROUTER].ssl_context
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
+        await site.start()
+        scheme = "https" if context else "http"
         yield RunningRouter(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}", app[ROUTER])
     finally:
         await runner.cleanup()
@@ -187,3 +187,25 @@ async def sse_events(http, url: str) -> list[tuple[str, dict]]:
                 events.append((name, json.loads(line[6:])))
                 name = "message"
     return events
+
+
+class Metrics:
+    """A `/metrics` page, parsed: what tests read instead of the components' private counters."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples named `name` whose labels include `labels` (0 when there are none)."""
+        return sum(
+            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+async def scrape(http: aiohttp.ClientSession, base_url: str, headers: dict[str, str] | None = None) -> Metrics:
+    """The metrics a router, bridge or worker serves at `base_url`/metrics."""
+    async with http.get(f"{base_url}/metrics", headers=headers or {}) as response:
+        assert response.status == 200
+        return Metrics(await response.text())

@@ -25,6 +25,8 @@ from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.jobstore import job_key
 from tests.servers import PIER, ROGUE, get_json, router_app, wait_job, wait_until, worker_processes
 
+pytestmark = pytest.mark.slow  # the fault-and-abuse suite: `make test` runs it, `make test-fast` does not
+
 
 async def _post(http, url: str, body: object, headers: dict | None = None) -> tuple[int, dict]:
     async with http.post(url, json=body, headers=headers or {}) as response:

@@ -7,6 +7,7 @@ import base64
 import os
 import signal
 
+import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
@@ -145,6 +146,7 @@ async def test_jobs_queued_across_a_redis_restart_all_complete(http, tmp_path):
         await redis.stop()
 
 
+@pytest.mark.slow  # a load test
 async def test_three_hundred_slow_jobs_across_three_workers(http, redis_server):
     async with (
         router_app(redis_server.url) as running,

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from pier.core.catalog import Profile
-from pier.core.mcpsession import MCPSessionSpec
+from pier.core.mcpsession import MCPSessionSpec, label_value
 from pier.operator.config import OperatorSettings
-from pier.operator.pods import IO_DIR, build_pod, label_value
+from pier.operator.pods import IO_DIR, build_pod
 from tests.servers import ROOT
 from tools.crd import crd, render
 

@@ -7,10 +7,15 @@ import os
 import signal
 
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
 from mcp import Client
 
 from pier.core.catalog import Catalog, demo_profile
-from tests.servers import get_json, router_app, wait_until
+from pier.router.app import create_app
+from pier.router.config import RouterSettings
+from pier.router.context import ROUTER
+from tests.servers import get_json, router_app, scrape, wait_until
 
 
 async def _call(http, url: str, tool: str, headers: dict | None = None, **arguments) -> tuple[int, dict]:
@@ -22,6 +27,7 @@ def _count(body: dict) -> int:
     return body["result"]["structuredContent"]["result"]
 
 
+@pytest.mark.slow  # a load test
 async def test_fifty_users_twenty_calls_each_then_all_reaped(http, redis_server):
     # A TTL longer than any pause between a user's calls on a loaded machine; shortened once all are done.
     async with router_app(redis_server.url, session_ttl_s=300, reap_interval_s=0.25) as running:
@@ -38,10 +44,11 @@ async def test_fifty_users_twenty_calls_each_then_all_reaped(http, redis_server)
         for per_user in counts:
             # Each user's own server saw exactly its own 20 executions: 1..20, then count() == 20.
             assert per_user == [*range(1, 21), 20]
-        assert router.metrics.sessions_started.labels("demo")._value.get() == 50
+        assert (await scrape(http, running.url)).value("pier_router_sessions_started_total", profile="demo") == 50
         router.settings.session_ttl_s = 1
         await wait_until(lambda: not router.backend.list(), timeout=60)
-        assert router.metrics.sessions_reaped.labels("demo", "idle")._value.get() == 50
+        reaped = (await scrape(http, running.url)).value("pier_router_sessions_reaped_total", reason="idle")
+        assert reaped == 50
 
 
 async def test_concurrent_first_requests_start_one_session(http, redis_server):
@@ -49,7 +56,7 @@ async def test_concurrent_first_requests_start_one_session(http, redis_server):
         url = running.user_url("newcomer")
         results = await asyncio.gather(*(_call(http, url, "echo", message=str(i)) for i in range(20)))
         assert [body["result"]["content"][0]["text"] for _, body in results] == [f"Echo: {i}" for i in range(20)]
-        assert running.router.metrics.sessions_started.labels("demo")._value.get() == 1
+        assert (await scrape(http, running.url)).value("pier_router_sessions_started_total", profile="demo") == 1
         assert len(running.router.backend.list("newcomer")) == 1
 
 
@@ -144,7 +151,7 @@ async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http,
         await _kill_server_mid_call(http, running, "alice")
         status, body = await safe
         assert (status, body["result"]["content"][0]["text"]) == (200, "Slept 2.0 seconds")
-        assert running.router.metrics.retries.labels("demo")._value.get() == 1
+        assert (await scrape(http, running.url)).value("pier_router_call_retries_total", profile="demo") == 1
 
 
 async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_server):
@@ -157,7 +164,7 @@ async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_serve
         await session.proc.wait()
         status, body = await _call(http, alice, "counter")
         assert (status, _count(body)) == (200, 1)  # a fresh server
-        assert running.router.metrics.sessions_started.labels("demo")._value.get() == 2
+        assert (await scrape(http, running.url)).value("pier_router_sessions_started_total", profile="demo") == 2
 
 
 @pytest.mark.parametrize("bridges", ["inprocess", "process"])
@@ -175,7 +182,7 @@ async def test_a_bridge_that_gave_up_is_replaced_on_the_next_request(http, redis
         await wait_until(lambda: session.exited)
         status, body = await _call(http, alice, "counter")
         assert (status, _count(body)) == (200, 1)  # a fresh bridge, a fresh server
-        assert running.router.metrics.sessions_started.labels("demo")._value.get() == 2
+        assert (await scrape(http, running.url)).value("pier_router_sessions_started_total", profile="demo") == 2
 
 
 async def test_pool_limit_evicts_the_least_recently_used_idle_session(http, redis_server):
@@ -263,3 +270,25 @@ async def test_a_server_gets_the_profile_environment_and_none_of_the_routers_set
     names = {line.split("=", 1)[0] for line in lines if "=" in line}
     assert {"FROM_PROFILE", "HOST_VARIABLE"} <= names
     assert not [name for name in names if name.startswith("PIER_")]  # neither the router's nor the bridge's
+
+
+async def test_a_start_that_fails_half_way_closes_what_it_opened(redis_server, tmp_path):
+    # The Kubernetes backend cannot start without its kubeconfig; the HTTP pool and Redis were open by then.
+    settings = RouterSettings(redis_url=redis_server.url, backend="kubernetes", kubeconfig=tmp_path / "missing")
+    app = create_app(settings, Catalog([demo_profile()]))
+    runner = web.AppRunner(app)
+    with pytest.raises(Exception, match="kube-config"):
+        await runner.setup()
+    await runner.cleanup()
+    router = app[ROUTER]
+    assert router.http.closed
+    observer = aioredis.from_url(redis_server.url)
+    try:
+        # Only the observer's own connection is left: the router's pool and event subscription are closed.
+        await wait_until(lambda: _clients(observer, 1))
+    finally:
+        await observer.aclose()
+
+
+async def _clients(client: aioredis.Redis, count: int) -> bool:
+    return len(await client.client_list()) == count

@@ -9,7 +9,7 @@ import signal
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from tests.servers import DEMO, bridge_app, get_json, sidecar_process, wait_until
+from tests.servers import DEMO, bridge_app, get_json, scrape, sidecar_process, wait_until
 
 
 def _pid_alive(pid: int) -> bool:
@@ -62,7 +62,7 @@ async def test_garbage_on_stdout_is_skipped(http):
     async with bridge_app(command=noisy) as running:
         async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "x"}}) as r:
             assert (await r.json())["result"]["content"][0]["text"] == "Echo: x"
-        assert running.bridge.metrics.invalid_lines.labels().value == 2
+        assert (await scrape(http, running.url)).value("pier_bridge_invalid_lines_total") == 2
         assert running.bridge.upstream.restarts == 0
 
 
@@ -88,7 +88,7 @@ async def test_oversized_messages_are_refused_cleanly(http):
             assert response.status == 413
         async with http.post(f"{running.url}/v1/calls", json={"tool": "echo", "arguments": {"message": "ok"}}) as r:
             assert r.status == 200
-        assert running.bridge.metrics.oversized.labels().value == 1
+        assert (await scrape(http, running.url)).value("pier_bridge_oversized_messages_total") == 1
         assert running.bridge.upstream.restarts == 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pier.core import __version__, logs
@@ -26,7 +27,7 @@ def _run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(component: str):
+def _announce(component: str) -> Callable[[str], None]:
     def announce(url: str) -> None:
         logging.getLogger(f"pier.{component}").info(f"{component} listening", extra={"url": url})
 

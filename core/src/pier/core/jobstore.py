@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -103,11 +103,15 @@ class EventHub:
         self.redis = redis
         self._listeners: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pier-job-events")
 
     async def close(self) -> None:
+        # Cancelling alone is not enough: redis-py can swallow a cancellation that lands while it
+        # connects or subscribes, and the loop would go on; the flag ends it at its next wake-up.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -126,12 +130,12 @@ class EventHub:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.psubscribe(events_channel("*"))
                 backoff = 0.1
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is None:
                         continue
@@ -285,7 +289,7 @@ class JobStore:
         return int(await self.redis.xlen(STREAM))
 
     async def recent_jobs(self, count: int) -> list[JobRecord]:
-        ids = await self.redis.zrevrange(RECENT, 0, count - 1)
+        ids = cast(list[bytes], await self.redis.zrevrange(RECENT, 0, count - 1))
         if not ids:
             return []
         raws = await self.redis.mget([job_key(i.decode()) for i in ids])

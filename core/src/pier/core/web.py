@@ -83,8 +83,9 @@ async def serve(
     `on_ready` gets the URL actually bound (useful with port 0).
     """
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
     try:
+        # Inside the try: a start that fails half-way still closes what its cleanup contexts opened.
+        await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
@@ -95,7 +96,7 @@ async def serve(
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        waits = {asyncio.ensure_future(stop.wait())}
+        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(stop.wait())}
         if stop_when is not None:
             waits.add(asyncio.ensure_future(stop_when))
         try:

@@ -8,7 +8,7 @@ Tools:
 - ``fail(message)``      a tool error (``isError: true``)
 - ``crash()``            exits the process at once
 
-Run: ``python examples/demo_server.py`` (speaks MCP over stdin/stdout).
+Run: ``python -m pier.examples.demo_server`` (speaks MCP over stdin/stdout).
 """
 
 from __future__ import annotations

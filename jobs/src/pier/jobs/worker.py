@@ -13,7 +13,7 @@ import functools
 import logging
 import ssl
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiohttp
 from aiohttp import web
@@ -52,6 +52,7 @@ class Worker:
         self.following: dict[str, asyncio.Task[None]] = {}  # stream entry id → its task
         self._slots = asyncio.Semaphore(settings.max_jobs)
         self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False  # the loops end on it too: redis-py can swallow a cancellation
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -85,6 +86,7 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop reading; jobs being followed are left unacknowledged for another worker to reclaim."""
+        self._stopping = True
         for task in [*self._loops, *self.following.values()]:
             task.cancel()
         await asyncio.gather(*self._loops, *self.following.values(), return_exceptions=True)
@@ -101,14 +103,15 @@ class Worker:
     async def _read_forever(self) -> None:
         backoff = 0.1
         group_ready = False
-        while True:
+        while not self._stopping:
             try:
                 if not group_ready:
                     await self.store.ensure_group()
                     group_ready = True
                 await self._slots.acquire()  # wait for room before taking more work
                 self._slots.release()
-                entries = await self.redis.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=50, block=5000)
+                reply = await self.redis.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=50, block=5000)
+                entries = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply)  # RESP2
                 backoff = 0.1
             except ResponseError as exc:
                 group_ready = "NOGROUP" not in str(exc)  # Redis came back empty: recreate the group
@@ -126,7 +129,7 @@ class Worker:
     async def _reclaim_forever(self) -> None:
         """Take over entries whose worker has gone silent past the visibility timeout."""
         idle_ms = int(self.settings.visibility_timeout_s * 1000)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.settings.visibility_timeout_s / 2)
             try:
                 start = "0-0"
@@ -147,7 +150,7 @@ class Worker:
 
     async def _heartbeat_forever(self) -> None:
         """Keep our own entries fresh, so a long job is not mistaken for an abandoned one."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.settings.visibility_timeout_s / 3)
             if not self.following:
                 continue

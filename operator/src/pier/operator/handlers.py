@@ -97,7 +97,7 @@ def _bridge_token(core: client.CoreV1Api, settings: OperatorSettings) -> str | N
     if not settings.bridge_token_secret:
         return None
     secret = core.read_namespaced_secret(settings.bridge_token_secret, settings.namespace)
-    return base64.b64decode(secret.data["token"]).decode()
+    return base64.b64decode((secret.data or {})["token"]).decode()
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -258,14 +258,22 @@ def _why_not_ready(pod: Any) -> tuple[str, str]:
 
 
 def _conditions(old: MCPSessionStatus, ready: bool, reason: str, message: str, running: bool) -> list[Condition]:
-    previous = {c.type: c for c in old.conditions or []}
+    previous: dict[str, Condition] = {c.type: c for c in old.conditions or []}
     result = []
     for kind, value in (("Ready", ready), ("ServerRunning", running)):
         state = "True" if value else "False"
         before = previous.get(kind)
         since = before.last_transition_time if before is not None and before.status == state else _stamp(_now())
         result.append(
-            Condition(type=kind, status=state, reason=reason, message=message[:1000], last_transition_time=since)  # type: ignore[arg-type]
+            Condition.model_validate(
+                {
+                    "type": kind,
+                    "status": state,
+                    "reason": reason,
+                    "message": message[:1000],
+                    "lastTransitionTime": since,
+                }
+            )
         )
     return result
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
 from pier.core import logs
@@ -23,7 +24,6 @@ from pier.router.context import router_of
 log = logging.getLogger("pier.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 Render = Callable[[PierError], web.Response]
 
 

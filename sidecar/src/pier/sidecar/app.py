@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from pier.core.bridge import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
@@ -125,7 +126,7 @@ BRIDGE = web.AppKey("bridge", Bridge)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_guard(settings: SidecarSettings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_guard(settings: SidecarSettings) -> Middleware:
     token = settings.token.get_secret_value().encode() if settings.token else None
 
     @web.middleware

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from pier.core.bridge import CallAnswer
 from pier.core.errors import PierError
@@ -207,7 +207,8 @@ class CallRegistry:
         if spec is None:
             known = sorted(self.upstream.tools_by_name)
             raise PierError("UNKNOWN_TOOL", f"the server has no tool {tool!r}", {"tools": known[:100]})
-        validator = self._validators.get(tool)
+        # (the full validator, its flat fast path), or False: nothing to check
+        validator: tuple[Any, _FlatSchema | None] | Literal[False] | None = self._validators.get(tool)
         if validator is None:
             schema = spec.get("inputSchema") or {"type": "object"}
             if not _constrains(schema):

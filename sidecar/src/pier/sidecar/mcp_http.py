@@ -150,11 +150,12 @@ class StreamableHTTP:
         answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
         return json_response(answer, headers={SESSION_HEADER: client.id})
 
-    def _session(self, request: web.Request) -> ClientSession | web.Response:
+    def _session(self, request: web.Request, end: bool = False) -> ClientSession | web.Response:
+        """The client session the request names (ended, with `end`), or the error answer."""
         session_id = request.headers.get(SESSION_HEADER)
         if not session_id:
             return rpc_error(400, INVALID_REQUEST, f"Bad Request: {SESSION_HEADER} header is required")
-        client = self.clients.get(session_id)
+        client = self.clients.remove(session_id) if end else self.clients.get(session_id)
         if client is None:
             return rpc_error(404, INVALID_REQUEST, "Session not found: initialize a new session")
         return client
@@ -278,12 +279,9 @@ class StreamableHTTP:
     # -- DELETE ----------------------------------------------------------------------------
 
     async def delete(self, request: web.Request) -> web.Response:
-        session_id = request.headers.get(SESSION_HEADER)
-        if not session_id:
-            return rpc_error(400, INVALID_REQUEST, f"Bad Request: {SESSION_HEADER} header is required")
-        client = self.clients.remove(session_id)
-        if client is None:
-            return rpc_error(404, INVALID_REQUEST, "Session not found")
+        client = self._session(request, end=True)
+        if isinstance(client, web.Response):
+            return client
         self.upstream.mux.cancel_client(client, "client session ended")
         self.metrics.clients.set(len(self.clients.sessions))
         return web.Response(status=204)

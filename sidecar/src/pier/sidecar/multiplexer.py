@@ -211,7 +211,8 @@ class Multiplexer:
             return
         if method == "notifications/cancelled":
             # The server withdrew one of its own requests: tell the client it asked.
-            owner = self._server_requests.pop(params.get("requestId"), None)
+            request_id = params.get("requestId")
+            owner = self._server_requests.pop(request_id, None) if isinstance(request_id, int | str) else None
             if owner is not None:
                 self._deliver_to_client(owner, message)
             return

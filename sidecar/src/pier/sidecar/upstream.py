@@ -191,7 +191,7 @@ class Upstream:
         tools: list[dict[str, Any]] = []
         cursor = None
         while True:
-            params = {"cursor": cursor} if cursor else {}
+            params: dict[str, Any] = {"cursor": cursor} if cursor else {}
             page = await self._internal_request("tools/list", params, timeout)
             tools.extend(page.get("tools", []))
             cursor = page.get("nextCursor")

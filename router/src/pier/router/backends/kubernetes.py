@@ -13,7 +13,7 @@ import contextlib
 import logging
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from kubernetes import client, config
@@ -59,7 +59,8 @@ class ApiAccess:
             self.cfg.refresh_api_key_hook(self.cfg)  # in-cluster tokens rotate
         # The router's HTTP client does not decompress (it relays bodies as they are): ask for plain ones.
         headers = {"Accept-Encoding": "identity"}
-        for setting in self.cfg.auth_settings().values():  # the bearer token, however the client stores it
+        settings = cast(dict[str, dict[str, Any]], self.cfg.auth_settings())
+        for setting in settings.values():  # the bearer token, however the client stores it
             if setting.get("in") == "header" and setting.get("value"):
                 headers[setting["key"]] = setting["value"]
         return headers
