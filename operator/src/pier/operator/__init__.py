@@ -1,5 +1,6 @@
-"""The kopf operator for `MCPSession` (imported as `pier.operator`; never the stdlib `operator`).
+"""The kopf operator for `MCPSession`.
 
-``models`` holds the resource's schema (the CRD is generated from it by ``crd``), ``pods`` turns a
-spec into the Pod that runs it, ``handlers`` are kopf's small handler functions, ``main`` runs them.
+The resource's schema is shared with the router (``pier.core.mcpsession``; the CRD is generated from
+it by ``tools/crd.py``); ``pods`` turns a spec into the Pod that runs it, ``handlers`` are kopf's
+small handler functions, ``main`` runs them (``pier operator``).
 """

@@ -1,6 +1,8 @@
 """The router: Pier's stateless HTTP front door.
 
-Data path: ``app`` (middleware: request id, auth, rate limit) → ``api`` / ``relay`` / ``compat``
-→ ``calls`` (timeouts, retries, hand-off to the job pool) → ``backends`` (find or start the
-user's session) → ``bridge_client`` (the session's bridge) and back.
+Data path: ``app`` (the root app and its ``/v1`` sub-application; ``middleware``) → ``ingress``
+(identity, admission, rules and policy, audit and accounting) → ``api`` / ``relay`` /
+``websocket`` / ``compat`` → ``calls`` (timeouts, retries, hand-off to the job pool) →
+``backends`` (find or start the user's session) → the session's bridge handle
+(``pier.core.bridge``) and back.
 """
