@@ -167,6 +167,7 @@ async def test_three_hundred_slow_jobs_across_three_workers(http, redis_server):
 
 async def test_cancelling_a_running_job_reaches_the_tool(http, redis_server):
     async with router_app(redis_server.url) as running, worker_processes(redis_server.url):
+        await _count(http, running.user_url("alice"))  # the session is up: the call starts in it before the hand-off
         queued = await _hand_off(http, running.user_url("alice"), "slow", seconds=60)
         await wait_until(lambda: _status(http, running.url, queued["job_id"], "running"))
         async with http.delete(f"{running.url}/v1/jobs/{queued['job_id']}") as response:
@@ -190,6 +191,7 @@ async def _status(http, base: str, job_id: str, status: str) -> bool:
 async def test_a_lost_session_fails_unsafe_jobs_and_reruns_safe_ones(http, redis_server):
     async with router_app(redis_server.url) as running, worker_processes(redis_server.url):
         alice = running.user_url("alice")
+        await _count(http, alice)  # the session is up: both calls start in it before their hand-offs
         unsafe = (await _hand_off(http, alice, "counter", delay_s=30))["job_id"]
         safe = (await _hand_off(http, alice, "slow", seconds=3))["job_id"]
         [session] = running.router.backend.list("alice")

@@ -30,6 +30,12 @@ class Profile(BaseModel):
     call_timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold")
     max_concurrent_calls: int = Field(default=defaults.MAX_CONCURRENT_CALLS, ge=1)
     ttl_s: float | None = Field(default=None, ge=0, description="idle TTL; 0 = never reaped")
+    warm_pool: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="sessions kept started and bound to no user: a new user's first use is instant",
+    )
     trust_annotations: bool = Field(
         default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
     )
@@ -41,6 +47,11 @@ class Profile(BaseModel):
     egress: list[dict[str, Any]] | None = Field(
         default=None, description="Kubernetes: egress rules (NetworkPolicy) of its session pods; the Helm chart's"
     )
+
+    @property
+    def pooled(self) -> bool:
+        """Whether sessions of this profile are kept warm (see `warm_pool`)."""
+        return self.warm_pool > 0
 
     def idle_ttl_s(self, default: float) -> float:
         """How long an idle session of this profile lives (0: forever); `default` when it sets none."""

@@ -2,7 +2,9 @@
 place its state changes.
 
 States: ``queued`` (handed off, no worker yet) → ``running`` (a worker follows it; a call the router
-runs itself under an Idempotency-Key starts here) → ``completed`` | ``failed`` | ``cancelled``. A
+runs itself under an Idempotency-Key starts here) → ``completed`` | ``failed`` | ``cancelled``. A job
+handed off while its session was still starting has no call yet (`started` false): the router that
+starts the session reports its endpoint (`session_ready`), and a worker starts the call (`call_started`). A
 running job may be re-run (a new call id, one more attempt) when its session lost it, if it is
 retry-safe and was not the suspect of its server's crash. An ended job never changes again (but for
 its webhook's delivery state). Every change goes through a method below, which says whether it
@@ -44,6 +46,10 @@ class JobRecord(BaseModel):
     tool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
     call_id: str = Field(description="the bridge call this job follows")
+    started: bool = Field(default=True, description="false while its session starts: no call exists yet")
+    session_deadline: float | None = Field(
+        default=None, description="until when a worker waits for the starting session's endpoint"
+    )
     endpoint: str
     endpoint_token: str | None = Field(default=None, description="secret: never shown to callers")
     retry_safe: bool = False
@@ -80,6 +86,20 @@ class JobRecord(BaseModel):
         if self.status != "queued":
             return False
         self.status = "running"
+        return True
+
+    def session_ready(self, endpoint: str, token: str | None, retry_safe: bool) -> bool:
+        """The session a not-yet-started job waited for is up: where its call will run."""
+        if self.done or self.started or self.endpoint:
+            return False
+        self.endpoint, self.endpoint_token, self.retry_safe = endpoint, token, retry_safe
+        return True
+
+    def call_started(self) -> bool:
+        """A worker started the call on its session (under the job's id: it cannot start twice)."""
+        if self.done or self.started:
+            return False
+        self.started = True
         return True
 
     def note_progress(self, latest: dict[str, Any] | None, count: int) -> bool:

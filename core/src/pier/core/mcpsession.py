@@ -26,6 +26,7 @@ KIND = "MCPSession"
 SESSION_LABEL = "pier.dev/session"
 USER_LABEL = "pier.dev/user"
 PROFILE_LABEL = "pier.dev/profile"
+POOL_LABEL = "pier.dev/pool"  # a warm pod of that profile, bound to no session yet
 
 Phase = Literal["Pending", "Starting", "Ready", "Failed", "Terminating"]
 

@@ -36,6 +36,7 @@ log = logging.getLogger("pier.jobs.worker")
 
 _PROGRESS_SAVE_S = 0.5  # progress is published at once but saved to the record at most this often
 _UNREACHABLE_TRIES = 3  # a bridge that does not answer this many times running has lost the call
+_SESSION_POLL_S = 0.25  # how often a job waiting for its session looks for the endpoint
 
 
 class Worker:
@@ -208,6 +209,11 @@ class Worker:
             await self._after_finish(record)  # a reclaimed job whose webhook may not have gone out
             return
         record = (await self.store.update(job_id, JobRecord.take))[0] or record
+        if not record.started:
+            started = await self._start_when_the_session_is_up(record)
+            if started is None:
+                return
+            record = started
         seen = record.progress_count
         last_save = 0.0
         unreachable = 0
@@ -256,6 +262,30 @@ class Worker:
             else:
                 await self._finish(record, "failed", error=failure)
             return
+
+    async def _start_when_the_session_is_up(self, record: JobRecord) -> JobRecord | None:
+        """A job handed off while its session was starting: wait for the router to report the
+        session's endpoint, then start the call there (under the job's id, so a worker that takes
+        this job over joins the same call). None when the job ended instead."""
+        while not record.endpoint:
+            if record.done:
+                return None
+            if time.time() > (record.session_deadline or 0):
+                error = PierError("SESSION_START_FAILED", "the session did not start in time (or its router went away)")
+                await self._finish(record, "failed", error=error)
+                return None
+            await asyncio.sleep(_SESSION_POLL_S)
+            current = await self.store.get(record.job_id)
+            if current is None:
+                return None
+            record = current
+        try:
+            await self._bridge(record).start_call(CallRequest(record.tool, record.arguments, record.call_id, 0))
+        except PierError as refused:  # never ran: unreachable, unknown tool, bad arguments, full queue…
+            await self._finish(record, "failed", error=refused)
+            return None
+        updated, _ = await self.store.update(record.job_id, JobRecord.call_started)
+        return updated
 
     async def _progress(self, record: JobRecord, answer: CallAnswer, seen: int) -> int:
         """Publish progress the bridge reported since `seen`; returns the new count."""

@@ -26,6 +26,7 @@ class OperatorSettings(BaseSettings):
     session_runtime_class: str | None = Field(
         default=None, description="RuntimeClass of session pods (a sandbox such as gVisor for untrusted servers)"
     )
+    metrics_port: int = Field(default=8082, ge=0, le=65535, description="the operator's /metrics (warm pools); 0: none")
     sync_interval_s: float = Field(default=5.0, gt=0, description="status refresh and TTL check period")
     replace_backoff_s: float = Field(default=2.0, gt=0, description="first delay before replacing a failed pod")
     replace_backoff_max_s: float = Field(default=300.0, gt=0)

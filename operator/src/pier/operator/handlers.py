@@ -20,8 +20,10 @@ from typing import Any
 
 import aiohttp
 import kopf
+from aiohttp import web
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from pier.core.bridge import BridgeStatus, Endpoint, HttpBridge
@@ -38,6 +40,7 @@ from pier.core.mcpsession import (
     ServerInfo,
     status_patch,
 )  # fmt: skip
+from pier.operator import pool
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, build_pod
 
@@ -73,7 +76,28 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.http = aiohttp.ClientSession()
     memo.bridge_token = await asyncio.to_thread(_bridge_token, memo.core, ours)
     await asyncio.to_thread(_ensure_peering, memo.custom, ours.namespace)
+    memo.pool_metrics = pool.PoolMetrics()
+    memo.pool_lock = asyncio.Lock()
+    memo.pool_created = {}  # pooled pod name → when it was created (for the refill time)
+    host = memo.get("listen_host", "0.0.0.0")
+    memo.metrics_runner = await _serve_metrics(memo.pool_metrics.registry, host, ours.metrics_port)
     memo.resync = asyncio.create_task(resync_forever(memo), name="pier-resync")
+
+
+async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner | None:
+    """`/metrics` of the operator (its warm pools), beside kopf's liveness endpoint; port 0: none."""
+    if not port:
+        return None
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 def _ensure_peering(custom: client.CustomObjectsApi, namespace: str) -> None:
@@ -90,6 +114,8 @@ def _ensure_peering(custom: client.CustomObjectsApi, namespace: str) -> None:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
     await asyncio.gather(memo.resync, return_exceptions=True)
+    if memo.metrics_runner is not None:
+        await memo.metrics_runner.cleanup()
     await memo.http.close()
 
 
@@ -143,6 +169,10 @@ async def resync_forever(memo: kopf.Memo) -> None:
                 await reap_if_idle(session, status, memo)
             except Exception:  # one session's trouble must not stop the others, nor the loop
                 log.exception("resync failed", extra={"session": session["metadata"]["name"]})
+        try:
+            await pool.maintain(memo)
+        except Exception:  # the pools are a convenience: their trouble must not stop the loop
+            log.exception("warm pools not maintained")
 
 
 async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatus:
@@ -175,6 +205,10 @@ async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatu
         else:
             current = pod
 
+    if current is None and status.pod_name is None and profile is not None and pool.poolable(spec, profile):
+        current = await pool.claim(memo, session, spec, profile)  # a first pod: a warm one, if one is ready
+        if current is not None:
+            await _event(memo, session, "Claimed", f"pod {current.metadata.name} from the warm pool")
     if current is None:
         await _start_pod(session, spec, profile, status, memo)
     else:

@@ -18,5 +18,6 @@ def run(settings: OperatorSettings, health_port: int = 8081, health_host: str = 
         peering_name="pier",
         standalone=False,
         liveness_endpoint=f"http://{health_host}:{health_port}/healthz" if health_port else None,
+        memo=kopf.Memo(listen_host=health_host),  # `/metrics` listens beside the liveness endpoint
     )
     return 0

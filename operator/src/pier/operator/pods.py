@@ -1,4 +1,5 @@
-"""The Pod that runs one MCPSession: a bridge container, and the server's own when it has an image."""
+"""The Pod that runs one MCPSession: a bridge container, and the server's own when it has an image;
+and the pods of a warm pool, which are the same pods bound to no session yet."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pier.core.catalog import Profile
 from pier.core.mcpsession import (
     API_VERSION,
     KIND,
+    POOL_LABEL,
     PROFILE_LABEL,
     SESSION_LABEL,
     USER_LABEL,
     MCPSessionSpec,
+    ServerSpec,
     label_value,
-)  # fmt: skip
+)
 from pier.operator.config import OperatorSettings
 
 BRIDGE_PORT = 8080
@@ -125,30 +128,14 @@ def build_pod(
                 "volumeMounts": [io_mount, {"name": "tmp", "mountPath": TMP_DIR}],
             }
         )
-    profile_name = server.profile or "inline"
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": pod_name(name, generation, replacement),
-            "labels": {
-                SESSION_LABEL: name,
-                USER_LABEL: label_value(spec.user_id),
-                PROFILE_LABEL: profile_name,
-                "app.kubernetes.io/name": "pier-session",
-                "app.kubernetes.io/managed-by": "pier-operator",
-            },
+            "labels": session_labels(name, spec.user_id, server.profile or "inline"),
             "annotations": {GENERATION_ANNOTATION: str(generation)},
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner(name, uid)],
         },
         "spec": {
             "restartPolicy": "Always",
@@ -167,6 +154,61 @@ def build_pod(
             "volumes": volumes,
             **_placement(settings),
         },
+    }
+
+
+def session_labels(session: str, user: str, profile: str) -> dict[str, str]:
+    return {
+        SESSION_LABEL: session,
+        USER_LABEL: label_value(user),
+        PROFILE_LABEL: profile,
+        "app.kubernetes.io/name": "pier-session",
+        "app.kubernetes.io/managed-by": "pier-operator",
+    }
+
+
+def owner(session: str, uid: str) -> dict[str, Any]:
+    """The MCPSession as its pod's owner: deleting the session deletes the pod."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": session, "uid": uid, "controller": True,
+            "blockOwnerDeletion": True}  # fmt: skip
+
+
+# -- warm pools ---------------------------------------------------------------------------------
+
+
+def pooled_pod(profile: Profile, settings: OperatorSettings, suffix: str) -> dict[str, Any]:
+    """A pod of `profile` bound to no session yet: a session's pod, but labelled for the pool."""
+    spec = MCPSessionSpec(
+        user_id="pool", server=ServerSpec(profile=profile.name), max_concurrent_calls=profile.max_concurrent_calls
+    )
+    pod = build_pod(f"pool-{profile.name}", "", 0, 0, spec, profile, settings)
+    pod["metadata"] = {
+        "name": f"pool-{profile.name}-{suffix}",
+        "labels": {
+            POOL_LABEL: profile.name,
+            PROFILE_LABEL: profile.name,
+            "app.kubernetes.io/name": "pier-session",
+            "app.kubernetes.io/managed-by": "pier-operator",
+        },
+    }
+    return pod
+
+
+def claim_patch(
+    session: str, uid: str, generation: int, user: str, profile: str, resource_version: str
+) -> dict[str, Any]:
+    """The merge patch that binds a pooled pod to a session: its labels, owner and generation.
+
+    `resourceVersion` makes it conditional: of two claims of one pod, the second fails (409).
+    """
+    labels: dict[str, str | None] = {**session_labels(session, user, profile), POOL_LABEL: None}
+    return {
+        "metadata": {
+            "resourceVersion": resource_version,
+            "labels": labels,
+            "annotations": {GENERATION_ANNOTATION: str(generation)},
+            "ownerReferences": [owner(session, uid)],
+        }
     }
 
 

@@ -17,6 +17,7 @@ from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.web import SSE_HEADERS, json_response
 from pier.router.context import read_request_body, router_of
 from pier.router.ingress import principal_of
+from pier.router.middleware import RECEIVED
 
 M = TypeVar("M", bound=BaseModel)
 JOB_EVENTS_TIMEOUT_S = 3600.0
@@ -74,7 +75,8 @@ async def call_tool(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):
         raise PierError("BAD_REQUEST", "Idempotency-Key must be 1-200 characters")
-    result = await router.calls.call(caller, profile, request.match_info["tool"], body.arguments, body.timeout_s, key)
+    tool = request.match_info["tool"]
+    result = await router.calls.call(caller, profile, tool, body.arguments, body.timeout_s, key, request[RECEIVED])
     return json_response(result.body, result.status)
 
 

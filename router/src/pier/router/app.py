@@ -115,7 +115,7 @@ def make_backend(router: Router) -> SessionBackend:
         runtime = InProcessRuntime(s)
     else:
         runtime = ProcessRuntime(s, router.http, router.bridge_ssl)
-    return LocalBackend(s, runtime, router.metrics)
+    return LocalBackend(s, runtime, router.metrics, list(router.catalog.profiles.values()))
 
 
 async def pipeline(app: web.Application) -> AsyncIterator[None]:

@@ -1,9 +1,13 @@
 """One tool call through the router: session, bridge, retry if safe, hand off if slow.
 
-A call is started on the session's bridge with the job id as its call id and waited for up to
-the timeout. Done in time → the result. Not done → a job record and a stream entry, and the
-call keeps running in the session (the job pool follows it; it is never run twice). The steps
-around it — rules, policy, audit, accounting — are the ingress pipeline's (`ingress`).
+One deadline per request: the timeout counts from the moment the router received it, and covers
+identity, rate limiting, finding or starting the session and the call. The call is started on the
+session's bridge with the job id as its call id and waited for until the deadline. Done in time →
+the result. Not done → a job record and a stream entry, and the call keeps running in the session
+(the job pool follows it; it is never run twice). Still no session at the deadline → the same 202
+at once: the session keeps starting, this router reports its endpoint to the job when it is up,
+and a worker starts the call then (under the job's id: once). The steps around it — rules, policy,
+audit, accounting — are the ingress pipeline's (`ingress`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
 from pier.core.jobstore import JobStore
 from pier.core.policy import Caller, PolicyDenied
-from pier.router.backends.base import Session, SessionBackend
+from pier.router.backends.base import Session, SessionBackend, hold
 from pier.router.config import RouterSettings
 from pier.router.ingress import Ingress
 from pier.router.metrics import RouterMetrics
@@ -63,8 +67,12 @@ class ToolCall:
     tool: str
     arguments: dict[str, Any]
     timeout: float
+    deadline: float  # time.monotonic() by which the caller gets an answer or a job
     idempotency_key: str | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
 
     @property
     def user(self) -> str:
@@ -107,7 +115,7 @@ class CallService:
         self.store = store
         self.ingress = ingress
         self.metrics = metrics
-        self._settling: set[asyncio.Task[None]] = set()  # keyed outcomes waiting for Redis
+        self._background: set[asyncio.Task[None]] = set()  # outcomes waiting for Redis, sessions starting
 
     def timeout_for(self, profile: Profile, requested: float | None) -> float:
         timeout = requested or profile.call_timeout_s or self.settings.call_timeout_s
@@ -121,9 +129,15 @@ class CallService:
         arguments: dict[str, Any],
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        received_at: float | None = None,
     ) -> CallResult:
-        """Run one call for an admitted caller: 200 with its result, or 202 with its job."""
-        call = ToolCall(caller, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key)
+        """Run one call for an admitted caller: 200 with its result, or 202 with its job.
+
+        `received_at` (time.monotonic()) is when the request arrived: the deadline counts from it.
+        """
+        timeout = self.timeout_for(profile, timeout_s)
+        start = received_at if received_at is not None else time.monotonic()
+        call = ToolCall(caller, profile, tool, arguments, timeout, start + timeout, idempotency_key)
         logs.bind(job_id=call.job_id)
         started = time.monotonic()
         outcome, denied = "error", None
@@ -136,7 +150,7 @@ class CallService:
                     outcome = "replayed"
                     return replayed
                 claimed = True
-            result = await self._run(call, timeout_s is not None)
+            result = await self._run(call, timeout_s is not None, start)
             outcome = result.body["status"]
             if outcome == "completed" and result.body["result"].get("isError"):
                 outcome = "tool_error"
@@ -153,20 +167,24 @@ class CallService:
         finally:
             self.ingress.finish(caller, tool, arguments, outcome, started, denied)
 
-    async def _run(self, call: ToolCall, timeout_given: bool) -> CallResult:
+    async def _run(self, call: ToolCall, timeout_given: bool, start: float) -> CallResult:
         attempt = 0
         retry_safe = bool(call.idempotency_key)
         while True:
             call_id = call.job_id if attempt == 0 else f"{call.job_id}.{attempt}"
             session: Session | None = None
             try:
-                async with self.backend.use(call.user, call.profile) as session:
+                session = await self._session_by_deadline(call)
+                if session is None:
+                    return await self._hand_off_starting(call)
+                async with hold(session):
                     if session.call_timeout_s and not timeout_given:  # an MCPSession's own threshold
                         call.timeout = min(session.call_timeout_s, self.settings.max_call_timeout_s)
+                        call.deadline = start + call.timeout
                     spec = session.tools.get(call.tool)
                     retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
                     answer = await session.bridge.start_call(
-                        CallRequest(call.tool, call.arguments, call_id, call.timeout)
+                        CallRequest(call.tool, call.arguments, call_id, call.remaining())
                     )
                     if not answer.done:
                         return await self._hand_off(call, session, answer, retry_safe, attempt)
@@ -193,6 +211,51 @@ class CallService:
             self.metrics.retries.labels(call.profile.name).inc()
             log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
             await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
+
+    async def _session_by_deadline(self, call: ToolCall) -> Session | None:
+        """The user's session, or None when the deadline comes while it is still starting.
+
+        The start goes on regardless (the backend runs it on its own): whoever asks next, or the
+        hand-off below, gets the same session.
+        """
+        try:
+            async with asyncio.timeout(call.remaining()):
+                return await self.backend.acquire(call.user, call.profile)
+        except TimeoutError:
+            return None
+
+    async def _hand_off_starting(self, call: ToolCall) -> CallResult:
+        """The deadline came before the session was up: a job now, its call once the session is."""
+        record = self._record(call)
+        record.status = "queued"
+        record.started = False
+        record.session_deadline = time.time() + self.session_start_budget_s()
+        await self.store.enqueue(record)
+        self.metrics.handoffs.labels(call.profile.name).inc()
+        log.info("session still starting at the deadline: call handed to the job pool", extra={"tool": call.tool})
+        self._spawn(self._report_session(call), f"pier-session-for-{call.job_id}")
+        return CallResult(202, queued_body(call.job_id))
+
+    def session_start_budget_s(self) -> float:
+        """How long a job waits for its session's endpoint before it fails (the backend's own bound, and slack)."""
+        s = self.settings
+        bound = s.kube_ready_timeout_s if s.backend == "kubernetes" else s.session_start_timeout_s
+        return bound + _LEASE_SLACK_S
+
+    async def _report_session(self, call: ToolCall) -> None:
+        """Wait for the session the job waits for, then tell the job where its call is to run."""
+        try:
+            session = await self.backend.acquire(call.user, call.profile)
+        except PierError as err:
+            await self._write_when_redis_returns(call, self.store.finish, call.job_id, "failed", error=err)
+            return
+        retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, session.tools.get(call.tool))
+        endpoint = session.endpoint
+
+        async def report() -> None:
+            await self.store.update(call.job_id, lambda r: r.session_ready(endpoint.url, endpoint.token, retry_safe))
+
+        await self._write_when_redis_returns(call, report)
 
     async def _completed(self, call: ToolCall, result: dict[str, Any]) -> CallResult:
         if call.caller.policy_url:
@@ -299,34 +362,42 @@ class CallService:
         The caller does not wait for it: it has its answer. Retried until the record's lease ends
         (after which record and key have expired by themselves).
         """
+        self._spawn(self._write_when_redis_returns(call, write, *args, **kwargs), f"pier-settle-{call.job_id}")
+
+    async def _write_when_redis_returns(
+        self, call: ToolCall, write: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any
+    ) -> None:
         deadline = time.monotonic() + self.lease_s(call)
-
-        async def settle() -> None:
-            backoff = 0.1
-            while True:
-                try:
-                    await write(*args, **kwargs)
+        backoff = 0.1
+        while True:
+            try:
+                await write(*args, **kwargs)
+                return
+            except RedisError as exc:
+                if time.monotonic() + backoff > deadline:
+                    log.error("could not record a call's outcome; its record expires", extra={"error": str(exc)})
                     return
-                except RedisError as exc:
-                    if time.monotonic() + backoff > deadline:
-                        log.error("could not record a call's outcome; its record expires", extra={"error": str(exc)})
-                        return
-                    self.metrics.redis_errors.labels("settle").inc()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                self.metrics.redis_errors.labels("settle").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
-        task = asyncio.create_task(settle(), name=f"pier-settle-{call.job_id}")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def lease_s(self, call: ToolCall) -> int:
         """How long a keyed call's record lives while the router owns the call (it may die meanwhile)."""
         return int(call.timeout + self.settings.handoff_grace_s + _LEASE_SLACK_S)
 
     async def close(self) -> None:
-        """Give outcomes still waiting for Redis a last moment, then drop them (their leases expire)."""
-        if self._settling:
-            _, pending = await asyncio.wait(self._settling, timeout=_CLOSE_WAIT_S)
+        """Give outcomes still waiting for Redis a last moment, then drop them (their leases expire).
+
+        Jobs still waiting for a session this router was starting fail when their wait runs out.
+        """
+        if self._background:
+            _, pending = await asyncio.wait(self._background, timeout=_CLOSE_WAIT_S)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -26,7 +26,7 @@ from pier.core.web import SSE_HEADERS, json_response
 from pier.router.api import load_job, read_model, stream_job
 from pier.router.context import Router, router_of
 from pier.router.ingress import principal_of
-from pier.router.middleware import Handler, authenticate, errors
+from pier.router.middleware import RECEIVED, Handler, authenticate, errors
 
 # Pier's codes in bridgekit's vocabulary (codes it lacks keep Pier's name).
 _CODES = {
@@ -102,7 +102,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     caller, _ = await router.ingress.admit(request, body.user_id, profile.name, "chat")
     if not body.tool_name:
         raise PierError("INVALID_ARGUMENTS", "tool_name is required")
-    result = await router.calls.call(caller, profile, body.tool_name, body.tool_args, body.timeout_s)
+    result = await router.calls.call(
+        caller, profile, body.tool_name, body.tool_args, body.timeout_s, received_at=request[RECEIVED]
+    )
     if result.status == 202:
         frame = {"status": "queued", "error_code": "TOOL_TIMED_OUT", "job_id": result.body["job_id"]}
     else:

@@ -49,6 +49,7 @@ async def state(request: web.Request) -> web.Response:
             "queue_depth": queue_depth,
             "dead_letters": dead_letters,
             "tools": tools,
+            "pools": router.backend.pool_views(),
         }
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -24,12 +25,14 @@ from pier.router.context import router_of
 log = logging.getLogger("pier.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RECEIVED = web.RequestKey("received", float)  # time.monotonic() when the request arrived: deadlines count from it
 Render = Callable[[PierError], web.Response]
 
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id in and out, log context, and per-route metrics."""
+    """Request id in and out, log context, per-route metrics; the moment the request arrived."""
+    request[RECEIVED] = time.monotonic()
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     token = logs.bind(request_id=request_id)
     route = request.match_info.route.resource

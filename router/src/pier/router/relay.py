@@ -10,6 +10,7 @@ the bridge: when the bridge is replaced, the client gets the spec's 404 and init
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -21,9 +22,10 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
 from pier.core.policy import Caller, PolicyDenied
 from pier.core.web import CoalescedSSE, json_response, origin_allowed
-from pier.router.backends.base import Session
+from pier.router.backends.base import Session, hold
 from pier.router.context import Router, read_request_body, router_of
 from pier.router.ingress import Ingress
+from pier.router.middleware import RECEIVED
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = ("Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID")
@@ -108,6 +110,14 @@ def is_batch(body: bytes | None) -> bool:
     return (body or b"").lstrip()[:1] == b"["
 
 
+def _session_starting(messages: list[Message], batch: bool) -> web.Response:
+    """503 with a JSON-RPC error per request: the session is starting (it goes on); retry shortly."""
+    err = PierError("SESSION_STARTING", "the session is still starting; retry shortly", {"retry_after_s": 1})
+    errors = [gateway_error_response(m["id"], err) for m in messages if "id" in m and "method" in m]
+    body = errors if batch else (errors[0] if errors else gateway_error_response(None, err))
+    return json_response(body, 503, {"Retry-After": "1"})
+
+
 def too_deep_response(exc: TooDeep) -> web.Response:
     """A body nested too deeply: refused here, as the bridge would refuse it."""
     return json_response(error_response(None, PARSE_ERROR, f"Parse error: {exc}"), 400)
@@ -140,7 +150,15 @@ async def relay(request: web.Request) -> web.StreamResponse:
         # A held GET stream is not a call in flight: it must not keep an idle session alive forever.
         session = await router.backend.acquire(user, profile)
         return await _forward(router, request, session, headers, body, exchange)
-    async with router.backend.use(user, profile) as session:
+    # One deadline, as for REST calls: a session still starting when the profile's timeout (counted
+    # from the request's arrival) runs out is an answer to retry, not a wait past the caller's patience.
+    deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+            session = await router.backend.acquire(user, profile)
+    except TimeoutError:
+        return _session_starting(messages or [], is_batch(body))
+    async with hold(session):
         try:
             return await _forward(router, request, session, headers, body, exchange)
         except BridgeUnreachable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -81,14 +82,25 @@ class SessionBackend(abc.ABC):
     def list(self, user: str | None = None) -> list[Session]:
         """Known sessions, of one user or all."""
 
+    def pool_views(self) -> builtins.list[dict[str, object]]:  # `list` is a method here
+        """Warm pools, for the dashboard: size, ready, claims, misses per profile."""
+        return []
+
     @contextlib.asynccontextmanager
     async def use(self, user: str, profile: Profile) -> AsyncIterator[Session]:
-        """Hold a session for the length of a call: it counts as in use and is not reaped."""
+        """Find or start the user's session and hold it for the length of a call."""
         session = await self.acquire(user, profile)
-        session.in_flight += 1
-        session.last_used = time.time()
-        try:
+        async with hold(session):
             yield session
-        finally:
-            session.in_flight -= 1
-            session.last_used = time.time()
+
+
+@contextlib.asynccontextmanager
+async def hold(session: Session) -> AsyncIterator[Session]:
+    """Hold a session for the length of a call: it counts as in use and is not reaped."""
+    session.in_flight += 1
+    session.last_used = time.time()
+    try:
+        yield session
+    finally:
+        session.in_flight -= 1
+        session.last_used = time.time()

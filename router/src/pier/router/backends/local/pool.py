@@ -5,15 +5,24 @@ process). The pool keeps at most `PIER_MAX_SESSIONS` (the least recently used id
 evicted first, else `SESSION_CAPACITY`), starts each key once however many requests ask at once,
 reaps sessions idle past their TTL, and drops a session whose bridge died so the next request
 starts it afresh.
+
+Warm pools: a profile's `warm_pool: N` keeps N sessions started and initialized, bound to no user.
+A new user's first use claims one at once (its server is already up) and a replacement starts in
+the background. Pooled sessions count against `PIER_MAX_SESSIONS` but yield to users: a refill only
+uses free room, and a user who needs room evicts a pooled session before an idle user's. They are
+nobody's: not listed for any user, not billed, not reaped for idleness; one whose server dies is
+replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextvars
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 
 from pier.core import logs
 from pier.core.catalog import Profile
@@ -26,27 +35,66 @@ from pier.router.metrics import RouterMetrics
 log = logging.getLogger("pier.router.local")
 
 
+POOLED = ""  # the user of a pooled session: nobody (no user id is empty)
+
+
+@dataclass
+class WarmPool:
+    """The ready sessions of one profile that belong to no user yet."""
+
+    profile: Profile
+    ready: list[LocalSession] = field(default_factory=list)
+    starting: set[asyncio.Task[None]] = field(default_factory=set)
+    claims: int = 0
+    misses: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.profile.warm_pool
+
+    def view(self) -> dict[str, object]:
+        return {
+            "server": self.profile.name, "size": self.size, "ready": len(self.ready), "starting": len(self.starting),
+            "claims": self.claims, "misses": self.misses,
+        }  # fmt: skip
+
+
 class LocalBackend(SessionBackend):
-    def __init__(self, settings: RouterSettings, runtime: Runtime, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, settings: RouterSettings, runtime: Runtime, metrics: RouterMetrics, profiles: list[Profile]
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.metrics = metrics
         self.sessions: dict[SessionKey, LocalSession] = {}
         self._starting: dict[SessionKey, asyncio.Task[LocalSession]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self.pools = {p.name: WarmPool(p) for p in profiles if p.pooled}
 
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="pier-local-reaper")
+        for pool in self.pools.values():
+            self.metrics.pool_size.labels(pool.profile.name).set(pool.size)
+            self._refill(pool)
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
-        for task in self._starting.values():
+        refills = [task for pool in self.pools.values() for task in pool.starting]
+        for task in [*self._starting.values(), *refills]:
             task.cancel()
-        await asyncio.gather(*self._starting.values(), return_exceptions=True)
-        await asyncio.gather(*(self._stop(s, "shutdown") for s in list(self.sessions.values())))
+        await asyncio.gather(*self._starting.values(), *refills, return_exceptions=True)
+        pooled = [s for pool in self.pools.values() for s in pool.ready]
+        await asyncio.gather(
+            *(self._stop(s, "shutdown") for s in list(self.sessions.values())), *(s.stop() for s in pooled)
+        )
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.runtime.close()
+
+    def pool_views(self) -> builtins.list[dict[str, object]]:  # `list` is a method here
+        return [pool.view() for pool in self.pools.values()]
 
     def list(self, user: str | None = None) -> list[Session]:
         return [s for s in self.sessions.values() if user is None or s.key.user == user]
@@ -60,6 +108,9 @@ class LocalBackend(SessionBackend):
             await self.forget(session, "exited")
         task = self._starting.get(key)
         if task is None:
+            claimed = self._claim(key, profile)
+            if claimed is not None:
+                return claimed
             # One start per key: concurrent first requests all wait for the same task.
             # A fresh context: an in-process bridge's tasks inherit it, and must not log with the
             # request id of whichever request happened to start the session.
@@ -88,15 +139,81 @@ class LocalBackend(SessionBackend):
     async def _start(self, key: SessionKey, profile: Profile) -> LocalSession:
         logs.bind(user=key.user, profile=key.profile)
         await self._make_room()
+        session = await self._start_bridge(key, profile)
+        self._bind(session, key)
+        log.info("session started", extra={"user": key.user, "profile": key.profile, "url": session.endpoint.url})
+        return session
+
+    async def _start_bridge(self, key: SessionKey, profile: Profile) -> LocalSession:
         try:
             session = await self.runtime.start(key, profile, secrets.token_urlsafe(24))
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
-        self.sessions[key] = session
         self.metrics.sessions_started.labels(profile.name).inc()
-        self.metrics.sessions_active.labels(profile.name).inc()
-        log.info("session started", extra={"user": key.user, "profile": key.profile, "url": session.endpoint.url})
         return session
+
+    def _bind(self, session: LocalSession, key: SessionKey) -> None:
+        """The session is this user's from now on."""
+        session.key = key
+        session.last_used = time.time()
+        self.sessions[key] = session
+        self.metrics.sessions_active.labels(key.profile).inc()
+
+    # -- warm pools ------------------------------------------------------------------------
+
+    def _claim(self, key: SessionKey, profile: Profile) -> LocalSession | None:
+        """A pooled session of the profile, now the user's (None: no pool, or none ready)."""
+        pool = self.pools.get(profile.name)
+        if pool is None:
+            return None
+        while pool.ready:
+            session = pool.ready.pop(0)
+            if session.alive:
+                pool.claims += 1
+                self.metrics.pool_claims.labels(profile.name).inc()
+                self._pool_changed(pool)
+                self._bind(session, key)
+                log.info("pooled session claimed", extra={"user": key.user, "profile": key.profile})
+                return session
+            self._spawn_stop(session)
+        pool.misses += 1
+        self.metrics.pool_misses.labels(profile.name).inc()
+        self._pool_changed(pool)
+        return None
+
+    def _pool_changed(self, pool: WarmPool) -> None:
+        self.metrics.pool_ready.labels(pool.profile.name).set(len(pool.ready))
+        self._refill(pool)
+
+    def _refill(self, pool: WarmPool) -> None:
+        """Start sessions until the pool is full, in the room users leave free."""
+        while len(pool.ready) + len(pool.starting) < pool.size and self._room() > 0:
+            task = asyncio.create_task(
+                self._start_pooled(pool), name=f"pier-pool-{pool.profile.name}", context=contextvars.Context()
+            )
+            pool.starting.add(task)
+            task.add_done_callback(pool.starting.discard)
+
+    async def _start_pooled(self, pool: WarmPool) -> None:
+        started = time.monotonic()
+        try:
+            session = await self._start_bridge(SessionKey(POOLED, pool.profile.name), pool.profile)
+        except PierError:
+            return  # logged and counted; the next claim or reaper round tries again
+        self.metrics.pool_refill_seconds.labels(pool.profile.name).observe(time.monotonic() - started)
+        pool.ready.append(session)
+        self.metrics.pool_ready.labels(pool.profile.name).set(len(pool.ready))
+
+    def _room(self) -> int:
+        """Sessions that may still start without evicting anyone."""
+        pooled = sum(len(pool.ready) + len(pool.starting) for pool in self.pools.values())
+        return self.settings.max_sessions - len(self.sessions) - len(self._starting) - pooled
+
+    def _spawn_stop(self, session: LocalSession) -> None:
+        # Stopping takes a while (the bridge drains); nobody waits for a pooled session's.
+        task = asyncio.create_task(session.stop(), name="pier-pool-stop")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _failed(self, key: SessionKey, exc: Exception) -> PierError:
         details = exc.details if isinstance(exc, PierError) else {}
@@ -106,8 +223,18 @@ class LocalBackend(SessionBackend):
         return PierError("SESSION_START_FAILED", message, details)
 
     async def _make_room(self) -> None:
-        """Keep the pool within its limit by evicting the least recently used idle session."""
-        while len(self.sessions) + len(self._starting) > self.settings.max_sessions:
+        """Keep within the limit: a pooled session goes first, then the least recently used idle one."""
+        while self._room() < 0:
+            pooled = next((pool for pool in self.pools.values() if pool.ready), None)
+            if pooled is not None:
+                await pooled.ready.pop().stop()
+                self.metrics.pool_ready.labels(pooled.profile.name).set(len(pooled.ready))
+                continue
+            refill = next((task for pool in self.pools.values() for task in pool.starting), None)
+            if refill is not None:  # a pooled session still starting yields its room too
+                refill.cancel()
+                await asyncio.gather(refill, return_exceptions=True)
+                continue
             idle = [s for s in self.sessions.values() if s.in_flight == 0 and s.alive]
             for session in sorted(idle, key=lambda s: s.last_used):
                 if await self._idle_on_bridge(session, 0):
@@ -141,6 +268,11 @@ class LocalBackend(SessionBackend):
                     await self._reap_one(session)
                 except Exception:  # one session's trouble must not stop the reaper
                     log.exception("reaper failed on a session", extra={"user": session.key.user})
+            for pool in self.pools.values():  # pooled sessions whose server died are replaced
+                for dead in [s for s in pool.ready if not s.alive]:
+                    pool.ready.remove(dead)
+                    self._spawn_stop(dead)
+                self._pool_changed(pool)
 
     async def _reap_one(self, session: LocalSession) -> None:
         if not session.alive:
