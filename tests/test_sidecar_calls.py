@@ -112,7 +112,7 @@ async def test_status_tools_logs_and_metrics(http):
         status = await get_json(http, f"{running.url}/v1/status")
         assert status["ready"] is True
         assert status["server_info"]["name"] == "pier-demo"
-        assert status["tools"] == 6
+        assert status["tools"] == 7
         assert status["pid"] > 0
         tools = await get_json(http, f"{running.url}/v1/tools")
         annotations = {t["name"]: t.get("annotations", {}) for t in tools["tools"]}

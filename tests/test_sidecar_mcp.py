@@ -163,5 +163,5 @@ async def test_mcp_inspector_cli_lists_and_calls_tools():
             "--tool-arg",
             "message=hi",
         )
-    assert {t["name"] for t in listed["tools"]} == {"echo", "slow", "counter", "count", "fail", "crash"}
+    assert {t["name"] for t in listed["tools"]} == {"echo", "slow", "counter", "count", "fail", "crash", "env_hash"}
     assert called["content"][0]["text"] == "Echo: hi"

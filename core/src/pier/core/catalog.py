@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pier.core import defaults
 from pier.core.errors import PierError
 from pier.core.names import PROFILE_NAME, anchored
 from pier.core.policy import ToolRules
+
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class UserSecret(BaseModel):
+    """A secret each user supplies for their own sessions of a profile (their own token, say)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    required: bool = True
 
 
 class Profile(BaseModel):
@@ -36,6 +48,10 @@ class Profile(BaseModel):
         le=1000,
         description="sessions kept started and bound to no user: a new user's first use is instant",
     )
+    user_secrets: dict[str, UserSecret] = Field(
+        default_factory=dict,
+        description="secrets each user supplies, given to that user's server as environment variables",
+    )
     trust_annotations: bool = Field(
         default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
     )
@@ -50,8 +66,19 @@ class Profile(BaseModel):
 
     @property
     def pooled(self) -> bool:
-        """Whether sessions of this profile are kept warm (see `warm_pool`)."""
-        return self.warm_pool > 0
+        """Whether sessions of this profile are kept warm (see `warm_pool`).
+
+        Never when users supply secrets: a session started before its user asked cannot carry them.
+        """
+        return self.warm_pool > 0 and not self.user_secrets
+
+    @field_validator("user_secrets")
+    @classmethod
+    def _secret_names(cls, secrets: dict[str, UserSecret]) -> dict[str, UserSecret]:
+        for name in secrets:
+            if not SECRET_NAME.fullmatch(name) or name.upper().startswith("PIER_"):
+                raise ValueError(f"{name!r} is not a usable environment variable name (nor may it start with PIER_)")
+        return secrets
 
     def idle_ttl_s(self, default: float) -> float:
         """How long an idle session of this profile lives (0: forever); `default` when it sets none."""
@@ -86,7 +113,7 @@ def demo_profile() -> Profile:
     """The demo server shipped with Pier (`examples/demo_server.py`)."""
     return Profile(
         name="demo",
-        description="Pier's demo server: echo, slow, counter, count, fail, crash",
+        description="Pier's demo server: echo, slow, counter, count, fail, crash, env_hash",
         command=[sys.executable, "-m", "pier.examples.demo_server"],
         trust_annotations=True,
     )

@@ -183,3 +183,43 @@ async def _messages(response: aiohttp.ClientResponse) -> Any:
     for item in payload if isinstance(payload, list) else [payload]:
         if isinstance(item, dict):
             yield item
+
+
+async def ask(
+    http: aiohttp.ClientSession,
+    url: str,
+    requests: list[tuple[str, dict[str, Any]]],
+    headers: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | bool = True,
+    timeout_s: float = 30.0,
+) -> list[Message]:
+    """Open an MCP session at `url`, send each request in turn, close it; their answers, in order.
+
+    For the router's own short questions to a bridge (what a server offers, one prompt): no
+    notifications or server requests are expected, and none is waited for.
+    """
+    base = {**(headers or {}), "Content-Type": "application/json", "Accept": _ACCEPT}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "pier-router"}}
+
+    async def post(message: Message, session_id: str | None) -> tuple[list[Message], str | None]:
+        extra = {"Mcp-Session-Id": session_id} if session_id else {}
+        async with http.post(
+            url, data=dumps(message), headers={**base, **extra}, ssl=ssl_context, timeout=timeout
+        ) as r:
+            return [m async for m in _messages(r)], r.headers.get("Mcp-Session-Id", session_id)
+
+    answers, session_id = await post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}, None)
+    if not answers or "result" not in answers[0]:
+        raise ValueError(f"{url} did not initialize: {answers[:1]}")
+    await post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session_id)
+    results: list[Message] = []
+    for n, (method, params) in enumerate(requests, start=1):
+        replies, _ = await post({"jsonrpc": "2.0", "id": n, "method": method, "params": params}, session_id)
+        results.append(next((m for m in replies if m.get("id") == n), {"error": {"message": "no answer"}}))
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with http.delete(
+            url, headers={**base, "Mcp-Session-Id": session_id or ""}, ssl=ssl_context, timeout=timeout
+        ):
+            pass
+    return results

@@ -151,11 +151,16 @@ def label_value(text: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
-def new_session(user: str, profile: Profile, ttl_s: float) -> dict[str, Any]:
-    """The MCPSession the router creates for `user`'s first use of `profile`."""
+def new_session(user: str, profile: Profile, ttl_s: float, secrets: str | None = None) -> dict[str, Any]:
+    """The MCPSession the router creates for `user`'s first use of `profile`.
+
+    `secrets`: the Secret holding the user's own secrets for it, referenced (never copied): its keys
+    become the server's environment.
+    """
+    env_from = [{"secretRef": {"name": secrets}}] if secrets else None
     spec = MCPSessionSpec(
         user_id=user,
-        server=ServerSpec(profile=profile.name),
+        server=ServerSpec(profile=profile.name, env_from=env_from),
         ttl_seconds=int(ttl_s),
         max_concurrent_calls=profile.max_concurrent_calls,
     )

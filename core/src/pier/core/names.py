@@ -11,6 +11,8 @@ import re
 USER_ID = r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}"
 PROFILE_NAME = r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?"
 USER_ID_RULE = "user ids are 1-128 characters: letters, digits and . _ @ + = -"
+# Reserved: the owner of the router's own sessions that tell what a profile's servers offer.
+DISCOVERY_USER = "pier-discovery"
 
 _USER_ID = re.compile(USER_ID)
 

@@ -50,13 +50,16 @@ class ToolList(BaseModel):
 
 
 class ToolRules(ToolList):
-    """A profile's built-in policy, optionally refined per user and per API key (by key id)."""
+    """A profile's built-in policy, optionally refined per user, per API key (by key id) and per group
+    of a signed-in user (a token's `groups` claim). Every list that applies must allow the tool."""
 
     users: dict[str, ToolList] = Field(default_factory=dict)
     keys: dict[str, ToolList] = Field(default_factory=dict, description="key id (see the audit log) → rules")
+    groups: dict[str, ToolList] = Field(default_factory=dict, description="identity-provider group → rules")
 
-    def check(self, tool: str, user: str, key_id: str) -> None:
-        for rules in (self, self.users.get(user), self.keys.get(key_id)):
+    def check(self, tool: str, user: str, key_id: str, groups: tuple[str, ...] = ()) -> None:
+        applying = [self, self.users.get(user), self.keys.get(key_id), *(self.groups.get(g) for g in groups)]
+        for rules in applying:
             why = rules.verdict(tool) if rules is not None else None
             if why:
                 raise PolicyDenied([why], "built-in")
@@ -81,6 +84,7 @@ class Caller:
     policy_url: str | None  # the profile's hook, else the global one; None: no hook
     tool_rules: ToolRules | None = None
     via: str = "rest"  # rest | chat | mcp | ws | job
+    groups: tuple[str, ...] = ()  # a signed-in user's groups (tool rules may name them)
 
     def context(self) -> dict[str, Any]:
         """What the policy hook learns besides the messages."""
@@ -168,7 +172,7 @@ class Gate:
         with `request_id`, otherwise. Raises PolicyDenied (its caller audits the denial).
         """
         if caller.tool_rules is not None:
-            caller.tool_rules.check(tool, caller.user, caller.key_id)
+            caller.tool_rules.check(tool, caller.user, caller.key_id, caller.groups)
         if caller.policy_url:  # the message is built only for a hook that reads it
             params = {"name": tool, "arguments": arguments}
             request = message or {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}

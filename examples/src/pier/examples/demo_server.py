@@ -7,6 +7,7 @@ Tools:
 - ``count()``            the current count (read-only)
 - ``fail(message)``      a tool error (``isError: true``)
 - ``crash()``            exits the process at once
+- ``env_hash(name)``     a digest of environment variable `name` (shows whose secret a session has, not the secret)
 
 Run: ``python -m pier.examples.demo_server`` (speaks MCP over stdin/stdout).
 """
@@ -14,6 +15,7 @@ Run: ``python -m pier.examples.demo_server`` (speaks MCP over stdin/stdout).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 
@@ -21,7 +23,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 
-server = MCPServer("pier-demo", instructions="Demo server for Pier: echo, slow, counter, count, fail, crash.")
+server = MCPServer("pier-demo", instructions="Demo server for Pier: echo, slow, counter, count, fail, crash, env_hash.")
 
 # The execution counter lives in this process: it is the proof that a call ran exactly once.
 _executions = 0
@@ -80,6 +82,13 @@ def fail(message: str) -> str:
 def crash() -> str:
     """Exit the server process immediately (exit code 3), mid-call."""
     os._exit(3)
+
+
+@server.tool(annotations=READ_ONLY)
+def env_hash(name: str) -> str:
+    """The first 16 hex digits of SHA-256 of environment variable `name`, or "unset"."""
+    value = os.environ.get(name)
+    return hashlib.sha256(value.encode()).hexdigest()[:16] if value is not None else "unset"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pier.core.jobstore import JobStore, connect
 from pier.core.policy import Gate, Policer, PolicyMetrics
 from pier.core.tls import CertReloader, client_context, server_context
 from pier.core.web import error_response, json_response
-from pier.router import api, compat, dashboard, relay, websocket
+from pier.router import aggregate, api, compat, dashboard, relay, resource, websocket
 from pier.router.auth import KeyRing
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
@@ -32,7 +32,10 @@ from pier.router.config import RouterSettings
 from pier.router.context import ROUTER, Router
 from pier.router.ingress import Ingress
 from pier.router.middleware import authenticate, errors, observe
+from pier.router.oidc import TokenVerifier
 from pier.router.ratelimit import RateLimiter
+from pier.router.resource import with_challenge
+from pier.router.usersecrets import RedisSecretStore, Sealer
 
 log = logging.getLogger("pier.router")
 
@@ -107,6 +110,13 @@ def make_backend(router: Router) -> SessionBackend:
         from pier.router.backends.kubernetes import KubernetesBackend  # loads the kubernetes client
 
         return KubernetesBackend(s, router.metrics, router.http, router.bridge_ssl)
+    profiles = list(router.catalog.profiles.values())
+    secrets = None
+    if s.secrets_key is not None:
+        secrets = RedisSecretStore(router.redis, Sealer(s.secrets_key.get_secret_value()))
+    elif any(p.user_secrets for p in profiles):
+        names = ", ".join(p.name for p in profiles if p.user_secrets)
+        raise ValueError(f"profiles {names} take users' secrets: set PIER_SECRETS_KEY (base64 of 32 random bytes)")
     from pier.router.backends.local import LocalBackend
     from pier.router.backends.local.runtimes import InProcessRuntime, ProcessRuntime, Runtime
 
@@ -115,7 +125,7 @@ def make_backend(router: Router) -> SessionBackend:
         runtime = InProcessRuntime(s)
     else:
         runtime = ProcessRuntime(s, router.http, router.bridge_ssl)
-    return LocalBackend(s, runtime, router.metrics, list(router.catalog.profiles.values()))
+    return LocalBackend(s, runtime, router.metrics, profiles, secrets)
 
 
 async def pipeline(app: web.Application) -> AsyncIterator[None]:
@@ -125,9 +135,11 @@ async def pipeline(app: web.Application) -> AsyncIterator[None]:
     token = s.policy_token.get_secret_value() if s.policy_token else None
     policy_metrics = PolicyMetrics(router.metrics.registry)
     policer = Policer(router.http, policy_metrics, token, s.policy_fail_open, s.policy_timeout_s)
+    issuers = s.issuers()
+    verifier = TokenVerifier(issuers, router.http, s.public_url) if issuers else None
     router.ingress = Ingress(
         s, router.catalog, router.keys, RateLimiter(router.redis, limits, router.metrics),  # type: ignore[arg-type]
-        Gate(policer, s.audit_log), router.metrics,
+        Gate(policer, s.audit_log), router.metrics, verifier,
     )  # fmt: skip
     router.calls = CallService(s, router.backend, router.store, router.ingress, router.metrics)
     if router.keys.open:
@@ -158,7 +170,8 @@ async def _end_streams(app: web.Application) -> None:
 def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.Application:
     """The router app. `catalog` defaults to the one `settings` names."""
     catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
-    keys = KeyRing.load([k.get_secret_value() for k in settings.app_keys], settings.user_keys, settings.keys_file)
+    app_keys = [k.get_secret_value() for k in settings.app_keys]
+    keys = KeyRing.load(app_keys, settings.user_keys, settings.keys_file, closed=bool(settings.issuers()))
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[observe],
@@ -178,11 +191,14 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     dashboard.add_page(app)
+    resource.add_routes(app)
 
-    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors(error_response), authenticate])
+    render = errors(lambda request, err: with_challenge(request, err, error_response(err)))
+    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[render, authenticate])
     api.add_routes(v1)
     relay.add_routes(v1)
     websocket.add_routes(v1, settings)
+    aggregate.add_routes(v1)
     dashboard.add_routes(v1)
     app.add_subapp("/v1", v1)
 

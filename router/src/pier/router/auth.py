@@ -1,4 +1,5 @@
-"""Who is calling: app keys (any user), user keys (one user), or nobody when no keys are set."""
+"""Who is calling: app keys (any user), user keys (one user), tokens from a trusted identity provider
+(one user: `oidc`), or nobody when no keys and no issuers are set."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from aiohttp import web
@@ -19,7 +20,7 @@ from pier.core.tls import common_name
 
 log = logging.getLogger("pier.router.auth")
 
-KeyClass = Literal["app", "user", "open"]
+KeyClass = Literal["app", "user", "token", "open"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,19 @@ class Principal:
 
     key_class: KeyClass
     key_id: str
-    user_id: str | None = None  # set for user keys: the only user they may act for
+    user_id: str | None = None  # set for user keys and tokens: the only user they may act for
     subject: str | None = None  # the verified client certificate's subject (mTLS)
+    claims: dict[str, Any] | None = None  # a token's claims that policy may use (never the token)
+    groups: tuple[str, ...] = ()  # a token's groups, for the profile's tool rules
 
-    def identity(self) -> dict[str, str | None]:
-        """Who is calling, for audit records and the policy hook (never the key itself)."""
-        return {"key_class": self.key_class, "key_id": self.key_id, "bound_user": self.user_id, "subject": self.subject}
+    def identity(self) -> dict[str, Any]:
+        """Who is calling, for audit records and the policy hook (never the key or token itself)."""
+        identity: dict[str, Any] = {
+            "key_class": self.key_class, "key_id": self.key_id, "bound_user": self.user_id, "subject": self.subject,
+        }  # fmt: skip
+        if self.claims is not None:
+            identity["claims"] = self.claims
+        return identity
 
     def check_user(self, user_id: str) -> None:
         if self.user_id is not None and self.user_id != user_id:
@@ -60,7 +68,9 @@ def presented_key(request: web.Request) -> str | None:
 class KeyRing:
     """The configured keys, held as SHA-256 digests and compared in constant time."""
 
-    def __init__(self, app_keys: list[str], user_keys: dict[str, str]) -> None:
+    def __init__(self, app_keys: list[str], user_keys: dict[str, str], closed: bool = False) -> None:
+        # `closed`: other credentials exist (tokens from an identity provider), so no keys ≠ open.
+        self._closed = closed
         self._keys: list[tuple[bytes, Principal]] = []
         for key in app_keys:
             self._keys.append((_digest(key), Principal("app", _digest(key).hex()[:12])))
@@ -68,16 +78,16 @@ class KeyRing:
             self._keys.append((_digest(key), Principal("user", _digest(key).hex()[:12], user_id)))
 
     @classmethod
-    def load(cls, app_keys: list[str], user_keys: dict[str, str], path: Path | None) -> KeyRing:
+    def load(cls, app_keys: list[str], user_keys: dict[str, str], path: Path | None, closed: bool = False) -> KeyRing:
         if path is not None:
             data = KeysFile.model_validate(yaml.safe_load(path.read_text()) or {})
             app_keys = [*app_keys, *data.app_keys]
             user_keys = {**user_keys, **data.user_keys}
-        return cls(app_keys, user_keys)
+        return cls(app_keys, user_keys, closed)
 
     @property
     def open(self) -> bool:
-        return not self._keys
+        return not self._keys and not self._closed
 
     def authenticate(self, key: str | None, subject: str | None = None, cert_users: bool = False) -> Principal:
         """The caller behind `key` (and the client certificate `subject`, with mTLS)."""

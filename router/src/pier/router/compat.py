@@ -27,6 +27,7 @@ from pier.router.api import load_job, read_model, stream_job
 from pier.router.context import Router, router_of
 from pier.router.ingress import principal_of
 from pier.router.middleware import RECEIVED, Handler, authenticate, errors
+from pier.router.resource import with_challenge
 
 # Pier's codes in bridgekit's vocabulary (codes it lacks keep Pier's name).
 _CODES = {
@@ -177,7 +178,7 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-_render_errors = errors(error_response)
+_render_errors = errors(lambda request, err: with_challenge(request, err, error_response(err)))
 
 
 def bridgekit_route(handler: Handler, public: bool = False) -> Handler:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pier.router.oidc import IssuerConfig
+
 MiB = 1024 * 1024
 
 
@@ -37,6 +39,19 @@ class RouterSettings(BaseSettings):
     policy_timeout_s: float = Field(default=5.0, gt=0)
     audit_log: bool = Field(default=True, description="one `pier.core.audit` record per tool call")
 
+    public_url: str | None = Field(
+        default=None, description="the router's URL as callers reach it (token audience, OAuth metadata)"
+    )
+    oidc_issuer: str | None = Field(default=None, description="a trusted OpenID issuer: its JWTs are accepted")
+    oidc_audience: str | None = Field(default=None, description="the `aud` its tokens must name (default: public URL)")
+    oidc_user_claim: str = Field(default="sub", description="the claim naming the Pier user")
+    oidc_scopes: list[str] = Field(default_factory=list, description="scopes every token must carry")
+    oidc_issuers: list[IssuerConfig] = Field(
+        default_factory=list, description="more trusted issuers: objects with issuer, audience, user_claim, scopes"
+    )
+    secrets_key: SecretStr | None = Field(
+        default=None, description="base64 of 32 random bytes: encrypts users' secrets in Redis (local backend)"
+    )
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
     app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")
     user_keys: dict[str, str] = Field(default_factory=dict, description="user key → the one user_id it serves")
@@ -80,3 +95,16 @@ class RouterSettings(BaseSettings):
     kubeconfig: Path | None = Field(default=None, description="outside a cluster: the kubeconfig to use")
     kube_ready_timeout_s: float = Field(default=120, gt=0, description="a new MCPSession must be Ready within")
     bridge_token: SecretStr | None = Field(default=None, description="token the bridges require (kubernetes)")
+
+    def issuers(self) -> list[IssuerConfig]:
+        """Every trusted issuer: `PIER_OIDC_ISSUER` (with its siblings' settings) and `PIER_OIDC_ISSUERS`."""
+        issuers = list(self.oidc_issuers)
+        if self.oidc_issuer:
+            issuers.insert(
+                0,
+                IssuerConfig(
+                    issuer=self.oidc_issuer, audience=self.oidc_audience, user_claim=self.oidc_user_claim,
+                    scopes=self.oidc_scopes,
+                ),
+            )  # fmt: skip
+        return issuers

@@ -1,7 +1,8 @@
 """The one way in. Every entry point — REST, bridgekit's `/chat`, the MCP relay, WebSocket — takes a
 request through the same steps, in this order:
 
-1. **identity** (`identify`): who is calling — an app key, a user key, a client certificate;
+1. **identity** (`identify`): who is calling — an app key, a user key, a client certificate, or a
+   token from the company's identity provider (`oidc`);
 2. **admission** (`admit`): may that caller act for this user, is the user id valid, does the
    profile exist, is the user within their rate limit → a `Caller`;
 3. **tool rules and policy hook** (`gate`, `pier.core.policy.Gate`): the profile's built-in allow
@@ -24,12 +25,13 @@ from aiohttp import web
 from pier.core import logs
 from pier.core.catalog import Catalog, Profile
 from pier.core.errors import PierError
-from pier.core.names import USER_ID_RULE, is_user_id
+from pier.core.names import DISCOVERY_USER, USER_ID_RULE, is_user_id
 from pier.core.policy import Caller, Gate, PolicyDenied
 from pier.core.tls import peer_subject
 from pier.router.auth import KeyRing, Principal, presented_key
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
+from pier.router.oidc import TokenVerifier, looks_like_jwt, router_url
 from pier.router.ratelimit import RateLimiter
 
 # Outcomes that are not errors of the call (a tool's own error result counts as an answer).
@@ -46,8 +48,10 @@ class Ingress:
         limiter: RateLimiter,
         gate: Gate,
         metrics: RouterMetrics,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.settings = settings
+        self.verifier = verifier
         self.catalog = catalog
         self.keys = keys
         self.limiter = limiter
@@ -60,9 +64,13 @@ class Ingress:
 
     # -- 1. identity ---------------------------------------------------------------------------
 
-    def identify(self, request: web.Request) -> Principal:
-        """Who is calling (UNAUTHENTICATED when keys are configured and none fits). Kept on the request."""
-        principal = self.keys.authenticate(presented_key(request), peer_subject(request), self.settings.cert_user_auth)
+    async def identify(self, request: web.Request) -> Principal:
+        """Who is calling (UNAUTHENTICATED when credentials are configured and none fits). Kept on the request."""
+        key = presented_key(request)
+        if key is not None and self.verifier is not None and looks_like_jwt(key):
+            principal = await self.verifier.verify(key, router_url(request, self.settings.public_url))
+        else:
+            principal = self.keys.authenticate(key, peer_subject(request), self.settings.cert_user_auth)
         request[PRINCIPAL] = principal
         return principal
 
@@ -73,6 +81,8 @@ class Ingress:
         user's rate limit."""
         if not is_user_id(user):
             raise PierError("BAD_REQUEST", USER_ID_RULE)
+        if user == DISCOVERY_USER:
+            raise PierError("FORBIDDEN", f"{user!r} is reserved for the router's own sessions")
         principal = principal_of(request)
         principal.check_user(user)
         profile = self.catalog.get(server)
@@ -89,6 +99,7 @@ class Ingress:
             policy_url=self.policy_url(profile),
             tool_rules=profile.tools,
             via=via,
+            groups=principal.groups,
         )
 
     def policy_url(self, profile: Profile) -> str | None:
@@ -126,3 +137,16 @@ class Ingress:
 def principal_of(request: web.Request) -> Principal:
     """The caller `identify` found for this request."""
     return request[PRINCIPAL]
+
+
+def user_of(request: web.Request) -> str:
+    """The user a request acts for: the one its URL names, or, on `/v1/me/…`, the caller's own."""
+    user = request.match_info.get("user")
+    if user is not None:
+        return user
+    principal = principal_of(request)
+    if principal.user_id is None:
+        raise PierError(
+            "FORBIDDEN", "/v1/me/… acts for the signed-in user (a token or a user key); an app key names the user"
+        )
+    return principal.user_id

@@ -26,7 +26,7 @@ log = logging.getLogger("pier.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RECEIVED = web.RequestKey("received", float)  # time.monotonic() when the request arrived: deadlines count from it
-Render = Callable[[PierError], web.Response]
+Render = Callable[[web.Request, PierError], web.Response]
 
 
 @web.middleware
@@ -62,15 +62,16 @@ def errors(render: Render) -> Middleware:
         except PierError as err:
             if err.http_status >= 500:
                 log.warning("request failed", extra={"code": err.code, "why": err.message, "path": request.path})
-            return render(err)
+            return render(request, err)
         except web.HTTPRequestEntityTooLarge:
-            return render(too_large(router_of(request).settings.max_body_bytes))
+            return render(request, too_large(router_of(request).settings.max_body_bytes))
         except RedisError as exc:
             # Jobs, idempotency keys and events live in Redis: while it is away, say so and when to retry.
             router_of(request).metrics.redis_errors.labels("request").inc()
             log.warning("Redis unavailable", extra={"path": request.path, "error": str(exc)})
             return render(
-                PierError("STORE_UNAVAILABLE", "Pier's job store (Redis) is unreachable; retry", {"retry_after_s": 1})
+                request,
+                PierError("STORE_UNAVAILABLE", "Pier's job store (Redis) is unreachable; retry", {"retry_after_s": 1}),
             )
         except web.HTTPException:
             raise
@@ -78,7 +79,7 @@ def errors(render: Render) -> Middleware:
             raise
         except Exception:
             log.exception("unexpected error", extra={"path": request.path})
-            return render(PierError("INTERNAL", "internal error; the request id is in the logs"))
+            return render(request, PierError("INTERNAL", "internal error; the request id is in the logs"))
 
     return middleware
 
@@ -86,5 +87,5 @@ def errors(render: Render) -> Middleware:
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Identity first: no handler runs for a caller the ingress pipeline does not know."""
-    router_of(request).ingress.identify(request)
+    await router_of(request).ingress.identify(request)
     return await handler(request)

@@ -22,9 +22,10 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
 from pier.core.policy import Caller, PolicyDenied
 from pier.core.web import CoalescedSSE, json_response, origin_allowed
+from pier.router.api import USERS
 from pier.router.backends.base import Session, hold
 from pier.router.context import Router, read_request_body, router_of
-from pier.router.ingress import Ingress
+from pier.router.ingress import Ingress, user_of
 from pier.router.middleware import RECEIVED
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
@@ -128,7 +129,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     origin = request.headers.get("Origin")
     if origin is not None and not origin_allowed(origin, router.settings.allowed_origins):
         raise PierError("FORBIDDEN", f"origin {origin!r} is not allowed")
-    user, server = request.match_info["user"], request.match_info["server"]
+    user, server = user_of(request), request.match_info["server"]
     caller, profile = await router.ingress.admit(request, user, server, "mcp")
     body = await read_request_body(request) if request.method == "POST" else None
     headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
@@ -258,7 +259,8 @@ async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
 
 
 def add_routes(v1: web.Application) -> None:
-    path = "/users/{user}/servers/{server}/mcp"
-    v1.router.add_post(path, relay)
-    v1.router.add_get(path, relay)
-    v1.router.add_delete(path, relay)
+    for user in USERS:
+        path = f"{user}/servers/{{server}}/mcp"
+        v1.router.add_post(path, relay)
+        v1.router.add_get(path, relay)
+        v1.router.add_delete(path, relay)

@@ -24,8 +24,10 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response
 from pier.core.mcp_client import HttpSession
 from pier.core.policy import PolicyDenied
+from pier.router.api import USERS
 from pier.router.config import RouterSettings
 from pier.router.context import router_of
+from pier.router.ingress import user_of
 from pier.router.relay import Exchange, parse_messages
 
 
@@ -53,7 +55,7 @@ USER_IN_FLIGHT = web.AppKey("ws_user_in_flight", InFlight)
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     router = router_of(request)
-    user, server = request.match_info["user"], request.match_info["server"]
+    user, server = user_of(request), request.match_info["server"]
     caller, profile = await router.ingress.admit(request, user, server, "ws")
     session = await router.backend.acquire(user, profile)
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=router.settings.max_body_bytes)
@@ -143,4 +145,5 @@ def _queue_full(per_socket: int, per_user: int) -> PierError:
 
 def add_routes(v1: web.Application, settings: RouterSettings) -> None:
     v1[USER_IN_FLIGHT] = InFlight(settings.ws_max_in_flight_per_user)
-    v1.router.add_get("/users/{user}/servers/{server}/ws", websocket)
+    for user in USERS:
+        v1.router.add_get(f"{user}/servers/{{server}}/ws", websocket)

@@ -12,6 +12,7 @@ from typing import Any
 
 from pier.core.bridge import BridgeHandle, BridgeStatus, Endpoint
 from pier.core.catalog import Profile
+from pier.router.usersecrets import SecretStore
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Session:
 
 class SessionBackend(abc.ABC):
     """Local processes or Kubernetes pods: the router does not care which."""
+
+    secrets: SecretStore | None = None  # where users' secrets live, for profiles that take them
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin background work (reaping, watching)."""

@@ -27,6 +27,7 @@ from pier.core.mcpsession import GROUP, PLURAL, VERSION, MCPSessionStatus, new_s
 from pier.router.backends.base import Session, SessionBackend, SessionKey
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
+from pier.router.usersecrets import KubernetesSecretStore, secret_name
 
 log = logging.getLogger("pier.router.kubernetes")
 
@@ -88,6 +89,7 @@ class KubernetesBackend(SessionBackend):
 
     async def start(self) -> None:
         self.api = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
+        self.secrets = KubernetesSecretStore(self._request, self.api.cfg.host, self.namespace)
         self._watcher = asyncio.create_task(self._watch_forever(), name="pier-k8s-watch")
 
     async def close(self) -> None:
@@ -175,6 +177,9 @@ class KubernetesBackend(SessionBackend):
                 "SESSION_START_FAILED", "the Kubernetes API has not answered (see the router's log)"
             ) from None
         name = session_name(user, profile.name)
+        if profile.user_secrets:
+            assert self.secrets is not None
+            await self.secrets.require(user, profile)
         if name not in self.objects:
             await self._create(name, user, profile)
         loop = asyncio.get_running_loop()
@@ -197,7 +202,8 @@ class KubernetesBackend(SessionBackend):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def _create(self, name: str, user: str, profile: Profile) -> None:
-        body = new_session(user, profile, profile.idle_ttl_s(self.settings.session_ttl_s))
+        secrets = secret_name(user, profile.name) if profile.user_secrets else None
+        body = new_session(user, profile, profile.idle_ttl_s(self.settings.session_ttl_s), secrets)
         status, answer = await self._request("POST", self._base, body)
         if status == 409:
             return  # another router replica (or request) created it first: same session

@@ -31,6 +31,7 @@ from pier.router.backends.base import Session, SessionBackend, SessionKey
 from pier.router.backends.local.runtimes import LocalSession, Runtime
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
+from pier.router.usersecrets import RedisSecretStore
 
 log = logging.getLogger("pier.router.local")
 
@@ -61,9 +62,16 @@ class WarmPool:
 
 class LocalBackend(SessionBackend):
     def __init__(
-        self, settings: RouterSettings, runtime: Runtime, metrics: RouterMetrics, profiles: list[Profile]
+        self,
+        settings: RouterSettings,
+        runtime: Runtime,
+        metrics: RouterMetrics,
+        profiles: list[Profile],
+        secrets: RedisSecretStore | None = None,
     ) -> None:
         self.settings = settings
+        self.secrets = secrets
+        self._user_secrets = secrets
         self.runtime = runtime
         self.metrics = metrics
         self.sessions: dict[SessionKey, LocalSession] = {}
@@ -138,15 +146,24 @@ class LocalBackend(SessionBackend):
 
     async def _start(self, key: SessionKey, profile: Profile) -> LocalSession:
         logs.bind(user=key.user, profile=key.profile)
+        env = await self._secret_env(key, profile)
         await self._make_room()
-        session = await self._start_bridge(key, profile)
+        session = await self._start_bridge(key, profile, env)
         self._bind(session, key)
         log.info("session started", extra={"user": key.user, "profile": key.profile, "url": session.endpoint.url})
         return session
 
-    async def _start_bridge(self, key: SessionKey, profile: Profile) -> LocalSession:
+    async def _secret_env(self, key: SessionKey, profile: Profile) -> dict[str, str]:
+        """The user's secrets for the profile, for its server's environment (none when it takes none)."""
+        if not profile.user_secrets:
+            return {}
+        assert self._user_secrets is not None  # the app refuses to start without a store for them
+        await self._user_secrets.require(key.user, profile)
+        return await self._user_secrets.values(key.user, profile.name)
+
+    async def _start_bridge(self, key: SessionKey, profile: Profile, env: dict[str, str]) -> LocalSession:
         try:
-            session = await self.runtime.start(key, profile, secrets.token_urlsafe(24))
+            session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env)
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
         self.metrics.sessions_started.labels(profile.name).inc()
@@ -197,7 +214,7 @@ class LocalBackend(SessionBackend):
     async def _start_pooled(self, pool: WarmPool) -> None:
         started = time.monotonic()
         try:
-            session = await self._start_bridge(SessionKey(POOLED, pool.profile.name), pool.profile)
+            session = await self._start_bridge(SessionKey(POOLED, pool.profile.name), pool.profile, {})
         except PierError:
             return  # logged and counted; the next claim or reaper round tries again
         self.metrics.pool_refill_seconds.labels(pool.profile.name).observe(time.monotonic() - started)

@@ -123,8 +123,11 @@ class Runtime(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
-        """A started session (its server initialized, its tools listed); PierError when it cannot start."""
+    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
+        """A started session (its server initialized, its tools listed); PierError when it cannot start.
+
+        `env`: more environment for the server alone (the user's own secrets).
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Wait for stops still under way."""
@@ -155,7 +158,7 @@ class InProcessRuntime(Runtime):
         self._saved_level = self._bridge_logger.level
         self._bridge_logger.setLevel(settings.sidecar_log_level.upper())
 
-    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
+    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
         s = self.settings
         # What a bridge process would read from its environment: the profile's PIER_SIDECAR_*
         # values, then the router's choices. The server gets what it would get from a bridge
@@ -169,6 +172,7 @@ class InProcessRuntime(Runtime):
         server_env = {
             **clean_env(),
             **{k: v for k, v in profile.env.items() if not k.upper().startswith(ENV_PREFIX)},
+            **env,
         }
         app = create_app(settings, server_env)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
@@ -205,10 +209,11 @@ class ProcessRuntime(Runtime):
         self.http = http
         self.ssl = ssl
 
-    async def start(self, key: SessionKey, profile: Profile, token: str) -> LocalSession:
+    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
         env = {
             **clean_env(),  # the router's own settings (keys!) never reach a session
             **profile.env,
+            **env,
             "PIER_SIDECAR_TOKEN": token,
             "PIER_SIDECAR_MAX_CONCURRENT_CALLS": str(profile.max_concurrent_calls),
             "PIER_SIDECAR_START_TIMEOUT_S": str(self.settings.session_start_timeout_s),
