@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from pier.errors import PierError
 from pier.operator.config import OperatorSettings
 from pier.operator.models import GROUP, PLURAL, SESSION_LABEL, VERSION, MCPSessionSpec
-from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, build_pod
+from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, SERVER_CONTAINER, build_pod
 from pier.router.profiles import Catalog, Profile
 
 log = logging.getLogger("pier.operator")
@@ -206,7 +206,10 @@ async def _observe_pod(
     pod: Any, status: dict[str, Any], old: dict[str, Any], session: dict[str, Any], memo: kopf.Memo
 ) -> None:
     ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
-    restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
+    # The bridge counts every exit of its server, the server container's in attach mode too (it reattaches):
+    # adding the kubelet's restart count of that container would count each of its crashes twice.
+    statuses = pod.status.container_statuses or []
+    restarts = sum(cs.restart_count for cs in statuses if cs.name != SERVER_CONTAINER)
     endpoint = f"http://{pod.status.pod_ip}:{BRIDGE_PORT}" if pod.status.pod_ip else None
     status.update(podName=pod.metadata.name, endpoint=endpoint if ready else None)
     bridge = await _bridge_status(memo, endpoint) if ready and endpoint else None
