@@ -68,13 +68,13 @@ RUN_DIR = Path("/run/pier-node")  # containerd's socket and state, runc's root, 
 HOST_RECORD = RUN_DIR / "host.json"
 LOCK_PATH = Path("/run/lock/pier-node.lock")
 SOCKET = RUN_DIR / "containerd.sock"
-# Fixed paths of containerd 1.6 / kubelet 1.20: made (with a marker) by start() if absent, removed by stop().
+# Fixed paths of containerd 1.6 / kubelet 1.20: made by start() if absent (and then removed by stop()), or emptied
+# again if they were there, empty. (No marker file inside: the kubelet deletes what it does not know there.)
 FIXED_DIRS = (Path("/run/containerd"), Path("/var/log/pods"), Path("/var/log/containers"))
 CNI_CACHE = Path("/var/lib/cni")  # libcni's result cache (results/<network>-<container>-<ifname>); shared, so
 CNI_NETWORK = "pier"  # only our network's entries go (and containerd's loopback's, "cni-loopback")
 IPTABLES = (("iptables", "filter"), ("iptables", "nat"), ("iptables", "mangle"), ("ip6tables", "filter"),
             ("ip6tables", "nat"), ("ip6tables", "mangle"))  # fmt: skip
-MARKER = ".pier-node"
 FORWARD_CHAIN = "PIER-NODE-FORWARD"
 # What the kubelet (kernel tunables), kube-proxy (route_localnet) and the bridge plugin (ip_forward) change.
 SYSCTLS = (
@@ -301,15 +301,14 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
             except OSError as err:
                 problems.append(f"sysctl {name}={value}: {err}")
         for path in map(Path, record.made_dirs):
-            if (path / MARKER).exists():
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         for path in map(Path, record.emptied_dirs):
-            if (path / MARKER).exists():
-                for entry in path.iterdir():
-                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        left = [rule for rule in _iptables_rules() if rule not in record.iptables]
-        if left:
-            problems.append(f"iptables rules left: {left}")
+            for entry in path.iterdir() if path.is_dir() else ():
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if record.iptables:  # recorded before the node changed anything
+            left = [rule for rule in _iptables_rules() if rule not in record.iptables]
+            if left:
+                problems.append(f"iptables rules left: {left}")
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     return problems
 
@@ -640,10 +639,11 @@ class RealNode:
             if leftovers is not None:
                 clean_host(leftovers)
             for path in FIXED_DIRS:
-                if (path / MARKER).exists():  # an earlier node's, whose record is gone
-                    shutil.rmtree(path)
-                elif path.exists() and any(path.iterdir()):
-                    raise RuntimeError(f"{path} is in use by something else (another kubelet or containerd?)")
+                if path.exists() and any(path.iterdir()):
+                    raise RuntimeError(
+                        f"{path} is not empty: another kubelet or containerd uses it, or a node whose record "
+                        f"({HOST_RECORD}) is lost left it (then remove it)"
+                    )
             self.work.mkdir(parents=True, exist_ok=True)
             self.logs.mkdir(exist_ok=True)
             sysctls = _read_sysctls()
@@ -660,7 +660,6 @@ class RealNode:
             self.record.save()
             for path in FIXED_DIRS:
                 path.mkdir(parents=True, exist_ok=True)
-                (path / MARKER).touch()
             self._make_network()
         except BaseException:
             self.restore_host()

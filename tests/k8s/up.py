@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,8 @@ def serve() -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # A new cluster each time: the last one's etcd would bring back its objects (and its images' names).
+    shutil.rmtree(STATE / "cluster", ignore_errors=True)
     cluster = RealCluster(STATE / "cluster", lock_timeout=0, lock_holder=HOLDER)
     try:
         cluster.start()
@@ -168,13 +171,10 @@ def up() -> int:
     cp = ControlPlane.running(Path(ready["work_dir"]), Path(ready["bin_dir"]))
     images = {name: Image(**{**entry, "archive": Path(entry["archive"])}) for name, entry in ready["images"].items()}
 
-    installed = cp.kubectl("-n", "pier", "get", "secret", "pier-keys", check=False).returncode == 0
-    if not installed:
+    if cp.kubectl("-n", "pier", "get", "secret", "pier-keys", check=False).returncode != 0:  # not installed yet
         print("helm install pier charts/pier --namespace pier --create-namespace (local images)", flush=True)
-        release = install_chart(kubeconfig, images)
-        notes = (release.get("info") or {}).get("notes", "")
-    else:
-        notes = helm.render_notes(chart_image_values(images))
+        install_chart(kubeconfig, images)
+    notes = helm.render_notes(chart_image_values(images))  # what `helm install` prints
     cp.kubectl("-n", "pier", "wait", "--for=condition=Ready", "pods", "--all", "--timeout=300s", timeout=320)
     kubectl = cp.bin_dir / "kubectl"
     print(cp.kubectl("get", "nodes", "-o", "wide").stdout)
