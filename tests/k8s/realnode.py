@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ STORAGE_CLASS = "pier-local"
 PROVISIONER = "pier.dev/hostpath"
 NODE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy")
 IMAGES_SCRIPT = Path(__file__).resolve().parent / "build-images.sh"
+PACKAGES_SCRIPT = Path(__file__).resolve().parent / "install-packages.sh"
 
 RUN_DIR = Path("/run/pier-node")  # containerd's socket and state, runc's root, and the record of host changes
 HOST_RECORD = RUN_DIR / "host.json"
@@ -632,6 +633,8 @@ class RealNode:
 
     def prepare(self) -> RealNode:
         """Take the machine's node lock, clear a crashed run's leftovers, record the host, make the network."""
+        if os.geteuid() != 0:
+            raise PermissionError("a real node needs root (network, mounts, cgroups): run the tests as root")
         # Outside the try: without the lock, nothing here is ours to clean.
         self._lock.acquire(self.lock_timeout, self.lock_holder)
         try:
@@ -720,11 +723,14 @@ class RealNode:
             self.egress.join()
 
     def restore_host(self) -> None:
-        """Undo what prepare() and the daemons did to the host, release the lock; raise if something stayed."""
+        """Undo what prepare() and the daemons did to the host, release the lock; raise if something stayed, or if
+        a daemon of the cluster connected off this machine while it ran."""
         try:
             problems = clean_host(self.record)
         finally:
             self._lock.release()
+        if self.egress is not None and self.egress.violations:
+            problems.append(f"connections off this machine: {sorted(self.egress.violations)}")
         if problems:
             raise RuntimeError("the node left the host changed: " + "; ".join(problems))
 
@@ -1055,7 +1061,9 @@ class RealCluster:
         self.timings: dict[str, float] = {}
 
     def build(self) -> RealCluster:
+        """Install the Debian packages the cluster needs, build (or find cached) its binaries and images."""
         t0 = time.monotonic()
+        subprocess.run([str(PACKAGES_SCRIPT)], check=True)
         self.bin_dir = build_k8s(NODE_BINARIES)
         self.timings["binaries"] = time.monotonic() - t0
         self.images = build_images()
@@ -1104,13 +1112,6 @@ class RealCluster:
         assert self.node is not None
         return self.node
 
-    def wait_for(self, check: Callable[[], bool], timeout: float = 120, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not after {timeout:.0f}s")
-            time.sleep(0.2)
-
 
 def service_url(cp: ControlPlane, namespace: str, name: str, port: int | None = None) -> str:
     """http://<ClusterIP>:<port> of a Service: kube-proxy makes ClusterIPs reachable from this host too."""
@@ -1144,8 +1145,3 @@ def pod_containers(cp: ControlPlane, namespace: str, pod: str) -> dict[str, dict
     return {
         c["name"]: c for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
     }
-
-
-def iter_pods(cp: ControlPlane, namespace: str | None = None) -> Iterator[dict[str, Any]]:
-    path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
-    yield from (cp.api("GET", path) or {}).get("items") or []
