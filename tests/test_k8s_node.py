@@ -19,6 +19,7 @@ import os
 import signal
 import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,6 @@ def _bridge_status(deployed: Deployed, pod: dict[str, Any]) -> dict[str, Any]:
         deployed.cp.kubectl("-n", NAMESPACE, "get", "secret", f"{RELEASE}-pier-bridge-token", "-o",
                             "jsonpath={.data.token}").stdout
     ).decode()  # fmt: skip
-    import urllib.request
-
     request = urllib.request.Request(
         f"http://{pod['status']['podIP']}:8080/v1/status", headers={"Authorization": f"Bearer {token}"}
     )

@@ -68,10 +68,14 @@ authorityKeyIdentifier = keyid
 """
 
 
+def cache_root() -> Path:
+    """What the test cluster's scripts build and keep: `$PIER_K8S_CACHE` or ~/.cache/pier (tests/k8s/lib.sh)."""
+    return Path(os.environ.get("PIER_K8S_CACHE") or Path.home() / ".cache" / "pier")
+
+
 def default_bin_dir() -> Path:
-    """Where `build-k8s.sh` puts the binaries (same rule as the script: `$PIER_K8S_CACHE` or ~/.cache/pier)."""
-    cache = os.environ.get("PIER_K8S_CACHE") or str(Path.home() / ".cache" / "pier")
-    return Path(cache) / f"k8s-{K8S_VERSION}" / "bin"
+    """Where `build-k8s.sh` puts the binaries."""
+    return cache_root() / f"k8s-{K8S_VERSION}" / "bin"
 
 
 def build_k8s(binaries: tuple[str, ...] = BINARIES) -> Path:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.k8s.cluster import SERVICE_CIDR, ControlPlane, Process, build_k8s
+from tests.k8s.cluster import SERVICE_CIDR, ControlPlane, Process, build_k8s, cache_root
 
 NODE_NAME = "pier-node"
 NODE_IP = "10.244.255.1"
@@ -98,10 +98,6 @@ DAEMON_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PIER_K8S_CACHE") or Path.home() / ".cache" / "pier")
 
 
 # -- images ------------------------------------------------------------------------------------------------------
@@ -239,7 +235,9 @@ class HostRecord:
     iptables: list[str] = field(default_factory=list)
     made_dirs: list[str] = field(default_factory=list)  # fixed host paths that did not exist: removed
     emptied_dirs: list[str] = field(default_factory=list)  # ones that existed, empty: emptied again
-    kubelet_root: str = ""
+    mount_roots: list[str] = field(
+        default_factory=list
+    )  # where its mounts are: state, containerd's and kubelet's roots
     forwarding_was_off: bool = False
     cni_cache_made: bool = False
 
@@ -277,9 +275,7 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
     _remove_iptables()
     # Mounts: containers' root filesystems and network namespaces (under our state dir), pods' volumes (under
     # the kubelet's root).
-    roots = [RUN_DIR, cache_dir() / "node" / "containerd"]
-    if record and record.kubelet_root:
-        roots.append(Path(record.kubelet_root))
+    roots = [RUN_DIR, *map(Path, record.mount_roots if record else [])]
     for point in _mounts_under(*roots):
         _run("umount", "-l", point, check=False)
     for link in (BRIDGE, NODE_LINK):  # the veth's peer goes with it
@@ -411,7 +407,9 @@ class ClusterDns:
 
     def __init__(self, cp: ControlPlane, work: Path) -> None:
         self.hosts = work / "dns"
-        self.hosts.mkdir(parents=True, exist_ok=True)
+        self.staging = work / "dns.staging"  # files are written here, then renamed into `hosts` whole
+        for path in (self.hosts, self.staging):
+            path.mkdir(parents=True, exist_ok=True)
         self.watch = _Watch(cp, "/api/v1/services", self._event, self._sync)
 
     def argv(self) -> list[str]:
@@ -441,9 +439,12 @@ class ClusterDns:
             return
         meta = service["metadata"]
         path = self._file(service)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{ip} {meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}\n")
-        tmp.replace(path)  # dnsmasq reads whole files: never a half-written one
+        record = f"{ip} {meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}\n"
+        if path.exists() and path.read_text() == record:
+            return  # a resync: dnsmasq need not read it again
+        staged = self.staging / path.name
+        staged.write_text(record)
+        staged.replace(path)  # dnsmasq reads every file of its directory: never a half-written one
 
     def _event(self, kind: str, service: dict) -> None:
         if kind == "DELETED":
@@ -618,7 +619,7 @@ class RealNode:
         self.lock_timeout = lock_timeout
         self.lock_holder = lock_holder or f"pid {os.getpid()} ({self.work})"
         self.logs = self.work / "logs"
-        self.containerd_root = cache_dir() / "node" / "containerd"
+        self.containerd_root = cache_root() / "node" / "containerd"
         self.kubelet_root = self.work / "kubelet"
         self.processes: list[Process] = []
         self.cp: ControlPlane | None = None
@@ -656,7 +657,7 @@ class RealNode:
                 iptables=_iptables_rules(),
                 made_dirs=[str(p) for p in FIXED_DIRS if not p.exists()],
                 emptied_dirs=[str(p) for p in FIXED_DIRS if p.exists()],
-                kubelet_root=str(self.kubelet_root),
+                mount_roots=[str(RUN_DIR), str(self.containerd_root), str(self.kubelet_root)],
                 forwarding_was_off=sysctls.get("net/ipv4/ip_forward") == "0",
                 cni_cache_made=not CNI_CACHE.exists(),
             )
