@@ -32,7 +32,7 @@ format: $(VENV)/.installed
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The Kubernetes tier alone (builds the test control plane once, then reuses it).
+# The Kubernetes tier alone: the real test node (builds its binaries and images once, then reuses them; root).
 test-k8s: install
 	$(PY) -m pytest -q -m k8s $(PYTEST_ARGS)
 

@@ -135,6 +135,10 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _environ(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+
+
 def _proc_status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
@@ -422,11 +426,11 @@ async def test_cold_start_measured(deployed, http):
     print(f"\ncold start (MCPSession created -> first call answered): {report}")
 
 
-def test_no_daemon_of_the_cluster_connects_off_this_machine(deployed):
+async def test_no_daemon_of_the_cluster_connects_off_this_machine(deployed, http):
+    await _echo(http, deployed, "ada", "demo", "a pod to look out of")
     node = deployed.node
     kubelet = next(p for p in node.processes if p.name == "kubelet")
-    environ = Path(f"/proc/{kubelet.popen.pid}/environ").read_bytes().split(b"\0")
-    assert b"AWS_EC2_METADATA_DISABLED=true" in environ
+    assert "AWS_EC2_METADATA_DISABLED=true" in _environ(kubelet.popen.pid)
     assert node.egress is not None
     node.egress.sample()
     assert node.egress.samples > 10  # it has watched since the node started
@@ -447,3 +451,26 @@ def test_no_daemon_of_the_cluster_connects_off_this_machine(deployed):
     redis = deployed.get("service", f"{RELEASE}-pier-redis")
     assert redis is not None
     assert out == ["113", "no-dns", redis["spec"]["clusterIP"]]  # EHOSTUNREACH: refused at this host
+
+
+async def test_an_image_missing_on_the_node_is_pulled_from_nowhere(deployed):
+    """containerd tries the registry at a closed local port: no DNS lookup, no connection off the machine."""
+    for name, image in (("pull-hub", "docker.io/library/busybox:1.36"), ("pull-other", "public.ecr.aws/pier/none:1")):
+        deployed.cp.kubectl("-n", NAMESPACE, "run", name, f"--image={image}", "--restart=Never")
+
+    def pull_errors() -> list[str]:
+        events = json.loads(deployed.cp.kubectl("-n", NAMESPACE, "get", "events", "-o", "json").stdout)["items"]
+        return [
+            e["message"]
+            for e in events
+            if e["involvedObject"]["name"] in ("pull-hub", "pull-other") and e["message"].startswith("Failed to pull")
+        ]
+
+    try:
+        await wait_until(lambda: len({m.split('"')[1] for m in pull_errors()}) == 2, timeout=60, interval=0.5)
+        for message in pull_errors():
+            assert "127.0.0.1:9" in message, message  # the registry hosts' closed port, or the pull proxy's
+            assert "connection refused" in message, message
+            assert "lookup" not in message, message  # no name was resolved
+    finally:
+        deployed.cp.kubectl("-n", NAMESPACE, "delete", "pod", "pull-hub", "pull-other", "--wait=false", check=False)

@@ -822,18 +822,21 @@ class RealNode:
 
     # -- daemons -----------------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        self.processes.append(Process.spawn(name, argv, self.logs, self.work, env=DAEMON_ENV))
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.processes.append(Process.spawn(name, argv, self.logs, self.work, env={**DAEMON_ENV, **(env or {})}))
 
     def _start_containerd(self) -> None:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         self.containerd_root.mkdir(parents=True, exist_ok=True)
         hosts = self.work / "containerd" / "certs.d"
-        # Any registry an image name could point at resolves to a closed local port: a missing image fails at
-        # once instead of being pulled from the internet.
-        for registry in ("_default", "docker.io", "registry.k8s.io", "k8s.gcr.io", "ghcr.io", "quay.io", "localhost"):
+        # The usual registries resolve to a closed local port (containerd 1.6 wants a [host] table besides
+        # `server`, and knows no `_default`): a missing image fails at once, and without a DNS lookup.
+        closed = '"http://127.0.0.1:9"'
+        for registry in ("docker.io", "registry.k8s.io", "k8s.gcr.io", "gcr.io", "ghcr.io", "quay.io", "localhost"):
             (hosts / registry).mkdir(parents=True, exist_ok=True)
-            (hosts / registry / "hosts.toml").write_text('server = "http://127.0.0.1:9"\n')
+            (hosts / registry / "hosts.toml").write_text(
+                f'server = {closed}\n[host.{closed}]\n  capabilities = ["pull", "resolve"]\n'
+            )
         cri = '[plugins."io.containerd.grpc.v1.cri"'
         config = f"""\
 version = 2
@@ -874,7 +877,10 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 """
         path = self.work / "containerd" / "config.toml"
         path.write_text(config)
-        self._spawn("containerd", ["containerd", "--config", str(path)])
+        # Any other registry too: containerd's image pulls go through a proxy at a closed local port (the API
+        # server and the kubelet are not behind it: only containerd has this environment).
+        proxy = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+        self._spawn("containerd", ["containerd", "--config", str(path)], env=proxy)
         self._wait(lambda: self.ctr("version", check=False).returncode == 0, 60, "containerd")
 
     def _import_images(self) -> None:
