@@ -436,6 +436,9 @@ async def test_no_daemon_of_the_cluster_connects_off_this_machine(deployed, http
     assert node.egress.samples > 10  # it has watched since the node started
     assert any(daemon == "kubelet" for daemon, _ in node.egress.connections)  # and saw the daemons' sockets
     assert node.egress.violations == set()
+    seen = sorted({(daemon.split("-")[0] if daemon.startswith("containerd-shim") else daemon, remote.rsplit(":", 1)[0])
+                   for daemon, remote in node.egress.connections})  # fmt: skip
+    print(f"\n{node.egress.samples} samples; daemons and the hosts they connected to: {seen}")
     # From a pod, the world ends at this machine: no route out, no DNS answer for outside names; the cluster's own
     # names resolve.
     pod = deployed.session_pod("ada", "demo")["metadata"]["name"]
