@@ -11,7 +11,6 @@ in containerd.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +20,7 @@ import yaml
 
 from pier import helm
 from tests.k8s.cluster import ControlPlane, build_controlplane
-from tests.k8s.realnode import RealCluster, wait_for_service
-from tests.k8s.up import app_key, install_chart, uninstall_chart
+from tests.k8s.up import app_key, installed
 from tests.servers import ROOT, wait_until
 from tests.test_chart import VALUES_SETS
 
@@ -58,23 +56,10 @@ def test_every_object_passes_a_server_side_dry_run(cluster, name):
     assert result.stdout.count("(server dry run)") == len(objects)
 
 
-@contextlib.contextmanager
-def _installed(real_cluster: RealCluster, release: str, namespace: str, values: dict[str, Any]) -> Iterator[str]:
-    """`helm install` on the real node; yields the router Service's URL once it serves; uninstalls after."""
-    cp = real_cluster.cp
-    install_chart(cp.kubeconfig, real_cluster.images, release=release, namespace=namespace, values=values)
-    try:
-        yield wait_for_service(cp, namespace, f"{release}-pier-router")
-    finally:
-        cp.kubectl("-n", namespace, "delete", "mcps", "--all", "--wait=true", "--timeout=120s", check=False)
-        uninstall_chart(cp.kubeconfig, release, namespace)
-        cp.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=180s", check=False, timeout=200)
-
-
 async def test_the_installed_chart_serves_calls_through_the_router(real_cluster, http):
     namespace, release = "pier-e2e", "e2e"
     cp = real_cluster.cp
-    with _installed(real_cluster, release, namespace, {}) as router:
+    with installed(real_cluster, release, namespace, {}) as router:
         # The generated key, read as NOTES.txt tells users to.
         notes = helm.render_notes({}, name=release, namespace=namespace)
         assert f"get secret {release}-pier-keys -o jsonpath='{{.data.app-key}}'" in notes
@@ -152,7 +137,7 @@ async def test_operator_replicas_share_the_work_and_replacements_take_over(real_
         peering = await asyncio.to_thread(kubectl, "get", "kopfpeerings.kopf.dev", "pier")
         return len((peering or {}).get("status") or {}) == 2
 
-    with _installed(real_cluster, release, namespace, values) as router:
+    with installed(real_cluster, release, namespace, values) as router:
 
         async def served(user: str) -> None:
             async with http.post(

@@ -33,8 +33,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from pier.router.backends.kubernetes import session_name
 from tests.k8s.cluster import ControlPlane
-from tests.k8s.realnode import RealCluster, RealNode, pod_containers, wait_for_service
-from tests.k8s.up import install_chart, uninstall_chart
+from tests.k8s.realnode import RealCluster, RealNode, pod_containers
+from tests.k8s.up import installed
 from tests.servers import ROOT, wait_until
 
 pytestmark = pytest.mark.k8s
@@ -92,16 +92,8 @@ def deployed(real_cluster: RealCluster) -> Iterator[Deployed]:
             "slow-start": {"command": ["sh", "-c", f"sleep 6; exec {' '.join(DEMO)}"]},
         },
     }
-    install_chart(real_cluster.cp.kubeconfig, images, release=RELEASE, namespace=NAMESPACE, values=values,
-                  image="pier-test")  # fmt: skip
-    deployed = Deployed(real_cluster, wait_for_service(real_cluster.cp, NAMESPACE, f"{RELEASE}-pier-router"))
-    try:
-        yield deployed
-    finally:
-        cp = real_cluster.cp
-        cp.kubectl("-n", NAMESPACE, "delete", "mcps", "--all", "--wait=true", "--timeout=120s", check=False)
-        uninstall_chart(cp.kubeconfig, RELEASE, NAMESPACE)
-        cp.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=180s", check=False, timeout=200)
+    with installed(real_cluster, RELEASE, NAMESPACE, values, image="pier-test") as router:
+        yield Deployed(real_cluster, router)
 
 
 async def _call(

@@ -22,12 +22,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pier import helm
 from tests.k8s.cluster import ControlPlane
-from tests.k8s.realnode import HostRecord, Image, RealCluster, chart_image_values, clean_host, service_url
+from tests.k8s.realnode import (
+    HostRecord,
+    Image,
+    RealCluster,
+    chart_image_values,
+    clean_host,
+    service_url,
+    wait_for_service,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = ROOT / ".pier" / "k8s-up"
@@ -84,6 +93,22 @@ def uninstall_chart(kubeconfig: Path, release: str, namespace: str, timeout: int
         config.uninstall(release, wait="watcher", timeout=timeout, ignore_not_found=True)
     finally:
         config.close()
+
+
+@contextlib.contextmanager
+def installed(
+    cluster: RealCluster, release: str, namespace: str, values: dict[str, Any], image: str = "pier"
+) -> Iterator[str]:
+    """The chart installed on the test cluster for the length of a test (module): yields the router Service's URL
+    once it serves; then the release's sessions, the release and its namespace go (the cluster stays)."""
+    cp = cluster.cp
+    install_chart(cp.kubeconfig, cluster.images, release=release, namespace=namespace, values=values, image=image)
+    try:
+        yield wait_for_service(cp, namespace, f"{release}-pier-router")
+    finally:
+        cp.kubectl("-n", namespace, "delete", "mcps", "--all", "--wait=true", "--timeout=120s", check=False)
+        uninstall_chart(cp.kubeconfig, release, namespace)
+        cp.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=180s", check=False, timeout=200)
 
 
 def app_key(cp: ControlPlane, release: str = "pier", namespace: str = "pier") -> str:
