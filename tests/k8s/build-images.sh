@@ -99,7 +99,7 @@ MIRROR="${PIER_DEBIAN_MIRROR:-$(debian_mirror $SUITE | head -n1)}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 # python-is-python3: `python` as in the python image; python3-venv: the Dockerfile makes a venv.
 BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
-BASE_RECIPE=3 # bump when the steps below change
+BASE_RECIPE=4 # bump when the steps below change
 BASE_REF="localhost/pier/base:$SUITE-$(echo "$SUITE $MIRROR $BASE_PACKAGES $BASE_RECIPE" | sha)"
 make_base() {
     local rootfs="$WORK/rootfs"
@@ -132,9 +132,12 @@ EOF
     # What a container runtime provides, and what debootstrap leaves behind: not part of an image.
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
         "$rootfs"/var/log/* "$rootfs"/tmp/* "$rootfs"/etc/resolv.conf "$rootfs"/etc/hostname
-    # pip in a venv trusts only its bundled certifi; Debian's own pip trusts the system store. Make them agree,
-    # so a CA the system trusts is trusted by every pip in images built from this base.
+    # pip in a venv trusts only its bundled certifi, and uv its bundled roots; Debian's own pip trusts the system
+    # store. Make them agree, so a CA the system trusts is trusted by every pip and uv in images built from
+    # this base (whichever of them a Dockerfile installs with).
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
+    mkdir -p "$rootfs/etc/uv"
+    printf 'native-tls = true\n' >"$rootfs/etc/uv/uv.toml"
     tar -C "$rootfs" --numeric-owner -c . | podman import --quiet \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$BASE_REF" >/dev/null
