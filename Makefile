@@ -41,7 +41,7 @@ test: install lint
 test-fast: install lint
 	$(PY) -m pytest -q -n 2 -m "not k8s and not slow" $(PYTEST_ARGS)
 
-# The Kubernetes tier alone (builds the test control plane once, then reuses it).
+# The Kubernetes tier alone: the real test node (builds its binaries and images once, then reuses them; root).
 test-k8s: install
 	$(PY) -m pytest -q -m k8s $(PYTEST_ARGS)
 
@@ -55,11 +55,24 @@ manifests: install
 clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache
 
-# The test Kubernetes control plane (kube-apiserver, kube-controller-manager, kubectl v1.20.2), built from Debian's
-# source package into ${PIER_K8S_CACHE:-~/.cache/pier}/k8s-1.20.2/bin: ~5 minutes once, instant afterwards.
-.PHONY: k8s-controlplane
-k8s-controlplane:
-	./tests/k8s/build-controlplane.sh
+# The test cluster's Kubernetes v1.20.2 (kube-apiserver, kube-controller-manager, kubectl; kubelet, kube-scheduler,
+# kube-proxy, pause), built from Debian's source package into ${PIER_K8S_CACHE:-~/.cache/pier}/k8s-1.20.2/bin:
+# ~11 minutes once on 2 cores, instant afterwards. The images its node runs (the Dockerfile's among them, built with
+# buildah from a debootstrap base): ~3 minutes the first time, seconds when nothing changed.
+.PHONY: k8s-binaries k8s-images k8s-up k8s-down
+k8s-binaries:
+	./tests/k8s/build-k8s.sh
+
+k8s-images:
+	./tests/k8s/build-images.sh
+
+# A cluster for people: control plane + a real node, Pier installed by Helm (release pier, namespace pier). Prints
+# `export KUBECONFIG=...` last. `make k8s-down` stops it and restores the host.
+k8s-up: install
+	$(PY) -m tests.k8s.up
+
+k8s-down: install
+	$(PY) -m tests.k8s.up --down
 
 # Benchmarks (bench/README.md): peers from PyPI and npm into bench/.peers (pinned in bench/pins.toml), then
 # every scenario on loopback; bench/results/latest.{md,json,png}. `bench-quick` takes under two minutes.

@@ -1,9 +1,9 @@
-"""Kubernetes: the MCPSession CRD, the operator and the router's Kubernetes backend on a real API server.
+"""Kubernetes: the MCPSession CRD, the operator and the router's Kubernetes backend on a real cluster.
 
-The control plane (kube-apiserver + kube-controller-manager v1.20 built from Debian's source, and
-etcd) comes from tests/k8s/cluster.py; pods run on tests/k8s/node.py's node emulator. The operator
-and the router run with the ServiceAccount tokens of deploy/ (exactly its RBAC).
-`make test-k8s` runs this tier alone.
+The session's `real_cluster` (tests/k8s/realnode.py): kube-apiserver, kube-controller-manager, kube-scheduler,
+kubelet and kube-proxy v1.20 built from Debian's source, etcd, containerd. The operator and the router run here as
+local processes (this tree's code) with the ServiceAccount tokens of deploy/ (exactly its RBAC); the session pods
+they make run on the real node, from the image built from the Dockerfile. `make test-k8s` runs this tier alone.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -21,49 +22,52 @@ import yaml
 from mcp import Client
 
 from pier.core.catalog import Catalog, demo_profile
-from tests.k8s.cluster import ControlPlane, build_controlplane
-from tests.k8s.node import NodeEmulator
+from tests.k8s.cluster import ControlPlane
+from tests.k8s.realnode import RealCluster, pod_containers
 from tests.servers import ROOT, router_app, wait_until
 
 pytestmark = pytest.mark.k8s
 NAMESPACE = "pier"
 _ACCESS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
-DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": [sys.executable, "-m", "pier.examples.demo_server"]}}})
+# The demo server as the image runs it (its `python` is the image's venv).
+DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": ["python", "-m", "pier.examples.demo_server"]}}})
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[ControlPlane]:
-    plane = ControlPlane(tmp_path_factory.mktemp("k8s"), build_controlplane())
-    plane.start()
+def cluster(real_cluster: RealCluster) -> Iterator[ControlPlane]:
+    plane = real_cluster.cp
+    # deploy/'s CRDs, namespace and RBAC; not its workloads: these tests run operator and router themselves.
+    plane.kubectl("apply", "-f", str(ROOT / "deploy" / "crds"))
+    access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
+    plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))
     try:
-        # deploy/'s CRDs, namespace and RBAC; not its workloads: these tests run operator and router themselves.
-        plane.kubectl("apply", "-f", str(ROOT / "deploy" / "crds"))
-        access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
-        plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))
         yield plane
     finally:
-        plane.stop()
+        # The cluster outlives this module: its sessions, pods and deploy/'s objects go (the CRDs stay).
+        plane.kubectl("delete", "mcps", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s", check=False)
+        plane.kubectl("delete", "-f", "-", "--wait=true", "--timeout=180s", input=yaml.safe_dump_all(access),
+                      check=False, timeout=200)  # fmt: skip
 
 
 @pytest.fixture
-async def node(cluster, tmp_path) -> AsyncIterator[NodeEmulator]:
-    emulator = NodeEmulator(cluster.kubeconfig, NAMESPACE, tmp_path)
-    await emulator.start()
+def node(real_cluster: RealCluster, cluster: ControlPlane) -> Iterator[RealCluster]:
+    """The real node, and no session left of a test when the next begins."""
     try:
-        yield emulator
+        yield real_cluster
     finally:
         cluster.kubectl("delete", "mcps", "--all", "-n", NAMESPACE, "--wait=false", check=False)
-        await emulator.stop()
 
 
 @pytest.fixture
 async def operator(cluster, node, tmp_path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`pier operator` as its own process, with the operator ServiceAccount's token."""
+    """`pier operator` as its own process, with the operator ServiceAccount's token; its pods run the image built
+    from the Dockerfile."""
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.token_kubeconfig(NAMESPACE, "pier-operator")),
         "PIER_NAMESPACE": NAMESPACE,
         "PIER_PROFILES_INLINE": DEMO_PROFILE,
+        "PIER_BRIDGE_IMAGE": node.images["pier"].ref,
         "PIER_SYNC_INTERVAL_S": "1",
         "PIER_REPLACE_BACKOFF_S": "0.5",
     }
@@ -122,7 +126,7 @@ async def test_an_applied_session_becomes_ready_and_serves_calls(cluster, operat
     assert _apply(cluster, _session("alice-demo", "alice")).returncode == 0
     session = await _ready(cluster, "alice-demo")
     status = session["status"]
-    assert status["endpoint"].startswith("http://127.")
+    assert status["endpoint"].startswith("http://10.244.0.")  # the pod's address on the node's bridge
     assert status["serverInfo"]["name"] == "pier-demo"
     assert status["tools"] == 6
     assert status["observedGeneration"] == session["metadata"]["generation"]
@@ -162,7 +166,9 @@ async def test_pods_are_replaced_and_crashes_counted(cluster, operator, node):
     reasons = {e["reason"] for e in json.loads(events)["items"]}
     assert {"Started", "Ready", "Replaced"} <= reasons
 
-    node.kill_container(status["podName"], "bridge")
+    # The bridge's process, killed from the host: the kubelet restarts the container.
+    bridge = pod_containers(cluster, NAMESPACE, status["podName"])["bridge"]
+    os.kill(node.real_node.task_pid(bridge["containerID"]), signal.SIGKILL)
 
     async def restart_counted() -> bool:
         obj = await asyncio.to_thread(_get, cluster, "mcps", "bob-demo")

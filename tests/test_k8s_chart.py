@@ -1,15 +1,16 @@
-"""The Helm chart on a real API server: server-side dry runs, then a real install serving calls.
+"""The Helm chart on a real cluster: server-side dry runs, then real installs serving calls.
 
-The control plane is v1.20 (tests/k8s/cluster.py), so the chart is rendered with `kubeVersion:
-1.20.2` here (PDBs and HPAs in the API versions it serves); tests/test_chart.py validates the
-default render against current schemas. Pods run on the node emulator (tests/k8s/node.py), which
-runs the image's commands (`pier router`, `pier operator`, `redis-server`…) as local processes.
+The cluster is v1.20: the dry runs use a control plane alone (tests/k8s/cluster.py) and render with
+`kubeVersion: 1.20.2` (PDBs and HPAs in the API versions it serves); tests/test_chart.py validates the
+default render against current schemas. The installs go to the session's `real_cluster` (a real node:
+kubelet, containerd, kube-proxy; tests/k8s/realnode.py) through the real Helm engine, as a platform team
+installs: default values but the images built here (the Dockerfile's, and Redis), whose containers run
+in containerd.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from tests.k8s.cluster import ControlPlane, build_controlplane
-from tests.k8s.node import NodeEmulator
+from tests.k8s.up import app_key, installed
 from tests.servers import ROOT, wait_until
 from tests.test_chart import VALUES_SETS
 from tools import helm
@@ -55,29 +56,14 @@ def test_every_object_passes_a_server_side_dry_run(cluster, name):
     assert result.stdout.count("(server dry run)") == len(objects)
 
 
-async def test_the_installed_chart_serves_calls_through_the_router(cluster, tmp_path, http):
+async def test_the_installed_chart_serves_calls_through_the_router(real_cluster, http):
     namespace, release = "pier-e2e", "e2e"
-    cluster.kubectl("create", "namespace", namespace)
-    objects = helm.render(OLD_CLUSTER, name=release, namespace=namespace)
-    cluster.kubectl("apply", "-f", "-", input=_manifests(objects))
-    node = NodeEmulator(cluster.kubeconfig, namespace, tmp_path)
-    await node.start()
-    try:
-        # Redis, the operator, two routers and two workers come up from the chart's own objects.
-        for workload in ("statefulset/e2e-pier-redis", "deployment/e2e-pier-router", "deployment/e2e-pier-jobs",
-                         "deployment/e2e-pier-operator"):  # fmt: skip
-            # In a thread: the emulator runs on this event loop.
-            await asyncio.to_thread(
-                cluster.kubectl, "rollout", "status", workload, "-n", namespace, "--timeout=120s", timeout=130
-            )
-        router = f"http://{(await node.service_addresses())['e2e-pier-router']}:8000"
+    cp = real_cluster.cp
+    with installed(real_cluster, release, namespace, {}) as router:
         # The generated key, read as NOTES.txt tells users to.
-        notes = helm.render_notes(OLD_CLUSTER, name=release, namespace=namespace)
+        notes = helm.render_notes({}, name=release, namespace=namespace)
         assert f"get secret {release}-pier-keys -o jsonpath='{{.data.app-key}}'" in notes
-        encoded = await asyncio.to_thread(
-            cluster.kubectl, "get", "secret", f"{release}-pier-keys", "-n", namespace, "-o", "jsonpath={.data.app-key}"
-        )
-        key = base64.b64decode(encoded.stdout).decode()
+        key = app_key(cp, release, namespace)
         alice = f"{router}/v1/users/alice/servers/demo"
 
         async with http.post(f"{alice}/tools/echo/call", json={"arguments": {"message": "x"}}) as response:
@@ -92,9 +78,22 @@ async def test_the_installed_chart_serves_calls_through_the_router(cluster, tmp_
         assert body["status"] == "completed"
         assert body["result"]["content"][0]["text"] == "Echo: from the chart"
         # The router asked for alice's MCPSession; the operator (in its pod) ran it.
-        listing = await asyncio.to_thread(cluster.kubectl, "get", "mcpsessions.pier.dev", "-n", namespace, "-o", "json")
+        listing = await asyncio.to_thread(cp.kubectl, "get", "mcpsessions.pier.dev", "-n", namespace, "-o", "json")
         sessions = json.loads(listing.stdout)["items"]
         assert [(s["spec"]["userId"], s["status"]["phase"]) for s in sessions] == [("alice", "Ready")]
+
+        # Redis, two routers, two workers, the operator and alice's session: containers in containerd on the node,
+        # from the image built from the Dockerfile (the operator gives session pods the chart's image).
+        pods = json.loads(cp.kubectl("-n", namespace, "get", "pods", "-o", "json").stdout)["items"]
+        components = sorted(p["metadata"]["labels"].get("app.kubernetes.io/component", "session") for p in pods)
+        assert components == ["jobs", "jobs", "operator", "redis", "router", "router", "session"]
+        for pod in pods:
+            assert pod["spec"]["nodeName"] == "pier-node"
+            assert pod["status"]["phase"] == "Running"
+            [container] = pod["status"]["containerStatuses"]
+            assert container["containerID"].startswith("containerd://"), pod["metadata"]["name"]
+            expected = real_cluster.images["redis" if container["name"] == "redis" else "pier"].ref
+            assert container["image"] == expected
 
         # A call that overruns its timeout is handed to the job pool, through the bundled Redis (with its password).
         async with http.post(
@@ -109,9 +108,6 @@ async def test_the_installed_chart_serves_calls_through_the_router(cluster, tmp_
                 return (await response.json())["status"] == "completed"
 
         await wait_until(completed, timeout=60, interval=0.3)
-    finally:
-        cluster.kubectl("delete", "mcps", "--all", "-n", namespace, "--wait=false", check=False)
-        await node.stop()
 
 
 def test_the_plain_manifests_apply(cluster):
@@ -126,46 +122,37 @@ def test_the_plain_manifests_apply(cluster):
     assert "deployment.apps/pier-router created (server dry run)" in result.stdout
 
 
-async def test_operator_replicas_share_the_work_and_replacements_take_over(cluster, tmp_path, http):
+async def test_operator_replicas_share_the_work_and_replacements_take_over(real_cluster, http):
     """Two operator replicas (kopf peering): one pod per session, and fresh replicas take over at once."""
     namespace, release, key = "pier-ha", "ha", "ha-app-key-0123456789abcdef"
-    values = {**OLD_CLUSTER, "operator": {"replicaCount": 2}, "router": {"replicaCount": 1},
-              "jobs": {"replicaCount": 1}, "auth": {"appKeys": [key]}}  # fmt: skip
-    cluster.kubectl("create", "namespace", namespace)
-    cluster.kubectl("apply", "-f", "-", input=_manifests(helm.render(values, name=release, namespace=namespace)))
-    node = NodeEmulator(cluster.kubeconfig, namespace, tmp_path)
-    await node.start()
+    values = {"operator": {"replicaCount": 2}, "router": {"replicaCount": 1}, "jobs": {"replicaCount": 1},
+              "auth": {"appKeys": [key]}}  # fmt: skip
+    cp = real_cluster.cp
 
     def kubectl(*args: str) -> Any:
-        result = cluster.kubectl(*args, "-n", namespace, "-o", "json", check=False)
+        result = cp.kubectl(*args, "-n", namespace, "-o", "json", check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
     async def both_peers_present() -> bool:
         peering = await asyncio.to_thread(kubectl, "get", "kopfpeerings.kopf.dev", "pier")
         return len((peering or {}).get("status") or {}) == 2
 
-    async def served(user: str) -> None:
-        url = f"http://{(await node.service_addresses())['ha-pier-router']}:8000/v1/users/{user}/servers/demo"
-        async with http.post(
-            f"{url}/tools/echo/call", json={"arguments": {"message": user}}, headers={"Authorization": f"Bearer {key}"}
-        ) as response:
-            assert response.status == 200, await response.text()
+    with installed(real_cluster, release, namespace, values) as router:
 
-    try:
-        for workload in ("deployment/ha-pier-router", "deployment/ha-pier-operator"):
-            await asyncio.to_thread(
-                cluster.kubectl, "rollout", "status", workload, "-n", namespace, "--timeout=120s", timeout=130
-            )
+        async def served(user: str) -> None:
+            async with http.post(
+                f"{router}/v1/users/{user}/servers/demo/tools/echo/call",
+                json={"arguments": {"message": user}}, headers={"Authorization": f"Bearer {key}"},
+            ) as response:  # fmt: skip
+                assert response.status == 200, await response.text()
+
         await wait_until(both_peers_present, timeout=60, interval=0.5)
         await served("alice")
         session_pods = await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice")
         assert len(session_pods["items"]) == 1  # two replicas, yet no second pod and no replacement
         # Both replicas go at once; their replacements must not wait out the departed peers' records.
         await asyncio.to_thread(
-            cluster.kubectl, "delete", "pod", "-l", "app.kubernetes.io/component=operator", "-n", namespace
+            cp.kubectl, "delete", "pod", "-l", "app.kubernetes.io/component=operator", "-n", namespace
         )
         await served("bob")
         assert len((await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice"))["items"]) == 1
-    finally:
-        cluster.kubectl("delete", "mcps", "--all", "-n", namespace, "--wait=false", check=False)
-        await node.stop()

@@ -1,9 +1,10 @@
 """A real, throw-away Kubernetes 1.20 control plane for the test suite: etcd + kube-apiserver + kube-controller-manager.
 
-No kubelet and no nodes: Pods stay Pending, but everything the API server and the controllers do is real
+Alone it has no nodes: Pods stay Pending, but everything the API server and the controllers do is real
 (validation, admission, RBAC, ServiceAccount token Secrets, garbage collection of owned objects).
+tests/k8s/realnode.py adds a real node (kubelet, containerd, kube-proxy, kube-scheduler) beside it.
 
-The binaries come from `tests/k8s/build-controlplane.sh` (`make k8s-controlplane`); `etcd` is Debian's `etcd-server`.
+The binaries come from `tests/k8s/build-k8s.sh` (`make k8s-binaries`); `etcd` is Debian's `etcd-server`.
 
     with ControlPlane(tmp_path / "k8s", build_controlplane()) as cp:
         cp.kubectl("get", "ns")
@@ -36,13 +37,14 @@ if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
 K8S_VERSION = "1.20.2"
-BUILD_SCRIPT = Path(__file__).resolve().parent / "build-controlplane.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parent / "build-k8s.sh"
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # the first address of SERVICE_CIDR: the `kubernetes` Service, so it must be in the cert
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
 
 # A minimal OpenSSL config: the system one would add its own default extensions to our certificates.
+# {address}: the API server's own address (loopback, or a real node's address: pods must reach it).
 _OPENSSL_CNF = f"""\
 [req]
 distinguished_name = dn
@@ -56,7 +58,7 @@ basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature,keyEncipherment
 extendedKeyUsage = serverAuth
 authorityKeyIdentifier = keyid
-subjectAltName = IP:127.0.0.1,DNS:localhost,IP:{SERVICE_IP},DNS:kubernetes,DNS:kubernetes.default,\
+subjectAltName = IP:127.0.0.1,IP:{{address}},DNS:localhost,IP:{SERVICE_IP},DNS:kubernetes,DNS:kubernetes.default,\
 DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 [client]
 basicConstraints = critical,CA:FALSE
@@ -66,19 +68,28 @@ authorityKeyIdentifier = keyid
 """
 
 
+def cache_root() -> Path:
+    """What the test cluster's scripts build and keep: `$PIER_K8S_CACHE` or ~/.cache/pier (tests/k8s/lib.sh)."""
+    return Path(os.environ.get("PIER_K8S_CACHE") or Path.home() / ".cache" / "pier")
+
+
 def default_bin_dir() -> Path:
-    """Where `build-controlplane.sh` puts the binaries (same rule as the script: `$PIER_K8S_CACHE` or ~/.cache/pier)."""
-    cache = os.environ.get("PIER_K8S_CACHE") or str(Path.home() / ".cache" / "pier")
-    return Path(cache) / f"k8s-{K8S_VERSION}" / "bin"
+    """Where `build-k8s.sh` puts the binaries."""
+    return cache_root() / f"k8s-{K8S_VERSION}" / "bin"
+
+
+def build_k8s(binaries: tuple[str, ...] = BINARIES) -> Path:
+    """Build the binaries if they are missing (minutes, once per machine; instant afterwards); return the bin dir."""
+    bin_dir = default_bin_dir()
+    if all(os.access(bin_dir / name, os.X_OK) for name in binaries):
+        return bin_dir  # skip even the shell: this is the path every test session takes
+    out = subprocess.run([str(BUILD_SCRIPT), *binaries], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])  # the script's last stdout line is the bin dir
 
 
 def build_controlplane() -> Path:
-    """Build the binaries if they are missing (minutes, once per machine; instant afterwards); return the bin dir."""
-    bin_dir = default_bin_dir()
-    if all(os.access(bin_dir / name, os.X_OK) for name in BINARIES):
-        return bin_dir  # skip even the shell: this is the path every test session takes
-    out = subprocess.run([str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True).stdout
-    return Path(out.strip().splitlines()[-1])  # the script's last stdout line is the bin dir
+    """The control plane's binaries (`build_k8s` of the three); return the bin dir."""
+    return build_k8s(BINARIES)
 
 
 def free_port() -> int:
@@ -96,11 +107,30 @@ class KubectlError(subprocess.CalledProcessError):
 
 
 @dataclass
-class _Process:
+class Process:
+    """A daemon of the test cluster: its own process group, its output in a log file, killed if we die."""
+
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
     log_file: IO[bytes] = field(repr=False)
+
+    @classmethod
+    def spawn(cls, name: str, argv: list[str], log_dir: Path, cwd: Path, env: dict[str, str] | None = None) -> Process:
+        log = log_dir / f"{name}.log"
+        log_file = log.open("ab")
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            # Own process group, so stop() can signal the whole tree; and killed by the kernel if we die.
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        return cls(name, popen, log, log_file)
 
     def tail(self, lines: int = 40) -> str:
         """The end of the log, to put in error messages."""
@@ -108,6 +138,27 @@ class _Process:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)  # pid == pgid: start_new_session made it the group leader
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; then whatever else is left of its process group."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+        # The group may still hold children of the leader; they must not outlive us either.
+        self.signal(signal.SIGKILL)
+        self.log_file.close()
+
+    def check_alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with code {code}; log {self.log}:\n{self.tail()}")
 
 
 class ControlPlane:
@@ -125,8 +176,12 @@ class ControlPlane:
         etcd: str | None = None,
         start_timeout: float = 120.0,
         verbosity: int = 1,
+        address: str = "127.0.0.1",
     ) -> None:
+        """`address`: where the API server listens and what it advertises (the `kubernetes` Service's endpoint):
+        loopback by default; a real node's pods need an address of this machine they can reach."""
         self.work_dir = Path(work_dir).resolve()
+        self.address = address
         self.bin_dir = Path(bin_dir).resolve() if bin_dir is not None else default_bin_dir()
         self.etcd_binary = etcd or shutil.which("etcd") or "/usr/bin/etcd"
         self.start_timeout = start_timeout
@@ -138,7 +193,7 @@ class ControlPlane:
         self._etcd_peer_port = 0
         # Seconds from start() to each milestone, for reports: etcd, apiserver_ready, default_token.
         self.timings: dict[str, float] = {}
-        self._processes: list[_Process] = []
+        self._processes: list[Process] = []
         self._ssl: ssl.SSLContext | None = None
 
     # -- public API -------------------------------------------------------------------------------------
@@ -146,7 +201,7 @@ class ControlPlane:
     @property
     def server(self) -> str:
         """The API server URL (https on loopback)."""
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -163,11 +218,20 @@ class ControlPlane:
         """Process id (= process group id) of each running process, by name."""
         return {proc.name: proc.popen.pid for proc in self._processes}
 
+    @classmethod
+    def running(cls, work_dir: Path, bin_dir: Path) -> ControlPlane:
+        """A handle on a control plane another process started in `work_dir` (kubectl, api(); not stop())."""
+        plane = cls(work_dir, bin_dir)
+        server = json.loads(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+        host, port = server.removeprefix("https://").rsplit(":", 1)
+        plane.address, plane.apiserver_port = host, int(port)
+        return plane
+
     def start(self) -> ControlPlane:
         """Generate certs, start the three processes, wait until the cluster is usable. Stops all on failure."""
         for name in BINARIES:
             if not os.access(self.bin_dir / name, os.X_OK):
-                raise RuntimeError(f"{self.bin_dir / name} is missing: run `make k8s-controlplane`")
+                raise RuntimeError(f"{self.bin_dir / name} is missing: run `make k8s-binaries`")
         if not os.access(self.etcd_binary, os.X_OK):
             raise RuntimeError(f"{self.etcd_binary} is missing: apt-get install etcd-server")
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -197,15 +261,7 @@ class ControlPlane:
         One at a time, so the API server shuts down while etcd still answers (quiet logs, clean etcd).
         """
         for proc in reversed(self._processes):
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.popen.wait()
-            # The group may still hold children of the leader; they must not outlive us either.
-            self._signal(proc, signal.SIGKILL)
-            proc.log_file.close()
+            proc.stop()
         self._processes.clear()
 
     def __enter__(self) -> ControlPlane:
@@ -294,7 +350,7 @@ class ControlPlane:
     def _make_pki(self) -> None:
         """CA, API server serving cert, ServiceAccount signing keypair, admin and controller-manager client certs."""
         self.pki.mkdir(exist_ok=True)
-        (self.pki / "openssl.cnf").write_text(_OPENSSL_CNF)
+        (self.pki / "openssl.cnf").write_text(_OPENSSL_CNF.format(address=self.address))
         # P-256 keys are generated instantly (RSA takes noticeable time); Go and Python accept them for TLS.
         ec = ("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out")
         self._openssl(*ec, "ca.key")
@@ -307,15 +363,10 @@ class ControlPlane:
             ("admin", "/O=system:masters/CN=pier-admin", "client"),
             # The RBAC bootstrap policy binds this user name to the controller-manager's role.
             ("controller-manager", "/CN=system:kube-controller-manager", "client"),
+            # How the API server authenticates to kubelets (logs, exec): an admin, as kubeadm's is.
+            ("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", "client"),
         ):
-            self._openssl(*ec, f"{name}.key")
-            self._openssl("req", "-new", "-config", "openssl.cnf", "-key", f"{name}.key", "-subj", subject,
-                          "-out", f"{name}.csr")  # fmt: skip
-            self._openssl(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-set_serial", str(secrets.randbits(63)), "-days", "3650",
-                "-extfile", "openssl.cnf", "-extensions", profile, "-out", f"{name}.crt",
-            )  # fmt: skip
+            self._issue(name, subject, profile)
         # ServiceAccount tokens: the controller-manager signs with the private key, the API server verifies
         # with the public one. RSA (RS256) is what every token consumer expects.
         self._openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key")
@@ -334,6 +385,31 @@ class ControlPlane:
                 "client-key": str(self.pki / "controller-manager.key"),
             },
         )
+
+    def _issue(self, name: str, subject: str, profile: str) -> None:
+        """A key and a certificate signed by the cluster CA: pki/<name>.key, pki/<name>.crt."""
+        ec = ("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out")
+        self._openssl(*ec, f"{name}.key")
+        self._openssl("req", "-new", "-config", "openssl.cnf", "-key", f"{name}.key", "-subj", subject,
+                      "-out", f"{name}.csr")  # fmt: skip
+        self._openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-set_serial", str(secrets.randbits(63)), "-days", "3650",
+            "-extfile", "openssl.cnf", "-extensions", profile, "-out", f"{name}.crt",
+        )  # fmt: skip
+
+    def client_kubeconfig(self, name: str, user: str, group: str | None = None) -> Path:
+        """A kubeconfig with a client certificate for `user` (in `group`): how node components authenticate.
+
+        The RBAC bootstrap policy knows system:kube-scheduler and system:kube-proxy; a kubelet is
+        system:node:<name> in group system:nodes (the Node authorizer).
+        """
+        subject = (f"/O={group}" if group else "") + f"/CN={user}"
+        self._issue(name, subject, "client")
+        path = self.work_dir / f"{name}.kubeconfig"
+        credentials = {"client-certificate": str(self.pki / f"{name}.crt"), "client-key": str(self.pki / f"{name}.key")}
+        self._write_kubeconfig(path, user, credentials)
+        return path
 
     def _write_kubeconfig(self, path: Path, user: str, credentials: dict[str, str], namespace: str = "") -> None:
         # JSON is YAML: kubectl, client-go and the Python client all read it, and we need no YAML writer.
@@ -356,19 +432,7 @@ class ControlPlane:
     # -- processes ---------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = self.logs / f"{name}.log"
-        log_file = log.open("ab")
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=self.work_dir,
-            # Own process group, so stop() can signal the whole tree; and killed by the kernel if we die.
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        self._processes.append(_Process(name, popen, log, log_file))
+        self._processes.append(Process.spawn(name, argv, self.logs, self.work_dir))
 
     def _start_etcd(self) -> None:
         client_url, peer_url = f"http://127.0.0.1:{self.etcd_port}", f"http://127.0.0.1:{self._etcd_peer_port}"
@@ -396,15 +460,21 @@ class ControlPlane:
             [
                 str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.apiserver_port}",
                 "--insecure-port=0",  # 1.20 still has the unauthenticated port; make sure it is off
                 f"--cert-dir={self.work_dir / 'apiserver-certs'}",  # default is /var/run/kubernetes
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
-                "--authorization-mode=RBAC",
+                # Node: what a kubelet may read (only its own pods' secrets...), as in any cluster; RBAC for the rest.
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                # A node's hostname is no DNS name here: reach kubelets at their InternalIP.
+                "--kubelet-preferred-address-types=InternalIP",
                 # Required since 1.20 (TokenRequest API); the legacy Secret tokens are verified with the same key.
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
@@ -439,16 +509,9 @@ class ControlPlane:
             ],
         )
 
-    @staticmethod
-    def _signal(proc: _Process, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, sig)  # pid == pgid: start_new_session made it the group leader
-
     def _check_alive(self) -> None:
         for proc in self._processes:
-            code = proc.popen.poll()
-            if code is not None:
-                raise RuntimeError(f"{proc.name} exited with code {code}; log {proc.log}:\n{proc.tail()}")
+            proc.check_alive()
 
     def _tail(self, name: str, lines: int = 40) -> str:
         for proc in self._processes:
@@ -479,12 +542,29 @@ class ControlPlane:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=2) as resp:
             return json.load(resp).get("health") == "true"
 
-    def _get(self, path: str, raw: bool = False) -> Any:
-        """GET from the API server as admin (client cert); JSON-decoded unless `raw`."""
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS as the cluster admin (client certificate), trusting the cluster CA."""
         if self._ssl is None:
             ctx = ssl.create_default_context(cafile=str(self.ca_file))
             ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
             self._ssl = ctx
-        with urllib.request.urlopen(self.server + path, timeout=5, context=self._ssl) as resp:
+        return self._ssl
+
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+        """One API request as admin, JSON in and out; None for a 404. Raises urllib.error.HTTPError otherwise."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        request = urllib.request.Request(self.server + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context()) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+
+    def _get(self, path: str, raw: bool = False) -> Any:
+        """GET from the API server as admin (client cert); JSON-decoded unless `raw`."""
+        with urllib.request.urlopen(self.server + path, timeout=5, context=self.ssl_context()) as resp:
             body = resp.read()
         return body if raw else json.loads(body)

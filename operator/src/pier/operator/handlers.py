@@ -42,7 +42,7 @@ from pier.core.mcpsession import (
 )  # fmt: skip
 from pier.operator import pool
 from pier.operator.config import OperatorSettings
-from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, build_pod
+from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, SERVER_CONTAINER, build_pod
 
 log = logging.getLogger("pier.operator")
 
@@ -257,7 +257,10 @@ async def _observe_pod(
     pod: Any, status: MCPSessionStatus, old: MCPSessionStatus, session: dict[str, Any], memo: kopf.Memo
 ) -> None:
     ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
-    restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
+    # The bridge counts every exit of its server, the server container's in attach mode too (it reattaches):
+    # adding the kubelet's restart count of that container would count each of its crashes twice.
+    statuses = pod.status.container_statuses or []
+    restarts = sum(cs.restart_count for cs in statuses if cs.name != SERVER_CONTAINER)
     endpoint = f"http://{pod.status.pod_ip}:{BRIDGE_PORT}" if pod.status.pod_ip else None
     status.pod_name = pod.metadata.name
     status.endpoint = endpoint if ready else None

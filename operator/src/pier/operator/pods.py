@@ -20,6 +20,7 @@ from pier.core.mcpsession import (
 from pier.operator.config import OperatorSettings
 
 BRIDGE_PORT = 8080
+SERVER_CONTAINER = "server"  # attach mode: the server's own container
 IO_DIR = "/pier/io"  # the emptyDir shared by the bridge and the server container (attach mode)
 TMP_DIR = "/tmp"
 GENERATION_ANNOTATION = "pier.dev/generation"
@@ -116,7 +117,7 @@ def build_pod(
         bridge["volumeMounts"] = [*mounts, io_mount]
         containers.append(
             {
-                "name": "server",
+                "name": SERVER_CONTAINER,
                 "image": image,
                 # Only /bin/sh is assumed in the server's image: the wrapper wires it to the FIFOs.
                 "command": ["/bin/sh", f"{IO_DIR}/fifo-wrapper.sh", IO_DIR, *command],

@@ -1,67 +1,66 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager and kubectl v1.20.2 for Pier's test control plane
-# (tests/k8s/cluster.py), offline, from Debian bookworm's `kubernetes` source package, and print the bin dir.
+# Build the Kubernetes v1.20.2 binaries of Pier's test cluster, offline, from Debian bookworm's `kubernetes` source
+# package, and print the bin dir:
+#   control plane (tests/k8s/cluster.py): kube-apiserver, kube-controller-manager, kubectl
+#   node (tests/k8s/realnode.py):          kubelet, kube-scheduler, kube-proxy (Services: ClusterIPs and the
+#                                           in-cluster API address need it), and pause: Kubernetes' own
+#                                           build/pause C program, static, the sandbox image's one file
+#                                           (tests/k8s/build-images.sh packages it)
 #
-# Why this way: no package registry ships kube-apiserver, and the machine has no internet except the
+# Why this way: no package registry ships these binaries, and the machine has no internet except the
 # registries. Debian's source package is the complete upstream v1.20.2 tree with every dependency vendored,
 # so it builds with Debian's Go (1.19) in GOPATH mode with no network access at all.
 #
-#   ./tests/k8s/build-controlplane.sh        (or: make k8s-controlplane)
+#   ./tests/k8s/build-k8s.sh [BINARY...]     (default: all of them; or: make k8s-binaries)
 #
-# Result: ${PIER_K8S_CACHE:-$HOME/.cache/pier}/k8s-1.20.2/bin/{kube-apiserver,kube-controller-manager,kubectl}
+# Result: ${PIER_K8S_CACHE:-$HOME/.cache/pier}/k8s-1.20.2/bin/<binary>
 # The source (patched, with the generated files) and private apt lists stay in .../k8s-1.20.2/work (safe to delete).
 # Runs as root when apt packages are missing (it installs them); otherwise any user who owns the cache can run it.
-# Idempotent: with the binaries present it only prints the bin dir. Takes ~5 minutes on 2 cores the first time.
+# Idempotent: with the binaries present it only prints the bin dir. Whatever is missing of the Go binaries is built
+# in one pass (they share most packages): ~5 minutes for the control plane alone, ~11 for all six, on 2 cores.
 #
 # Fixes needed for Go 1.19 / a bare machine (each is explained where it is applied below):
 #   1. vendored github.com/modern-go/reflect2 1.0.1 is replaced by Debian's 1.0.2 (1.0.1 crashes on Go >= 1.18)
 #   2. pkg/generated/openapi/zz_generated.openapi.go is not in the tarball: generated with `make gen_openapi`
 #   3. rsync must be installed: hack/lib/golang.sh copies built binaries with it (without it: empty files)
 set -euo pipefail
+SCRIPT=build-k8s
+# shellcheck source=tests/k8s/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 K8S_VERSION=1.20.2
 # The Debian source version to fetch; override if the mirror has moved on to a newer Debian revision.
 DEB_VERSION="${PIER_K8S_DEB_VERSION:-1.20.5+really1.20.2-1.1+deb12u1}"
-CACHE="${PIER_K8S_CACHE:-$HOME/.cache/pier}/k8s-${K8S_VERSION}"
+CACHE="$PIER_CACHE/k8s-${K8S_VERSION}"
 BIN="$CACHE/bin"
 WORK="$CACHE/work"
-BINARIES=(kube-apiserver kube-controller-manager kubectl)
+GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
+ALL=("${GO_BINARIES[@]}" pause)
+WANTED=("$@")
+((${#WANTED[@]})) || WANTED=("${ALL[@]}")
 
-have_binaries() {
+missing_binaries() { # $@ = names; prints those not in the cache
     local b
-    for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
+    for b in "$@"; do [[ -x "$BIN/$b" ]] || echo "$b"; done
 }
 
-# Fast path (and the idempotence guarantee): nothing to do once the binaries are in the cache.
-if have_binaries; then
+# Fast path (and the idempotence guarantee): nothing to do once the wanted binaries are in the cache.
+if [[ -z "$(missing_binaries "${WANTED[@]}")" ]]; then
     echo "$BIN"
     exit 0
 fi
-
-log() { echo "build-controlplane: $*" >&2; }
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-# Long steps print where their output went, and its end if they fail.
-run_logged() {
-    local logfile="$1"
-    shift
-    log "  (log: $logfile)"
-    if ! "$@" >"$logfile" 2>&1; then
-        tail -n 40 "$logfile" >&2
-        die "'$*' failed; full log: $logfile"
-    fi
-}
 
 mkdir -p "$CACHE" "$WORK"
 # One build at a time (parallel test workers may all call this); the others wait, then take the fast path.
 exec 9>"$CACHE/.build.lock"
 flock 9
-if have_binaries; then
+if [[ -z "$(missing_binaries "${WANTED[@]}")" ]]; then
     echo "$BIN"
     exit 0
 fi
+# Build every Go binary that is missing, not only the wanted ones: one Go pass shares the compiled packages, and
+# the test suite needs all of them anyway.
+mapfile -t BINARIES < <(missing_binaries "${GO_BINARIES[@]}")
 START=$SECONDS
 
 # --- 1. System packages ------------------------------------------------------------------------------------
@@ -71,43 +70,13 @@ START=$SECONDS
 #   rsync, make: used by the hack/ build scripts (fix 3: without rsync they silently leave empty binaries)
 #   gcc, libc6-dev: the code generators are built with cgo on (Go's default; golang-go only recommends gcc)
 #   etcd-server, openssl: not for the build, but cluster.py needs them at run time
-PACKAGES=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev rsync make gcc libc6-dev etcd-server openssl)
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    [[ $EUID -eq 0 ]] || die "missing packages: ${missing[*]} (run this script as root, or: sudo apt-get install ${missing[*]})"
-    log "installing ${missing[*]}"
-    apt-get update -q >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
-        die "apt-get install ${missing[*]} failed"
-fi
+ensure_packages golang-go golang-github-modern-go-reflect2-dev dpkg-dev rsync make gcc libc6-dev etcd-server openssl
 REFLECT2=/usr/share/gocode/src/github.com/modern-go/reflect2
 [[ -f "$REFLECT2/go_above_118.go" ]] || die "$REFLECT2 is not reflect2 >= 1.0.2 (needs golang-github-modern-go-reflect2-dev)"
 
 # --- 2. Source, via a private apt configuration ------------------------------------------------------------
 # Own sources list, lists dir and cache dir: the system's apt configuration and state stay untouched, and the
 # machine needs no deb-src line. The mirror is the one the machine already uses (only registries are reachable).
-debian_mirror() { # $1 = suite; prints the URIs the system's sources use for it, first match first
-    local suite="$1" f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f "$f" ]] || continue
-        # One-line format: "deb [options] URI suite components"; drop the options, then match the suite.
-        sed -E 's/\[[^]]*\]//' "$f" | awk -v s="$suite" '$1 == "deb" && $3 == s { print $2 }'
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f "$f" ]] || continue
-        # deb822 format: one stanza per blank-line-separated paragraph with URIs: and Suites: fields.
-        awk -v s="$suite" 'BEGIN { RS = ""; FS = "\n" }
-            { uri = ""; ok = 0
-              for (i = 1; i <= NF; i++) {
-                if ($i ~ /^URIs:/) { split($i, a, /[ \t]+/); uri = a[2] }
-                if ($i ~ /^Suites:/) { n = split($i, b, /[ \t]+/); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 }
-              }
-              if (ok && uri != "") print uri }' "$f"
-    done
-}
 SRC_DIR="$WORK/kubernetes-${DEB_VERSION%-*}"  # dpkg-source names the dir after the upstream version
 if [[ ! -f "$SRC_DIR/.pier-fetched" ]]; then
     MIRROR="${PIER_DEBIAN_MIRROR:-$(debian_mirror bookworm | head -n1)}"
@@ -178,22 +147,39 @@ if [[ ! -f .pier-openapi ]]; then
 fi
 
 # --- 4. Build -----------------------------------------------------------------------------------------------
-# hack/make-rules/build.sh is what `make WHAT=...` runs after `generated_files`: static (CGO_ENABLED=0) binaries,
-# version stamped v1.20.2 from the git-archive data in hack/lib/version.sh. Go's default parallelism (-p = cores).
-log "building ${BINARIES[*]} (about 4-5 minutes on 2 cores)"
-run_logged "$WORK/build.log" hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}"
-
-# Install into the cache: copy to a temp name and rename, so a half-copied binary never looks present.
 mkdir -p "$BIN"
-for b in "${BINARIES[@]}"; do
-    [[ -s "_output/bin/$b" ]] || die "build produced no _output/bin/$b"
-    install -m 0755 "_output/bin/$b" "$BIN/.$b.tmp"
-    mv -f "$BIN/.$b.tmp" "$BIN/$b"
-done
-version="$("$BIN/kubectl" version --client --short 2>/dev/null || true)"
-[[ "$version" == *"v${K8S_VERSION}"* ]] || die "built kubectl reports '$version', expected v${K8S_VERSION}"
-# _output holds 2 GB of Go build cache and intermediate objects that only a rebuild would use; the binaries are
-# what we keep. The (patched, generated) source stays, ~300 MB.
-rm -rf _output
-log "done in $((SECONDS - START))s: $version"
+# Install into the cache: copy to a temp name and rename, so a half-copied binary never looks present.
+install_binary() { # $1 = built file, $2 = name in the cache
+    install -m 0755 "$1" "$BIN/.$2.tmp"
+    mv -f "$BIN/.$2.tmp" "$BIN/$2"
+}
+
+# The sandbox ("pause") container's program, as build/pause/Makefile builds it: static, so its image needs
+# nothing else (no registry serves k8s.gcr.io/pause here). Seconds.
+if [[ ! -x "$BIN/pause" ]]; then
+    log "building pause (build/pause/linux/pause.c, static)"
+    run_logged "$WORK/pause.log" gcc -Os -Wall -Werror -static -DVERSION="v3.4-pier" -o "$WORK/pause" \
+        build/pause/linux/pause.c
+    install_binary "$WORK/pause" pause
+fi
+
+if ((${#BINARIES[@]})); then
+    # hack/make-rules/build.sh is what `make WHAT=...` runs after `generated_files`: static (CGO_ENABLED=0)
+    # binaries (kubelet alone is built with cgo, as upstream does), version stamped v1.20.2 from the git-archive
+    # data in hack/lib/version.sh. Go's default parallelism (-p = cores).
+    log "building ${BINARIES[*]} (5-11 minutes on 2 cores)"
+    run_logged "$WORK/build.log" hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}"
+    for b in "${BINARIES[@]}"; do
+        [[ -s "_output/bin/$b" ]] || die "build produced no _output/bin/$b"
+        install_binary "_output/bin/$b" "$b"
+        # Each binary reports the tag it was stamped with (kubectl phrases it differently).
+        if [[ $b == kubectl ]]; then version="$("$BIN/$b" version --client --short 2>/dev/null || true)"; else
+            version="$("$BIN/$b" --version 2>/dev/null || true)"; fi
+        [[ "$version" == *"v${K8S_VERSION}"* ]] || die "built $b reports '$version', expected v${K8S_VERSION}"
+    done
+    # _output holds 2 GB of Go build cache and intermediate objects that only a rebuild would use; the binaries
+    # are what we keep. The (patched, generated) source stays, ~300 MB.
+    rm -rf _output
+fi
+log "done in $((SECONDS - START))s: ${BINARIES[*]} pause v${K8S_VERSION}"
 echo "$BIN"
