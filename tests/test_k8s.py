@@ -128,7 +128,7 @@ async def test_an_applied_session_becomes_ready_and_serves_calls(cluster, operat
     status = session["status"]
     assert status["endpoint"].startswith("http://10.244.0.")  # the pod's address on the node's bridge
     assert status["serverInfo"]["name"] == "pier-demo"
-    assert status["tools"] == 6
+    assert status["tools"] == 7
     assert status["observedGeneration"] == session["metadata"]["generation"]
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "ServerRunning": "True"}
     table = cluster.kubectl("get", "mcps", "-n", NAMESPACE).stdout
