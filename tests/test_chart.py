@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pier.operator.config import OperatorSettings
+from pier.router.config import RouterSettings
 from tests.servers import ROOT
 from tools import helm
 
@@ -307,3 +308,33 @@ def test_chart_image_and_package_versions_agree():
     chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == __version__
     assert OperatorSettings.model_fields["bridge_image"].default == f"{helm.Image().repository}:{__version__}"
+
+
+def test_sign_in_and_users_secrets_reach_the_router(monkeypatch):
+    """The chart's identity values become settings the router parses; a profile that takes users'
+    secrets gives the router (and only it) access to Secrets."""
+    issuers = [{"issuer": "https://other.example", "user_claim": "email"}]
+    objects = _render(
+        {
+            "router": {
+                "publicUrl": "https://pier.example",
+                "oidc": {"issuer": "https://id.example", "scopes": ["mcp"], "issuers": issuers},
+            },
+            "profiles": {"github": {"command": ["gh-mcp"], "user_secrets": {"GITHUB_TOKEN": {"required": True}}}},
+        }
+    )
+    env = _env(_pods(objects)["pier-router"]["containers"][0])
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = RouterSettings()
+    assert settings.public_url == "https://pier.example"
+    assert [(i.issuer, i.user_claim, i.scopes) for i in settings.issuers()] == [
+        ("https://id.example", "sub", ["mcp"]),
+        ("https://other.example", "email", []),
+    ]
+    secrets_rules = [r for r in _one(objects, "Role", "pier-router")["rules"] if "secrets" in r["resources"]]
+    assert secrets_rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update"]}]
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] != "pier-router"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"] or rule["resourceNames"] == ["pier-bridge-token"]

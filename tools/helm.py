@@ -96,8 +96,24 @@ class RouterTls(Values):
     client_ca_secret: str = Field(default="", description="Secret with `ca.crt`: require client certificates")
 
 
+class Oidc(Values):
+    """Sign-in with the company's identity provider (README: Sign-in)."""
+
+    issuer: str = Field(default="", description="a trusted OpenID issuer (its JWT access tokens are accepted)")
+    audience: str = Field(default="", description="the `aud` its tokens must name (default: publicUrl)")
+    user_claim: str = Field(default="sub", description="the claim naming the Pier user")
+    scopes: list[str] = Field(default_factory=list, description="scopes every token must carry")
+    issuers: list[Manifest] = Field(
+        default_factory=list, description="more issuers: objects with issuer, audience, user_claim, scopes"
+    )
+
+
 class Router(Scheduling):
     replica_count: int = Field(default=2, ge=1, description="ignored when autoscaling is on")
+    public_url: str = Field(
+        default="", description="the router's URL as callers reach it: token audience, OAuth resource metadata"
+    )
+    oidc: Oidc = Field(default_factory=Oidc)
     resources: Manifest = Field(
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     )
