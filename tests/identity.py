@@ -91,9 +91,10 @@ class OpenIdProvider:
         await self.stop()
 
 
-async def sign_in(authorization_url: str, user: str) -> tuple[str, str | None]:
-    """What a user does in the browser: sign in as `user`, consent; returns the code and state the
-    provider sends to the client's redirect URI (not followed: the client is not a web server)."""
+async def sign_in(authorization_url: str, user: str) -> dict[str, str]:
+    """What a user does in the browser: sign in as `user`, consent; returns the parameters (code,
+    state, iss) the provider sends to the client's redirect URI (not followed: the client is not a
+    web server)."""
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         url = authorization_url
         for _ in range(10):
@@ -102,7 +103,7 @@ async def sign_in(authorization_url: str, user: str) -> tuple[str, str | None]:
                     url = urljoin(url, response.headers["Location"])
                     query = parse_qs(urlsplit(url).query)
                     if "code" in query:
-                        return query["code"][0], query.get("state", [None])[0]
+                        return {name: values[0] for name, values in query.items()}
                     continue
                 page = await response.text()
             form = re.search(r'<form[^>]*action="([^"]+)"', page)
@@ -115,5 +116,5 @@ async def sign_in(authorization_url: str, user: str) -> tuple[str, str | None]:
                 url = urljoin(url, response.headers["Location"])
             query = parse_qs(urlsplit(url).query)
             if "code" in query:
-                return query["code"][0], query.get("state", [None])[0]
+                return {name: values[0] for name, values in query.items()}
         raise AssertionError(f"the sign-in did not end at the redirect URI: {url}")

@@ -104,8 +104,8 @@ async def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -
     await asyncio.wait_for(loop(), timeout)
 
 
-async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
-    async with session.get(url) as response:
+async def get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> dict:
+    async with session.get(url, headers=headers) as response:
         return await response.json()
 
 
