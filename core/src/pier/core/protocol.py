@@ -58,6 +58,7 @@ HTTP_STATUS = {
 # Requests whose params name what they act on, mirrored in the Mcp-Name header.
 NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 TASK_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel", "tasks/result", "tasks/list"})
+TASK_NAMED = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})  # their Mcp-Name is the task id
 # Handshake-era methods that 2026-07-28 removed: answered 404 / -32601 there.
 REMOVED_METHODS = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 # Results that carry caching hints at 2026-07-28 (ttlMs, cacheScope).
@@ -141,7 +142,7 @@ def check_request(message: Message, headers: Mapping[str, str]) -> tuple[str, di
     method = message.get("method")
     if headers.get(METHOD_HEADER) != method:
         raise Refusal(HEADER_MISMATCH, f"Header mismatch: {METHOD_HEADER} does not match the body's method")
-    name_key = NAME_PARAM.get(str(method)) or ("taskId" if method in TASK_METHODS else None)
+    name_key = NAME_PARAM.get(str(method)) or ("taskId" if method in TASK_NAMED else None)
     named = params.get(name_key) if name_key is not None and isinstance(params, dict) else None
     if named is not None and decode_header(headers.get(NAME_HEADER)) != named:
         raise Refusal(HEADER_MISMATCH, f"Header mismatch: {NAME_HEADER} does not match the body's {name_key}")
@@ -169,3 +170,66 @@ def log_level_allows(wanted: str | None, level: Any) -> bool:
         return LOG_LEVELS.index(str(level)) >= LOG_LEVELS.index(wanted)
     except ValueError:
         return True
+
+
+# -- Mcp-Param-* headers (x-mcp-header) -----------------------------------------------------------
+
+PARAM_HEADER_PREFIX = "Mcp-Param-"
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_SAFE = re.compile(r"^[\x20-\x7E\t]*$")
+_DECIMAL = re.compile(r"^-?[0-9]+(\.0+)?$")
+
+
+def param_headers(schema: Any) -> list[tuple[tuple[str, ...], str, str]]:
+    """The `x-mcp-header` annotations of a tool's input schema: (property path, header token, type),
+    for properties reached through `properties` alone (the only place the spec allows them)."""
+    found: list[tuple[tuple[str, ...], str, str]] = []
+    stack: list[tuple[tuple[str, ...], Any]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        token = node.get("x-mcp-header")
+        if (
+            path
+            and isinstance(token, str)
+            and _TOKEN.fullmatch(token)
+            and node.get("type") in ("string", "integer", "boolean")
+        ):
+            found.append((path, token, node["type"]))
+        properties = node.get("properties")
+        if isinstance(properties, dict):
+            stack.extend(((*path, name), sub) for name, sub in properties.items())
+    return found
+
+
+def check_param_headers(schema: Any, arguments: Any, headers: Mapping[str, str]) -> None:
+    """Refuse (-32020) a tools/call whose `Mcp-Param-*` headers disagree with its arguments."""
+    annotated = param_headers(schema)
+    if not annotated:
+        return
+    arguments = arguments if isinstance(arguments, dict) else {}
+    for path, token, kind in annotated:
+        name = PARAM_HEADER_PREFIX + token
+        values = headers.getall(name, []) if hasattr(headers, "getall") else [v for v in [headers.get(name)] if v]
+        value: Any = arguments
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if len(values) > 1:
+            raise Refusal(HEADER_MISMATCH, f"Header mismatch: {name} appears more than once")
+        raw = values[0] if values else None
+        if raw is not None and not _HEADER_SAFE.fullmatch(raw):
+            raise Refusal(HEADER_MISMATCH, f"Header mismatch: {name} carries invalid characters")
+        if value is None or isinstance(value, dict | list):
+            if raw is not None:
+                raise Refusal(HEADER_MISMATCH, f"Header mismatch: {name} is present but its argument is not")
+            continue
+        if raw is None:
+            raise Refusal(HEADER_MISMATCH, f"Header mismatch: {name} is missing but its argument is present")
+        decoded = decode_header(raw)
+        rendered = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        numeric = kind == "integer" and isinstance(value, int | float) and not isinstance(value, bool)
+        if numeric and decoded is not None and _DECIMAL.fullmatch(decoded) and int(decoded.split(".")[0]) == value:
+            continue  # integers compare as numbers (42 and 42.0 agree)
+        if decoded != rendered:
+            raise Refusal(HEADER_MISMATCH, f"Header mismatch: {name} does not match the argument")

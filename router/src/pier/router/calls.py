@@ -121,9 +121,15 @@ class CallService:
         arguments: dict[str, Any],
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        job_id: str | None = None,
     ) -> CallResult:
-        """Run one call for an admitted caller: 200 with its result, or 202 with its job."""
+        """Run one call for an admitted caller: 200 with its result, or 202 with its job.
+
+        `job_id`: the id its job will have (an MCP task knows it before the call starts).
+        """
         call = ToolCall(caller, profile, tool, arguments, self.timeout_for(profile, timeout_s), idempotency_key)
+        if job_id is not None:
+            call.job_id = job_id
         logs.bind(job_id=call.job_id)
         started = time.monotonic()
         outcome, denied = "error", None

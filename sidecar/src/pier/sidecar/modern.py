@@ -56,6 +56,7 @@ from pier.core.protocol import (
     TASK_METHODS,
     VERSION_HEADER,
     Refusal,
+    check_param_headers,
     check_request,
     meta_of,
     strip_envelope,
@@ -198,6 +199,13 @@ class ModernHTTP:
         message = payload
         try:
             _version, capabilities = check_request(message, request.headers)
+            if message["method"] == "tools/call":
+                # The bridge reads the body, so it checks the tool's mirrored parameters (the
+                # server, on stdio, sees no headers).
+                params = message.get("params") or {}
+                tool = self.upstream.tools_by_name.get(str(params.get("name")))
+                if tool is not None:
+                    check_param_headers(tool.get("inputSchema"), params.get("arguments"), request.headers)
         except Refusal as refusal:
             self.metrics.rejected.labels("PROTOCOL").inc()
             return _refuse(refusal, message["id"])
