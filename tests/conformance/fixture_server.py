@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa  -- the SDK project's own code, kept close to its upstream so updates stay easy
 """The conformance suite's fixture server, over stdio (how Pier runs it) or natively over HTTP.
 
 `@modelcontextprotocol/conformance` calls its server scenarios' tools, resources and prompts by
@@ -22,6 +23,7 @@ from typing import Annotated, Any
 import click
 from mcp.server import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer, RequestStateSecurity
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.prompts.base import Prompt, UserMessage
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.shared.exceptions import MCPError
@@ -623,6 +625,36 @@ async def test_trigger_prompt_change(ctx: Context) -> str:
     mcp.remove_prompt("test_dynamic_prompt")
     await ctx.notify_prompts_changed()
     return "prompt list changed"
+
+
+# The tasks extension's scenarios (SEP-2663) call these tools. The SDK creates no tasks itself, so
+# natively they answer synchronously; through Pier's relay a call that overruns the profile's
+# timeout becomes a task backed by the job pool.
+@mcp.tool()
+def greet(name: str) -> str:
+    """A sync-only tool."""
+    return f"Hello, {name}!"
+
+
+@mcp.tool()
+async def slow_compute(seconds: float = 1, label: str = "") -> str:
+    """Sleep `seconds`, then answer (a task through Pier when that overruns its timeout)."""
+    await asyncio.sleep(seconds)
+    return f"computed {label} after {seconds}s"
+
+
+@mcp.tool()
+async def failing_job() -> str:
+    """Fails with a tool error after about a second."""
+    await asyncio.sleep(1)
+    raise ToolError("failing_job failed, as it always does")
+
+
+@mcp.tool()
+async def protocol_error_job() -> str:
+    """Fails with a JSON-RPC (protocol) error after about a second."""
+    await asyncio.sleep(1)
+    raise MCPError(code=-32603, message="protocol_error_job: internal error")
 
 
 # Resources

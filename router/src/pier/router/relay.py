@@ -34,6 +34,8 @@ from pier.core.protocol import (
     TASK_METHODS,
     TASKS_EXTENSION,
     VERSION_HEADER,
+    Refusal,
+    check_request,
     is_modern_request,
 )
 from pier.core.web import CoalescedSSE, json_response, origin_allowed, peer_gone
@@ -197,6 +199,12 @@ async def relay(request: web.Request) -> web.StreamResponse:
     messages = [] if payload is None else messages_in(payload)
     single = messages[0] if len(messages) == 1 and not isinstance(payload, list) and "id" in messages[0] else None
 
+    if modern and single is not None:
+        # The spec's checks come before Pier's own answers (tasks), as the bridge makes them.
+        try:
+            check_request(single, request.headers)
+        except Refusal as refusal:
+            return json_response(refusal.answer(single["id"]), refusal.http_status)
     if single is not None and single.get("method") in TASK_METHODS:
         answer = await Tasks(router, caller, profile, modern).answer(single)
         if answer is not None:

@@ -23,7 +23,7 @@ from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobRecord, iso
 from pier.core.jobstore import JobStore
-from pier.core.jsonrpc import INVALID_PARAMS, Message, error_response, gateway_error_response
+from pier.core.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, error_response, gateway_error_response
 from pier.core.policy import Caller
 from pier.core.protocol import CLIENT_CAPABILITIES_KEY, MISSING_CAPABILITY, RELATED_TASK_KEY, TASKS_EXTENSION, meta_of
 from pier.router.context import Router
@@ -34,6 +34,8 @@ POLL_INTERVAL_MS = 1000
 _AT_ONCE_S = 0.001
 _LIST_PAGE = 50
 
+_MODERN_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
+_HANDSHAKE_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/cancel"})
 _STATUS = {"queued": "working", "running": "working", "completed": "completed", "failed": "failed",
            "cancelled": "cancelled"}  # fmt: skip
 
@@ -123,7 +125,8 @@ class Tasks:
             return self._created(message, record)
         answer = result.body["result"]
         if not at_once:
-            return {"jsonrpc": "2.0", "id": message["id"], "result": answer}
+            # A 2026-07-28 result names its kind (a handshake-era server's does not).
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {"resultType": "complete", **answer}}
         # Asked for a task but done already: still a task (a finished job), as the caller expects.
         record = self._finished_record(job_id, tool, arguments, answer)
         await self.store.save(record, index=True)
@@ -152,6 +155,9 @@ class Tasks:
         Pier's (a server with tasks of its own answers it)."""
         method = message["method"]
         request_id = message["id"]
+        if method not in (_MODERN_METHODS if self.modern else _HANDSHAKE_METHODS):
+            # tasks/result and tasks/list are 2025-11-25's; tasks/update is 2026-07-28's.
+            return error_response(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
         if self.modern and not declares_tasks(message):
             return {"jsonrpc": "2.0", "id": request_id, "error": {
                 "code": MISSING_CAPABILITY, "message": "Missing required client capability",
