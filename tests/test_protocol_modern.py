@@ -16,7 +16,7 @@ from mcp import Client
 
 from pier.core.catalog import Catalog, demo_profile
 from pier.core.protocol import MODERN
-from tests.servers import DEMO, ROOT, bridge_app, router_app, wait_until
+from tests.servers import DEMO, ROGUE, ROOT, bridge_app, router_app, wait_until
 
 FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
 ACCEPT = {"Accept": "application/json, text/event-stream"}
@@ -149,7 +149,7 @@ async def test_the_spec_checks_and_errors_carry_the_request_id(http):
         assert (status, body["error"]["code"], body["id"]) == (400, -32020, 7)
 
         other = json.loads(json.dumps(echo).replace(MODERN, "2099-01-01"))
-        status, body = await post(http, url, other)
+        status, body = await post(http, url, other, {**modern_headers(other), "MCP-Protocol-Version": "2099-01-01"})
         assert (status, body["error"]["code"], body["id"]) == (400, -32022, 7)
         assert MODERN in body["error"]["data"]["supported"]
         assert "2025-11-25" in body["error"]["data"]["supported"]
@@ -189,24 +189,46 @@ async def test_log_records_reach_only_a_caller_that_asked_for_them(http):
         assert "slow: sleeping 0.1 seconds" in loud
 
 
-async def test_subscriptions_listen_carries_list_changes(http):
-    async with bridge_app(command=FIXTURE) as running:
-        listen = modern_request(5, "subscriptions/listen", {"notifications": {"toolsListChanged": True}})
-        async with http.post(running.mcp_url, json=listen, headers=modern_headers(listen)) as response:
-            first = await response.content.readline()
-            while not first.startswith(b"data: "):
-                first = await response.content.readline()
-            ack = json.loads(first[6:])
+async def _next_message(response) -> dict:
+    while True:
+        line = await response.content.readline()
+        if line.startswith(b"data: "):
+            return json.loads(line[6:])
+
+
+async def test_subscriptions_listen_carries_list_changes_and_resource_updates(http):
+    async with bridge_app(command=ROGUE) as running:
+        url = running.mcp_url
+        wanted = {"toolsListChanged": True, "resourceSubscriptions": ["test://watched"]}
+        listen = modern_request(5, "subscriptions/listen", {"notifications": wanted})
+        async with http.post(url, json=listen, headers=modern_headers(listen)) as response:
+            ack = await _next_message(response)
             assert ack["method"] == "notifications/subscriptions/acknowledged"
             assert ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == 5
-            trigger = modern_request(6, "tools/call", {"name": "test_trigger_tool_change", "arguments": {}})
-            assert (await post(http, running.mcp_url, trigger))[0] == 200
-            line = await response.content.readline()
-            while not line.startswith(b"data: "):
-                line = await response.content.readline()
-        note = json.loads(line[6:])
-        assert note["method"] == "notifications/tools/list_changed"
-        assert note["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == 5
+            assert ack["params"]["notifications"] == wanted
+
+            async def notify(method: str, params: dict) -> str:
+                call = modern_request(
+                    6, "tools/call", {"name": "notify", "arguments": {"method": method, "params": params}}
+                )
+                return (await post(http, url, call))[1]["result"]["content"][0]["text"]
+
+            # The bridge subscribed to the resource on the listener's behalf.
+            assert await notify("notifications/prompts/list_changed", {}) == "subscribed: ['test://watched']"
+            await notify("notifications/resources/updated", {"uri": "test://other"})
+            await notify("notifications/tools/list_changed", {})
+            await notify("notifications/resources/updated", {"uri": "test://watched"})
+            first, second = await _next_message(response), await _next_message(response)
+        # Only what it asked for, in order, each tagged with its subscription.
+        assert [first["method"], second["method"]] == [
+            "notifications/tools/list_changed", "notifications/resources/updated"
+        ]  # fmt: skip
+        assert second["params"]["uri"] == "test://watched"
+        assert first["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == 5
+        # Its stream closed: the bridge unsubscribed.
+        await wait_until(lambda: not running.bridge.mcp.modern.listeners)
+        call = modern_request(7, "tools/call", {"name": "notify", "arguments": {"method": "notifications/x"}})
+        assert (await post(http, url, call))[1]["result"]["content"][0]["text"] == "subscribed: []"
 
 
 # -- multi round-trip requests -----------------------------------------------------------------

@@ -355,12 +355,14 @@ class StreamableHTTP:
         await response.prepare(request)
         if resumed is not None:
             stream, seen = resumed
+            # The connection it replaces may not be noticed gone yet: its writer lets go first.
+            while stream.attached and stream.queue is not None and not peer_gone(request):
+                await asyncio.sleep(PEER_POLL_S)
             if not await _write_all(response, b"".join(stream.after(seen))):
                 return response
             if stream.queue is not None:
                 # The rest of a POST's stream, on this response; it ends with its last answer.
-                if not stream.attached:
-                    await self._pump(request, response, client, stream, output)
+                await self._pump(request, response, client, stream, output)
                 return response
         else:
             stream = client.new_stream(post=False)
