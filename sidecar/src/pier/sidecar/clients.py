@@ -33,6 +33,11 @@ class EventStream:
     queue: asyncio.Queue[tuple[Message, bool]] | None = None
     waiting: int = 0
     attached: bool = True  # a response is writing it now
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set when that response lets go
+
+    def detach(self) -> None:
+        self.attached = False
+        self.released.set()
 
     def event(self, message: Message | None) -> bytes:
         """The next SSE event of this stream (no message: a priming event, an id and empty data)."""

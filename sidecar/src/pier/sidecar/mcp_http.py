@@ -276,7 +276,7 @@ class StreamableHTTP:
         for message in [*answered, *([first] if first is not None else [])]:
             events.append(await self._event(client, stream, message, output))
         if not await _write_all(response, b"".join(events)):
-            stream.attached = False
+            stream.detach()
             return response
         await self._pump(request, response, client, stream, output)
         return response
@@ -292,6 +292,7 @@ class StreamableHTTP:
         """Write a POST's stream until its last answer; a dropped connection leaves it resumable."""
         assert stream.queue is not None
         stream.attached = True
+        stream.released.clear()
         while stream.waiting:
             try:
                 async with asyncio.timeout(PEER_POLL_S):
@@ -299,7 +300,7 @@ class StreamableHTTP:
             except TimeoutError:
                 if peer_gone(request):
                     # A dropped stream is not a cancellation (2025 revisions); it waits for a resume.
-                    stream.attached = False
+                    stream.detach()
                     return
                 continue
             stream.waiting -= final
@@ -309,9 +310,10 @@ class StreamableHTTP:
                 await (response.write(event) if stream.waiting else response.write_eof(event))
             except (ConnectionResetError, RuntimeError):
                 log.info("client closed its POST stream early", extra={"client": client.id})
-                stream.attached = False
+                stream.detach()
                 return
         client.streams.pop(stream.id, None)  # everything was delivered: nothing left to resume
+        stream.detach()
 
     async def _event(
         self, client: ClientSession, stream: EventStream, message: Message, output: Output | None
@@ -356,8 +358,8 @@ class StreamableHTTP:
         if resumed is not None:
             stream, seen = resumed
             # The connection it replaces may not be noticed gone yet: its writer lets go first.
-            while stream.attached and stream.queue is not None and not peer_gone(request):
-                await asyncio.sleep(PEER_POLL_S)
+            if stream.queue is not None and stream.attached:
+                await stream.released.wait()
             if not await _write_all(response, b"".join(stream.after(seen))):
                 return response
             if stream.queue is not None:
