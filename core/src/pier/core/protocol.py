@@ -203,11 +203,11 @@ def param_headers(schema: Any) -> list[tuple[tuple[str, ...], str, str]]:
     return found
 
 
-def check_param_headers(schema: Any, arguments: Any, headers: Mapping[str, str]) -> None:
-    """Refuse (-32020) a tools/call whose `Mcp-Param-*` headers disagree with its arguments."""
-    annotated = param_headers(schema)
-    if not annotated:
-        return
+def check_param_headers(
+    annotated: list[tuple[tuple[str, ...], str, str]], arguments: Any, headers: Mapping[str, str]
+) -> None:
+    """Refuse (-32020) a tools/call whose `Mcp-Param-*` headers disagree with its arguments
+    (`annotated`: the tool's `param_headers`)."""
     arguments = arguments if isinstance(arguments, dict) else {}
     for path, token, kind in annotated:
         name = PARAM_HEADER_PREFIX + token

@@ -59,6 +59,7 @@ from pier.core.protocol import (
     check_param_headers,
     check_request,
     meta_of,
+    param_headers,
     strip_envelope,
     unsupported,
 )
@@ -86,6 +87,23 @@ _LIST_CHANGED = {
     "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
     "resourcesListChanged": ("notifications/resources/list_changed", "resources"),
 }
+
+
+class PeerWatch:
+    """Looks every PEER_POLL_S whether a waiting request's caller is still there: a "tick" in its
+    exchange's queue (one timer per request in flight, rather than a timeout per wait)."""
+
+    def __init__(self, request: web.Request, exchange: Exchange) -> None:
+        self.queue = exchange.queue
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(PEER_POLL_S, self._tick)
+
+    def _tick(self) -> None:
+        self.queue.put_nowait(("tick", {}))
+        self.handle = self.loop.call_later(PEER_POLL_S, self._tick)
+
+    def stop(self) -> None:
+        self.handle.cancel()
 
 
 class Exchange:
@@ -169,6 +187,19 @@ class ModernHTTP:
         self.waits: dict[str, InputWait] = {}
         self.listeners: set[Listener] = set()
         self._subscribed: dict[str, int] = {}  # resource URI → listeners asking for it (handshake-era server)
+        self._headers_of: dict[str, dict[str, Any]] | None = None
+        self._headers: dict[str, list[tuple[tuple[str, ...], str, str]]] = {}
+
+    def _param_headers(self, tool: str) -> list[tuple[tuple[str, ...], str, str]]:
+        """A tool's `x-mcp-header` parameters (found once per tool list)."""
+        tools = self.upstream.tools_by_name
+        if self._headers_of is not tools:
+            self._headers_of, self._headers = tools, {}
+        annotated = self._headers.get(tool)
+        if annotated is None:
+            spec = tools.get(tool)
+            annotated = self._headers[tool] = param_headers(spec.get("inputSchema")) if spec else []
+        return annotated
 
     # -- notifications that belong to no call ------------------------------------------------
 
@@ -203,9 +234,9 @@ class ModernHTTP:
                 # The bridge reads the body, so it checks the tool's mirrored parameters (the
                 # server, on stdio, sees no headers).
                 params = message.get("params") or {}
-                tool = self.upstream.tools_by_name.get(str(params.get("name")))
-                if tool is not None:
-                    check_param_headers(tool.get("inputSchema"), params.get("arguments"), request.headers)
+                annotated = self._param_headers(str(params.get("name")))
+                if annotated:
+                    check_param_headers(annotated, params.get("arguments"), request.headers)
         except Refusal as refusal:
             self.metrics.rejected.labels("PROTOCOL").inc()
             return _refuse(refusal, message["id"])
@@ -294,14 +325,28 @@ class ModernHTTP:
         response: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         """Stream what comes for `pending` until its answer (or an InputRequiredResult, or the caller leaves)."""
-        modern = self.upstream.modern
         started = time.monotonic()
+        watch = PeerWatch(request, exchange)
+        try:
+            return await self._stream(request, message, pending, exchange, output, response, started)
+        finally:
+            watch.stop()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        message: Message,
+        pending: Pending,
+        exchange: Exchange,
+        output: Output | None,
+        response: web.StreamResponse | None,
+        started: float,
+    ) -> web.StreamResponse:
+        modern = self.upstream.modern
         last_write = started
         while True:
-            try:
-                async with asyncio.timeout(PEER_POLL_S):
-                    kind, item = await exchange.queue.get()
-            except TimeoutError:
+            kind, item = await exchange.queue.get()
+            if kind == "tick":
                 if peer_gone(request):
                     self._caller_left(pending)
                     return response or web.Response(status=499)
