@@ -151,12 +151,13 @@ class Advertiser:
     """What the caller learns of Pier's tasks: the capability in `initialize` (2025-11-25) and
     `server/discover` (2026-07-28) answers, and task support on each listed tool (2025-11-25)."""
 
-    def __init__(self, messages: list[Message]) -> None:
-        self.methods = {m["id"]: m["method"] for m in messages if "id" in m and isinstance(m.get("method"), str)}
+    def __init__(self, messages: list[Message], modern: bool) -> None:
+        wanted = ("server/discover",) if modern else ("initialize", "tools/list")
+        self.methods = {m["id"]: m["method"] for m in messages if "id" in m and m.get("method") in wanted}
 
     @property
     def needed(self) -> bool:
-        return any(method in ("initialize", "server/discover", "tools/list") for method in self.methods.values())
+        return bool(self.methods)
 
     def __call__(self, message: Message) -> Message:
         method = self.methods.get(message.get("id")) if "id" in message else None
@@ -221,7 +222,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
             if not errors:
                 raise
             return json_response(errors if is_batch(body) else errors[0])
-    advertise = Advertiser(messages)
+    advertise = Advertiser(messages, modern)
 
     if request.method == "GET" or (single is not None and single.get("method") == "subscriptions/listen"):
         # A held stream is not a call in flight: it must not keep an idle session alive forever.
