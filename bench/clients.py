@@ -214,6 +214,40 @@ class StreamableHttpClient:
         await self.http.close()
 
 
+class ModernHttpClient(StreamableHttpClient):
+    """MCP 2026-07-28 by hand: no session, each POST one request carrying its own `_meta` envelope
+    and the headers the spec mirrors from the body (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`)."""
+
+    VERSION = "2026-07-28"
+    META = {
+        "io.modelcontextprotocol/protocolVersion": VERSION,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
+    }
+
+    async def initialize(self) -> str:
+        return ""  # stateless: nothing to open
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        request_id = next(_HTTP_IDS)
+        headers = {**self.headers, "MCP-Protocol-Version": self.VERSION, "Mcp-Method": method}
+        if "name" in params:
+            headers["Mcp-Name"] = params["name"]
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": {**params, "_meta": self.META}}
+        async with self.http.post(self.url, data=orjson.dumps(message), headers=headers) as response:
+            body = await response.read()
+            if response.status >= 400:
+                raise BenchError(f"HTTP {response.status}: {body[:300]!r}")
+            messages = _sse_messages(body) if response.content_type == "text/event-stream" else [orjson.loads(body)]
+        for answer in messages:
+            if answer.get("id") == request_id:
+                if "error" in answer:
+                    raise BenchError(f"{method} failed: {answer['error']}")
+                result: dict[str, Any] = answer["result"]
+                return result
+        raise BenchError(f"no answer to {method} in {str(messages)[:300]}")
+
+
 class _CallPoster:
     """A JSON POST that runs `echo` and answers `{"status": "completed", "result": ...}` (Pier's call APIs)."""
 

@@ -21,10 +21,12 @@ LABELS = {
     "supergateway": "supergateway /mcp (stateful)",
     "sidecar-mcp": "Pier sidecar /mcp",
     "sidecar-mcp:json": "Pier sidecar /mcp, Accept JSON only",
+    "sidecar-mcp-2026": "Pier sidecar /mcp, 2026-07-28",
     "sidecar-calls": "Pier sidecar POST /v1/calls",
     "router-rest": "Pier router REST",
     "router-mcp": "Pier router MCP relay",
     "router-mcp:json": "Pier router MCP relay, Accept JSON only",
+    "router-mcp-2026": "Pier router MCP relay, 2026-07-28",
 }
 
 
@@ -37,6 +39,8 @@ COLORS = {
     "sidecar-calls": "#17becf",
     "router-rest": "#d62728",
     "router-mcp": "#9467bd",
+    "sidecar-mcp-2026": "#98df8a",
+    "router-mcp-2026": "#c5b0d5",
 }
 
 
@@ -155,6 +159,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio >= 2,
             }
         )
+    for key, goal, what in (
+        ("router-mcp", 1.5, "Router MCP relay"),
+        ("sidecar-mcp-2026", 2.0, "2026-07-28 through the bridge's /mcp"),
+    ):
+        run = _find(seq, key)
+        if run and peer:
+            ratio = run["calls_per_s"] / peer["calls_per_s"]
+            out.append(
+                {
+                    "target": f"{what} sequential throughput ≥ {goal:g}x best peer (lean client)",
+                    "measured": f"{ratio:.2f}x ({run['calls_per_s']:.0f} vs {peer['calls_per_s']:.0f} calls/s)",
+                    "met": ratio >= goal,
+                }
+            )
     base = _find(seq, "direct")
     for key in PIER_PATHS:
         run = _find(seq, key)

@@ -90,6 +90,7 @@ class Bench:
             mcp, calls = running.targets
             assert isinstance(mcp, targets.McpHttp)
             self.runs += await scenarios.sequential(mcp, self.cfg, log)
+            self.runs.append(await scenarios.sequential_modern(mcp, self.cfg, log))
             self.runs += await scenarios.sequential(calls, self.cfg, log)
             self.variants.append(await scenarios.sequential_variant(mcp, self.cfg, "application/json", "json", log))
             await self._sweeps(mcp, "one")
@@ -108,6 +109,7 @@ class Bench:
             assert isinstance(relay, targets.McpHttp)
             self.runs += await scenarios.sequential(rest, self.cfg, log)
             self.runs += await scenarios.sequential(relay, self.cfg, log)
+            self.runs.append(await scenarios.sequential_modern(relay, self.cfg, log))
             self.variants.append(await scenarios.sequential_variant(relay, self.cfg, "application/json", "json", log))
             samples = await scenarios.router_cold(base, self.cfg.cold_samples, "a")
             self.cold["router_first_call_ms"] = describe(samples)

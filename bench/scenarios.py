@@ -193,6 +193,18 @@ async def sequential_variant(
     return run
 
 
+async def sequential_modern(target: McpHttp, cfg: Config, progress: Callable[[str], None]) -> Run:
+    """The lean client speaking 2026-07-28 (stateless: its `_meta` and headers on every request)."""
+    caller = await target.modern_client("bench")
+    try:
+        await prime([caller])
+        run = await drive([caller], cfg.seq_seconds, cfg.warmup_seconds, Run(f"{target.key}-2026", "lean"))
+    finally:
+        await caller.close()
+    progress(_line(run))
+    return run
+
+
 async def sweep(
     target: Target,
     cfg: Config,

@@ -21,6 +21,7 @@ from bench import peers
 from bench.clients import (
     CallApiClient,
     Caller,
+    ModernHttpClient,
     RestClient,
     SdkClient,
     StdioClient,
@@ -44,6 +45,10 @@ class Target(abc.ABC):
     @abc.abstractmethod
     async def client(self, user: str) -> Caller:
         """A ready caller for `user` (its own session, started if need be)."""
+
+    async def modern_client(self, user: str) -> Caller:
+        """A lean 2026-07-28 client (no session: each request stands alone)."""
+        return ModernHttpClient(self.url_for(user), self.headers)
 
     async def clients_one_user(self, n: int) -> list[Caller]:
         """n callers on one user's session (by default: n callers of the same user)."""

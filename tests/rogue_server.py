@@ -3,6 +3,9 @@
 Tools:
 - ``echo(message)``   answers normally
 - ``deep(levels)``    answers with a result nested `levels` deep (beyond what Pier passes on)
+- ``notify(method, params)``  sends that notification (a list change, a resource update), then answers
+
+It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`).
 
 Run: ``python tests/rogue_server.py``.
 """
@@ -15,7 +18,9 @@ import sys
 TOOLS = [
     {"name": "echo", "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}}},
     {"name": "deep", "inputSchema": {"type": "object", "properties": {"levels": {"type": "integer"}}}},
+    {"name": "notify", "inputSchema": {"type": "object", "properties": {"method": {"type": "string"}}}},
 ]
+SUBSCRIBED: set[str] = set()
 
 
 def nested(levels: int) -> object:
@@ -32,7 +37,7 @@ def answer(request: dict) -> dict | None:
     if method == "initialize":
         result = {
             "protocolVersion": params.get("protocolVersion", "2025-11-25"),
-            "capabilities": {"tools": {}},
+            "capabilities": {"tools": {"listChanged": True}, "resources": {"subscribe": True}},
             "serverInfo": {"name": "rogue", "version": "1"},
         }
     elif method == "tools/list":
@@ -41,6 +46,14 @@ def answer(request: dict) -> dict | None:
         # Nested under the result: the server's line is valid JSON, just too deep to pass on.
         levels = params["arguments"]["levels"]
         result = {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"v": nested(levels)}}
+    elif method in ("resources/subscribe", "resources/unsubscribe"):
+        (SUBSCRIBED.add if method == "resources/subscribe" else SUBSCRIBED.discard)(params.get("uri"))
+        result = {}
+    elif method == "tools/call" and params.get("name") == "notify":
+        arguments = params["arguments"]
+        note = {"jsonrpc": "2.0", "method": arguments["method"], "params": arguments.get("params") or {}}
+        sys.stdout.write(json.dumps(note) + "\n")
+        result = {"content": [{"type": "text", "text": f"subscribed: {sorted(SUBSCRIBED)}"}]}
     elif method == "tools/call":
         result = {"content": [{"type": "text", "text": f"Echo: {params['arguments'].get('message')}"}]}
     else:

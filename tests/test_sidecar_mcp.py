@@ -61,7 +61,9 @@ async def test_progress_reaches_only_the_calling_client():
     assert not [m for m in bystander if isinstance(m, types.ProgressNotification)]
 
 
-async def test_logging_notifications_reach_every_get_stream():
+async def test_log_records_of_a_call_reach_its_caller_only():
+    # Handshake-era clients (the revisions with GET streams): the caller holds none, an idle
+    # second client does. The tool's log record is the caller's, on its call's own stream.
     async with bridge_app(command=DEMO) as running:
         logs: dict[str, list[str]] = {"caller": [], "listener": []}
 
@@ -72,15 +74,18 @@ async def test_logging_notifications_reach_every_get_stream():
             return on_log
 
         async with (
-            Client(running.mcp_url, logging_callback=recorder("caller")) as caller,
-            Client(running.mcp_url, logging_callback=recorder("listener")),
+            Client(running.mcp_url, mode="legacy", logging_callback=recorder("caller")) as caller,
+            Client(running.mcp_url, mode="legacy", logging_callback=recorder("listener")),
         ):
-            # Both clients hold a GET stream once connected; wait until the bridge has seen them.
             await wait_until(lambda: sum(1 for s in running.bridge.clients.sessions.values() if s.get_streams) == 2)
             await caller.call_tool("slow", {"seconds": 0.1})
-            await wait_until(lambda: logs["caller"] and logs["listener"])
+            # What belongs to no call still reaches every GET stream: a notification sent after.
+            running.bridge.mcp.broadcast({"jsonrpc": "2.0", "method": "notifications/message",
+                                          "params": {"level": "info", "data": "for everyone"}})  # fmt: skip
+            await wait_until(lambda: "for everyone" in logs["listener"] and "for everyone" in logs["caller"])
 
-    assert logs["listener"] == ["slow: sleeping 0.1 seconds"]
+    assert logs["caller"] == ["slow: sleeping 0.1 seconds", "for everyone"]
+    assert logs["listener"] == ["for everyone"]
 
 
 async def test_server_requests_go_to_the_client_whose_call_is_in_flight():

@@ -151,7 +151,9 @@ async def test_progress_before_the_response_turns_the_answer_into_sse(http):
             assert response.headers["Content-Type"].startswith("text/event-stream")
             events = [e for e in (await response.text()).split("\n\n") if e.strip()]
         assert all(e.startswith("event: message\ndata: ") for e in events)
-        assert '"notifications/progress"' in events[0]
+        # The tool's log record, then its progress: both this call's, on this call's stream.
+        assert '"notifications/message"' in events[0]
+        assert '"notifications/progress"' in events[1]
         assert '"id":5' in events[-1]
         assert "Slept 0.3 seconds" in events[-1]
         # A JSON-only client gets just the response.

@@ -8,6 +8,7 @@ Keys:
 - ``pier:idem:{user}:{server}:{key}``  the job an idempotency key started: always expires with that
                                   job's record, so a key never points at a job that does not exist
 - ``pier:jobs:recent``            the latest job ids (for the dashboard)
+- ``pier:jobs:user:{user}:{server}``  a user's latest job ids of one profile (MCP `tasks/list`)
 - ``pier:webhooks:dead``          webhook deliveries that failed every attempt
 """
 
@@ -40,6 +41,7 @@ RECENT = "pier:jobs:recent"  # sorted set of job ids by creation time, for the d
 RECENT_KEEP = 200
 DEAD_LETTERS = "pier:webhooks:dead"
 RUNNING_TTL_S = 86_400
+USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
 
 
 def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
@@ -62,6 +64,10 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
 
 def job_key(job_id: str) -> str:
     return f"pier:job:{job_id}"
+
+
+def user_jobs_key(user: str, server: str) -> str:
+    return f"pier:jobs:user:{user}:{server}"
 
 
 def idempotency_key(user: str, server: str, key: str) -> str:
@@ -181,12 +187,33 @@ class JobStore:
             pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.zadd(RECENT, {record.job_id: record.created_at})
             pipe.zremrangebyrank(RECENT, 0, -RECENT_KEEP - 1)
+            self._index(pipe, record)
             await pipe.execute()
 
-    async def save(self, record: JobRecord) -> None:
+    def _index(self, pipe: Any, record: JobRecord) -> None:
+        key = user_jobs_key(record.user, record.server)
+        pipe.zadd(key, {record.job_id: record.created_at})
+        pipe.zremrangebyrank(key, 0, -USER_KEEP - 1)
+        pipe.expire(key, max(RUNNING_TTL_S, self.result_ttl_s))
+
+    async def save(self, record: JobRecord, index: bool = False) -> None:
+        """Write a record (`index`: list it among its user's jobs, as a hand-off does)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self._put(pipe, record, self._ttl(record))
+            if index:
+                self._index(pipe, record)
             await pipe.execute()
+
+    async def user_jobs(self, user: str, server: str, start: int, count: int) -> list[str]:
+        """A user's job ids of one profile, newest first (expired ones included: `get_many` skips them)."""
+        ids = cast(list[bytes], await self.redis.zrevrange(user_jobs_key(user, server), start, start + count - 1))
+        return [i.decode() for i in ids]
+
+    async def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        raws = await self.redis.mget([job_key(i) for i in job_ids])
+        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.get(job_key(job_id))

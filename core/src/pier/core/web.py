@@ -25,6 +25,16 @@ class CoalescedSSE(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def peer_gone(request: web.Request) -> bool:
+    """Whether the client of `request` has closed its connection.
+
+    aiohttp does not cancel a handler when its client goes away (and the router must not turn
+    that on for every route), so a handler that waits long without writing looks now and then.
+    """
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=dumps(payload), content_type="application/json", headers=headers)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,12 +10,13 @@ import pydantic
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from pier.core.bridge import BridgeUnreachable, Endpoint
+from pier.core.bridge import BridgeUnreachable
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.web import SSE_HEADERS, json_response
+from pier.router import tasks
 from pier.router.context import read_request_body, router_of
 from pier.router.ingress import principal_of, user_of
 from pier.router.middleware import RECEIVED
@@ -178,17 +178,8 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     router = router_of(request)
     record = await load_job(request, request.match_info["job_id"])
-    if not record.done:
-        if record.endpoint:
-            # If the session is gone, so is the call.
-            with contextlib.suppress(PierError):
-                await router.http_bridge(Endpoint(record.endpoint, record.endpoint_token)).cancel_call(record.call_id)
-        cancelled = PierError("CANCELLED", "cancelled by the caller")
-        # A worker following the call may have seen the cancellation first and ended the job
-        # itself: then the stored record, not the one read before, says how it ended.
-        ended = await router.store.finish(record.job_id, "cancelled", error=cancelled)
-        record = ended or await router.store.get(record.job_id) or record
-    return json_response(record.view())
+    # One cancellation for REST jobs and MCP tasks: they are the same thing.
+    return json_response((await tasks.cancel_job(router, record)).view())
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:

@@ -130,14 +130,18 @@ class CallService:
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
         received_at: float | None = None,
+        job_id: str | None = None,
     ) -> CallResult:
         """Run one call for an admitted caller: 200 with its result, or 202 with its job.
 
         `received_at` (time.monotonic()) is when the request arrived: the deadline counts from it.
+        `job_id`: the id its job will have (an MCP task knows it before the call starts).
         """
         timeout = self.timeout_for(profile, timeout_s)
         start = received_at if received_at is not None else time.monotonic()
         call = ToolCall(caller, profile, tool, arguments, timeout, start + timeout, idempotency_key)
+        if job_id is not None:
+            call.job_id = job_id
         logs.bind(job_id=call.job_id)
         started = time.monotonic()
         outcome, denied = "error", None

@@ -1,17 +1,25 @@
-"""The native MCP relay: `/v1/users/{user}/servers/{server}/mcp` streamed to the session's bridge.
+"""The native MCP relay: `/v1/users/{user}/servers/{server}/mcp`, to the session's bridge.
 
-Bodies and responses (SSE included) pass through unchanged; the router's own credentials are
-swapped for the session's token. When the profile has a policy, or the body calls a tool, the
-relay reads what it forwards: tools are checked against the built-in rules, messages go through
-the policy hook (`Input` before forwarding, `Output` per response message), and each tool call
-gets its audit record and accounting (the ingress pipeline, `ingress`). MCP sessions belong to
-the bridge: when the bridge is replaced, the client gets the spec's 404 and initializes again.
+Every revision the bridge serves passes (2025-03-26 … 2026-07-28), chosen per request by the
+bridge as the spec says. The body is parsed once, here: each message goes through the ingress
+pipeline (`ingress`: tool rules and the policy hook on the way in, the output policy and each tool
+call's audit and accounting on the way out, through `Exchange`). A bridge in the router's own
+process gets the parsed body directly (its `/mcp` handler writes this response: no second HTTP
+hop); one elsewhere gets it over HTTP, with the session's token in place of the caller's key, and
+its answer (JSON or SSE) is streamed back.
+
+Tasks: a caller that takes them has its `tools/call` run by the call service, so a call that
+overruns the profile's timeout becomes a task backed by the job pool, and `tasks/*` about Pier's
+jobs are answered here from Redis (`tasks`). A 2026-07-28 caller that closes its response stream
+cancels its request — except a call that became a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -21,16 +29,33 @@ from pier.core.bridge import BridgeUnreachable
 from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
 from pier.core.policy import Caller, PolicyDenied
-from pier.core.web import CoalescedSSE, json_response, origin_allowed
+from pier.core.protocol import (
+    HTTP_STATUS,
+    TASK_METHODS,
+    TASKS_EXTENSION,
+    VERSION_HEADER,
+    Refusal,
+    check_request,
+    is_modern_request,
+)
+from pier.core.web import CoalescedSSE, json_response, origin_allowed, peer_gone
 from pier.router.api import USERS
 from pier.router.backends.base import Session, hold
 from pier.router.context import Router, read_request_body, router_of
 from pier.router.ingress import Ingress, user_of
 from pier.router.middleware import RECEIVED
+from pier.router.tasks import Tasks, wants_tasks
+from pier.sidecar.embedded import InProcessBridge
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
-_REQUEST_HEADERS = ("Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID")
-_RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control")
+_REQUEST_HEADERS = (
+    "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID", "Mcp-Method", "Mcp-Name",
+)  # fmt: skip
+_PARAM_PREFIX = "mcp-param-"
+_RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control", "Allow")
+_PEER_POLL_S = 0.25
+# What a handshake-era caller is told Pier can do with tasks (2025-11-25).
+_TASK_CAPABILITY: dict[str, Any] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
 
 
 class Exchange:
@@ -75,6 +100,9 @@ class Exchange:
     def _finish(self, message: Message, denied: PolicyDenied | None) -> None:
         if "method" in message or message.get("id") not in self.tool_calls:
             return
+        result = message.get("result")
+        if isinstance(result, dict) and result.get("resultType") == "input_required":
+            return  # the call goes on with the caller's retry; its audit record comes then
         tool, arguments, started = self.tool_calls.pop(message["id"])
         if denied is not None:
             outcome = denied.code
@@ -82,7 +110,7 @@ class Exchange:
             data = message["error"].get("data")
             outcome = data.get("code", "rpc_error") if isinstance(data, dict) else "rpc_error"
         else:
-            outcome = "tool_error" if (message.get("result") or {}).get("isError") else "completed"
+            outcome = "tool_error" if (result or {}).get("isError") else "completed"
         self.ingress.finish(self.caller, tool, arguments, outcome, started, denied)
 
 
@@ -91,15 +119,20 @@ def parse_messages(body: bytes | None) -> list[Message] | None:
 
     Raises TooDeep for JSON nested too deeply to pass on.
     """
+    payload = parse_body(body)
+    return None if payload is None else messages_in(payload)
+
+
+def parse_body(body: bytes | None) -> Any:
+    """A caller's body parsed, or None when there is none or it is not JSON; raises TooDeep."""
     if not body:
         return None
     try:
-        payload = parse(body)
+        return parse(body)
     except TooDeep:
         raise
     except ValueError:
         return None
-    return messages_in(payload)
 
 
 def messages_in(payload: Any) -> list[Message]:
@@ -124,6 +157,40 @@ def too_deep_response(exc: TooDeep) -> web.Response:
     return json_response(error_response(None, PARSE_ERROR, f"Parse error: {exc}"), 400)
 
 
+class Advertiser:
+    """What the caller learns of Pier's tasks: the capability in `initialize` (2025-11-25) and
+    `server/discover` (2026-07-28) answers, and task support on each listed tool (2025-11-25)."""
+
+    def __init__(self, messages: list[Message], modern: bool) -> None:
+        wanted = ("server/discover",) if modern else ("initialize", "tools/list")
+        self.methods = {m["id"]: m["method"] for m in messages if "id" in m and m.get("method") in wanted}
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.methods)
+
+    def __call__(self, message: Message) -> Message:
+        method = self.methods.get(message.get("id")) if "id" in message else None
+        result = message.get("result")
+        if method is None or not isinstance(result, dict):
+            return message
+        capabilities = result.get("capabilities")
+        if method == "initialize" and isinstance(capabilities, dict) and "tasks" not in capabilities:
+            result = {**result, "capabilities": {**capabilities, "tasks": _TASK_CAPABILITY}}
+        elif method == "server/discover" and isinstance(capabilities, dict):
+            extensions = {**(capabilities.get("extensions") or {}), TASKS_EXTENSION: {}}
+            result = {**result, "capabilities": {**capabilities, "extensions": extensions}}
+        elif method == "tools/list" and isinstance(result.get("tools"), list):
+            tools = [
+                t if not isinstance(t, dict) or "execution" in t else {**t, "execution": {"taskSupport": "optional"}}
+                for t in result["tools"]
+            ]
+            result = {**result, "tools": tools}
+        else:
+            return message
+        return {**message, "result": result}
+
+
 async def relay(request: web.Request) -> web.StreamResponse:
     router = router_of(request)
     origin = request.headers.get("Origin")
@@ -133,11 +200,30 @@ async def relay(request: web.Request) -> web.StreamResponse:
     caller, profile = await router.ingress.admit(request, user, server, "mcp")
     body = await read_request_body(request) if request.method == "POST" else None
     headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
+    headers.update({k: v for k, v in request.headers.items() if k.lower().startswith(_PARAM_PREFIX)})
+    modern = is_modern_request(request.headers.get(VERSION_HEADER))
     exchange = Exchange(router.ingress, caller)
     try:
-        messages = parse_messages(body)
+        payload = parse_body(body)
     except TooDeep as exc:
         return too_deep_response(exc)
+    messages = [] if payload is None else messages_in(payload)
+    single = messages[0] if len(messages) == 1 and not isinstance(payload, list) and "id" in messages[0] else None
+
+    if modern and single is not None:
+        # The spec's checks come before Pier's own answers (tasks), as the bridge makes them.
+        try:
+            check_request(single, request.headers)
+        except Refusal as refusal:
+            return json_response(refusal.answer(single["id"]), refusal.http_status)
+    if single is not None and single.get("method") in TASK_METHODS:
+        answer = await Tasks(router, caller, profile, modern).answer(single)
+        if answer is not None:
+            return _json_answer(answer, modern)
+    if single is not None and wants_tasks(single, modern):
+        # Rules, policy and audit are the call service's, as for a REST call.
+        return await _task_call(request, router, caller, profile, single, modern)
+
     if messages:
         try:
             await exchange.check_input(messages)
@@ -146,11 +232,12 @@ async def relay(request: web.Request) -> web.StreamResponse:
             if not errors:
                 raise
             return json_response(errors if is_batch(body) else errors[0])
+    advertise = Advertiser(messages, modern)
 
-    if request.method == "GET":
-        # A held GET stream is not a call in flight: it must not keep an idle session alive forever.
+    if request.method == "GET" or (single is not None and single.get("method") == "subscriptions/listen"):
+        # A held stream is not a call in flight: it must not keep an idle session alive forever.
         session = await router.backend.acquire(user, profile)
-        return await _forward(router, request, session, headers, body, exchange)
+        return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
     # One deadline, as for REST calls: a session still starting when the profile's timeout (counted
     # from the request's arrival) runs out is an answer to retry, not a wait past the caller's patience.
     deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
@@ -161,12 +248,74 @@ async def relay(request: web.Request) -> web.StreamResponse:
         return _session_starting(messages or [], is_batch(body))
     async with hold(session):
         try:
-            return await _forward(router, request, session, headers, body, exchange)
+            return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
         except BridgeUnreachable:
             await router.backend.forget(session, "unreachable")
     # The bridge was gone: a fresh session answers (an old MCP session id gets its 404 there).
     async with router.backend.use(user, profile) as session:
-        return await _forward(router, request, session, headers, body, exchange)
+        return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
+
+
+def _json_answer(answer: Message, modern: bool) -> web.Response:
+    error = answer.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    status = HTTP_STATUS.get(code, 200) if modern and isinstance(code, int) else 200
+    return json_response(answer, status)
+
+
+async def _task_call(
+    request: web.Request, router: Router, caller: Caller, profile: Any, message: Message, modern: bool
+) -> web.StreamResponse:
+    """A tools/call from a caller that takes tasks: its answer, or a task if it overruns."""
+    job_id = uuid.uuid4().hex
+    work = asyncio.ensure_future(Tasks(router, caller, profile, modern).call(message, job_id, request[RECEIVED]))
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=_PEER_POLL_S)
+            if not work.done() and modern and peer_gone(request):
+                # The caller closed its stream before the call became a task: a cancellation.
+                work.cancel()
+                with contextlib.suppress(PierError):
+                    session = await router.backend.acquire(caller.user, profile)
+                    await session.bridge.cancel_call(job_id)
+                return web.Response(status=499)
+        answer = work.result()
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    return _json_answer(answer, modern)
+
+
+async def _to_bridge(
+    router: Router,
+    request: web.Request,
+    session: Session,
+    headers: dict[str, str],
+    body: bytes | None,
+    payload: Any,
+    exchange: Exchange,
+    advertise: Advertiser,
+) -> web.StreamResponse:
+    inspect = exchange.inspects_output and request.method != "DELETE"
+
+    async def output(message: Message) -> Message:
+        if advertise.needed:
+            message = advertise(message)
+        return await exchange.check_output(message) if inspect else message
+
+    bridge = session.bridge
+    if isinstance(bridge, InProcessBridge):
+        # The bridge is in this process: its handler serves this very request, body parsed already.
+        if request.method == "POST":
+            if request.content_type != "application/json":
+                return json_response(error_response(None, -32600, "Unsupported Media Type: send application/json"), 415)
+            if payload is None:
+                return json_response(error_response(None, PARSE_ERROR, "Parse error: the body is not valid JSON"), 400)
+        filtered = output if inspect or advertise.needed else None
+        with router.streaming():
+            return await bridge.bridge.mcp.handle(request, payload, filtered)
+    return await _forward(router, request, session, headers, body, output if inspect or advertise.needed else None)
 
 
 async def _forward(
@@ -175,7 +324,7 @@ async def _forward(
     session: Session,
     headers: dict[str, str],
     body: bytes | None,
-    exchange: Exchange,
+    output: Any,
 ) -> web.StreamResponse:
     try:
         upstream = await router.http.request(
@@ -190,35 +339,60 @@ async def _forward(
         raise BridgeUnreachable(session.endpoint, exc) from exc
     async with upstream:
         out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
-        inspect = exchange.inspects_output and request.method != "DELETE"
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if not is_sse and request.method != "GET":
             # A JSON (or empty) answer is complete as it comes: one response, one write.
             try:
-                raw = await upstream.read()
+                raw = await _read_watching(request, upstream)
             except aiohttp.ClientError as exc:
                 # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
                 raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
-            if inspect:
-                raw = await _checked_json(raw, exchange)
+            if raw is None:
+                return web.Response(status=499)  # the caller left: closing our side tells the bridge
+            if output is not None:
+                raw = await _checked_json(raw, output)
             return web.Response(status=upstream.status, headers=out_headers, body=raw)
-        response = CoalescedSSE(status=upstream.status, headers=out_headers)
+        # A GET stream's headers go out at once (a client may wait for them); a POST's SSE answer
+        # sends them with its first event.
+        response = (
+            web.StreamResponse(status=upstream.status, headers=out_headers)
+            if request.method == "GET"
+            else CoalescedSSE(status=upstream.status, headers=out_headers)
+        )
         try:
             with router.streaming():
                 await response.prepare(request)
-                if inspect:
-                    await _relay_sse(upstream, response, exchange)
+                if output is not None:
+                    await _relay_sse(upstream, response, output)
                 else:
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientError):
-            pass  # either side hung up; the bridge keeps the calls running
+            pass  # either side hung up; closing ours tells the bridge (a 2026-07-28 request is cancelled)
         return response
 
 
-async def _checked_json(raw: bytes, exchange: Exchange) -> bytes:
-    """A JSON answer with each message through the output policy (and its tool calls audited)."""
+async def _read_watching(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The bridge's JSON answer; None if the caller left first (the connection to the bridge is then
+    closed, which cancels a 2026-07-28 request there)."""
+    reading = asyncio.ensure_future(upstream.read())
+    try:
+        while True:
+            done, _ = await asyncio.wait({reading}, timeout=_PEER_POLL_S)
+            if done:
+                return reading.result()
+            if peer_gone(request):
+                return None
+    finally:
+        if not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            upstream.close()
+
+
+async def _checked_json(raw: bytes, output: Any) -> bytes:
+    """A JSON answer with each message through the output filter (and its tool calls audited)."""
     try:
         payload = loads(raw)
     except ValueError:
@@ -226,23 +400,23 @@ async def _checked_json(raw: bytes, exchange: Exchange) -> bytes:
     messages = messages_in(payload)
     if not messages:
         return raw
-    checked = [await exchange.check_output(m) for m in messages]
+    checked = [await output(m) for m in messages]
     return dumps(checked if isinstance(payload, list) else checked[0])
 
 
-async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange) -> None:
-    """Forward an SSE stream event by event, each message through the output policy."""
+async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, output: Any) -> None:
+    """Forward an SSE stream event by event, each message through the output filter."""
     buffer = b""
     async for chunk in upstream.content.iter_any():
         buffer += chunk.replace(b"\r\n", b"\n")
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            await response.write(await _checked_event(event, exchange) + b"\n\n")
+            await response.write(await _checked_event(event, output) + b"\n\n")
     if buffer:
         await response.write(buffer)
 
 
-async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
+async def _checked_event(event: bytes, output: Any) -> bytes:
     lines = event.split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
     try:
@@ -251,7 +425,7 @@ async def _checked_event(event: bytes, exchange: Exchange) -> bytes:
         messages = []
     if not messages:
         return event  # comments, keepalives, priming events
-    checked = await exchange.check_output(messages[0])
+    checked = await output(messages[0])
     if not checked:
         return b": withheld by policy"
     kept = [line for line in lines if not line.startswith(b"data:")]

@@ -52,7 +52,8 @@ class Bridge:
 
     def __post_init__(self) -> None:
         self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
-        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self.clients.broadcast)
+        # Notifications that belong to no call go to every listener, of either era.
+        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, lambda m: self.mcp.broadcast(m))
         self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
         self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
 
@@ -259,6 +260,7 @@ async def _housekeeping(bridge: Bridge) -> None:
     while True:
         await asyncio.sleep(_HOUSEKEEPING_S)
         bridge.calls.sweep()
+        bridge.mcp.modern.expire()
         for client in bridge.clients.expire():
             bridge.upstream.mux.cancel_client(client, "client session expired")
 
@@ -268,6 +270,7 @@ async def _drain(app: web.Application) -> None:
     bridge = app[BRIDGE]
     bridge.draining = True
     bridge.clients.close_all()
+    bridge.mcp.modern.close()
     deadline = time.monotonic() + bridge.settings.shutdown_grace_s
     # A few polls, once, at shutdown: simpler than an event every call would have to set.
     while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110

@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pier.core.jsonrpc import Message
+from pier.core.jsonrpc import Message, dumps
 
 log = logging.getLogger("pier.sidecar.clients")
 
 _OUTBOX_SIZE = 1000
+_KEPT_STREAMS = 32  # SSE streams a client may resume (Last-Event-ID), newest kept
+_KEPT_EVENTS = 200  # events of one stream kept for replay
+
+
+@dataclass(eq=False)
+class EventStream:
+    """One SSE stream of a client: its event ids (`<stream>:<seq>`), what it sent (for replay after
+    a dropped connection), and, for a POST's stream, the messages still to come."""
+
+    id: str
+    sent: collections.deque[tuple[int, bytes]] = field(default_factory=lambda: collections.deque(maxlen=_KEPT_EVENTS))
+    seq: int = 0
+    # A POST's stream: its messages, each with whether it is one of the final answers; how many
+    # answers are still to come. None for a GET stream (its messages come from the outbox).
+    queue: asyncio.Queue[tuple[Message, bool]] | None = None
+    waiting: int = 0
+    attached: bool = True  # a response is writing it now
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set when that response lets go
+
+    def detach(self) -> None:
+        self.attached = False
+        self.released.set()
+
+    def event(self, message: Message | None) -> bytes:
+        """The next SSE event of this stream (no message: a priming event, an id and empty data)."""
+        self.seq += 1
+        head = f"id: {self.id}:{self.seq}\n".encode()
+        data = head + (b"event: message\ndata: " + dumps(message) + b"\n\n" if message is not None else b"data: \n\n")
+        self.sent.append((self.seq, data))
+        return data
+
+    def after(self, seq: int) -> list[bytes]:
+        return [data for n, data in self.sent if n > seq]
 
 
 @dataclass(eq=False)
@@ -30,6 +65,29 @@ class ClientSession:
     # Server-initiated messages for this client's GET stream(s); each goes to one stream only.
     outbox: asyncio.Queue[Message | None] = field(default_factory=lambda: asyncio.Queue(_OUTBOX_SIZE))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    log_level: str = "debug"  # logging/setLevel: the least severe log record its calls get
+    streams: dict[str, EventStream] = field(default_factory=dict)
+    _stream_numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def resumable(self) -> bool:
+        """Its revision has event ids and Last-Event-ID (2025-11-25, SEP-1699)."""
+        return self.protocol_version >= "2025-11-25"
+
+    def new_stream(self, post: bool) -> EventStream:
+        stream = EventStream(str(next(self._stream_numbers)), queue=asyncio.Queue() if post else None)
+        self.streams[stream.id] = stream
+        while len(self.streams) > _KEPT_STREAMS:
+            del self.streams[next(iter(self.streams))]
+        return stream
+
+    def find_stream(self, last_event_id: str) -> tuple[EventStream, int] | None:
+        """The stream a `Last-Event-ID` names, and the last event the client saw on it."""
+        stream_id, _, seq = last_event_id.partition(":")
+        stream = self.streams.get(stream_id)
+        if stream is None or not seq.isdigit():
+            return None
+        return stream, int(seq)
 
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities

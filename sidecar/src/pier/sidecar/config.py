@@ -82,6 +82,11 @@ class SidecarSettings:
     max_clients: int = _bounded(10_000, ge=1)
     stderr_tail_lines: int = _bounded(200, ge=1)
     log_level: str = "INFO"
+    # How the bridge speaks to its server: `handshake` (initialize, revisions up to 2025-11-25),
+    # `modern` (2026-07-28: server/discover, per-request _meta; modern callers' requests pass
+    # through), or `auto`: the handshake, and 2026-07-28 only for a server that refuses it.
+    server_era: str = "auto"
+    input_wait_s: float = _bounded(300.0, gt=0)  # a call waiting for its caller's input (MRTR) is cancelled after
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -89,6 +94,8 @@ class SidecarSettings:
             value = _coerce(f.name, hints[f.name], getattr(self, f.name))
             _check_bounds(f, value)
             setattr(self, f.name, value)
+        if self.server_era not in ("auto", "handshake", "modern"):
+            raise ValueError(f"{ENV_PREFIX}SERVER_ERA must be auto, handshake or modern, not {self.server_era!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SidecarSettings:

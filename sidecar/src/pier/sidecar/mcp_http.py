@@ -1,14 +1,21 @@
-"""MCP Streamable HTTP at `/mcp` (revisions 2025-03-26, 2025-06-18, 2025-11-25).
+"""MCP Streamable HTTP at `/mcp`: revisions 2025-03-26, 2025-06-18, 2025-11-25 and 2026-07-28.
 
-Each client gets its own `Mcp-Session-Id`; its `initialize` is answered from the bridge's cache
-and never reaches the server. Requests are relayed through the multiplexer; their progress,
-server→client requests and final response stream back on the POST's SSE response; a POST whose
-responses come before anything else is answered with plain JSON.
+Each request goes the way its revision says (`pier.core.protocol.is_modern_request`): 2026-07-28
+requests are stateless and served by `pier.sidecar.modern`; the handshake revisions give each
+client its own `Mcp-Session-Id`, whose `initialize` is answered from the bridge's cache and never
+reaches the server. Their requests are relayed through the multiplexer; progress, server→client
+requests, log records and final responses of a POST stream back on that POST's response (plain
+JSON when the responses come before anything else). SSE events carry ids at 2025-11-25, and a
+client whose stream dropped resumes it with `GET` and `Last-Event-ID`.
+
+`handle` is the one entry, over HTTP (`post`/`get`/`delete`) and for the router's relay when the
+bridge lives in the router's process (the body parsed once, by the router).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -29,21 +36,25 @@ from pier.core.jsonrpc import (
     parse,
     validate_message,
 )
-from pier.core.web import SSE_HEADERS, CoalescedSSE, json_response, read_body
-from pier.sidecar.clients import ClientRegistry, ClientSession
+from pier.core.protocol import (
+    ASSUMED_VERSION,
+    HANDSHAKE_VERSIONS,
+    SESSION_HEADER,
+    VERSION_HEADER,
+    is_modern_request,
+)
+from pier.core.web import SSE_HEADERS, CoalescedSSE, json_response, peer_gone, read_body
+from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
 from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.multiplexer import Pending
+from pier.sidecar.modern import KEEPALIVE_S, PEER_POLL_S, ModernHTTP, Output
+from pier.sidecar.multiplexer import ALL_LOGS, Pending
 from pier.sidecar.upstream import Upstream
 
 log = logging.getLogger("pier.sidecar.mcp")
 
-SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+SUPPORTED_VERSIONS = HANDSHAKE_VERSIONS  # the handshake revisions a client may ask for at initialize
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
-# A client that sends no MCP-Protocol-Version header is taken to speak 2025-03-26 (spec 2025-06-18).
-ASSUMED_VERSION = "2025-03-26"
-SESSION_HEADER = "Mcp-Session-Id"
-VERSION_HEADER = "MCP-Protocol-Version"
-KEEPALIVE_S = 15.0
+__all__ = ["ASSUMED_VERSION", "LATEST_VERSION", "SESSION_HEADER", "SUPPORTED_VERSIONS", "StreamableHTTP"]
 
 
 def sse_event(message: Message) -> bytes:
@@ -56,11 +67,16 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> w
     )
 
 
-class PostStream:
-    """The SSE response of one POST: messages tied to its requests, then their responses."""
+def _single_id(payload: Any) -> Any:
+    """The id of a body that is one request (errors about the whole body then carry it)."""
+    return payload.get("id") if isinstance(payload, dict) else None
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+
+class PostStream:
+    """Messages tied to one POST's requests, then their responses (a sink of the multiplexer)."""
+
+    def __init__(self, queue: asyncio.Queue[tuple[Message, bool]]) -> None:
+        self.queue = queue
 
     def deliver(self, message: Message) -> None:
         self.queue.put_nowait((message, False))
@@ -76,8 +92,14 @@ class StreamableHTTP:
         self.upstream = upstream
         self.clients = clients
         self.metrics = metrics
+        self.modern = ModernHTTP(upstream, metrics, upstream.settings.input_wait_s)
 
-    # -- POST ------------------------------------------------------------------------------
+    def broadcast(self, message: Message) -> None:
+        """A server notification that belongs to no call: every GET stream and every listener."""
+        self.clients.broadcast(message)
+        self.modern.broadcast(message)
+
+    # -- HTTP ------------------------------------------------------------------------------
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         if request.content_type != "application/json":
@@ -95,6 +117,29 @@ class StreamableHTTP:
         except ValueError:
             self.metrics.rejected.labels("PARSE_ERROR").inc()
             return rpc_error(400, PARSE_ERROR, "Parse error: the body is not valid JSON")
+        return await self.handle(request, payload)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, None)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, None)
+
+    async def handle(self, request: web.Request, payload: Any, output: Output | None = None) -> web.StreamResponse:
+        """Serve one request whose body, if any, is parsed (`payload`); `output` filters what goes back."""
+        if is_modern_request(request.headers.get(VERSION_HEADER)):
+            if request.method != "POST":
+                return web.Response(status=405, headers={"Allow": "POST"})
+            return await self.modern.serve(request, payload, output)
+        if request.method == "GET":
+            return await self._get(request, output)
+        if request.method == "DELETE":
+            return self._delete(request)
+        return await self._post(request, payload, output)
+
+    # -- POST (handshake revisions) --------------------------------------------------------
+
+    async def _post(self, request: web.Request, payload: Any, output: Output | None) -> web.StreamResponse:
         batch = isinstance(payload, list)
         messages: list[Any] = payload if batch else [payload]
         if not messages:
@@ -104,20 +149,13 @@ class StreamableHTTP:
             if problem:
                 request_id = message.get("id") if isinstance(message, dict) else None
                 return rpc_error(400, INVALID_REQUEST, f"Invalid Request: {problem}", request_id)
-
-        version = request.headers.get(VERSION_HEADER)
-        if version is not None and version not in SUPPORTED_VERSIONS:
-            return rpc_error(
-                400,
-                INVALID_REQUEST,
-                f"Bad Request: unsupported {VERSION_HEADER} {version!r}; supported: " + ", ".join(SUPPORTED_VERSIONS),
-            )
+        request_id = _single_id(payload)
         if any(m.get("method") == "initialize" for m in messages):
             if len(messages) > 1:
                 return rpc_error(400, INVALID_REQUEST, "Invalid Request: initialize must not be batched")
-            return await self._initialize(messages[0])
+            return await self._initialize(messages[0], output)
 
-        client = self._session(request)
+        client = self._session(request, request_id=request_id)
         if isinstance(client, web.Response):
             return client
         requests: list[Message] = []
@@ -130,9 +168,9 @@ class StreamableHTTP:
                 self.upstream.mux.client_response(client, message)
         if not requests:
             return web.Response(status=202)
-        return await self._relay(request, client, requests, batch)
+        return await self._relay(request, client, requests, batch, output)
 
-    async def _initialize(self, message: Message) -> web.Response:
+    async def _initialize(self, message: Message, output: Output | None) -> web.Response:
         if not is_request(message):
             return rpc_error(400, INVALID_REQUEST, "Invalid Request: initialize must be a request")
         params = message.get("params") or {}
@@ -147,55 +185,68 @@ class StreamableHTTP:
         self.metrics.clients.set(len(self.clients.sessions))
         self.metrics.requests.labels("initialize", "ok").inc()
         result = {**(self.upstream.init_result or {}), "protocolVersion": version}
-        answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        answer: Message = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        if output is not None:
+            answer = await output(answer) or answer
         return json_response(answer, headers={SESSION_HEADER: client.id})
 
-    def _session(self, request: web.Request, end: bool = False) -> ClientSession | web.Response:
+    def _session(self, request: web.Request, end: bool = False, request_id: Any = None) -> ClientSession | web.Response:
         """The client session the request names (ended, with `end`), or the error answer."""
         session_id = request.headers.get(SESSION_HEADER)
         if not session_id:
-            return rpc_error(400, INVALID_REQUEST, f"Bad Request: {SESSION_HEADER} header is required")
+            return rpc_error(400, INVALID_REQUEST, f"Bad Request: {SESSION_HEADER} header is required", request_id)
         client = self.clients.remove(session_id) if end else self.clients.get(session_id)
         if client is None:
-            return rpc_error(404, INVALID_REQUEST, "Session not found: initialize a new session")
+            return rpc_error(404, INVALID_REQUEST, "Session not found: initialize a new session", request_id)
         return client
 
-    def _local_answer(self, message: Message) -> Message | None:
+    def _local_answer(self, client: ClientSession, message: Message) -> Message | None:
         """Answer what the bridge knows without asking the server."""
         method = message["method"]
         if method == "ping":
             return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
         if method == "tools/list" and self.upstream.tools_by_name and not (message.get("params") or {}).get("cursor"):
             return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": self.upstream.tools}}
+        if method == "logging/setLevel" and self.upstream.modern:
+            # A 2026-07-28 server takes the level with each request: the bridge remembers it.
+            level = (message.get("params") or {}).get("level")
+            client.log_level = level if isinstance(level, str) else client.log_level
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
         return None
 
     async def _relay(
-        self, request: web.Request, client: ClientSession, requests: list[Message], batch: bool
+        self, request: web.Request, client: ClientSession, requests: list[Message], batch: bool, output: Output | None
     ) -> web.StreamResponse:
         answered: list[Message] = []
         forwarded: list[Message] = []
         for message in requests:
-            answer = self._local_answer(message)
+            answer = self._local_answer(client, message)
             if answer is not None:
                 self.metrics.requests.labels(message["method"], "ok").inc()
                 answered.append(answer)
             else:
                 forwarded.append(message)
         if not forwarded:
+            if output is not None:
+                answered = [await output(m) or m for m in answered]
             return json_response(answered if batch else answered[0])
 
-        stream = PostStream()
-        waiting = 0
+        stream = client.new_stream(post=True)
+        assert stream.queue is not None
+        sink = PostStream(stream.queue)
+        level = client.log_level if self.upstream.modern else ALL_LOGS
         for message in forwarded:
             try:
-                pending = await self.upstream.begin(message, client, stream)
+                pending = await self.upstream.begin(
+                    message, client, sink, capabilities=client.capabilities, log_level=level
+                )
             except PierError as err:
                 self.metrics.requests.labels(message["method"], err.code).inc()
                 answered.append(gateway_error_response(message["id"], err))
                 continue
             self._observe(message, pending)
-            stream.attach(pending)
-            waiting += 1
+            sink.attach(pending)
+            stream.waiting += 1
 
         accept = request.headers.get("Accept", "")
         sse_ok = "text/event-stream" in accept
@@ -204,35 +255,75 @@ class StreamableHTTP:
         # first; SSE only when something does, or when the client accepts nothing else.
         first: Message | None = None
         if not sse_ok or "application/json" in accept:
-            while waiting:
+            while stream.waiting:
                 message, final = await stream.queue.get()
                 if final:
                     answered.append(message)
-                    waiting -= 1
+                    stream.waiting -= 1
                 elif sse_ok:
                     first = message
                     break
                 # else: a JSON-only client gets the responses without what came before them.
             if first is None:
+                client.streams.pop(stream.id, None)
+                if output is not None:
+                    answered = [await output(m) or m for m in answered]
                 return json_response(answered if batch else answered[0])
 
         response = CoalescedSSE(headers=SSE_HEADERS)
         await response.prepare(request)
-        try:
-            for message in answered:
-                await response.write(sse_event(message))
-            if first is not None:
-                await response.write(sse_event(first))
-            while waiting:
-                message, final = await stream.queue.get()
-                waiting -= final
-                event = sse_event(message)
-                # The last event goes out with the end of the stream: one write, not two.
-                await (response.write(event) if waiting else response.write_eof(event))
-        except ConnectionResetError:
-            # A dropped stream is not a cancellation (spec); the calls finish, unheard.
-            log.info("client closed its POST stream early", extra={"client": client.id})
+        events: list[bytes] = [stream.event(None)] if client.resumable else []
+        for message in [*answered, *([first] if first is not None else [])]:
+            events.append(await self._event(client, stream, message, output))
+        if not await _write_all(response, b"".join(events)):
+            stream.detach()
+            return response
+        await self._pump(request, response, client, stream, output)
         return response
+
+    async def _pump(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        client: ClientSession,
+        stream: EventStream,
+        output: Output | None,
+    ) -> None:
+        """Write a POST's stream until its last answer; a dropped connection leaves it resumable."""
+        assert stream.queue is not None
+        stream.attached = True
+        stream.released.clear()
+        while stream.waiting:
+            try:
+                async with asyncio.timeout(PEER_POLL_S):
+                    message, final = await stream.queue.get()
+            except TimeoutError:
+                if peer_gone(request):
+                    # A dropped stream is not a cancellation (2025 revisions); it waits for a resume.
+                    stream.detach()
+                    return
+                continue
+            stream.waiting -= final
+            event = await self._event(client, stream, message, output)
+            # The last event goes out with the end of the stream: one write, not two.
+            try:
+                await (response.write(event) if stream.waiting else response.write_eof(event))
+            except (ConnectionResetError, RuntimeError):
+                log.info("client closed its POST stream early", extra={"client": client.id})
+                stream.detach()
+                return
+        client.streams.pop(stream.id, None)  # everything was delivered: nothing left to resume
+        stream.detach()
+
+    async def _event(
+        self, client: ClientSession, stream: EventStream, message: Message, output: Output | None
+    ) -> bytes:
+        if output is not None:
+            filtered = await output(message)
+            if not filtered:
+                return b": withheld by policy\n\n"
+            message = filtered
+        return stream.event(message) if client.resumable else sse_event(message)
 
     def _observe(self, message: Message, pending: Pending) -> None:
         method = pending.method
@@ -249,42 +340,85 @@ class StreamableHTTP:
 
         pending.future.add_done_callback(done)
 
-    # -- GET -------------------------------------------------------------------------------
+    # -- GET (handshake revisions) ---------------------------------------------------------
 
-    async def get(self, request: web.Request) -> web.StreamResponse:
+    async def _get(self, request: web.Request, output: Output | None) -> web.StreamResponse:
         if "text/event-stream" not in request.headers.get("Accept", ""):
             return rpc_error(406, INVALID_REQUEST, "Not Acceptable: GET needs Accept: text/event-stream")
         client = self._session(request)
         if isinstance(client, web.Response):
             return client
+        resumed = None
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id and client.resumable:
+            resumed = client.find_stream(last_event_id)
+        # Headers go out at once: a client may wait for them before it does anything else.
         response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        if resumed is not None:
+            stream, seen = resumed
+            # The connection it replaces may not be noticed gone yet: its writer lets go first.
+            if stream.queue is not None and stream.attached:
+                await stream.released.wait()
+            if not await _write_all(response, b"".join(stream.after(seen))):
+                return response
+            if stream.queue is not None:
+                # The rest of a POST's stream, on this response; it ends with its last answer.
+                await self._pump(request, response, client, stream, output)
+                return response
+        else:
+            stream = client.new_stream(post=False)
+        await self._listen(request, response, client, stream, output)
+        return response
+
+    async def _listen(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        client: ClientSession,
+        stream: EventStream,
+        output: Output | None,
+    ) -> None:
         client.get_streams += 1
         try:
-            await response.prepare(request)
+            last_write = time.monotonic()
             while True:
                 try:
-                    message = await asyncio.wait_for(client.outbox.get(), KEEPALIVE_S)
+                    async with asyncio.timeout(PEER_POLL_S):
+                        message = await client.outbox.get()
                 except TimeoutError:
-                    await response.write(b": keepalive\n\n")
+                    if peer_gone(request):
+                        return
+                    if time.monotonic() - last_write >= KEEPALIVE_S:
+                        await response.write(b": keepalive\n\n")
+                        last_write = time.monotonic()
                     continue
                 if message is None:
                     break
-                await response.write(sse_event(message))
-        except ConnectionResetError:
+                await response.write(await self._event(client, stream, message, output))
+                last_write = time.monotonic()
+        except (ConnectionResetError, RuntimeError):
             pass
         finally:
             client.get_streams -= 1
-        return response
 
     # -- DELETE ----------------------------------------------------------------------------
 
-    async def delete(self, request: web.Request) -> web.Response:
+    def _delete(self, request: web.Request) -> web.Response:
         client = self._session(request, end=True)
         if isinstance(client, web.Response):
             return client
         self.upstream.mux.cancel_client(client, "client session ended")
         self.metrics.clients.set(len(self.clients.sessions))
         return web.Response(status=204)
+
+
+async def _write_all(response: web.StreamResponse, data: bytes) -> bool:
+    with contextlib.suppress(ConnectionResetError, RuntimeError):
+        if data:
+            await response.write(data)
+        return True
+    return False
 
 
 def _outcome(future: asyncio.Future[Message]) -> str:

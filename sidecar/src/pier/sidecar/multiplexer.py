@@ -2,8 +2,10 @@
 
 Every request forwarded to the server gets a fresh upstream id (and, when it asked for
 progress, a fresh progress token equal to that id); responses and progress are mapped back
-to the caller's own id and token. Server→client requests go to a client that has a request
-in flight; notifications not tied to a request go to every client's GET stream.
+to the caller's own id and token. What the server sends during a call without naming it —
+server→client requests, log messages — goes to the newest call in flight that can take it
+(over stdio nothing says which call it serves, and the newest is the best guess); only what
+belongs to no call is broadcast (list changes, resource updates, logs while nothing runs).
 """
 
 from __future__ import annotations
@@ -26,16 +28,12 @@ from pier.core.jsonrpc import (
     error_response,
     gateway_error_response,
 )
+from pier.core.protocol import CAPABILITY_FOR, SUBSCRIPTION_ID_KEY, log_level_allows
 from pier.sidecar.clients import ClientSession
 
 log = logging.getLogger("pier.sidecar.multiplexer")
 
-# Which client capability a server→client request needs.
-_CAPABILITY_FOR = {
-    "sampling/createMessage": "sampling",
-    "elicitation/create": "elicitation",
-    "roots/list": "roots",
-}
+ALL_LOGS = "debug"  # a handshake-era caller gets every log record of its calls
 
 
 class Sink(Protocol):
@@ -62,6 +60,10 @@ class Pending:
     client: ClientSession | None
     sink: Sink
     original_token: Any = None
+    # What the caller can be asked (server→client requests), None: nothing (the call API, the
+    # bridge's own requests); and the least severe log level it wants, None: no logs.
+    capabilities: dict[str, Any] | None = None
+    log_level: str | None = None
     future: asyncio.Future[Message] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.monotonic)
 
@@ -85,12 +87,19 @@ class Multiplexer:
         self._ids = itertools.count(1)
         self.pending: dict[int, Pending] = {}
         self.forwarded: collections.Counter[str] = collections.Counter()  # requests sent, by method
-        self._server_requests: dict[RequestId, ClientSession] = {}
+        # Server→client requests awaiting an answer, and the call each was handed to.
+        self._server_requests: dict[RequestId, Pending] = {}
 
     # -- client → server -------------------------------------------------------------------
 
     def register(
-        self, message: Message, client: ClientSession | None, sink: Sink, track_progress: bool = False
+        self,
+        message: Message,
+        client: ClientSession | None,
+        sink: Sink,
+        track_progress: bool = False,
+        capabilities: dict[str, Any] | None = None,
+        log_level: str | None = None,
     ) -> tuple[Pending, Message]:
         """Give a client request an upstream id; returns its Pending and the message to send."""
         upstream_id = next(self._ids)
@@ -104,7 +113,9 @@ class Multiplexer:
                 outgoing["params"] = {**params, "_meta": {**meta, "progressToken": upstream_id}}
             elif track_progress:
                 outgoing["params"] = {**params, "_meta": {**(meta or {}), "progressToken": upstream_id}}
-        pending = Pending(upstream_id, message["id"], message["method"], client, sink, original_token)
+        pending = Pending(
+            upstream_id, message["id"], message["method"], client, sink, original_token, capabilities, log_level
+        )
         self.pending[upstream_id] = pending
         self.forwarded[pending.method] += 1
         return pending, outgoing
@@ -142,11 +153,26 @@ class Multiplexer:
     def client_response(self, client: ClientSession, message: Message) -> None:
         """Forward a client's answer to a server→client request, if it was asked of that client."""
         owner = self._server_requests.get(message["id"])
-        if owner is not client:
+        if owner is None or owner.client is not client:
             log.warning("dropped a response to a request this client was not asked", extra={"client": client.id})
             return
         del self._server_requests[message["id"]]
         self._post(message)
+
+    def answer_server_request(self, request_id: RequestId, result: Any = None, error: Message | None = None) -> bool:
+        """Answer a server→client request on its caller's behalf (input a 2026-07-28 caller sent
+        with its retry); False when the server no longer waits for it."""
+        if self._server_requests.pop(request_id, None) is None:
+            return False
+        answer = {"jsonrpc": "2.0", "id": request_id}
+        self._post({**answer, "error": error} if error is not None else {**answer, "result": result or {}})
+        return True
+
+    def withdraw_server_requests(self, pending: Pending, reason: str) -> None:
+        """Refuse the server's requests still waiting on `pending`'s caller (it will not answer)."""
+        for request_id in [rid for rid, owner in self._server_requests.items() if owner is pending]:
+            del self._server_requests[request_id]
+            self._post(error_response(request_id, REQUEST_CANCELLED, reason))
 
     def find(self, client: ClientSession, original_id: RequestId | None) -> Pending | None:
         for pending in self.pending.values():
@@ -158,7 +184,7 @@ class Multiplexer:
         """A client went away: stop everything it had in flight."""
         for pending in [p for p in self.pending.values() if p.client is client]:
             self.cancel(pending, reason)
-        for request_id in [rid for rid, owner in self._server_requests.items() if owner is client]:
+        for request_id in [rid for rid, owner in self._server_requests.items() if owner.client is client]:
             self._post(error_response(request_id, REQUEST_CANCELLED, "client session ended"))
             del self._server_requests[request_id]
 
@@ -210,42 +236,54 @@ class Multiplexer:
                 pending.sink.deliver(message)
             return
         if method == "notifications/cancelled":
-            # The server withdrew one of its own requests: tell the client it asked.
+            # The server withdrew one of its own requests: tell the caller it asked.
             request_id = params.get("requestId")
             owner = self._server_requests.pop(request_id, None) if isinstance(request_id, int | str) else None
             if owner is not None:
-                self._deliver_to_client(owner, message)
+                owner.sink.deliver(message)
             return
+        meta = params.get("_meta")
+        meta = meta if isinstance(meta, dict) else {}
+        subscription = meta.get(SUBSCRIPTION_ID_KEY)
+        if isinstance(subscription, int) and subscription in self.pending:
+            # A 2026-07-28 server's notification for a subscriptions/listen passed through to it.
+            listen = self.pending[subscription]
+            meta = {**meta, SUBSCRIPTION_ID_KEY: listen.original_id}
+            listen.sink.deliver({**message, "params": {**params, "_meta": meta}})
+            return
+        if method == "notifications/message":
+            caller = self._newest(lambda p: p.sink is not NO_SINK)
+            if caller is not None:
+                # It belongs to the call in flight: that caller's stream, if it asked for this level.
+                if log_level_allows(caller.log_level, params.get("level")):
+                    caller.sink.deliver(message)
+                return
         if method == "notifications/tools/list_changed":
             self._on_tools_changed()
         self._broadcast(message)
+
+    def _newest(self, fits: Callable[[Pending], bool]) -> Pending | None:
+        best: Pending | None = None
+        for pending in self.pending.values():
+            if fits(pending) and (best is None or pending.started > best.started):
+                best = pending
+        return best
 
     def _server_request(self, message: Message) -> None:
         method = message["method"]
         if method == "ping":
             self._post({"jsonrpc": "2.0", "id": message["id"], "result": {}})
             return
-        capability = _CAPABILITY_FOR.get(method)
-        candidates = [
-            p
-            for p in self.pending.values()
-            if p.client is not None and (capability is None or p.client.supports(capability))
-        ]
-        if not candidates:
+        capability = CAPABILITY_FOR.get(method)
+        # Over stdio a server request does not say which call it serves; the newest one in flight
+        # is the best guess, and it is always a caller that is waiting for the server.
+        target = self._newest(
+            lambda p: p.capabilities is not None and (capability is None or capability in p.capabilities)
+        )
+        if target is None:
             self._post(
                 error_response(message["id"], METHOD_NOT_FOUND, f"no connected client can handle {method} right now")
             )
             return
-        # Over stdio a server request does not say which call it serves; the newest one in flight
-        # is the best guess, and it is always a client that is waiting for the server.
-        target = max(candidates, key=lambda p: p.started)
-        assert target.client is not None
-        self._server_requests[message["id"]] = target.client
+        self._server_requests[message["id"]] = target
         target.sink.deliver(message)
-
-    def _deliver_to_client(self, client: ClientSession, message: Message) -> None:
-        for pending in self.pending.values():
-            if pending.client is client:
-                pending.sink.deliver(message)
-                return
-        client.push(message)

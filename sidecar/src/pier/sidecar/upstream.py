@@ -3,6 +3,12 @@
 A supervisor task starts the server, initializes it once, caches the InitializeResult and the
 tool list, and restarts it with backoff when it exits. Requests wait (bounded) for a slot and
 for readiness, then go through the multiplexer.
+
+The server's era is settled at each start (`server_era`): the `initialize` handshake, which
+every server up to 2025-11-25 speaks and dual-era servers (the `mcp` SDK 2.x) accept too — then
+2026-07-28 callers are translated onto that session — or, for a server that refuses it (or when
+told to), 2026-07-28: `server/discover`, and every request carrying its own `_meta` envelope
+(modern callers' requests pass through as they are).
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from typing import Any
 from pier.core import __version__
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, Message, dumps, gateway_error_response, loads, too_deep, validate_message
+from pier.core.protocol import (
+    CLIENT_CAPABILITIES_KEY,
+    CLIENT_INFO_KEY,
+    ENVELOPE_KEYS,
+    HANDSHAKE_VERSIONS,
+    LOG_LEVEL_KEY,
+    MODERN,
+    PROTOCOL_VERSION_KEY,
+    SERVER_INFO_KEY,
+    meta_of,
+    strip_envelope,
+)
 from pier.sidecar.clients import ClientSession
 from pier.sidecar.config import SidecarSettings
 from pier.sidecar.metrics import BridgeMetrics
@@ -28,6 +46,7 @@ log = logging.getLogger("pier.sidecar.upstream")
 HANDSHAKE_VERSION = "2025-11-25"
 # What the bridge offers the server: it can relay these to whichever client is calling.
 BRIDGE_CAPABILITIES = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
+BRIDGE_INFO = {"name": "pier-bridge", "version": __version__}
 
 
 class Upstream:
@@ -47,7 +66,9 @@ class Upstream:
         self.transport: Transport | None = None
 
         self.state = "starting"  # starting | ready | restarting | failed | stopped
+        self.modern = False  # this run of the server speaks 2026-07-28 (no handshake)
         self.init_result: dict[str, Any] | None = None
+        self.discover_result: dict[str, Any] | None = None
         self.tools: list[dict[str, Any]] = []
         self.tools_by_name: dict[str, dict[str, Any]] = {}
         self.restarts = 0
@@ -173,19 +194,66 @@ class Upstream:
 
     async def _handshake(self) -> None:
         timeout = self.settings.start_timeout_s
-        response = await self._internal_request(
-            "initialize",
-            {
-                "protocolVersion": HANDSHAKE_VERSION,
-                "capabilities": BRIDGE_CAPABILITIES,
-                "clientInfo": {"name": "pier-bridge", "version": __version__},
-            },
-            timeout,
-        )
-        self.init_result = response
-        self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        if "tools" in response.get("capabilities", {}):
+        era = self.settings.server_era
+        self.modern = era == "modern"
+        if not self.modern:
+            try:
+                response = await self._internal_request(
+                    "initialize",
+                    {
+                        "protocolVersion": HANDSHAKE_VERSION,
+                        "capabilities": BRIDGE_CAPABILITIES,
+                        "clientInfo": BRIDGE_INFO,
+                    },
+                    timeout,
+                )
+            except PierError as refused:
+                if era != "auto":
+                    raise
+                # A 2026-07-28-only server refuses the handshake: speak its revision instead.
+                log.info("the server refused initialize; trying 2026-07-28", extra={"error": refused.message})
+                self.modern = True
+            else:
+                self.init_result = response
+                self.discover_result = None
+                self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        if self.modern:
+            discovered = await self._internal_request("server/discover", {}, timeout)
+            if MODERN not in discovered.get("supportedVersions", []):
+                raise PierError("SERVER_ERROR", "the server does not speak 2026-07-28", {"discover": discovered})
+            self.discover_result = discovered
+            # What handshake-era callers are told at their initialize.
+            self.init_result = {
+                "protocolVersion": HANDSHAKE_VERSIONS[-1],
+                "capabilities": discovered.get("capabilities") or {},
+                "serverInfo": (discovered.get("_meta") or {}).get(SERVER_INFO_KEY)
+                or {"name": "unknown", "version": ""},
+                **({"instructions": discovered["instructions"]} if "instructions" in discovered else {}),
+            }
+        if "tools" in (self.init_result or {}).get("capabilities", {}):
             await self._refresh_tools(timeout)
+
+    def for_server(
+        self, message: Message, client: ClientSession | None = None, log_level: str | None = None
+    ) -> Message:
+        """A request as this run of the server expects it: with the 2026-07-28 envelope (the
+        caller's own when it sent one, else made from what the bridge knows of the caller), or
+        without it for a handshake-era server."""
+        meta = meta_of(message)
+        if not self.modern:
+            return strip_envelope(message) if any(key in meta for key in ENVELOPE_KEYS) else message
+        if PROTOCOL_VERSION_KEY in meta:
+            return message
+        envelope: dict[str, Any] = {
+            PROTOCOL_VERSION_KEY: MODERN,
+            CLIENT_CAPABILITIES_KEY: client.capabilities if client is not None else {},
+            CLIENT_INFO_KEY: client.client_info if client is not None and client.client_info else BRIDGE_INFO,
+        }
+        if log_level is not None and client is not None:
+            envelope[LOG_LEVEL_KEY] = log_level
+        params = message.get("params")
+        params = params if isinstance(params, dict) else {}
+        return {**message, "params": {**params, "_meta": {**meta, **envelope}}}
 
     async def _refresh_tools(self, timeout: float) -> None:
         tools: list[dict[str, Any]] = []
@@ -213,9 +281,8 @@ class Upstream:
             log.warning("could not refresh the tool list", extra={"error": str(exc)})
 
     async def _internal_request(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
-        pending, outgoing = self.mux.register(
-            {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}, None, NO_SINK
-        )
+        request = {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}
+        pending, outgoing = self.mux.register(self.for_server(request), None, NO_SINK)
         try:
             await self._send(outgoing)
             response = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
@@ -230,18 +297,27 @@ class Upstream:
     # -- requests --------------------------------------------------------------------------
 
     async def begin(
-        self, message: Message, client: ClientSession | None, sink: Sink, track_progress: bool = False
+        self,
+        message: Message,
+        client: ClientSession | None,
+        sink: Sink,
+        track_progress: bool = False,
+        capabilities: dict[str, Any] | None = None,
+        log_level: str | None = None,
     ) -> Pending:
         """Send a request to the server once a slot is free and the server is ready.
 
         The slot is held until the request's future resolves (answer, failure or cancel).
+        `capabilities` and `log_level` say what the caller may be asked and which logs it wants.
         """
         if self._stopping:
             raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
         await self._acquire_slot()
         try:
             await self.wait_ready()
-            pending, outgoing = self.mux.register(message, client, sink, track_progress)
+            pending, outgoing = self.mux.register(
+                self.for_server(message, client, log_level), client, sink, track_progress, capabilities, log_level
+            )
             try:
                 await self._send(outgoing)
             except BaseException:
@@ -255,6 +331,14 @@ class Upstream:
         pending.future.add_done_callback(self._release_slot)
         self.last_activity = time.time()
         return pending
+
+    def notify_server(self, method: str, params: dict[str, Any]) -> None:
+        """Send the server a request of the bridge's own without waiting for its answer (which is dropped)."""
+        if not self.ready:
+            return
+        request = {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}
+        _pending, outgoing = self.mux.register(self.for_server(request), None, NO_SINK)
+        self._post(outgoing)
 
     def _release_slot(self, _future: asyncio.Future[Message]) -> None:
         self._slots.release()

