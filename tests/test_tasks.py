@@ -15,7 +15,15 @@ TASKS = {"extensions": {TASKS_EXTENSION: {}}}
 CATALOG = Catalog([demo_profile().model_copy(update={"call_timeout_s": 0.5})])
 
 
+async def _started(http, mcp_url: str) -> None:
+    """Start the user's session first: the profile's 0.5 s deadline is shorter than its server's start
+    (a request that meets a starting session is tests/test_cold_start.py's subject)."""
+    async with http.get(mcp_url.removesuffix("/mcp") + "/tools") as response:
+        assert response.status == 200
+
+
 async def _legacy(http, url: str) -> dict[str, str]:
+    await _started(http, url)
     params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}
     async with http.post(url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params},
                          headers=ACCEPT) as response:  # fmt: skip
@@ -82,6 +90,7 @@ async def test_a_2025_task_outlives_its_caller_and_router_restarts(http, redis_s
 async def test_a_2026_call_that_overruns_becomes_a_task_and_cancelling_it_reaches_the_tool(http, redis_server):
     async with router_app(redis_server.url, CATALOG) as running, worker_processes(redis_server.url):
         url = running.user_url("alice") + "/mcp"
+        await _started(http, url)
         # Done within the timeout: a plain answer, even for a caller that takes tasks.
         quick = modern_request(1, "tools/call", {"name": "echo", "arguments": {"message": "hi"}}, TASKS)
         answer = (await post(http, url, quick))[1]["result"]
