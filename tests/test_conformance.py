@@ -30,6 +30,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -118,7 +119,12 @@ async def target_url(target: str, redis_url: str) -> AsyncIterator[str]:
         # A short hand-off threshold: the tasks scenarios' slow_compute(2 s) becomes a task.
         catalog = Catalog([Profile(name="conformance", command=FIXTURE, env=env, call_timeout_s=1)])
         async with router_app(redis_url, catalog) as running, worker_processes(redis_url):
-            yield running.user_url("conformance-user", "conformance") + "/mcp"
+            base = running.user_url("conformance-user", "conformance")
+            # The session started first: the 1 s deadline is shorter than the fixture's start, and a
+            # request that meets a starting session is answered SESSION_STARTING (test_cold_start.py).
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/tools") as response:
+                assert response.status == 200
+            yield base + "/mcp"
 
 
 async def run_suite(url: str, revision: str, out: Path) -> str:
