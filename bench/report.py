@@ -210,6 +210,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": first - server <= 100,
             }
         )
+    if "router_pooled_first_call_ms" in cold and rest:
+        pooled = cold["router_pooled_first_call_ms"]["median"]
+        out.append(
+            {
+                "target": "With a warm pool, a new user's first call ≤ 2x a warm REST call (medians)",
+                "measured": f"{pooled:.1f} ms vs {rest['p50_ms']:.2f} ms ({pooled / rest['p50_ms']:.1f}x)",
+                "met": pooled <= 2 * rest["p50_ms"],
+            }
+        )
     handoff = results.get("handoff")
     if handoff:
         for key, what in (("sse_ms", "SSE client"), ("poll_ms", "poller")):
@@ -278,6 +287,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("sidecar_listening_ms", "`pier sidecar` spawn → listening"),
         ("sidecar_ready_ms", "`pier sidecar` spawn → ready (server initialized)"),
         ("router_first_call_ms", "router: a new user's first call (session started by it)"),
+        ("router_pooled_first_call_ms", "router: a new user's first call, warm pool (a started session claimed)"),
         ("supergateway_first_call_ms", "supergateway: a new session's initialize + first call"),
     ):
         d = results["cold_start"].get(key)

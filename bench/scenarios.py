@@ -23,7 +23,7 @@ from bench import peers
 from bench.clients import Caller, RestClient, StdioClient, StreamableHttpClient
 from bench.processes import cmdline, cpu_seconds, descendants, pss_mib, role_of, rss_mib, spawn, wait_http
 from bench.stats import Run, describe
-from bench.targets import AUTH, McpHttp, Running, Target, read_listening, sidecar_command
+from bench.targets import AUTH, POOLED_PROFILE, McpHttp, Running, Target, read_listening, sidecar_command
 
 CALL_TIMEOUT_S = 30.0  # one call; a stuck path shows up as errors, never as a hung bench
 _MAX_ERRORS = 50  # per caller: a broken path stops early instead of spinning
@@ -280,8 +280,8 @@ async def sidecar_start(samples: int, logs: Path) -> dict[str, list[float]]:
     return {"listening_ms": listening, "ready_ms": ready}
 
 
-async def first_call(make: Callable[[int], Awaitable[Caller]], samples: int) -> list[float]:
-    """A new user's first call, end to end: its session is started by that call (ms)."""
+async def first_call(make: Callable[[int], Awaitable[Caller]], samples: int, settle_s: float = 0.2) -> list[float]:
+    """A new user's first call, end to end: its session is started (or claimed) by that call (ms)."""
     out = []
     for n in range(samples):
         t0 = time.perf_counter()
@@ -292,15 +292,16 @@ async def first_call(make: Callable[[int], Awaitable[Caller]], samples: int) -> 
             out.append((time.perf_counter() - t0) * 1000)
         finally:
             await caller.close()
-        await asyncio.sleep(0.2)  # let the new session settle: samples must not overlap
+        await asyncio.sleep(settle_s)  # let the new session settle (the pool refill): samples must not overlap
     return out
 
 
-async def router_cold(base: str, samples: int, tag: str) -> list[float]:
+async def router_cold(base: str, samples: int, tag: str, profile: str = "everything") -> list[float]:
     async def make(n: int) -> Caller:
-        return RestClient(base, f"cold-{tag}-{n}", "everything", AUTH)
+        return RestClient(base, f"cold-{tag}-{n}", profile, AUTH)
 
-    return await first_call(make, samples)
+    # A pooled profile's replacement session starts after each claim: give it the server's start time.
+    return await first_call(make, samples, 2.0 if profile == POOLED_PROFILE else 0.2)
 
 
 async def mcp_session_cold(url: str, samples: int) -> list[float]:

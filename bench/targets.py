@@ -33,6 +33,7 @@ from bench.processes import Proc, free_port, running, spawn, wait_http
 APP_KEY = "bench-app-key"  # the router runs with one app key, as a deployment would
 AUTH = {"Authorization": f"Bearer {APP_KEY}"}
 PROFILE = "everything"
+POOLED_PROFILE = "everything-pooled"
 
 
 class Target(abc.ABC):
@@ -222,6 +223,12 @@ def router_env(data_dir: Path, port: int, extra: dict[str, str] | None = None) -
     catalog = {
         "profiles": {
             PROFILE: {"description": "server-everything (bench)", "command": peers.EVERYTHING},
+            # The same server with a warm pool: a new user's first call claims a started session.
+            POOLED_PROFILE: {
+                "description": "server-everything, pooled (bench)",
+                "command": peers.EVERYTHING,
+                "warm_pool": 3,
+            },
         }
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIER_")}
