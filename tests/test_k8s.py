@@ -9,6 +9,9 @@ they make run on the real node, from the image built from the Dockerfile. `make 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -21,10 +24,14 @@ import pytest
 import yaml
 from mcp import Client
 
-from pier.core.catalog import Catalog, demo_profile
+from pier.cli.redis_server import free_port
+from pier.core.catalog import Catalog, Profile, demo_profile
+from pier.core.mcpsession import session_name
+from pier.router.usersecrets import secret_name
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.realnode import RealCluster, pod_containers
-from tests.servers import ROOT, router_app, wait_until
+from tests.servers import ROOT, get_json, router_app, wait_until, worker_processes
+from tools import helm
 
 pytestmark = pytest.mark.k8s
 NAMESPACE = "pier"
@@ -58,20 +65,23 @@ def node(real_cluster: RealCluster, cluster: ControlPlane) -> Iterator[RealClust
         cluster.kubectl("delete", "mcps", "--all", "-n", NAMESPACE, "--wait=false", check=False)
 
 
-@pytest.fixture
-async def operator(cluster, node, tmp_path) -> AsyncIterator[asyncio.subprocess.Process]:
+@contextlib.asynccontextmanager
+async def _operator(
+    cluster: ControlPlane, node: RealCluster, log_path: Path, profiles: str = DEMO_PROFILE, metrics_port: int = 0
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`pier operator` as its own process, with the operator ServiceAccount's token; its pods run the image built
     from the Dockerfile."""
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.token_kubeconfig(NAMESPACE, "pier-operator")),
         "PIER_NAMESPACE": NAMESPACE,
-        "PIER_PROFILES_INLINE": DEMO_PROFILE,
+        "PIER_PROFILES_INLINE": profiles,
         "PIER_BRIDGE_IMAGE": node.images["pier"].ref,
         "PIER_SYNC_INTERVAL_S": "1",
         "PIER_REPLACE_BACKOFF_S": "0.5",
+        "PIER_METRICS_PORT": str(metrics_port),
     }
-    log = (tmp_path / "operator.log").open("wb")
+    log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pier.cli", "operator", "--health-port", "0", env=env, stdout=log, stderr=log
     )
@@ -85,6 +95,12 @@ async def operator(cluster, node, tmp_path) -> AsyncIterator[asyncio.subprocess.
             proc.kill()
             await proc.wait()
         log.close()
+
+
+@pytest.fixture
+async def operator(cluster, node, tmp_path) -> AsyncIterator[asyncio.subprocess.Process]:
+    async with _operator(cluster, node, tmp_path / "operator.log") as proc:
+        yield proc
 
 
 def _apply(cluster: ControlPlane, manifest: dict) -> subprocess.CompletedProcess[str]:
@@ -269,3 +285,135 @@ async def test_a_spec_change_replaces_the_pod(cluster, operator, node):
     assert after != before
     assert after.startswith("grace-demo-g2-")
     await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", before) is None), timeout=60)
+
+
+def _pods(cluster: ControlPlane, selector: str) -> list[dict]:
+    listing = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout
+    return json.loads(listing)["items"]
+
+
+def _pod_ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+async def _warm(cluster: ControlPlane, size: int) -> list[str]:
+    """The names of the demo profile's pooled pods, once `size` of them are ready and unclaimed."""
+
+    async def full() -> bool:
+        pods = await asyncio.to_thread(_pods, cluster, "pier.dev/pool=demo")
+        usable = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return len(usable) == size and all(_pod_ready(p) for p in usable)
+
+    await wait_until(full, timeout=120, interval=0.5)
+    return sorted(p["metadata"]["name"] for p in await asyncio.to_thread(_pods, cluster, "pier.dev/pool=demo"))
+
+
+async def test_a_new_user_is_bound_to_a_warm_pod_and_the_pool_refills(cluster, node, redis_server, http, tmp_path):
+    pooled = yaml.safe_load(DEMO_PROFILE)
+    pooled["profiles"]["demo"]["warm_pool"] = 2
+    metrics_port = free_port()
+    catalog = Catalog([demo_profile().model_copy(update={"warm_pool": 2})])
+    async with (
+        _operator(cluster, node, tmp_path / "operator.log", yaml.safe_dump(pooled), metrics_port),
+        router_app(redis_server.url, catalog=catalog, **_router_settings(cluster)) as running,
+    ):
+        warm = await _warm(cluster, 2)
+        async with http.post(f"{running.user_url('grace')}/tools/counter/call", json={}) as response:
+            assert (response.status, (await response.json())["result"]["structuredContent"]) == (200, {"result": 1})
+        session = await asyncio.to_thread(_get, cluster, "mcps", session_name("grace", "demo"))
+        bound = session["status"]["podName"]
+        assert bound in warm  # a pod that was running before grace asked: no pod was started for her
+        pod = await asyncio.to_thread(_get, cluster, "pod", bound)
+        assert pod["metadata"]["labels"]["pier.dev/user"] == "grace"
+        assert "pier.dev/pool" not in pod["metadata"]["labels"]
+        assert [o["name"] for o in pod["metadata"]["ownerReferences"]] == [session["metadata"]["name"]]
+        # The pool is full again, with a new pod in place of the claimed one.
+        refilled = await _warm(cluster, 2)
+        assert bound not in refilled
+        assert len(set(refilled) - set(warm)) == 1
+        events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
+                                 f"involvedObject.name={session['metadata']['name']}", "-o", "json").stdout  # fmt: skip
+        assert "Claimed" in {e["reason"] for e in json.loads(events)["items"]}
+        async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            metrics = await response.text()
+        assert 'pier_operator_pool_claims_total{profile="demo"} 1.0' in metrics
+        assert 'pier_operator_pool_size{profile="demo"} 2.0' in metrics
+    # Without the operator nobody keeps the pool: its pods go with the next test's cleanup.
+    cluster.kubectl("delete", "pods", "-n", NAMESPACE, "-l", "pier.dev/pool", "--wait=false", check=False)
+
+
+async def test_a_call_while_the_pod_is_pending_is_handed_off_then_completes(
+    cluster, node, redis_server, http, tmp_path
+):
+    # The demo server behind a three-second start, so the pod is surely not Ready at the call's deadline.
+    slow = {"command": ["sh", "-c", "sleep 3; exec python -m pier.examples.demo_server"]}
+    async with (
+        _operator(cluster, node, tmp_path / "operator.log", yaml.safe_dump({"profiles": {"demo": slow}})),
+        router_app(redis_server.url, catalog=Catalog([demo_profile()]), **_router_settings(cluster)) as running,
+        worker_processes(redis_server.url),
+    ):
+        url = running.user_url("heidi")
+        async with http.post(f"{url}/tools/counter/call", json={"timeout_s": 1}) as response:
+            assert response.status == 202
+            job = await response.json()
+        session = await asyncio.to_thread(_get, cluster, "mcps", session_name("heidi", "demo"))
+        assert (session.get("status") or {}).get("phase") != "Ready"  # handed off before the pod was up
+
+        record: dict = {}
+
+        async def finished() -> bool:
+            record.update(await get_json(http, f"{running.url}{job['poll_url']}"))
+            return record["status"] not in ("queued", "running")
+
+        await wait_until(finished, timeout=120, interval=0.5)
+        assert (record["status"], record["result"]["structuredContent"]) == ("completed", {"result": 1})
+        async with http.post(f"{url}/tools/count/call", json={}) as response:
+            assert (await response.json())["result"]["structuredContent"]["result"] == 1  # it ran exactly once
+
+
+async def test_a_users_own_secret_reaches_only_their_pod(cluster, node, redis_server, http, tmp_path):
+    # The router's Role as the chart renders it when a profile takes users' secrets.
+    with_secrets = {"profiles": {"demo": {"command": ["x"], "user_secrets": {"DEMO_TOKEN": {"required": True}}}}}
+    role = next(
+        o for o in helm.render(with_secrets, name="pier", namespace=NAMESPACE)
+        if o["kind"] == "Role" and o["metadata"]["name"] == "pier-router"
+    )  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
+    profile = Profile.model_validate(
+        {**demo_profile().model_dump(), "user_secrets": {"DEMO_TOKEN": {"required": True}}}
+    )
+    values = {"ivan": "ivan-" + os.urandom(8).hex(), "judy": "judy-" + os.urandom(8).hex()}
+    try:
+        async with (
+            _operator(cluster, node, tmp_path / "operator.log"),
+            router_app(redis_server.url, catalog=Catalog([profile]), **_router_settings(cluster)) as running,
+        ):
+
+            async def env_hash(user: str) -> tuple[int, dict]:
+                async with http.post(
+                    f"{running.user_url(user)}/tools/env_hash/call", json={"arguments": {"name": "DEMO_TOKEN"}}
+                ) as response:
+                    return response.status, await response.json()
+
+            status, body = await env_hash("ivan")
+            assert (status, body["error"]["code"]) == (409, "SECRETS_REQUIRED")
+            for user, value in values.items():
+                async with http.put(f"{running.user_url(user)}/secrets", json={"DEMO_TOKEN": value}) as response:
+                    assert response.status == 204
+            for user, value in values.items():
+                status, body = await env_hash(user)
+                digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+                assert (status, body["result"]["structuredContent"]["result"]) == (200, digest)
+            # Each value lives in its user's Secret, referenced by that user's pod and copied nowhere else.
+            for user, value in values.items():
+                secret = await asyncio.to_thread(_get, cluster, "secret", secret_name(user, "demo"))
+                assert base64.b64decode(secret["data"]["DEMO_TOKEN"]).decode() == value
+                session = await asyncio.to_thread(_get, cluster, "mcps", session_name(user, "demo"))
+                pod = json.dumps(await asyncio.to_thread(_get, cluster, "pod", session["status"]["podName"]))
+                assert secret_name(user, "demo") in pod
+                assert value not in pod + json.dumps(session)
+    finally:
+        cluster.kubectl("delete", "secrets", "-n", NAMESPACE, "-l", "app.kubernetes.io/managed-by=pier-router",
+                        check=False)  # fmt: skip
+        access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))  # deploy/'s Role again
