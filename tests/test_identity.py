@@ -10,6 +10,7 @@ import json
 import logging
 import os
 
+import aiohttp
 import httpx2
 import pytest
 from mcp import Client
@@ -117,6 +118,19 @@ async def test_an_mcp_client_signs_in_with_the_provider_and_uses_its_own_session
             f"{running.url}/v1/users/bob/servers/demo/tools/echo/call", json={"arguments": {}}, headers=token
         ) as response:
             assert response.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{running.url}/v1/users/bob/servers/demo/ws", headers=token)
+        assert refused.value.status == 403
+        # Bob's job (made with the app key): its record, events and cancellation are not alice's.
+        async with http.post(
+            f"{running.url}/v1/users/bob/servers/demo/tools/counter/call",
+            json={"arguments": {"delay_s": 3}, "timeout_s": 0.2}, headers={"X-API-Key": "app-key"},
+        ) as response:  # fmt: skip
+            assert response.status == 202
+            job = (await response.json())["job_id"]
+        for method, path in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+            async with http.request(method, f"{running.url}/v1/jobs/{job}{path}", headers=token) as response:
+                assert response.status == 403, (method, path)
         # The token is in no log line, metric or dashboard field.
         dashboard = json.dumps(await get_json(http, f"{running.url}/v1/dashboard", headers={"X-API-Key": "app-key"}))
         metrics = (await scrape(http, running.url)).samples
