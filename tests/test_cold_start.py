@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pier.core.catalog import Catalog, Profile, demo_profile
 from tests.servers import get_json, router_app, scrape, wait_job, wait_until, worker_processes
+from tests.test_protocol_modern import modern_request, post
+from tests.test_tasks import TASKS
 
 
 def sluggish(mark: Path, seconds: float = 3) -> Profile:
@@ -96,6 +98,28 @@ async def test_the_relay_answers_session_starting_within_the_deadline(http, redi
                 return response.status == 200
 
         await wait_until(initialized, timeout=60)
+
+
+async def test_a_caller_that_takes_tasks_gets_a_task_while_the_session_starts(http, redis_server, tmp_path):
+    mark = tmp_path / "server-started"
+    profile = sluggish(mark).model_copy(update={"call_timeout_s": 1})
+    async with router_app(redis_server.url, Catalog([profile])) as running, worker_processes(redis_server.url):
+        url = running.user_url("alice", "sluggish") + "/mcp"
+        call = modern_request(1, "tools/call", {"name": "counter", "arguments": {}}, TASKS)
+        status, answer = await post(http, url, call)
+        assert not mark.exists()  # a task before the server was up
+        assert (status, answer["result"]["resultType"], answer["result"]["status"]) == (200, "task", "working")
+        task = {"taskId": answer["result"]["taskId"]}
+        done: dict = {}
+
+        async def completed() -> bool:
+            done.update((await post(http, url, modern_request(2, "tasks/get", task, TASKS)))[1]["result"])
+            return done["status"] == "completed"
+
+        await wait_until(completed, timeout=60, interval=0.2)
+        assert done["result"]["structuredContent"] == {"result": 1}
+        status, count = await _call(http, running.user_url("alice", "sluggish"), "count")
+        assert (status, _value(count)) == (200, 1)  # ran once
 
 
 async def test_a_warm_pool_serves_the_first_users_and_refills(http, redis_server):
