@@ -5,7 +5,8 @@ Tools:
 - ``deep(levels)``    answers with a result nested `levels` deep (beyond what Pier passes on)
 - ``notify(method, params)``  sends that notification (a list change, a resource update), then answers
 
-It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`).
+It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`),
+refuses tools it does not have, and writes the name of every tool called to stderr.
 
 Run: ``python tests/rogue_server.py``.
 """
@@ -42,6 +43,8 @@ def answer(request: dict) -> dict | None:
         }
     elif method == "tools/list":
         result = {"tools": TOOLS}
+    elif method == "tools/call" and params.get("name") not in {tool["name"] for tool in TOOLS}:
+        return {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32602, "message": "no such tool"}}
     elif method == "tools/call" and params.get("name") == "deep":
         # Nested under the result: the server's line is valid JSON, just too deep to pass on.
         levels = params["arguments"]["levels"]
@@ -63,7 +66,10 @@ def answer(request: dict) -> dict | None:
 
 def main() -> None:
     for line in sys.stdin:
-        response = answer(json.loads(line))
+        request = json.loads(line)
+        if request.get("method") == "tools/call":
+            print(f"call: {request['params'].get('name')}", file=sys.stderr, flush=True)
+        response = answer(request)
         if response is not None:
             sys.stdout.write(json.dumps(response) + "\n")
             sys.stdout.flush()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pier.core.catalog import Catalog, Profile, demo_profile
-from tests.servers import get_json, router_app, scrape, wait_job, wait_until, worker_processes
+from tests.servers import ROGUE, get_json, router_app, scrape, wait_job, wait_until, worker_processes
 from tests.test_protocol_modern import modern_request, post
 from tests.test_tasks import TASKS
 
@@ -191,3 +191,23 @@ async def _server_up(session, restarts: int) -> bool:
 
 async def _equals(value, expected) -> bool:
     return (await value) == expected
+
+
+async def test_pooled_sessions_are_warmed_up_and_others_are_not(http, redis_server):
+    catalog = Catalog([Profile(name="pooled", command=ROGUE, warm_pool=1), Profile(name="plain", command=ROGUE)])
+    async with router_app(redis_server.url, catalog) as running:
+        pool = running.router.backend.pools["pooled"]
+        await wait_until(lambda: pool.ready, timeout=30)
+        [pooled] = pool.ready
+
+        def calls(session) -> list[str]:
+            return [line for line in session.app_bridge.upstream.transport.stderr_tail if line.startswith("call: ")]
+
+        # One call of a tool no server has, refused by the server before anyone asked for the session.
+        assert calls(pooled) == ["call: pier.warm-up.no-such-tool"]
+        status, body = await _call(http, running.user_url("alice", "pooled"), "echo", message="hi")
+        assert (status, body["result"]["content"][0]["text"]) == (200, "Echo: hi")
+        assert running.router.backend.list("alice") == [pooled]  # she got the warmed one
+        status, _ = await _call(http, running.user_url("alice", "plain"), "echo", message="hi")
+        [plain] = [s for s in running.router.backend.list("alice") if s.key.profile == "plain"]
+        assert calls(plain) == ["call: echo"]  # a user's own session starts without one

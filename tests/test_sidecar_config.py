@@ -19,6 +19,7 @@ def test_settings_come_from_the_environment_then_overrides():
         "PIER_SIDECAR_TOKEN": "s3cret",
         "PIER_SIDECAR_CWD": "/srv",
         "PIER_SIDECAR_START_TIMEOUT_S": "2.5",
+        "PIER_SIDECAR_WARM_UP": "true",
         "PIER_SIDECAR_UNKNOWN": "ignored",
         "PIER_OTHER": "ignored",
     }
@@ -30,6 +31,8 @@ def test_settings_come_from_the_environment_then_overrides():
     assert "s3cret" not in repr(settings)
     assert settings.cwd == Path("/srv")
     assert settings.start_timeout_s == 2.5
+    assert settings.warm_up is True
+    assert SidecarSettings.from_env({"PIER_SIDECAR_WARM_UP": "false"}).warm_up is False
     assert SidecarSettings(token="t").token.get_secret_value() == "t"
 
 
@@ -41,6 +44,7 @@ def test_settings_come_from_the_environment_then_overrides():
         {"PIER_SIDECAR_MAX_CONCURRENT_CALLS": "0"},
         {"PIER_SIDECAR_START_TIMEOUT_S": "0"},
         {"PIER_SIDECAR_COMMAND": "node server.js"},
+        {"PIER_SIDECAR_WARM_UP": "maybe"},
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env):

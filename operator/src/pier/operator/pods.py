@@ -20,6 +20,7 @@ from pier.core.mcpsession import (
 from pier.operator.config import OperatorSettings
 
 BRIDGE_PORT = 8080
+BRIDGE_CONTAINER = "bridge"
 SERVER_CONTAINER = "server"  # attach mode: the server's own container
 IO_DIR = "/pier/io"  # the emptyDir shared by the bridge and the server container (attach mode)
 TMP_DIR = "/tmp"
@@ -81,7 +82,7 @@ def build_pod(
         )
     mounts = [{"name": "tmp", "mountPath": TMP_DIR}]
     bridge: dict[str, Any] = {
-        "name": "bridge",
+        "name": BRIDGE_CONTAINER,
         "image": settings.bridge_image,
         "ports": [{"name": "http", "containerPort": BRIDGE_PORT}],
         "readinessProbe": _probe("/readyz", 2, 3),
@@ -183,6 +184,9 @@ def pooled_pod(profile: Profile, settings: OperatorSettings, suffix: str) -> dic
         user_id="pool", server=ServerSpec(profile=profile.name), max_concurrent_calls=profile.max_concurrent_calls
     )
     pod = build_pod(f"pool-{profile.name}", "", 0, 0, spec, profile, settings)
+    # Nobody waits for a pooled pod's start, its first user's call will: the bridge warms the server up.
+    bridge = next(c for c in pod["spec"]["containers"] if c["name"] == BRIDGE_CONTAINER)
+    bridge["env"].append({"name": "PIER_SIDECAR_WARM_UP", "value": "true"})
     pod["metadata"] = {
         "name": f"pool-{profile.name}-{suffix}",
         "labels": {

@@ -87,6 +87,10 @@ class SidecarSettings:
     # through), or `auto`: the handshake, and 2026-07-28 only for a server that refuses it.
     server_era: str = "auto"
     input_wait_s: float = _bounded(300.0, gt=0)  # a call waiting for its caller's input (MRTR) is cancelled after
+    # Warm pools set it: once the server is initialized, one call of a tool no server has
+    # (`WARM_UP_TOOL`), so a pooled session's first real call does not pay for the server's first
+    # run through its call path (V8 compiling it, lazy imports: ~10 ms for server-everything).
+    warm_up: bool = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -113,6 +117,9 @@ class SidecarSettings:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     """`value` (given in code, or a string from the environment) as the field's type."""
     where = f"{ENV_PREFIX}{name.upper()}"
@@ -132,6 +139,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return list(items)
         if hint is Secret:
             return value if isinstance(value, Secret) else Secret(str(value))
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() not in _BOOLEANS:
+                raise ValueError("expected true or false")
+            return _BOOLEANS[str(value).lower()]
         if hint in (int, float):
             if isinstance(value, bool):
                 raise ValueError("expected a number")

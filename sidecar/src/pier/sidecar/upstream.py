@@ -47,6 +47,7 @@ HANDSHAKE_VERSION = "2025-11-25"
 # What the bridge offers the server: it can relay these to whichever client is calling.
 BRIDGE_CAPABILITIES = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
 BRIDGE_INFO = {"name": "pier-bridge", "version": __version__}
+WARM_UP_TOOL = "pier.warm-up.no-such-tool"  # what a warming bridge calls (settings.warm_up)
 
 
 class Upstream:
@@ -232,6 +233,14 @@ class Upstream:
             }
         if "tools" in (self.init_result or {}).get("capabilities", {}):
             await self._refresh_tools(timeout)
+            if self.settings.warm_up:
+                await self._warm_up(timeout)
+
+    async def _warm_up(self, timeout: float) -> None:
+        """Call a tool that cannot exist, once: every server refuses it (so nothing happens), and
+        answering runs the server's whole call path before a user's first call needs it."""
+        with contextlib.suppress(PierError, TimeoutError):
+            await self._internal_request("tools/call", {"name": WARM_UP_TOOL, "arguments": {}}, timeout)
 
     def for_server(
         self, message: Message, client: ClientSession | None = None, log_level: str | None = None

@@ -37,6 +37,9 @@ log = logging.getLogger("pier.router.local")
 
 
 POOLED = ""  # the user of a pooled session: nobody (no user id is empty)
+# A claim's replacement starts a little later: spawning a server blocks the event loop for ~10 ms
+# (fork and exec), which the claimant's first call, under way on that loop, should not wait for.
+REFILL_AFTER_CLAIM_S = 0.25
 
 
 @dataclass
@@ -163,7 +166,8 @@ class LocalBackend(SessionBackend):
 
     async def _start_bridge(self, key: SessionKey, profile: Profile, env: dict[str, str]) -> LocalSession:
         try:
-            session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env)
+            # A pooled session is warmed up: nobody waits for its start, its first user's call will.
+            session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, key.user == POOLED)
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
         self.metrics.sessions_started.labels(profile.name).inc()
@@ -188,7 +192,7 @@ class LocalBackend(SessionBackend):
             if session.alive:
                 pool.claims += 1
                 self.metrics.pool_claims.labels(profile.name).inc()
-                self._pool_changed(pool)
+                self._pool_changed(pool, REFILL_AFTER_CLAIM_S)
                 self._bind(session, key)
                 log.info("pooled session claimed", extra={"user": key.user, "profile": key.profile})
                 return session
@@ -198,20 +202,22 @@ class LocalBackend(SessionBackend):
         self._pool_changed(pool)
         return None
 
-    def _pool_changed(self, pool: WarmPool) -> None:
+    def _pool_changed(self, pool: WarmPool, after_s: float = 0.0) -> None:
         self.metrics.pool_ready.labels(pool.profile.name).set(len(pool.ready))
-        self._refill(pool)
+        self._refill(pool, after_s)
 
-    def _refill(self, pool: WarmPool) -> None:
-        """Start sessions until the pool is full, in the room users leave free."""
+    def _refill(self, pool: WarmPool, after_s: float = 0.0) -> None:
+        """Start sessions (after `after_s`) until the pool is full, in the room users leave free."""
         while len(pool.ready) + len(pool.starting) < pool.size and self._room() > 0:
             task = asyncio.create_task(
-                self._start_pooled(pool), name=f"pier-pool-{pool.profile.name}", context=contextvars.Context()
-            )
+                self._start_pooled(pool, after_s), name=f"pier-pool-{pool.profile.name}",
+                context=contextvars.Context(),
+            )  # fmt: skip
             pool.starting.add(task)
             task.add_done_callback(pool.starting.discard)
 
-    async def _start_pooled(self, pool: WarmPool) -> None:
+    async def _start_pooled(self, pool: WarmPool, after_s: float) -> None:
+        await asyncio.sleep(after_s)
         started = time.monotonic()
         try:
             session = await self._start_bridge(SessionKey(POOLED, pool.profile.name), pool.profile, {})

@@ -123,10 +123,13 @@ class Runtime(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
+    async def start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
+    ) -> LocalSession:
         """A started session (its server initialized, its tools listed); PierError when it cannot start.
 
-        `env`: more environment for the server alone (the user's own secrets).
+        `env`: more environment for the server alone (the user's own secrets). `warm_up`: the bridge
+        runs the server once through its call path before it is ready (pooled sessions).
         """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
@@ -158,7 +161,9 @@ class InProcessRuntime(Runtime):
         self._saved_level = self._bridge_logger.level
         self._bridge_logger.setLevel(settings.sidecar_log_level.upper())
 
-    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
+    async def start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
+    ) -> LocalSession:
         s = self.settings
         # What a bridge process would read from its environment: the profile's PIER_SIDECAR_*
         # values, then the router's choices. The server gets what it would get from a bridge
@@ -167,7 +172,7 @@ class InProcessRuntime(Runtime):
         settings = SidecarSettings.from_env(
             profile.env, command=profile.command, host="127.0.0.1", port=0, cwd=profile.cwd, token=token,
             max_concurrent_calls=profile.max_concurrent_calls, start_timeout_s=s.session_start_timeout_s,
-            log_level=s.sidecar_log_level, **self.tls_settings(),
+            log_level=s.sidecar_log_level, warm_up=warm_up, **self.tls_settings(),
         )  # fmt: skip
         server_env = {
             **clean_env(),
@@ -209,7 +214,9 @@ class ProcessRuntime(Runtime):
         self.http = http
         self.ssl = ssl
 
-    async def start(self, key: SessionKey, profile: Profile, token: str, env: dict[str, str]) -> LocalSession:
+    async def start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
+    ) -> LocalSession:
         env = {
             **clean_env(),  # the router's own settings (keys!) never reach a session
             **profile.env,
@@ -218,6 +225,7 @@ class ProcessRuntime(Runtime):
             "PIER_SIDECAR_MAX_CONCURRENT_CALLS": str(profile.max_concurrent_calls),
             "PIER_SIDECAR_START_TIMEOUT_S": str(self.settings.session_start_timeout_s),
             "PIER_SIDECAR_LOG_LEVEL": self.settings.sidecar_log_level,
+            "PIER_SIDECAR_WARM_UP": str(warm_up).lower(),
             **{ENV_PREFIX + name.upper(): str(path) for name, path in self.tls_settings().items()},
         }
         proc = await asyncio.create_subprocess_exec(
