@@ -264,6 +264,11 @@ class _CallPoster:
             raise BenchError(f"HTTP {response.status}: {str(payload)[:300]}")
         check_echo(payload["result"])
 
+    async def connect(self, url: str) -> None:
+        """Open the keep-alive connection (a GET of `url` on the same host) before any call."""
+        async with self.http.get(url) as response:
+            await response.read()
+
     async def close(self) -> None:
         await self.http.close()
 

@@ -287,7 +287,10 @@ def markdown(results: dict[str, Any]) -> str:
         ("sidecar_listening_ms", "`pier sidecar` spawn → listening"),
         ("sidecar_ready_ms", "`pier sidecar` spawn → ready (server initialized)"),
         ("router_first_call_ms", "router: a new user's first call (session started by it)"),
-        ("router_pooled_first_call_ms", "router: a new user's first call, warm pool (a started session claimed)"),
+        (
+            "router_pooled_first_call_ms",
+            "router: a new user's first call, warm pool (a started session claimed; an open connection)",
+        ),
         ("supergateway_first_call_ms", "supergateway: a new session's initialize + first call"),
     ):
         d = results["cold_start"].get(key)

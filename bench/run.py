@@ -114,7 +114,7 @@ class Bench:
             samples = await scenarios.router_cold(base, self.cfg.cold_samples, "a")
             self.cold["router_first_call_ms"] = describe(samples)
             log(f"  new user's first call: median {self.cold['router_first_call_ms']['median']:.0f} ms")
-            samples = await scenarios.router_cold(base, self.cfg.cold_samples, "p", targets.POOLED_PROFILE)
+            samples = await scenarios.router_pooled_cold(base, self.cfg.cold_samples)
             self.cold["router_pooled_first_call_ms"] = describe(samples)
             log(f"  ...with a warm pool: median {self.cold['router_pooled_first_call_ms']['median']:.0f} ms")
             await self._sweeps(rest, "one", "many")
