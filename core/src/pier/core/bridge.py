@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import aiohttp
+from aiohttp import web
 
 from pier.core.errors import PierError
-from pier.core.jsonrpc import dumps, loads
+from pier.core.jsonrpc import Message, dumps, loads
 
 CallStatus = Literal["running", "completed", "failed", "cancelled"]
 
@@ -177,10 +179,23 @@ class BridgeStatus:
 # -- the handle --------------------------------------------------------------------------------
 
 
+class McpHandler(Protocol):
+    """A bridge's `/mcp` handler in this process: it serves a request whose body is parsed already."""
+
+    async def handle(
+        self, request: web.Request, payload: Any, output: Callable[[Message], Awaitable[Message]] | None = None
+    ) -> web.StreamResponse: ...
+
+
 class BridgeHandle(Protocol):
     """One session's bridge, wherever it runs."""
 
     endpoint: Endpoint  # where it is served over HTTP (the relay and the job pool reach it there)
+
+    @property
+    def mcp(self) -> McpHandler | None:
+        """A bridge in this process: its `/mcp` handler, which the relay hands requests directly."""
+        ...
 
     async def start_call(self, request: CallRequest) -> CallAnswer:
         """Start (or join) a call and wait up to `request.wait_s`; PierError when it is refused."""
@@ -210,6 +225,7 @@ class HttpBridge:
         self.http = http
         self.endpoint = endpoint
         self.ssl = ssl_context
+        self.mcp: McpHandler | None = None  # reached over HTTP only
 
     async def _request(self, method: str, path: str, timeout: float, body: Any = None) -> tuple[int, dict[str, Any]]:
         try:

@@ -45,7 +45,6 @@ from pier.router.context import Router, read_request_body, router_of
 from pier.router.ingress import Ingress, user_of
 from pier.router.middleware import RECEIVED
 from pier.router.tasks import Tasks, wants_tasks
-from pier.sidecar.embedded import InProcessBridge
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = (
@@ -304,8 +303,7 @@ async def _to_bridge(
             message = advertise(message)
         return await exchange.check_output(message) if inspect else message
 
-    bridge = session.bridge
-    if isinstance(bridge, InProcessBridge):
+    if session.bridge.mcp is not None:
         # The bridge is in this process: its handler serves this very request, body parsed already.
         if request.method == "POST":
             if request.content_type != "application/json":
@@ -314,7 +312,7 @@ async def _to_bridge(
                 return json_response(error_response(None, PARSE_ERROR, "Parse error: the body is not valid JSON"), 400)
         filtered = output if inspect or advertise.needed else None
         with router.streaming():
-            return await bridge.bridge.mcp.handle(request, payload, filtered)
+            return await session.bridge.mcp.handle(request, payload, filtered)
     return await _forward(router, request, session, headers, body, output if inspect or advertise.needed else None)
 
 

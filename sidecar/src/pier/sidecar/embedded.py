@@ -22,6 +22,7 @@ class InProcessBridge:
     def __init__(self, bridge: Bridge, endpoint: Endpoint) -> None:
         self.bridge = bridge
         self.endpoint = endpoint
+        self.mcp = bridge.mcp
 
     async def start_call(self, request: CallRequest) -> CallAnswer:
         try:
