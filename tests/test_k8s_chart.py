@@ -151,8 +151,17 @@ async def test_operator_replicas_share_the_work_and_replacements_take_over(real_
         session_pods = await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice")
         assert len(session_pods["items"]) == 1  # two replicas, yet no second pod and no replacement
         # Both replicas go at once; their replacements must not wait out the departed peers' records.
-        await asyncio.to_thread(
-            cp.kubectl, "delete", "pod", "-l", "app.kubernetes.io/component=operator", "-n", namespace
-        )
+        operators = "app.kubernetes.io/component=operator"
+        old = {
+            p["metadata"]["name"] for p in (await asyncio.to_thread(kubectl, "get", "pods", "-l", operators))["items"]
+        }
+        await asyncio.to_thread(cp.kubectl, "delete", "pod", "-l", operators, "-n", namespace, "--wait=false")
+
+        async def departed() -> bool:
+            # A loaded node can take longer than kubectl's own wait to tear a pod down: poll instead.
+            pods = await asyncio.to_thread(kubectl, "get", "pods", "-l", operators)
+            return not old & {p["metadata"]["name"] for p in pods["items"]}
+
+        await wait_until(departed, timeout=180, interval=1)
         await served("bob")
         assert len((await asyncio.to_thread(kubectl, "get", "pods", "-l", "pier.dev/user=alice"))["items"]) == 1

@@ -94,7 +94,7 @@ async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> w
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=5)  # a scrape in flight must not hold up the operator's exit
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
