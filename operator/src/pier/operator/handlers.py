@@ -40,6 +40,7 @@ from pier.core.mcpsession import (
     ServerInfo,
     status_patch,
 )  # fmt: skip
+from pier.core.poolmetrics import PoolMetrics
 from pier.operator import pool
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, SERVER_CONTAINER, build_pod
@@ -76,7 +77,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.http = aiohttp.ClientSession()
     memo.bridge_token = await asyncio.to_thread(_bridge_token, memo.core, ours)
     await asyncio.to_thread(_ensure_peering, memo.custom, ours.namespace)
-    memo.pool_metrics = pool.PoolMetrics()
+    memo.pool_metrics = PoolMetrics(CollectorRegistry(), "operator", "pod")
     memo.pool_lock = asyncio.Lock()
     memo.pool_created = {}  # pooled pod name → when it was created (for the refill time)
     host = memo.get("listen_host", "0.0.0.0")

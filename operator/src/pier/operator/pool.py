@@ -20,29 +20,12 @@ from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pier.core.catalog import Profile
-from pier.core.defaults import LATENCY_BUCKETS
 from pier.core.mcpsession import POOL_LABEL, MCPSessionSpec
 from pier.operator.pods import claim_patch, pooled_pod
 
 log = logging.getLogger("pier.operator.pool")
-
-
-class PoolMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.size = Gauge("pier_operator_pool_size", "warm pool size, by profile", ["profile"], registry=r)
-        self.ready = Gauge("pier_operator_pool_ready", "pooled pods ready to be claimed", ["profile"], registry=r)
-        self.claims = Counter("pier_operator_pool_claims", "sessions bound to a pooled pod", ["profile"], registry=r)
-        self.misses = Counter(
-            "pier_operator_pool_misses", "sessions of a pooled profile that found no ready pod", ["profile"], registry=r
-        )
-        self.refill_seconds = Histogram(
-            "pier_operator_pool_refill_seconds", "pooled pod created → Ready", ["profile"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
 
 
 def poolable(spec: MCPSessionSpec, profile: Profile | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pier.core.defaults import LATENCY_BUCKETS
+from pier.core.poolmetrics import PoolMetrics
 
 
 class RouterMetrics:
@@ -57,17 +58,4 @@ class RouterMetrics:
         self.redis_errors = Counter(
             "pier_router_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
-        self.pool_size = Gauge("pier_router_pool_size", "warm pool size, by profile", ["profile"], registry=r)
-        self.pool_ready = Gauge(
-            "pier_router_pool_ready", "pooled sessions ready to be claimed, by profile", ["profile"], registry=r
-        )
-        self.pool_claims = Counter(
-            "pier_router_pool_claims", "new users' sessions taken from the warm pool", ["profile"], registry=r
-        )
-        self.pool_misses = Counter(
-            "pier_router_pool_misses", "new users' sessions started because the pool was empty", ["profile"], registry=r
-        )
-        self.pool_refill_seconds = Histogram(
-            "pier_router_pool_refill_seconds", "time to start a pooled session", ["profile"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.pool = PoolMetrics(r, "router", "session")

@@ -86,7 +86,7 @@ class LocalBackend(SessionBackend):
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="pier-local-reaper")
         for pool in self.pools.values():
-            self.metrics.pool_size.labels(pool.profile.name).set(pool.size)
+            self.metrics.pool.size.labels(pool.profile.name).set(pool.size)
             self._refill(pool)
 
     async def close(self) -> None:
@@ -191,19 +191,19 @@ class LocalBackend(SessionBackend):
             session = pool.ready.pop(0)
             if session.alive:
                 pool.claims += 1
-                self.metrics.pool_claims.labels(profile.name).inc()
+                self.metrics.pool.claims.labels(profile.name).inc()
                 self._pool_changed(pool, REFILL_AFTER_CLAIM_S)
                 self._bind(session, key)
                 log.info("pooled session claimed", extra={"user": key.user, "profile": key.profile})
                 return session
             self._spawn_stop(session)
         pool.misses += 1
-        self.metrics.pool_misses.labels(profile.name).inc()
+        self.metrics.pool.misses.labels(profile.name).inc()
         self._pool_changed(pool)
         return None
 
     def _pool_changed(self, pool: WarmPool, after_s: float = 0.0) -> None:
-        self.metrics.pool_ready.labels(pool.profile.name).set(len(pool.ready))
+        self.metrics.pool.ready.labels(pool.profile.name).set(len(pool.ready))
         self._refill(pool, after_s)
 
     def _refill(self, pool: WarmPool, after_s: float = 0.0) -> None:
@@ -223,9 +223,9 @@ class LocalBackend(SessionBackend):
             session = await self._start_bridge(SessionKey(POOLED, pool.profile.name), pool.profile, {})
         except PierError:
             return  # logged and counted; the next claim or reaper round tries again
-        self.metrics.pool_refill_seconds.labels(pool.profile.name).observe(time.monotonic() - started)
+        self.metrics.pool.refill_seconds.labels(pool.profile.name).observe(time.monotonic() - started)
         pool.ready.append(session)
-        self.metrics.pool_ready.labels(pool.profile.name).set(len(pool.ready))
+        self.metrics.pool.ready.labels(pool.profile.name).set(len(pool.ready))
 
     def _room(self) -> int:
         """Sessions that may still start without evicting anyone."""
@@ -251,7 +251,7 @@ class LocalBackend(SessionBackend):
             pooled = next((pool for pool in self.pools.values() if pool.ready), None)
             if pooled is not None:
                 await pooled.ready.pop().stop()
-                self.metrics.pool_ready.labels(pooled.profile.name).set(len(pooled.ready))
+                self.metrics.pool.ready.labels(pooled.profile.name).set(len(pooled.ready))
                 continue
             refill = next((task for pool in self.pools.values() for task in pool.starting), None)
             if refill is not None:  # a pooled session still starting yields its room too
