@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -44,7 +46,7 @@ DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": ["python", "-m",
 def cluster(real_cluster: RealCluster) -> Iterator[ControlPlane]:
     plane = real_cluster.cp
     # deploy/'s CRDs, namespace and RBAC; not its workloads: these tests run operator and router themselves.
-    plane.kubectl("apply", "-f", str(ROOT / "deploy" / "crds"))
+    plane.apply_crds(ROOT / "deploy" / "crds")
     access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
     plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))
     try:
@@ -130,6 +132,14 @@ async def _ready(cluster: ControlPlane, name: str) -> dict:
     return await asyncio.to_thread(_get, cluster, "mcps", name)
 
 
+def _events(cluster: ControlPlane, name: str) -> dict[str, dict]:
+    """The session's Events by reason (the last of each)."""
+    out = cluster.kubectl(
+        "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    )
+    return {e["reason"]: e for e in json.loads(out.stdout)["items"]}
+
+
 def _router_settings(cluster: ControlPlane) -> dict:
     return {
         "backend": "kubernetes",
@@ -177,10 +187,7 @@ async def test_pods_are_replaced_and_crashes_counted(cluster, operator, node):
     await wait_until(replaced, timeout=90, interval=0.3)
     status = (await asyncio.to_thread(_get, cluster, "mcps", "bob-demo"))["status"]
     assert status["replacements"] == 1
-    events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
-                             "involvedObject.name=bob-demo", "-o", "json").stdout  # fmt: skip
-    reasons = {e["reason"] for e in json.loads(events)["items"]}
-    assert {"Started", "Ready", "Replaced"} <= reasons
+    assert {"Started", "Ready", "Replaced"} <= set(_events(cluster, "bob-demo"))
 
     # The bridge's process, killed from the host: the kubelet restarts the container.
     bridge = pod_containers(cluster, NAMESPACE, status["podName"])["bridge"]
@@ -199,15 +206,16 @@ async def test_deleting_a_session_deletes_its_pod_and_idle_ones_are_reaped(clust
     cluster.kubectl("delete", "mcps", "carol-demo", "-n", NAMESPACE)
     await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", pod) is None), timeout=60)
 
-    _apply(cluster, _session("busy", "erin", ttl=2))
+    # `busy`'s TTL leaves the test time to see it Ready and start its call before it is idle that long.
+    _apply(cluster, _session("busy", "erin", ttl=5))
     busy = (await _ready(cluster, "busy"))["status"]["endpoint"]
     # A call that runs far longer than the TTL keeps its session alive the whole time.
-    async with http.post(f"{busy}/v1/calls", json={"tool": "slow", "arguments": {"seconds": 12}, "wait_s": 0}) as r:
+    async with http.post(f"{busy}/v1/calls", json={"tool": "slow", "arguments": {"seconds": 60}, "wait_s": 0}) as r:
         call = (await r.json())["call_id"]
     _apply(cluster, _session("idle", "dave", ttl=2))
     await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "mcps", "idle") is None), timeout=60)
-    events = json.loads(cluster.kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout)["items"]
-    assert any(e["reason"] == "Reaped" and e["involvedObject"]["name"] == "idle" for e in events)
+    await asyncio.sleep(6)  # `busy` has now run its call for longer than its TTL, whatever `idle` took
+    assert "Reaped" in _events(cluster, "idle")
     async with http.get(f"{busy}/v1/calls/{call}") as r:
         assert (await r.json())["status"] == "running"  # still going, well past the TTL...
     assert await asyncio.to_thread(_get, cluster, "mcps", "busy") is not None  # ...and its session still here
@@ -331,13 +339,23 @@ async def test_a_new_user_is_bound_to_a_warm_pod_and_the_pool_refills(cluster, n
         refilled = await _warm(cluster, 2)
         assert bound not in refilled
         assert len(set(refilled) - set(warm)) == 1
-        events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
-                                 f"involvedObject.name={session['metadata']['name']}", "-o", "json").stdout  # fmt: skip
-        assert "Claimed" in {e["reason"] for e in json.loads(events)["items"]}
+        assert "Claimed" in _events(cluster, session["metadata"]["name"])
         async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             metrics = await response.text()
         assert 'pier_operator_pool_claims_total{profile="demo"} 1.0' in metrics
         assert 'pier_operator_pool_size{profile="demo"} 2.0' in metrics
+
+        # A session applied with a short TTL claims a pod that has idled in the pool for a while: its
+        # idle time counts from the claim, not from the pod's warm-up (which would reap it at once).
+        await asyncio.sleep(8)  # the pool's pods idle 8 s more: a precondition, not a measurement
+        applied = time.time()
+        _apply(cluster, _session("henry-demo", "henry", ttl=3))
+        assert (await _ready(cluster, "henry-demo"))["status"]["podName"] in refilled
+        await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "mcps", "henry-demo") is None), timeout=60)
+        reaped = _events(cluster, "henry-demo")["Reaped"]
+        idle_s = int(reaped["message"].split()[2])  # "idle for N s (ttlSeconds 3)"
+        at = dt.datetime.fromisoformat(reaped["firstTimestamp"].replace("Z", "+00:00")).timestamp()
+        assert 3 <= idle_s <= at - applied + 2  # + 2: the timestamps' whole seconds
     # Without the operator nobody keeps the pool: its pods go with the next test's cleanup.
     cluster.kubectl("delete", "pods", "-n", NAMESPACE, "-l", "pier.dev/pool", "--wait=false", check=False)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pier.core.catalog import Profile
-from pier.core.mcpsession import MCPSessionSpec, label_value
+from pier.core.mcpsession import MCPSessionSpec, MCPSessionStatus, label_value
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import IO_DIR, build_pod
 from tests.servers import ROOT
@@ -135,3 +135,15 @@ def test_the_operator_folder_never_shadows_the_stdlib_operator():
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert done.stdout.strip().endswith("operator.py")
+
+
+def test_a_session_is_idle_only_from_when_it_became_ready():
+    ready = MCPSessionStatus.model_validate(
+        {
+            "phase": "Ready",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-30T12:00:05Z"}],
+        }
+    )
+    assert ready.ready_since() == 1796040005.0
+    starting = {"type": "Ready", "status": "False", "lastTransitionTime": "2026-11-30T12:00:05Z"}
+    assert MCPSessionStatus.model_validate({"conditions": [starting]}).ready_since() == 0.0

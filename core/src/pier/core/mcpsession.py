@@ -8,6 +8,7 @@ patch of what changed, `status_patch`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from typing import Any, Literal
@@ -110,6 +111,17 @@ class MCPSessionStatus(Strict):
     @property
     def serving(self) -> bool:
         return self.phase == "Ready" and bool(self.endpoint)
+
+    def ready_since(self) -> float:
+        """When the session last became Ready (a POSIX time; 0.0 when it is not Ready).
+
+        Its idle time counts from here at the earliest: a session nobody could reach yet is not idle,
+        and a warm pod claimed now is not idle for all the time it waited in the pool.
+        """
+        for condition in self.conditions or []:
+            if condition.type == "Ready" and condition.status == "True" and condition.last_transition_time:
+                return dt.datetime.fromisoformat(condition.last_transition_time.replace("Z", "+00:00")).timestamp()
+        return 0.0
 
     def not_ready_reason(self) -> str:
         """Why the session is not Ready, as its Ready condition says."""

@@ -370,7 +370,8 @@ async def _write_status(
 
 
 async def reap_if_idle(session: dict[str, Any], status: MCPSessionStatus, memo: kopf.Memo) -> None:
-    """Delete a session whose bridge has had nothing in flight and no activity for `ttlSeconds`."""
+    """Delete a session whose bridge has had nothing in flight and no activity for `ttlSeconds`
+    since the session became Ready."""
     ttl = int((session.get("spec") or {}).get("ttlSeconds") or 0)
     if not ttl or not status.serving:
         return
@@ -378,7 +379,7 @@ async def reap_if_idle(session: dict[str, Any], status: MCPSessionStatus, memo: 
     bridge = await _bridge_status(memo, status.endpoint)
     if bridge is None:
         return  # activity unknown: never reap on a guess
-    idle_s = bridge.idle_for(_now().timestamp())
+    idle_s = bridge.idle_for(_now().timestamp(), status.ready_since())
     if bridge.busy or idle_s < ttl:
         return
     meta = session["metadata"]
