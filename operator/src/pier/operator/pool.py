@@ -54,6 +54,13 @@ async def _pooled_pods(memo: kopf.Memo) -> list[Any]:
 
 async def maintain(memo: kopf.Memo) -> None:
     """Bring every pool to its size: create what is missing, delete what is surplus or broken."""
+    # Under the claims' lock: a listing taken while a claim binds a pod and creates its replacement
+    # would count both, and delete a ready pooled pod as surplus.
+    async with memo.pool_lock:
+        await _maintain(memo)
+
+
+async def _maintain(memo: kopf.Memo) -> None:
     profiles = {p.name: p for p in memo.catalog.profiles.values() if p.pooled}
     by_profile: dict[str, list[Any]] = {name: [] for name in profiles}
     for pod in await _pooled_pods(memo):
@@ -65,7 +72,7 @@ async def maintain(memo: kopf.Memo) -> None:
             continue
         by_profile[name].append(pod)
     for name, profile in profiles.items():
-        pods = by_profile[name]
+        pods = sorted(by_profile[name], key=lambda pod: not _ready(pod))  # surplus: the least ready go
         for pod in pods[profile.warm_pool :]:
             await _delete(memo, pod)
         pods = pods[: profile.warm_pool]
