@@ -33,8 +33,7 @@ def cluster(tmp_path_factory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("k8s-chart"), build_controlplane())
     plane.start()
     try:
-        plane.kubectl("apply", "-f", str(helm.CHART / "crds"))  # as `helm install` does before the templates
-        plane.kubectl("wait", "--for=condition=established", "crd/mcpsessions.pier.dev")
+        plane.apply_crds(helm.CHART / "crds")  # as `helm install` does before the templates
         yield plane
     finally:
         plane.stop()

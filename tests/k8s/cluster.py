@@ -270,6 +270,12 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def apply_crds(self, path: Path) -> None:
+        """Install CRDs and make kubectl see them at once (its discovery cache would hide them for minutes)."""
+        self.kubectl("apply", "-f", str(path))
+        self.kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=60s")
+        shutil.rmtree(self.work_dir / "kubectl-cache", ignore_errors=True)
+
     def kubectl(
         self,
         *args: str,
