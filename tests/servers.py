@@ -113,6 +113,7 @@ async def get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, 
 async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: object) -> AsyncIterator[RunningRouter]:
     """A router served in-process on a free loopback port, with the demo and everything profiles."""
     from pier.core.catalog import Catalog, Profile, demo_profile
+    from pier.core.web import tcp_site
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
     from pier.router.context import ROUTER
@@ -124,7 +125,7 @@ async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: ob
     try:
         await runner.setup()
         context = app[ROUTER].ssl_context
-        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
+        site = tcp_site(runner, "127.0.0.1", port, context)  # as `pier up` listens
         await site.start()
         scheme = "https" if context else "http"
         yield RunningRouter(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}", app[ROUTER])

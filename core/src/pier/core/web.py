@@ -16,6 +16,10 @@ from pier.core.jsonrpc import dumps
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# aiohttp listens with a backlog of 128: a burst of a few hundred connections to a busy event loop
+# overflows it, and a handshake dropped for long enough ends in a reset the client sees. The kernel
+# caps this at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096
 
 
 class CoalescedSSE(web.StreamResponse):
@@ -23,6 +27,11 @@ class CoalescedSSE(web.StreamResponse):
     rather than in a write of their own."""
 
     _send_headers_immediately = False
+
+
+def tcp_site(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.TCPSite:
+    """A listening site for `runner`, with room for bursts of connections (`LISTEN_BACKLOG`)."""
+    return web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
 
 
 def peer_gone(request: web.Request) -> bool:
@@ -96,7 +105,7 @@ async def serve(
     try:
         # Inside the try: a start that fails half-way still closes what its cleanup contexts opened.
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = tcp_site(runner, host, port, ssl_context)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host

@@ -34,6 +34,7 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import loads
 from pier.core.process import clean_env, die_with_parent
 from pier.core.tls import server_context
+from pier.core.web import tcp_site
 from pier.router.backends.base import Session, SessionKey
 from pier.router.config import RouterSettings
 from pier.sidecar.app import BRIDGE, Bridge, create_app
@@ -193,7 +194,7 @@ class InProcessRuntime(Runtime):
                 ssl_context = server_context(
                     settings.tls_cert, settings.tls_key or settings.tls_cert, settings.tls_client_ca
                 )
-            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+            site = tcp_site(runner, "127.0.0.1", 0, ssl_context)
             await site.start()
             scheme = "https" if ssl_context else "http"
             bridge.endpoint = Endpoint(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}", token)
