@@ -4,6 +4,7 @@ Tools:
 - ``echo(message)``   answers normally
 - ``deep(levels)``    answers with a result nested `levels` deep (beyond what Pier passes on)
 - ``notify(method, params)``  sends that notification (a list change, a resource update), then answers
+- ``loose(x)``        answers like echo; its inputSchema is not a valid JSON Schema
 
 It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`),
 refuses tools it does not have, and writes the name of every tool called to stderr.
@@ -20,6 +21,7 @@ TOOLS = [
     {"name": "echo", "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}}},
     {"name": "deep", "inputSchema": {"type": "object", "properties": {"levels": {"type": "integer"}}}},
     {"name": "notify", "inputSchema": {"type": "object", "properties": {"method": {"type": "string"}}}},
+    {"name": "loose", "inputSchema": {"type": "object", "properties": {"x": {"type": "no-such-type"}}}},
 ]
 SUBSCRIBED: set[str] = set()
 

@@ -6,7 +6,7 @@ from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pier.core.bridge import CallAnswer
-from tests.servers import DEMO, bridge_app, get_json, wait_until
+from tests.servers import DEMO, ROGUE, bridge_app, get_json, wait_until
 
 
 async def _post(http, url: str, body: dict) -> tuple[int, dict]:
@@ -218,3 +218,17 @@ def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
         },
     ]:
         assert _FlatSchema.of(schema) is None, schema
+
+
+async def test_arguments_are_judged_by_each_bridge_alike_and_an_invalid_schema_by_the_server(http, caplog):
+    # Two bridges in one process share compiled schemas (as a router's in-process sessions do), one
+    # of them warmed up (compiled before its first call): each refuses what breaks a schema.
+    async with bridge_app(command=ROGUE) as one, bridge_app(command=ROGUE, warm_up=True) as two:
+        for running in (one, two):
+            status, body = await _post(http, running.url, {"tool": "echo", "arguments": {"message": 42}})
+            assert (status, body["error"]["code"]) == (422, "INVALID_ARGUMENTS")
+            # A schema that is not one cannot judge anything: the server does.
+            status, body = await _post(http, running.url, {"tool": "loose", "arguments": {"x": 1}})
+            assert (status, body["result"]["content"][0]["text"]) == (200, "Echo: None")
+    warnings = [r for r in caplog.records if "invalid inputSchema" in r.getMessage()]
+    assert [r.tool for r in warnings] == ["loose", "loose"]  # once per bridge

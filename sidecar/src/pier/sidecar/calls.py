@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import time
 import uuid
@@ -141,8 +143,14 @@ class CallRegistry:
         self.max_retained = max_retained
         self.calls: dict[str, Call] = {}
         self._finished: dict[str, Call] = {}  # in the order they finished (oldest first)
-        self._validators: dict[str, Any] = {}
-        upstream.on_tools_changed = self._validators.clear
+        self._validators: dict[str, _Validator] = {}
+        upstream.on_tools_changed = self._tools_changed
+
+    def _tools_changed(self) -> None:
+        self._validators.clear()
+        if self.upstream.settings.warm_up:  # a pooled bridge: compile now, not at its first user's call
+            for tool in self.upstream.tools_by_name:
+                self._validator(tool)
 
     @property
     def running(self) -> int:
@@ -199,33 +207,25 @@ class CallRegistry:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _validator(self, tool: str) -> _Validator:
+        schema = self.upstream.tools_by_name[tool].get("inputSchema") or {"type": "object"}
+        if not _constrains(schema):
+            validator: _Validator = False
+        elif not (validator := _compile(json.dumps(schema, sort_keys=True))):
+            log.warning("tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool})
+        self._validators[tool] = validator
+        return validator
+
     def _check(self, tool: str, arguments: dict[str, Any]) -> None:
         """Refuse unknown tools, and arguments that break the tool's input schema, before the server."""
         if not self.upstream.tools_by_name:
             return  # a server without a tool list: let it judge
-        spec = self.upstream.tools_by_name.get(tool)
-        if spec is None:
+        if tool not in self.upstream.tools_by_name:
             known = sorted(self.upstream.tools_by_name)
             raise PierError("UNKNOWN_TOOL", f"the server has no tool {tool!r}", {"tools": known[:100]})
-        # (the full validator, its flat fast path), or False: nothing to check
-        validator: tuple[Any, _FlatSchema | None] | Literal[False] | None = self._validators.get(tool)
+        validator = self._validators.get(tool)
         if validator is None:
-            schema = spec.get("inputSchema") or {"type": "object"}
-            if not _constrains(schema):
-                self._validators[tool] = False
-                return
-            # Imported on the first schema that needs it: jsonschema costs an idle bridge ~8 MiB and ~40 ms.
-            from jsonschema import exceptions as schema_exceptions
-            from jsonschema import validators
-
-            try:
-                cls = validators.validator_for(schema)
-                cls.check_schema(schema)
-                validator = (cls(schema), _FlatSchema.of(schema))
-            except schema_exceptions.SchemaError:
-                log.warning("tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool})
-                validator = False
-            self._validators[tool] = validator
+            validator = self._validator(tool)
         if validator:
             full, flat = validator
             if flat is not None and flat.accepts(arguments):
@@ -337,6 +337,27 @@ class _FlatSchema:
             elif not check(value):
                 return False
         return True
+
+
+# A tool's input schema compiled: the full validator and its flat fast path; False: nothing to check.
+_Validator = tuple[Any, _FlatSchema | None] | Literal[False]
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(schema_json: str) -> _Validator:
+    """The validator of a schema (canonical JSON), compiled once per process: the sessions of one
+    profile list the same tools, and compiling costs ~1 ms a schema (the metaschema check)."""
+    # Imported on the first schema that needs it: jsonschema costs an idle bridge ~8 MiB and ~40 ms.
+    from jsonschema import exceptions as schema_exceptions
+    from jsonschema import validators
+
+    schema = json.loads(schema_json)
+    try:
+        cls = validators.validator_for(schema)
+        cls.check_schema(schema)
+    except schema_exceptions.SchemaError:
+        return False
+    return cls(schema), _FlatSchema.of(schema)
 
 
 def _constrains(schema: Any) -> bool:
