@@ -49,7 +49,7 @@ class BridgeUnreachable(PierError):
     """The bridge did not answer: the session is gone (or going)."""
 
     def __init__(self, endpoint: Endpoint, exc: BaseException) -> None:
-        super().__init__("SESSION_LOST", f"the session's bridge is unreachable: {exc or type(exc).__name__}")
+        super().__init__("SESSION_LOST", f"the session's bridge is unreachable: {str(exc) or type(exc).__name__}")
         self.endpoint = endpoint
 
 
