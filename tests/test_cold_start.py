@@ -122,6 +122,23 @@ async def test_a_caller_that_takes_tasks_gets_a_task_while_the_session_starts(ht
         assert (status, _value(count)) == (200, 1)  # ran once
 
 
+async def test_a_herd_of_new_users_starts_its_servers_a_few_at_a_time(http, redis_server, tmp_path):
+    # Each server marks itself starting, looks a second later how many are starting with it, then
+    # unmarks itself and runs: all inside its session's start.
+    script = (
+        f"touch {tmp_path}/starting.$$; sleep 1; ls {tmp_path} | grep -c starting > {tmp_path}/seen.$$; "
+        f"rm {tmp_path}/starting.$$; exec {sys.executable} -m pier.examples.demo_server"
+    )
+    catalog = Catalog([Profile(name="herd", command=["sh", "-c", script])])
+    async with router_app(redis_server.url, catalog, max_concurrent_starts=2) as running:
+        calls = [_call(http, running.user_url(f"user-{n}", "herd"), "counter") for n in range(6)]
+        results = await asyncio.gather(*calls)
+    assert [(status, _value(body)) for status, body in results] == [(200, 1)] * 6
+    seen = [int(path.read_text()) for path in tmp_path.glob("seen.*")]
+    assert len(seen) == 6
+    assert max(seen) <= 2  # never more than two starting at once (unlimited: all six would be)
+
+
 async def test_a_warm_pool_serves_the_first_users_and_refills(http, redis_server):
     pooled = demo_profile().model_copy(update={"warm_pool": 5})
     async with router_app(redis_server.url, Catalog([pooled]), max_sessions=40) as running:

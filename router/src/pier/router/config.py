@@ -62,6 +62,9 @@ class RouterSettings(BaseSettings):
     max_sessions: int = Field(default=100, ge=1, description="local backend: pool limit")
     session_ttl_s: float = Field(default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never")
     session_start_timeout_s: float = Field(default=60, gt=0, description="a new session must be ready within")
+    max_concurrent_starts: int = Field(
+        default=8, ge=1, description="local backend: sessions starting at once; more wait their turn"
+    )
     reap_interval_s: float = Field(default=5.0, gt=0, description="how often idle sessions are looked for")
     sidecar_log_level: str = Field(default="WARNING", description="log level of the bridges the router starts")
     local_bridges: Literal["inprocess", "process"] = Field(

@@ -79,6 +79,9 @@ class LocalBackend(SessionBackend):
         self.metrics = metrics
         self.sessions: dict[SessionKey, LocalSession] = {}
         self._starting: dict[SessionKey, asyncio.Task[LocalSession]] = {}
+        # A herd of new users must not start all their servers at once: on a few cores every start
+        # then crawls past its timeout together. Each start's own timeout begins when it gets a slot.
+        self._start_slots = asyncio.Semaphore(settings.max_concurrent_starts)
         self._reaper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self.pools = {p.name: WarmPool(p) for p in profiles if p.pooled}
@@ -167,7 +170,8 @@ class LocalBackend(SessionBackend):
     async def _start_bridge(self, key: SessionKey, profile: Profile, env: dict[str, str]) -> LocalSession:
         try:
             # A pooled session is warmed up: nobody waits for its start, its first user's call will.
-            session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, key.user == POOLED)
+            async with self._start_slots:
+                session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, key.user == POOLED)
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
         self.metrics.sessions_started.labels(profile.name).inc()
