@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from mcp import Client
 
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, Profile, demo_profile
-from pier.core.mcpsession import session_name
+from pier.core.mcpsession import parse_stamp, session_name
 from pier.router.usersecrets import secret_name
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.realnode import RealCluster, pod_containers
@@ -354,7 +353,7 @@ async def test_a_new_user_is_bound_to_a_warm_pod_and_the_pool_refills(cluster, n
         await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "mcps", "henry-demo") is None), timeout=60)
         reaped = _events(cluster, "henry-demo")["Reaped"]
         idle_s = int(reaped["message"].split()[2])  # "idle for N s (ttlSeconds 3)"
-        at = dt.datetime.fromisoformat(reaped["firstTimestamp"].replace("Z", "+00:00")).timestamp()
+        at = parse_stamp(reaped["firstTimestamp"]).timestamp()
         assert 3 <= idle_s <= at - applied + 2  # + 2: the timestamps' whole seconds
     # Without the operator nobody keeps the pool: its pods go with the next test's cleanup.
     cluster.kubectl("delete", "pods", "-n", NAMESPACE, "-l", "pier.dev/pool", "--wait=false", check=False)

@@ -120,7 +120,7 @@ class MCPSessionStatus(Strict):
         """
         for condition in self.conditions or []:
             if condition.type == "Ready" and condition.status == "True" and condition.last_transition_time:
-                return dt.datetime.fromisoformat(condition.last_transition_time.replace("Z", "+00:00")).timestamp()
+                return parse_stamp(condition.last_transition_time).timestamp()
         return 0.0
 
     def not_ready_reason(self) -> str:
@@ -133,6 +133,16 @@ class MCPSessionStatus(Strict):
     def as_object(self) -> dict[str, Any]:
         """The status as the API server stores it (camelCase, unset fields left out)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def stamp(when: dt.datetime) -> str:
+    """A time as the status carries it (RFC 3339, UTC, whole seconds)."""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_stamp(text: str) -> dt.datetime:
+    """A time the status carries, timezone-aware."""
+    return dt.datetime.fromisoformat(text)
 
 
 def status_patch(old: MCPSessionStatus, new: MCPSessionStatus) -> dict[str, Any]:

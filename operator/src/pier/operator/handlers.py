@@ -38,6 +38,8 @@ from pier.core.mcpsession import (
     MCPSessionSpec,
     MCPSessionStatus,
     ServerInfo,
+    parse_stamp,
+    stamp,
     status_patch,
 )  # fmt: skip
 from pier.core.poolmetrics import PoolMetrics
@@ -50,10 +52,6 @@ log = logging.getLogger("pier.operator")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _stamp(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @kopf.on.startup()
@@ -235,7 +233,7 @@ async def _start_pod(
         # A pod existed: this is a replacement, which waits out a bounded, growing backoff.
         backoff = min(settings.replace_backoff_s * 2**replacements, settings.replace_backoff_max_s)
         last = status.last_replace_time
-        if last and (_now() - dt.datetime.fromisoformat(last.replace("Z", "+00:00"))).total_seconds() < backoff:
+        if last and (_now() - parse_stamp(last)).total_seconds() < backoff:
             return
         replacements += 1
     pod = build_pod(meta["name"], meta["uid"], meta.get("generation", 1), replacements, spec, profile, settings)
@@ -250,7 +248,7 @@ async def _start_pod(
     status.pod_name = pod["metadata"]["name"]
     status.endpoint = None
     status.replacements = replacements
-    status.last_replace_time = _stamp(_now())
+    status.last_replace_time = stamp(_now())
     status.conditions = _conditions(status, False, "PodCreated", "waiting for the bridge to be ready", False)
 
 
@@ -276,7 +274,7 @@ async def _observe_pod(
         status.tools = bridge.tools
         restarts += bridge.restarts
         if bridge.last_activity:
-            status.last_activity_time = _stamp(dt.datetime.fromtimestamp(bridge.last_activity, dt.UTC))
+            status.last_activity_time = stamp(dt.datetime.fromtimestamp(bridge.last_activity, dt.UTC))
     status.restarts = restarts
     if restarts > (old.restarts or 0):
         await _event(memo, session, "ServerCrashed", f"the server restarted ({restarts} restarts so far)", "Warning")
@@ -301,7 +299,7 @@ def _conditions(old: MCPSessionStatus, ready: bool, reason: str, message: str, r
     for kind, value in (("Ready", ready), ("ServerRunning", running)):
         state = "True" if value else "False"
         before = previous.get(kind)
-        since = before.last_transition_time if before is not None and before.status == state else _stamp(_now())
+        since = before.last_transition_time if before is not None and before.status == state else stamp(_now())
         result.append(
             Condition.model_validate(
                 {
