@@ -43,6 +43,7 @@ from pier.core.mcpsession import (
     status_patch,
 )  # fmt: skip
 from pier.core.poolmetrics import PoolMetrics
+from pier.core.web import tcp_site
 from pier.operator import pool
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, SERVER_CONTAINER, build_pod
@@ -95,7 +96,7 @@ async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> w
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, shutdown_timeout=5)  # a scrape in flight must not hold up the operator's exit
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await tcp_site(runner, host, port).start()
     return runner
 
 
