@@ -66,8 +66,9 @@ class GroupWatchdog:
     def _send(self, line: str) -> None:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
+                # An empty environment: the watchdog needs none, and must not hold the keys in ours.
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _WATCHDOG], stdin=subprocess.PIPE, start_new_session=True
+                    [sys.executable, "-I", "-S", "-c", _WATCHDOG], stdin=subprocess.PIPE, start_new_session=True, env={}
                 )
             assert self._proc.stdin is not None
             # A few bytes into a pipe the watchdog keeps draining: never blocks.

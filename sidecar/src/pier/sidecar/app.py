@@ -69,6 +69,7 @@ class Bridge:
             cwd=s.cwd,
             # The server never sees the bridge's own settings (its token among them).
             env=self.server_env if self.server_env is not None else clean_env(("PIER_SIDECAR_",)),
+            confinement=s.confinement(),
         )
 
     async def start_call(self, request: CallRequest) -> CallAnswer:

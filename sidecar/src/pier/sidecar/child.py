@@ -11,13 +11,18 @@ import subprocess
 from pathlib import Path
 
 from pier.core.process import WATCHDOG, die_with_parent
+from pier.core.sandbox import Confinement
 from pier.sidecar.transport import ServerExit, Transport, split_lines
 
 log = logging.getLogger("pier.sidecar.child")
 
 
 class ChildProcess(Transport):
-    """Spawns `command` in its own process group, so stopping it stops everything it started."""
+    """Spawns `command` in its own process group, so stopping it stops everything it started.
+
+    With a `confinement` (local sessions) the server runs in its sandbox or under its own uid; its
+    stdio, process group and exit status are the same to the bridge.
+    """
 
     def __init__(
         self,
@@ -28,11 +33,13 @@ class ChildProcess(Transport):
         kill_timeout: float,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        confinement: Confinement | None = None,
     ) -> None:
         super().__init__(limit, stderr_lines)
         self.command = command
         self.cwd = cwd
         self.env = env
+        self.confinement = confinement
         self.kill_timeout = kill_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -42,16 +49,22 @@ class ChildProcess(Transport):
         return self._proc.pid if self._proc else None
 
     async def open(self) -> None:
+        argv, cwd, env, options = self.command, self.cwd, self.env, {}
+        if self.confinement is not None:
+            jail = self.confinement
+            argv, cwd, options = jail.command(argv, cwd), jail.cwd(cwd), jail.spawn_options()
+            env = jail.environment(env if env is not None else dict(os.environ))
         self._proc = await asyncio.create_subprocess_exec(
-            *self.command,
+            *argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=self.cwd,
-            env=self.env,
+            cwd=cwd,
+            env=env,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # only calls prctl: safe between fork and exec
+            preexec_fn=die_with_parent,  # only calls prctl (after any uid change): safe between fork and exec
             limit=self.limit,
+            **options,
         )
         WATCHDOG.watch(self._proc.pid)  # its own group (start_new_session): helpers it starts go with it
         self._writer = self._proc.stdin
@@ -85,6 +98,8 @@ class ChildProcess(Transport):
             code = await wait_task
         finally:
             wait_task.cancel()
+        if self.confinement is not None:
+            code = self.confinement.exit_code(code)
         # Let the stderr reader catch the last words of the process.
         await asyncio.wait({self._tasks[1]}, timeout=0.5)
         reason = f"server exited with code {code}" if code >= 0 else f"server killed by signal {-code}"

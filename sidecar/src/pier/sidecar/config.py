@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pier.core.sandbox import MODES, Confinement, Mode
+
 MiB = 1024 * 1024
 ENV_PREFIX = "PIER_SIDECAR_"
 
@@ -91,6 +93,12 @@ class SidecarSettings:
     # (`WARM_UP_TOOL`), so a pooled session's first real call does not pay for the server's first
     # run through its call path (V8 compiling it, lazy imports: ~10 ms for server-everything).
     warm_up: bool = False
+    # Local sessions (the router sets these): the server confined (`pier.core.sandbox`): `sandbox`
+    # (bubblewrap) or `uid` (its own uid), with its own `home`; `run_as` "UID:GID" as root.
+    isolation: str = "none"
+    run_as: str = ""
+    home: Path | None = None
+    sandbox_paths: list[str] = field(default_factory=list)  # read-only in the sandbox, besides the system's
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -100,6 +108,24 @@ class SidecarSettings:
             setattr(self, f.name, value)
         if self.server_era not in ("auto", "handshake", "modern"):
             raise ValueError(f"{ENV_PREFIX}SERVER_ERA must be auto, handshake or modern, not {self.server_era!r}")
+        self.confinement()  # checked now, not at the server's first start
+
+    def confinement(self) -> Confinement | None:
+        """How the server is confined (None: it runs as the bridge does)."""
+        if self.isolation == "none":
+            return None
+        if self.isolation not in MODES:
+            raise ValueError(f"{ENV_PREFIX}ISOLATION must be one of {', '.join(MODES)}, not {self.isolation!r}")
+        if self.home is None:
+            raise ValueError(f"{ENV_PREFIX}ISOLATION={self.isolation} needs {ENV_PREFIX}HOME")
+        uid = gid = None
+        if self.run_as:
+            try:
+                uid, gid = (int(part) for part in self.run_as.split(":"))
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}RUN_AS must be UID:GID, not {self.run_as!r}") from None
+        mode: Mode = "uid" if self.isolation == "uid" else "sandbox"
+        return Confinement(mode, self.home, uid, gid, tuple(self.sandbox_paths))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SidecarSettings:
