@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pier.core import __version__, logs
+from pier.core.errors import ConfigError
 from pier.sidecar import main as sidecar_main
 
 
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         "sidecar": sidecar_main.run, "router": _run_router, "jobs": _run_jobs, "up": _run_up, "connect": _run_connect,
         "operator": _run_operator,
     }  # fmt: skip
-    return runners[args.component](args)
+    try:
+        return runners[args.component](args)
+    except ConfigError as exc:  # a setting Pier will not run with: one line, no traceback
+        print(f"pier {args.component}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ class Profile(BaseModel):
         """
         return self.warm_pool > 0 and not self.user_secrets
 
+    @property
+    def carries_user_credentials(self) -> bool:
+        """Whether its sessions hold something of one user's own (their secrets) that others must not read."""
+        return bool(self.user_secrets)
+
     @field_validator("user_secrets")
     @classmethod
     def _secret_names(cls, secrets: dict[str, UserSecret]) -> dict[str, UserSecret]:

@@ -62,3 +62,7 @@ class PierError(Exception):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PierError:
         return cls(str(data.get("code", "INTERNAL")), str(data.get("message", "")), data.get("details") or {})
+
+
+class ConfigError(Exception):
+    """A setting or catalog Pier refuses to start with; its message is the one line an operator reads."""

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from pier.core.catalog import Catalog
+from pier.core.errors import ConfigError
 from pier.core.jobstore import JobStore, connect
 from pier.core.policy import Gate, Policer, PolicyMetrics
 from pier.core.tls import CertReloader, client_context, server_context
@@ -116,15 +117,16 @@ def make_backend(router: Router) -> SessionBackend:
         secrets = RedisSecretStore(router.redis, Sealer(s.secrets_key.get_secret_value()))
     elif any(p.user_secrets for p in profiles):
         names = ", ".join(p.name for p in profiles if p.user_secrets)
-        raise ValueError(f"profiles {names} take users' secrets: set PIER_SECRETS_KEY (base64 of 32 random bytes)")
+        raise ConfigError(f"profiles {names} take users' secrets: set PIER_SECRETS_KEY (base64 of 32 random bytes)")
     from pier.router.backends.local import LocalBackend
+    from pier.router.backends.local.isolation import Isolation
     from pier.router.backends.local.runtimes import InProcessRuntime, ProcessRuntime, Runtime
 
     runtime: Runtime
     if s.local_bridges == "inprocess":
-        runtime = InProcessRuntime(s)
+        runtime = InProcessRuntime(s, Isolation(s))
     else:
-        runtime = ProcessRuntime(s, router.http, router.bridge_ssl)
+        runtime = ProcessRuntime(s, Isolation(s), router.http, router.bridge_ssl)
     return LocalBackend(s, runtime, router.metrics, profiles, secrets)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pier.router.oidc import IssuerConfig
@@ -70,6 +70,21 @@ class RouterSettings(BaseSettings):
     local_bridges: Literal["inprocess", "process"] = Field(
         default="inprocess", description="local backend: bridges in the router's process, or one process each"
     )
+    local_isolation: Literal["auto", "sandbox", "uid", "none"] = Field(
+        default="auto", description="local backend: how sessions are kept apart; auto = the strongest available"
+    )
+    local_single_user: bool = Field(
+        default=False, description="declares a one-person machine: unisolated sessions may then hold users' secrets"
+    )
+    local_uids: str = Field(
+        default="1200000-1265535", pattern=r"^\d+-\d+$", description="as root: the uids (and gids) sessions run under"
+    )
+    local_sessions_dir: Path | None = Field(
+        default=None, description="sessions' homes (default /var/lib/pier/sessions as root, else ~/.local/state/…)"
+    )
+    local_sandbox_paths: list[str] = Field(
+        default_factory=list, description="read-only paths sandboxed servers see besides the system's and Pier's"
+    )
 
     max_retries: int = Field(default=2, ge=0, description="retries of retry-safe calls on transport failure")
     retry_backoff_s: float = Field(default=0.25, ge=0, description="first retry delay; doubles each time")
@@ -98,6 +113,18 @@ class RouterSettings(BaseSettings):
     kubeconfig: Path | None = Field(default=None, description="outside a cluster: the kubeconfig to use")
     kube_ready_timeout_s: float = Field(default=120, gt=0, description="a new MCPSession must be Ready within")
     bridge_token: SecretStr | None = Field(default=None, description="token the bridges require (kubernetes)")
+
+    def local_uid_range(self) -> tuple[int, int]:
+        """The first and last uid of `local_uids`."""
+        first, last = (int(part) for part in self.local_uids.split("-"))
+        return first, last
+
+    @model_validator(mode="after")
+    def _uids_are_users(self) -> RouterSettings:
+        first, last = self.local_uid_range()
+        if not 1000 <= first <= last < 2**32 - 1:
+            raise ValueError("PIER_LOCAL_UIDS must be FIRST-LAST with 1000 <= FIRST <= LAST < 4294967295")
+        return self
 
     def issuers(self) -> list[IssuerConfig]:
         """Every trusted issuer: `PIER_OIDC_ISSUER` (with its siblings' settings) and `PIER_OIDC_ISSUERS`."""

@@ -84,9 +84,11 @@ class LocalBackend(SessionBackend):
         self._start_slots = asyncio.Semaphore(settings.max_concurrent_starts)
         self._reaper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
+        self.profiles = profiles
         self.pools = {p.name: WarmPool(p) for p in profiles if p.pooled}
 
     async def start(self) -> None:
+        await self.runtime.isolation.start(self.profiles)  # may refuse: ConfigError
         self._reaper = asyncio.create_task(self._reap_forever(), name="pier-local-reaper")
         for pool in self.pools.values():
             self.metrics.pool.size.labels(pool.profile.name).set(pool.size)

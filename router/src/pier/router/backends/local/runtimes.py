@@ -8,7 +8,8 @@
   and the job pool.
 - ``process``: each bridge a `pier sidecar` process, exactly as a pod runs it (`HttpBridge`).
 
-Either way the server is a child process of the bridge, and the same bridge code runs.
+Either way the server is a child process of the bridge, and the same bridge code runs; with
+isolation (`isolation`), the bridge confines it with the session's lease.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import ssl
@@ -36,6 +38,7 @@ from pier.core.process import clean_env, die_with_parent
 from pier.core.tls import server_context
 from pier.core.web import tcp_site
 from pier.router.backends.base import Session, SessionKey
+from pier.router.backends.local.isolation import Isolation, Lease
 from pier.router.config import RouterSettings
 from pier.sidecar.app import BRIDGE, Bridge, create_app
 from pier.sidecar.config import ENV_PREFIX, SidecarSettings
@@ -53,6 +56,7 @@ class LocalSession(Session):
     """A local session; how its bridge runs (and stops) is the subclass's business."""
 
     profile: Profile
+    lease: Lease | None = None  # its isolation slot, released once its server is gone
 
     @property
     def alive(self) -> bool:
@@ -65,7 +69,11 @@ class LocalSession(Session):
 
     @abc.abstractmethod
     async def stop(self) -> None:
-        """Stop the bridge (its in-flight calls get its grace period), and its server."""
+        """Stop the bridge (its in-flight calls get its grace period) and its server; release the lease."""
+
+    async def release_lease(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
 
 
 @dataclass(eq=False, kw_only=True)
@@ -79,7 +87,10 @@ class ProcessSession(LocalSession):
         return self.proc.returncode is not None
 
     async def stop(self) -> None:
-        await kill(self.proc, graceful=True)
+        try:
+            await kill(self.proc, graceful=True)
+        finally:
+            await self.release_lease()
 
 
 @dataclass(eq=False, kw_only=True)
@@ -103,7 +114,7 @@ class InProcessSession(LocalSession):
         self.stopped = True
         # It must finish even if the caller is cancelled (a half-stopped bridge would leave its
         # server running), so it is a task of its own, which the runtime waits for when it closes.
-        task = asyncio.create_task(self.runner.cleanup(), name=f"pier-stop-{self.key.user}-{self.key.profile}")
+        task = asyncio.create_task(self._cleanup(), name=f"pier-stop-{self.key.user}-{self.key.profile}")
         self.stopping.add(task)
         task.add_done_callback(self.stopping.discard)
         # Bounded all the same: a stop that never ends must not hold the reaper or the router's shutdown.
@@ -116,22 +127,42 @@ class InProcessSession(LocalSession):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def _cleanup(self) -> None:
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.release_lease()
+
 
 class Runtime(abc.ABC):
     """Starts local sessions' bridges (ready, tools listed) and stops them."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, isolation: Isolation) -> None:
         self.settings = settings
+        self.isolation = isolation
 
-    @abc.abstractmethod
     async def start(
         self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
     ) -> LocalSession:
         """A started session (its server initialized, its tools listed); PierError when it cannot start.
 
         `env`: more environment for the server alone (the user's own secrets). `warm_up`: the bridge
-        runs the server once through its call path before it is ready (pooled sessions).
+        runs the server once through its call path before it is ready (pooled sessions). The session
+        holds its isolation lease, if any: stopping it releases the lease.
         """
+        lease = await self.isolation.lease()
+        try:
+            return await self._start(key, profile, token, env, warm_up, lease)
+        except BaseException:
+            if lease is not None:
+                await lease.release()  # (a no-op if the failed session's stop released it)
+            raise
+
+    @abc.abstractmethod
+    async def _start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool, lease: Lease | None
+    ) -> LocalSession:
+        """`start`, with the session's lease taken."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Wait for stops still under way."""
@@ -154,16 +185,16 @@ class Runtime(abc.ABC):
 
 
 class InProcessRuntime(Runtime):
-    def __init__(self, settings: RouterSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: RouterSettings, isolation: Isolation) -> None:
+        super().__init__(settings, isolation)
         self.stopping: set[asyncio.Task[None]] = set()
         # In-process bridges log through the router's handlers, at the bridges' own level.
         self._bridge_logger = logging.getLogger("pier.sidecar")
         self._saved_level = self._bridge_logger.level
         self._bridge_logger.setLevel(settings.sidecar_log_level.upper())
 
-    async def start(
-        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
+    async def _start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool, lease: Lease | None
     ) -> LocalSession:
         s = self.settings
         # What a bridge process would read from its environment: the profile's PIER_SIDECAR_*
@@ -174,6 +205,7 @@ class InProcessRuntime(Runtime):
             profile.env, command=profile.command, host="127.0.0.1", port=0, cwd=profile.cwd, token=token,
             max_concurrent_calls=profile.max_concurrent_calls, start_timeout_s=s.session_start_timeout_s,
             log_level=s.sidecar_log_level, warm_up=warm_up, **self.tls_settings(),
+            **(lease.sidecar_settings() if lease else {}),
         )  # fmt: skip
         server_env = {
             **clean_env(),
@@ -184,7 +216,7 @@ class InProcessRuntime(Runtime):
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s + 1)
         bridge = InProcessBridge(app[BRIDGE], Endpoint("", token))
         session = InProcessSession(
-            key, bridge, profile=profile, runner=runner, app_bridge=app[BRIDGE], stopping=self.stopping
+            key, bridge, profile=profile, lease=lease, runner=runner, app_bridge=app[BRIDGE], stopping=self.stopping
         )
         started = time.monotonic()
         try:
@@ -210,37 +242,45 @@ class InProcessRuntime(Runtime):
 
 
 class ProcessRuntime(Runtime):
-    def __init__(self, settings: RouterSettings, http: aiohttp.ClientSession, ssl: ssl.SSLContext | bool) -> None:
-        super().__init__(settings)
+    def __init__(
+        self, settings: RouterSettings, isolation: Isolation, http: aiohttp.ClientSession, ssl: ssl.SSLContext | bool
+    ) -> None:
+        super().__init__(settings, isolation)
         self.http = http
         self.ssl = ssl
 
-    async def start(
-        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
+    async def _start(
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool, lease: Lease | None
     ) -> LocalSession:
+        bridge_settings: dict[str, object] = {
+            "token": token,
+            "max_concurrent_calls": profile.max_concurrent_calls,
+            "start_timeout_s": self.settings.session_start_timeout_s,
+            "log_level": self.settings.sidecar_log_level,
+            "warm_up": str(warm_up).lower(),
+            **self.tls_settings(),
+            **(lease.sidecar_settings() if lease else {}),
+        }
         env = {
             **clean_env(),  # the router's own settings (keys!) never reach a session
             **profile.env,
             **env,
-            "PIER_SIDECAR_TOKEN": token,
-            "PIER_SIDECAR_MAX_CONCURRENT_CALLS": str(profile.max_concurrent_calls),
-            "PIER_SIDECAR_START_TIMEOUT_S": str(self.settings.session_start_timeout_s),
-            "PIER_SIDECAR_LOG_LEVEL": self.settings.sidecar_log_level,
-            "PIER_SIDECAR_WARM_UP": str(warm_up).lower(),
-            **{ENV_PREFIX + name.upper(): str(path) for name, path in self.tls_settings().items()},
+            **{ENV_PREFIX + name.upper(): _env_value(value) for name, value in bridge_settings.items()},
         }
         proc = await asyncio.create_subprocess_exec(
             *SIDECAR, "--host", "127.0.0.1", "--port", "0", "--", *profile.command,
             stdout=subprocess.PIPE, env=env, cwd=profile.cwd, preexec_fn=die_with_parent,
         )  # fmt: skip
+        bridge = HttpBridge(self.http, Endpoint("", token), self.ssl)
+        session = ProcessSession(key, bridge, profile=profile, lease=lease, proc=proc)
         started = time.monotonic()
         try:
-            bridge = HttpBridge(self.http, Endpoint(await self._listening_url(proc), token), self.ssl)
-            tools = await self._list_tools(bridge, started)
+            bridge.endpoint = Endpoint(await self._listening_url(proc), token)
+            session.tools = await self._list_tools(bridge, started)
         except BaseException:
             await kill(proc)
             raise
-        return ProcessSession(key, bridge, tools, profile=profile, proc=proc)
+        return session
 
     async def _listening_url(self, proc: asyncio.subprocess.Process) -> str:
         assert proc.stdout is not None
@@ -250,6 +290,11 @@ class ProcessRuntime(Runtime):
             raise PierError("SESSION_START_FAILED", f"the bridge exited with code {code} before listening")
         url: str = loads(line)["url"]
         return url
+
+
+def _env_value(value: object) -> str:
+    """A bridge setting as its environment variable (lists as JSON)."""
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 async def kill(proc: asyncio.subprocess.Process, graceful: bool = False) -> None:
