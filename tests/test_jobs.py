@@ -136,7 +136,7 @@ async def test_jobs_queued_across_a_redis_restart_all_complete(http, tmp_path):
             users = [running.user_url(f"user-{n}") for n in range(5)]
             jobs = [(await _hand_off(http, url, "counter", delay_s=1))["job_id"] for url in users]
             await redis.stop()  # no worker has seen them yet
-            redis = RedisServer(data, port=redis.port)
+            redis = RedisServer(data, port=redis.port, password=redis.password)
             await redis.start()
             async with worker_processes(redis.url):
                 finals = [await wait_job(http, running.url, job_id) for job_id in jobs]

@@ -25,7 +25,7 @@ from pier.router.context import ROUTER
 log = logging.getLogger("pier.cli.up")
 
 
-def banner(url: str, settings: RouterSettings) -> str:
+def banner(url: str, redis_url: str) -> str:
     return f"""
 Pier is up: {url}
   servers    curl -s {url}/v1/servers
@@ -34,17 +34,19 @@ Pier is up: {url}
                   -H 'Content-Type: application/json' -d '{{"arguments": {{"message": "hello"}}}}'
   MCP        {url}/v1/users/alice/servers/demo/mcp
   dashboard  {url}/dashboard
-  redis      {settings.redis_url}
+  redis      {redis_url}
 Ctrl-C stops everything.
 """
 
 
 async def up(settings: RouterSettings, data_dir: Path) -> None:
     redis = None
+    shown_redis = "PIER_REDIS_URL"  # the operator's own: not repeated (it may hold a password)
     if "PIER_REDIS_URL" not in os.environ:
         redis = RedisServer(data_dir / "redis")
         await redis.start()
         settings = settings.model_copy(update={"redis_url": redis.url})
+        shown_redis = redis.shown_url
     catalog = Catalog.load(settings.profiles, settings.profiles_inline)
     catalog.add(demo_profile())
     app = create_app(settings, catalog)
@@ -59,7 +61,7 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
     try:
         await serve(
             app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
-            on_ready=lambda url: print(banner(url, settings), flush=True),
+            on_ready=lambda url: print(banner(url, shown_redis), flush=True),
         )  # fmt: skip
     finally:
         if redis is not None:
