@@ -120,6 +120,8 @@ async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: ob
 
     if catalog is None:
         catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])
+    # Sandboxed servers (the default as root) see the repository: the tests' servers live in it.
+    settings.setdefault("local_sandbox_paths", [str(ROOT)])
     app = create_app(RouterSettings(redis_url=redis_url, port=0, **settings), catalog)
     runner = web.AppRunner(app, shutdown_timeout=5)
     try:

@@ -19,6 +19,10 @@ from tests.servers import ROGUE, get_json, router_app, scrape, wait_job, wait_un
 from tests.test_protocol_modern import modern_request, post
 from tests.test_tasks import TASKS
 
+# These servers tell the test how their start goes through files in its tmp_path: they run unisolated
+# (a sandboxed server sees a /tmp of its own). Isolation itself: test_isolation.py.
+unisolated = functools.partial(router_app, local_isolation="none")
+
 
 def sluggish(mark: Path, seconds: float = 3) -> Profile:
     """The demo server behind a slow start: it sleeps, then marks that it is starting for real."""
@@ -41,7 +45,7 @@ def _value(body: dict) -> int:
 async def test_the_deadline_covers_the_sessions_start(http, redis_server, tmp_path):
     mark = tmp_path / "server-started"
     async with (
-        router_app(redis_server.url, Catalog([sluggish(mark)])) as running,
+        unisolated(redis_server.url, Catalog([sluggish(mark)])) as running,
         worker_processes(redis_server.url),
     ):
         alice = running.user_url("alice", "sluggish")
@@ -62,7 +66,7 @@ async def test_the_deadline_covers_the_sessions_start(http, redis_server, tmp_pa
 async def test_bridgekit_chat_hands_off_while_the_session_starts(http, redis_server, tmp_path):
     mark = tmp_path / "server-started"
     async with (
-        router_app(redis_server.url, Catalog([sluggish(mark)]), default_profile="sluggish") as running,
+        unisolated(redis_server.url, Catalog([sluggish(mark)]), default_profile="sluggish") as running,
         worker_processes(redis_server.url),
     ):
         body = {"user_id": "bob", "tool_name": "echo", "tool_args": {"message": "hi"}, "timeout_s": 1}
@@ -77,7 +81,7 @@ async def test_bridgekit_chat_hands_off_while_the_session_starts(http, redis_ser
 async def test_the_relay_answers_session_starting_within_the_deadline(http, redis_server, tmp_path):
     mark = tmp_path / "server-started"
     profile = sluggish(mark).model_copy(update={"call_timeout_s": 1})
-    async with router_app(redis_server.url, Catalog([profile])) as running:
+    async with unisolated(redis_server.url, Catalog([profile])) as running:
         url = running.user_url("carol", "sluggish") + "/mcp"
         init = {
             "jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -103,7 +107,7 @@ async def test_the_relay_answers_session_starting_within_the_deadline(http, redi
 async def test_a_caller_that_takes_tasks_gets_a_task_while_the_session_starts(http, redis_server, tmp_path):
     mark = tmp_path / "server-started"
     profile = sluggish(mark).model_copy(update={"call_timeout_s": 1})
-    async with router_app(redis_server.url, Catalog([profile])) as running, worker_processes(redis_server.url):
+    async with unisolated(redis_server.url, Catalog([profile])) as running, worker_processes(redis_server.url):
         url = running.user_url("alice", "sluggish") + "/mcp"
         call = modern_request(1, "tools/call", {"name": "counter", "arguments": {}}, TASKS)
         status, answer = await post(http, url, call)
@@ -131,7 +135,7 @@ async def test_a_herd_of_new_users_starts_its_servers_a_few_at_a_time(http, redi
     )
     catalog = Catalog([Profile(name="herd", command=["sh", "-c", script])])
     # A deadline no queue of starts reaches on a busy machine: this test is about starts, not hand-offs.
-    async with router_app(redis_server.url, catalog, max_concurrent_starts=2, call_timeout_s=120) as running:
+    async with unisolated(redis_server.url, catalog, max_concurrent_starts=2, call_timeout_s=120) as running:
         calls = [_call(http, running.user_url(f"user-{n}", "herd"), "counter") for n in range(6)]
         results = await asyncio.gather(*calls)
     assert [(status, _value(body)) for status, body in results] == [(200, 1)] * 6

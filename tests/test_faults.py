@@ -23,7 +23,7 @@ import pytest
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.jobstore import job_key
-from tests.servers import PIER, ROGUE, get_json, router_app, wait_job, wait_until, worker_processes
+from tests.servers import PIER, ROGUE, ROOT, get_json, router_app, wait_job, wait_until, worker_processes
 
 pytestmark = pytest.mark.slow  # the fault-and-abuse suite: `make test` runs it, `make test-fast` does not
 
@@ -369,6 +369,7 @@ async def test_a_servers_helpers_die_with_a_killed_router(http, redis_server, mo
     env = {
         **os.environ, "PIER_PORT": str(port), "PIER_REDIS_URL": redis_server.url, "PIER_LOCAL_BRIDGES": mode,
         "PIER_PROFILES_INLINE": json.dumps({"profiles": {"spawner": {"command": command}}}),
+        "PIER_LOCAL_SANDBOX_PATHS": json.dumps([str(ROOT)]),  # the rogue server, when sandboxed (as root)
     }  # fmt: skip
     router = await asyncio.create_subprocess_exec(*PIER, "router", env=env, stderr=asyncio.subprocess.DEVNULL)
     try:

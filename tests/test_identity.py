@@ -20,6 +20,7 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull,
 
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, Profile, demo_profile
+from pier.core.errors import ConfigError
 from tests.identity import OpenIdProvider, new_key, sign_in
 from tests.servers import EVERYTHING, get_json, router_app, scrape
 
@@ -252,7 +253,7 @@ async def test_each_user_gets_only_their_own_secrets(http, redis_server, caplog)
 
 
 async def test_a_router_with_secret_profiles_and_no_key_refuses_to_start(redis_server):
-    with pytest.raises(ValueError, match="PIER_SECRETS_KEY"):
+    with pytest.raises(ConfigError, match="PIER_SECRETS_KEY"):
         async with router_app(redis_server.url, Catalog([secret_profile()])):
             pass
 
