@@ -24,6 +24,7 @@ LABELS = {
     "sidecar-mcp-2026": "Pier sidecar /mcp, 2026-07-28",
     "sidecar-calls": "Pier sidecar POST /v1/calls",
     "router-rest": "Pier router REST",
+    "router-rest-unisolated": "Pier router REST, sessions unisolated",
     "router-mcp": "Pier router MCP relay",
     "router-mcp:json": "Pier router MCP relay, Accept JSON only",
     "router-mcp-2026": "Pier router MCP relay, 2026-07-28",
@@ -287,6 +288,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("sidecar_listening_ms", "`pier sidecar` spawn → listening"),
         ("sidecar_ready_ms", "`pier sidecar` spawn → ready (server initialized)"),
         ("router_first_call_ms", "router: a new user's first call (session started by it)"),
+        ("router_first_call_unisolated_ms", "router: a new user's first call, sessions unisolated"),
         (
             "router_pooled_first_call_ms",
             "router: a new user's first call, warm pool (a started session claimed; an open connection)",

@@ -25,7 +25,7 @@ from bench import peers, report, scenarios, targets
 from bench.scenarios import Config
 from bench.stats import Run, describe
 
-PHASES = ("direct", "peers", "sidecar", "router")
+PHASES = ("direct", "peers", "sidecar", "router", "isolation")
 
 
 _T0 = time.monotonic()
@@ -125,6 +125,18 @@ class Bench:
                 f"  hand-off: SSE median {self.handoff['sse_ms']['median']:.1f} ms, "
                 f"poller median {self.handoff['poll_ms']['median']:.1f} ms after the tool finished"
             )
+
+    async def isolation(self) -> None:
+        """The router again with local sessions unisolated: what isolation costs a call and a new user."""
+        log("Pier router (pier up), sessions unisolated")
+        extra = {"PIER_LOCAL_ISOLATION": "none"}
+        async with targets.router(self.logs, self.logs / "router-unisolated-data", extra) as running:
+            base = running.info["url"]
+            rest = targets.Rest(base, "router-rest-unisolated", "Pier router REST, sessions unisolated")
+            self.runs += await scenarios.sequential(rest, self.cfg, log)
+            samples = await scenarios.router_cold(base, self.cfg.cold_samples, "u")
+            self.cold["router_first_call_unisolated_ms"] = describe(samples)
+            log(f"  new user's first call: median {self.cold['router_first_call_unisolated_ms']['median']:.0f} ms")
 
     async def _memory_at_sessions(self, pid: int, base: str) -> None:
         existing = scenarios.router_memory(pid)["sessions"]

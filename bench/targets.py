@@ -137,8 +137,9 @@ class Rest(Target):
     label = "Pier router REST"
     has_sdk = False
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, key: str = key, label: str = label) -> None:
         self.base = base
+        self.key, self.label = key, label
 
     async def client(self, user: str) -> Caller:
         return RestClient(self.base, user, PROFILE, AUTH)
@@ -240,6 +241,8 @@ def router_env(data_dir: Path, port: int, extra: dict[str, str] | None = None) -
             "PIER_APP_KEYS": json.dumps([APP_KEY]),
             # Room for the memory scenario's 100 sessions plus the cold-start and sweep users.
             "PIER_MAX_SESSIONS": "400",
+            # Sessions are isolated (as root: a sandbox and a uid each); server-everything lives here.
+            "PIER_LOCAL_SANDBOX_PATHS": json.dumps([str(peers.ROOT / "deps" / "npm")]),
             **(extra or {}),
         }
     )
@@ -253,22 +256,25 @@ async def router(
     """`pier up` (its own redis-server, a job worker, local sessions) with an everything profile.
 
     Its bridges run under the same Python as the router (`sys.executable`), so `pier` also
-    decides how they run.
+    decides how they run. Its Redis is one like `pier up`'s own, started here: `pier up` keeps the
+    password of its own to itself, and the hand-off scenario reads job records.
     """
+    from pier.cli.redis_server import RedisServer
+
     port = free_port()
     cmd = [*(pier or peers.PIER), "up", "--data-dir", str(data_dir)]
-    proc = await spawn("router", cmd, logs, env=router_env(data_dir, port, extra_env), stdout_pipe=True)
-    try:
-        banner = await _read_banner(proc)
-        base = f"http://127.0.0.1:{port}"
-        await wait_http(f"{base}/readyz", proc)
-        targets: list[Target] = [
-            Rest(base),
-            McpHttp("router-mcp", "Pier router MCP relay", base + "/v1/users/{user}/servers/" + PROFILE + "/mcp", AUTH),
-        ]
-        yield Running(targets, {"router": proc}, {"url": base, "redis_url": banner.get("redis")})
-    finally:
-        await proc.stop(grace=40)
+    async with RedisServer(data_dir / "redis") as redis:
+        env = router_env(data_dir, port, {"PIER_REDIS_URL": redis.url, **(extra_env or {})})
+        proc = await spawn("router", cmd, logs, env=env, stdout_pipe=True)
+        try:
+            await _read_banner(proc)
+            base = f"http://127.0.0.1:{port}"
+            await wait_http(f"{base}/readyz", proc)
+            url = base + "/v1/users/{user}/servers/" + PROFILE + "/mcp"
+            targets: list[Target] = [Rest(base), McpHttp("router-mcp", "Pier router MCP relay", url, AUTH)]
+            yield Running(targets, {"router": proc}, {"url": base, "redis_url": redis.url})
+        finally:
+            await proc.stop(grace=40)
 
 
 async def _read_banner(proc: Proc, timeout: float = 60.0) -> dict[str, str]:

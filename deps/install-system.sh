@@ -11,6 +11,9 @@ command -v npm >/dev/null || need+=(npm)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
 command -v chromium >/dev/null || need+=(chromium)  # the dashboard's browser test
+command -v bwrap >/dev/null || need+=(bubblewrap)  # local sessions' sandbox (README: Local sessions: isolation)
+command -v setpriv >/dev/null || need+=(util-linux)  # a sandboxed session's own uid, when Pier runs as root
+[ -x /usr/bin/python3 ] || need+=(python3)  # the isolation tests' server runs on the system's Python
 
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
