@@ -51,7 +51,7 @@ def py_spy() -> str:
 
 
 def module_of(path: str) -> str:
-    """A short name for a frame's file: `pier.sidecar.mcp_http`, `aiohttp.web_protocol`, `asyncio.events`."""
+    """A short name for a frame's file: `pier.sidecar.streamable`, `aiohttp.web_protocol`, `asyncio.events`."""
     path = path.replace("\\", "/")
     for marker, prefix in (
         ("/site-packages/", ""),

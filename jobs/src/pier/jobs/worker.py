@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
 from pier.core import logs
-from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
+from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jobstore import GROUP, STREAM, JobStore, connect

@@ -4,5 +4,5 @@ Data path: ``app`` (the root app and its ``/v1`` sub-application; ``middleware``
 (identity, admission, rules and policy, audit and accounting) → ``api`` / ``relay`` /
 ``websocket`` / ``compat`` → ``calls`` (timeouts, retries, hand-off to the job pool) →
 ``backends`` (find or start the user's session) → the session's bridge handle
-(``pier.core.bridge``) and back.
+(``pier.core.callapi``) and back.
 """

@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from pier.core import audit, logs
-from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest
+from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
@@ -32,7 +32,7 @@ from pier.core.jobstore import JobStore
 from pier.core.policy import Caller, PolicyDenied
 from pier.router.backends.base import Session, SessionBackend, hold
 from pier.router.config import RouterSettings
-from pier.router.ingress import Ingress
+from pier.router.auth.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 log = logging.getLogger("pier.router.calls")

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from pier.core import logs
 from pier.core.errors import PierError
 from pier.core.web import too_large
-from pier.router.context import router_of
+from pier.router.state import router_of
 
 log = logging.getLogger("pier.router")
 

@@ -14,15 +14,15 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pier.core.bridge import Endpoint, HttpBridge
+from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Catalog
 from pier.core.jobstore import JobStore
 from pier.core.web import read_body
-from pier.router.auth import KeyRing
+from pier.router.auth.keys import KeyRing
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
-from pier.router.ingress import Ingress
+from pier.router.auth.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 

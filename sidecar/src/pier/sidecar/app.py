@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from pier.core.bridge import BridgeStatus, CallAnswer, CallRequest
+from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.process import clean_env
@@ -22,11 +22,11 @@ from pier.core.tls import server_context
 from pier.core.web import error_response, json_response, origin_allowed, read_body
 from pier.core.web import serve as web_serve
 from pier.sidecar.attach import FifoPeer
-from pier.sidecar.calls import CallRegistry
+from pier.sidecar.call_registry import CallRegistry
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
-from pier.sidecar.mcp_http import StreamableHTTP
+from pier.sidecar.streamable import StreamableHTTP
 from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream

@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pier.core.bridge import CallAnswer
+from pier.core.callapi import CallAnswer
 from pier.core.errors import PierError
 from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
 from pier.sidecar.multiplexer import Pending
 from pier.sidecar.upstream import Upstream
 
-log = logging.getLogger("pier.sidecar.calls")
+log = logging.getLogger("pier.sidecar.call_registry")
 
 _MAX_PROGRESS = 100  # kept per call; older entries are dropped (the count says how many came)
 

@@ -68,7 +68,7 @@ from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
 from pier.sidecar.upstream import BRIDGE_INFO, Upstream
 
-log = logging.getLogger("pier.sidecar.modern")
+log = logging.getLogger("pier.sidecar.stateless")
 
 # A filter every outgoing message passes (the router's output policy when it serves the bridge
 # in its own process): the message to send, or an empty dict to withhold it.

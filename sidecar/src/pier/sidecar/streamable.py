@@ -1,7 +1,7 @@
 """MCP Streamable HTTP at `/mcp`: revisions 2025-03-26, 2025-06-18, 2025-11-25 and 2026-07-28.
 
 Each request goes the way its revision says (`pier.core.protocol.is_modern_request`): 2026-07-28
-requests are stateless and served by `pier.sidecar.modern`; the handshake revisions give each
+requests are stateless and served by `pier.sidecar.stateless`; the handshake revisions give each
 client its own `Mcp-Session-Id`, whose `initialize` is answered from the bridge's cache and never
 reaches the server. Their requests are relayed through the multiplexer; progress, server→client
 requests, log records and final responses of a POST stream back on that POST's response (plain
@@ -46,7 +46,7 @@ from pier.core.protocol import (
 from pier.core.web import SSE_HEADERS, CoalescedSSE, json_response, peer_gone, read_body
 from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
 from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.modern import KEEPALIVE_S, PEER_POLL_S, ModernHTTP, Output
+from pier.sidecar.stateless import KEEPALIVE_S, PEER_POLL_S, ModernHTTP, Output
 from pier.sidecar.multiplexer import ALL_LOGS, Pending
 from pier.sidecar.upstream import Upstream
 

@@ -28,11 +28,11 @@ from pier.core.errors import PierError
 from pier.core.names import DISCOVERY_USER, USER_ID_RULE, is_user_id
 from pier.core.policy import Caller, Gate, PolicyDenied
 from pier.core.tls import peer_subject
-from pier.router.auth import KeyRing, Principal, presented_key
+from pier.router.auth.keys import KeyRing, Principal, presented_key
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
-from pier.router.oidc import TokenVerifier, looks_like_jwt, router_url
-from pier.router.ratelimit import RateLimiter
+from pier.router.auth.oidc import TokenVerifier, looks_like_jwt, router_url
+from pier.router.auth.ratelimit import RateLimiter
 
 # Outcomes that are not errors of the call (a tool's own error result counts as an answer).
 SUCCESS = frozenset({"completed", "queued", "replayed", "tool_error"})

@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pier.core.errors import PierError
 from pier.core.names import is_user_id
-from pier.router.auth import Principal
+from pier.router.auth.keys import Principal
 
-log = logging.getLogger("pier.router.oidc")
+log = logging.getLogger("pier.router.auth.oidc")
 
 # Asymmetric algorithms only: a verifier holding only public keys can never be fooled into HMAC.
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

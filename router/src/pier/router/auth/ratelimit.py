@@ -9,10 +9,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pier.core.errors import PierError
-from pier.router.auth import KeyClass, Principal
+from pier.router.auth.keys import KeyClass, Principal
 from pier.router.metrics import RouterMetrics
 
-log = logging.getLogger("pier.router.ratelimit")
+log = logging.getLogger("pier.router.auth.ratelimit")
 
 
 class RateLimiter:

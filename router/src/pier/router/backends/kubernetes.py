@@ -19,7 +19,7 @@ import aiohttp
 from kubernetes import client, config
 from pydantic import ValidationError
 
-from pier.core.bridge import Endpoint, HttpBridge
+from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads

@@ -39,11 +39,11 @@ from pier.core.jsonrpc import (
 from pier.core.mcp_client import ask
 from pier.core.names import DISCOVERY_USER
 from pier.core.web import json_response
-from pier.router.context import Router, read_request_body, router_of
-from pier.router.ingress import user_of
+from pier.router.state import Router, read_request_body, router_of
+from pier.router.auth.ingress import user_of
 from pier.router.middleware import RECEIVED
 
-log = logging.getLogger("pier.router.aggregate")
+log = logging.getLogger("pier.router.mcp.aggregate")
 
 SEPARATOR = "__"
 VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pier.core.bridge import BridgeUnreachable
+from pier.core.callapi import BridgeUnreachable
 from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
 from pier.core.policy import Caller, PolicyDenied
@@ -39,12 +39,12 @@ from pier.core.protocol import (
     is_modern_request,
 )
 from pier.core.web import CoalescedSSE, json_response, origin_allowed, peer_gone
-from pier.router.api import USERS
+from pier.router.rest.v1 import USERS
 from pier.router.backends.base import Session, hold
-from pier.router.context import Router, read_request_body, router_of
-from pier.router.ingress import Ingress, user_of
+from pier.router.state import Router, read_request_body, router_of
+from pier.router.auth.ingress import Ingress, user_of
 from pier.router.middleware import RECEIVED
-from pier.router.tasks import Tasks, wants_tasks
+from pier.router.mcp.tasks import Tasks, wants_tasks
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = (

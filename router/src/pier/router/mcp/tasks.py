@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from pier.core import audit
-from pier.core.bridge import Endpoint
+from pier.core.callapi import Endpoint
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobRecord, iso
@@ -26,7 +26,7 @@ from pier.core.jobstore import JobStore
 from pier.core.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, error_response, gateway_error_response
 from pier.core.policy import Caller
 from pier.core.protocol import CLIENT_CAPABILITIES_KEY, MISSING_CAPABILITY, RELATED_TASK_KEY, TASKS_EXTENSION, meta_of
-from pier.router.context import Router
+from pier.router.state import Router
 
 POLL_INTERVAL_MS = 1000
 # A 2025-11-25 caller that asked for a task gets one at once: the call is handed off as soon as it

@@ -24,11 +24,11 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response
 from pier.core.mcp_client import HttpSession
 from pier.core.policy import PolicyDenied
-from pier.router.api import USERS
+from pier.router.rest.v1 import USERS
 from pier.router.config import RouterSettings
-from pier.router.context import router_of
-from pier.router.ingress import user_of
-from pier.router.relay import Exchange, parse_messages
+from pier.router.state import router_of
+from pier.router.auth.ingress import user_of
+from pier.router.mcp.relay import Exchange, parse_messages
 
 
 class InFlight:

@@ -23,11 +23,11 @@ from pier.core.errors import PierError
 from pier.core.job import iso
 from pier.core.jsonrpc import dumps
 from pier.core.web import SSE_HEADERS, json_response
-from pier.router.api import load_job, read_model, stream_job
-from pier.router.context import Router, router_of
-from pier.router.ingress import principal_of
+from pier.router.rest.v1 import load_job, read_model, stream_job
+from pier.router.state import Router, router_of
+from pier.router.auth.ingress import principal_of
 from pier.router.middleware import RECEIVED, Handler, authenticate, errors
-from pier.router.resource import with_challenge
+from pier.router.auth.protected_resource import with_challenge
 
 # Pier's codes in bridgekit's vocabulary (codes it lacks keep Pier's name).
 _CODES = {

@@ -10,19 +10,19 @@ import pydantic
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from pier.core.bridge import BridgeUnreachable
+from pier.core.callapi import BridgeUnreachable
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
 from pier.core.web import SSE_HEADERS, json_response
-from pier.router import tasks
-from pier.router.context import read_request_body, router_of
-from pier.router.ingress import principal_of, user_of
+from pier.router.mcp import tasks
+from pier.router.state import read_request_body, router_of
+from pier.router.auth.ingress import principal_of, user_of
 from pier.router.middleware import RECEIVED
 from pier.router.usersecrets import MAX_VALUE_BYTES, SecretStore
 
-log = logging.getLogger("pier.router.api")
+log = logging.getLogger("pier.router.rest.v1")
 M = TypeVar("M", bound=BaseModel)
 JOB_EVENTS_TIMEOUT_S = 3600.0
 
