@@ -116,7 +116,7 @@ async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: ob
     from pier.core.web import tcp_site
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
-    from pier.router.context import ROUTER
+    from pier.router.state import ROUTER
 
     if catalog is None:
         catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])

@@ -10,9 +10,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from pier.core.logs import JsonFormatter
+from tests.hooks import PolicyServer, Receiver
 from tests.servers import router_app, wait_until, worker_processes
-from tests.test_jobs import Receiver
-from tests.test_policy import PolicyServer
 
 APP_KEY = "app-key-0f9a8b7c6d5e"
 USER_KEY = "user-key-1a2b3c4d5e6f"

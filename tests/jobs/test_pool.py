@@ -8,11 +8,11 @@ import os
 import signal
 
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 
 from pier.cli.redis_server import RedisServer
 from pier.core.jobstore import DEAD_LETTERS, GROUP, STREAM
+from tests.hooks import Receiver
 from tests.servers import get_json, router_app, sse_events, wait_job, wait_until, worker_processes
 
 SECRET = "whsec_" + base64.b64encode(b"pier-test-webhook-secret-32bytes").decode()
@@ -31,32 +31,6 @@ async def _hand_off(http, url: str, tool: str, headers: dict | None = None, time
 async def _count(http, url: str) -> int:
     async with http.post(f"{url}/tools/count/call", json={}) as response:
         return (await response.json())["result"]["structuredContent"]["result"]
-
-
-class Receiver:
-    """A webhook endpoint (a real HTTP server) that records what it gets."""
-
-    def __init__(self, fail_with: int | None = None) -> None:
-        self.fail_with = fail_with
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.received.append((dict(request.headers), await request.read()))
-        return web.Response(status=self.fail_with or 204)
-
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hook"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
 
 
 async def test_an_overrunning_call_finishes_once_and_reaches_poll_sse_and_webhook(http, redis_server):

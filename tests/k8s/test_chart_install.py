@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.k8s.chart_values import VALUES_SETS
 from tests.k8s.cluster import ControlPlane, build_controlplane
 from tests.k8s.up import app_key, installed
 from tests.servers import ROOT, wait_until
-from tests.test_chart import VALUES_SETS
 from tools import helm
 
 pytestmark = pytest.mark.k8s

@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 from pier.core.catalog import Catalog, Profile, demo_profile
+from tests.mcp_wire import TASKS, modern_request, post
 from tests.servers import ROGUE, get_json, router_app, scrape, wait_job, wait_until, worker_processes
-from tests.test_protocol_modern import modern_request, post
-from tests.test_tasks import TASKS
 
 
 def sluggish(mark: Path, seconds: float = 3) -> Profile:

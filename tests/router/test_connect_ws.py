@@ -12,8 +12,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from pier.cli.redis_server import free_port
+from tests.hooks import PolicyServer
 from tests.servers import router_app
-from tests.test_policy import PolicyServer
 
 KEY = "connect-app-key"
 

@@ -139,7 +139,7 @@ async def test_an_mcp_client_signs_in_with_the_provider_and_uses_its_own_session
 
 async def test_tokens_the_router_refuses(http, redis_server, tmp_path, monkeypatch):
     # The router refetches an issuer's keys at most every 10 s; this test rotates sooner than that.
-    monkeypatch.setattr("pier.router.oidc._REFRESH_AT_MOST_EVERY_S", 0.0)
+    monkeypatch.setattr("pier.router.auth.oidc._REFRESH_AT_MOST_EVERY_S", 0.0)
     async with (
         OpenIdProvider(tmp_path / "provider") as provider,
         OpenIdProvider(tmp_path / "stranger") as stranger,

@@ -14,7 +14,7 @@ from mcp import Client
 from pier.core.catalog import Catalog, demo_profile
 from pier.router.app import create_app
 from pier.router.config import RouterSettings
-from pier.router.context import ROUTER
+from pier.router.state import ROUTER
 from tests.servers import get_json, router_app, scrape, wait_until
 
 

@@ -6,49 +6,14 @@ import json
 import logging
 
 import pytest
-from aiohttp import web
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, demo_profile
 from pier.core.policy import ToolRules
+from tests.hooks import POLICY_TOKEN, PolicyServer
 from tests.servers import router_app, wait_job, worker_processes
-
-POLICY_TOKEN = "policy-token-do-not-log"
-
-
-class PolicyServer:
-    """A policy service: allows everything but calls of `counter`, and results that mention 'secret'."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict] = []
-        self.auth: list[str | None] = []
-        self.url = ""
-
-    async def police(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.seen.append(body)
-        self.auth.append(request.headers.get("Authorization"))
-        for raw in body["messages"]:
-            message = json.loads(raw)
-            if (message.get("params") or {}).get("name") == "counter":
-                return web.json_response({"decision": "Deny", "reasons": ["counter is not allowed for you"]})
-            if body["type"] == "Output" and "secret" in raw:
-                return web.json_response({"decision": "Deny", "reasons": ["the result leaks a secret"]})
-        return web.json_response({"decision": "Allow"})
-
-    async def __aenter__(self) -> PolicyServer:
-        app = web.Application()
-        app.router.add_post("/police", self.police)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/police"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
 
 
 async def _call(http, url: str, tool: str, **arguments) -> tuple[int, dict]:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 from pier.core.catalog import Catalog, demo_profile
-from pier.core.protocol import TASKS_EXTENSION
+from tests.mcp_wire import ACCEPT, TASKS, modern_request, post
 from tests.servers import get_json, router_app, wait_until, worker_processes
-from tests.test_protocol_modern import ACCEPT, modern_request, post
 
-TASKS = {"extensions": {TASKS_EXTENSION: {}}}
 # A short hand-off threshold: a call that takes longer becomes a task.
 CATALOG = Catalog([demo_profile().model_copy(update={"call_timeout_s": 0.5})])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from pier.core.bridge import CallAnswer
+from pier.core.callapi import CallAnswer
 from tests.servers import DEMO, ROGUE, bridge_app, get_json, wait_until
 
 
@@ -182,7 +182,7 @@ async def test_sweep_forgets_finished_calls_past_their_retention(http):
 def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
     from jsonschema import validators
 
-    from pier.sidecar.calls import _FlatSchema
+    from pier.sidecar.call_registry import _FlatSchema
 
     schemas = [
         {"type": "object", "properties": {"message": {"type": "string", "description": "x"}}, "required": ["message"]},
