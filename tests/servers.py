@@ -22,7 +22,7 @@ from pier.sidecar.config import SidecarSettings
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
 DEMO = [sys.executable, "-m", "pier.examples.demo_server"]
-ROGUE = [sys.executable, str(ROOT / "tests" / "rogue_server.py")]  # misbehaves on request
+ROGUE = [sys.executable, str(ROOT / "tests" / "mcp_servers" / "rogue_server.py")]  # misbehaves on request
 EVERYTHING = [
     "node",
     str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),

@@ -9,7 +9,8 @@ Tools:
 It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`),
 refuses tools it does not have, and writes the name of every tool called to stderr.
 
-Run: ``python tests/rogue_server.py``.
+Run: ``python tests/mcp_servers/rogue_server.py`` (from a folder of its own: a script directly in
+tests/ would find tests/operator/ before the standard library's operator module).
 """
 
 from __future__ import annotations
