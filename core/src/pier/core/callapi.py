@@ -179,12 +179,15 @@ class BridgeStatus:
 # -- the handle --------------------------------------------------------------------------------
 
 
+# A filter every message a bridge's `/mcp` sends back passes (the router's output policy, when it hands
+# a bridge in its own process a request): the message to send, or an empty dict to withhold it.
+Output = Callable[[Message], Awaitable[Message]]
+
+
 class McpHandler(Protocol):
     """A bridge's `/mcp` handler in this process: it serves a request whose body is parsed already."""
 
-    async def handle(
-        self, request: web.Request, payload: Any, output: Callable[[Message], Awaitable[Message]] | None = None
-    ) -> web.StreamResponse: ...
+    async def handle(self, request: web.Request, payload: Any, output: Output | None = None) -> web.StreamResponse: ...
 
 
 class BridgeHandle(Protocol):

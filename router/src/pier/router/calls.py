@@ -7,7 +7,7 @@ the result. Not done → a job record and a stream entry, and the call keeps run
 (the job pool follows it; it is never run twice). Still no session at the deadline → the same 202
 at once: the session keeps starting, this router reports its endpoint to the job when it is up,
 and a worker starts the call then (under the job's id: once). The steps around it — rules, policy,
-audit, accounting — are the ingress pipeline's (`ingress`).
+audit, accounting — are the ingress pipeline's (`auth.ingress`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
 from pier.core.jobstore import JobStore
 from pier.core.policy import Caller, PolicyDenied
+from pier.router.auth.ingress import Ingress
 from pier.router.backends.base import Session, SessionBackend, hold
 from pier.router.config import RouterSettings
-from pier.router.auth.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 log = logging.getLogger("pier.router.calls")

@@ -17,12 +17,11 @@ from aiohttp import web
 from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Catalog
 from pier.core.jobstore import JobStore
-from pier.core.web import read_body
+from pier.router.auth.ingress import Ingress
 from pier.router.auth.keys import KeyRing
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
-from pier.router.auth.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 
@@ -69,9 +68,3 @@ ROUTER = web.AppKey("router", Router)
 def router_of(request: web.Request) -> Router:
     """The router a request reached (from whichever of its sub-applications)."""
     return request.config_dict[ROUTER]
-
-
-async def read_request_body(request: web.Request) -> bytes:
-    """The body, within the router's size and time limits (413, 408)."""
-    settings = router_of(request).settings
-    return await read_body(request, settings.max_body_bytes, settings.body_timeout_s)

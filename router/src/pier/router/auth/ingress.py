@@ -8,7 +8,7 @@ request through the same steps, in this order:
 3. **tool rules and policy hook** (`gate`, `pier.core.policy.Gate`): the profile's built-in allow
    and deny lists, then the external hook, for every call and message before it is forwarded,
    and for every answer before the caller sees it;
-4. then the session and its bridge (`calls`, `relay`, `websocket`);
+4. then the session and its bridge (`pier.router.calls`, `mcp.relay`, `mcp.websocket`);
 5. **audit and accounting** (`finish`): the audit record, the metrics, the dashboard's recent calls.
 
 The job pool applies step 3 to results it delivers, with the same `Gate`.
@@ -29,10 +29,10 @@ from pier.core.names import DISCOVERY_USER, USER_ID_RULE, is_user_id
 from pier.core.policy import Caller, Gate, PolicyDenied
 from pier.core.tls import peer_subject
 from pier.router.auth.keys import KeyRing, Principal, presented_key
-from pier.router.config import RouterSettings
-from pier.router.metrics import RouterMetrics
 from pier.router.auth.oidc import TokenVerifier, looks_like_jwt, router_url
 from pier.router.auth.ratelimit import RateLimiter
+from pier.router.config import RouterSettings
+from pier.router.metrics import RouterMetrics
 
 # Outcomes that are not errors of the call (a tool's own error result counts as an answer).
 SUCCESS = frozenset({"completed", "queued", "replayed", "tool_error"})
@@ -137,16 +137,3 @@ class Ingress:
 def principal_of(request: web.Request) -> Principal:
     """The caller `identify` found for this request."""
     return request[PRINCIPAL]
-
-
-def user_of(request: web.Request) -> str:
-    """The user a request acts for: the one its URL names, or, on `/v1/me/…`, the caller's own."""
-    user = request.match_info.get("user")
-    if user is not None:
-        return user
-    principal = principal_of(request)
-    if principal.user_id is None:
-        raise PierError(
-            "FORBIDDEN", "/v1/me/… acts for the signed-in user (a token or a user key); an app key names the user"
-        )
-    return principal.user_id

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from pier.core.errors import PierError
 from pier.core.web import json_response
-from pier.router.state import router_of
 from pier.router.auth.oidc import router_url
+from pier.router.state import router_of
 
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 

@@ -39,9 +39,9 @@ from pier.core.jsonrpc import (
 from pier.core.mcp_client import ask
 from pier.core.names import DISCOVERY_USER
 from pier.core.web import json_response
-from pier.router.state import Router, read_request_body, router_of
-from pier.router.auth.ingress import user_of
 from pier.router.middleware import RECEIVED
+from pier.router.shared import read_request_body, user_of
+from pier.router.state import Router, router_of
 
 log = logging.getLogger("pier.router.mcp.aggregate")
 

@@ -2,8 +2,8 @@
 
 Every revision the bridge serves passes (2025-03-26 … 2026-07-28), chosen per request by the
 bridge as the spec says. The body is parsed once, here: each message goes through the ingress
-pipeline (`ingress`: tool rules and the policy hook on the way in, the output policy and each tool
-call's audit and accounting on the way out, through `Exchange`). A bridge in the router's own
+pipeline (`auth.ingress`: tool rules and the policy hook on the way in, the output policy and each
+tool call's audit and accounting on the way out, through a `Checkpoint`). A bridge in the router's own
 process gets the parsed body directly (its `/mcp` handler writes this response: no second HTTP
 hop); one elsewhere gets it over HTTP, with the session's token in place of the caller's key, and
 its answer (JSON or SSE) is streamed back.
@@ -20,14 +20,16 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from pier.core.callapi import BridgeUnreachable
+from pier.core.callapi import BridgeUnreachable, Output
+from pier.core.catalog import Profile
 from pier.core.errors import PierError
-from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads, parse
+from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads
 from pier.core.policy import Caller, PolicyDenied
 from pier.core.protocol import (
     HTTP_STATUS,
@@ -38,13 +40,13 @@ from pier.core.protocol import (
     check_request,
     is_modern_request,
 )
-from pier.core.web import CoalescedSSE, json_response, origin_allowed, peer_gone
-from pier.router.rest.v1 import USERS
+from pier.core.web import PEER_POLL_S, CoalescedSSE, json_response, origin_allowed, peer_gone
 from pier.router.backends.base import Session, hold
-from pier.router.state import Router, read_request_body, router_of
-from pier.router.auth.ingress import Ingress, user_of
-from pier.router.middleware import RECEIVED
+from pier.router.mcp.messages import Checkpoint, is_batch, messages_in, parse_body, too_deep_response
 from pier.router.mcp.tasks import Tasks, wants_tasks
+from pier.router.middleware import RECEIVED
+from pier.router.shared import USERS, read_request_body, user_of
+from pier.router.state import Router, router_of
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = (
@@ -52,95 +54,8 @@ _REQUEST_HEADERS = (
 )  # fmt: skip
 _PARAM_PREFIX = "mcp-param-"
 _RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control", "Allow")
-_PEER_POLL_S = 0.25
 # What a handshake-era caller is told Pier can do with tasks (2025-11-25).
 _TASK_CAPABILITY: dict[str, Any] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
-
-
-class Exchange:
-    """One relayed POST (or WebSocket) through the ingress pipeline: each message's rules and policy
-    on the way in, each answer's policy on the way out, each tool call's audit and accounting."""
-
-    def __init__(self, ingress: Ingress, caller: Caller) -> None:
-        self.ingress = ingress
-        self.caller = caller
-        self.tool_calls: dict[Any, tuple[str, Any, float]] = {}  # request id → (tool, arguments, start)
-
-    @property
-    def inspects_output(self) -> bool:
-        return bool(self.caller.policy_url or self.tool_calls)
-
-    async def check_input(self, messages: list[Message]) -> None:
-        """Built-in tool rules, then the policy hook; raises PolicyDenied (nothing is forwarded)."""
-        for message in messages:
-            if message.get("method") == "tools/call":
-                params = message.get("params") or {}
-                tool, arguments = str(params.get("name")), params.get("arguments") or {}
-                started = time.monotonic()
-                try:
-                    await self.ingress.gate.check_call(self.caller, tool, arguments, message)
-                except PolicyDenied as denied:
-                    self.ingress.finish(self.caller, tool, arguments, denied.code, started, denied)
-                    raise
-                self.tool_calls[message.get("id")] = (tool, arguments, started)
-        others = [m for m in messages if m.get("method") != "tools/call"]
-        await self.ingress.gate.check_messages(self.caller, others)
-
-    async def check_output(self, message: Message) -> Message:
-        """The message to forward: itself, or an error in its place when the policy denies it."""
-        try:
-            await self.ingress.gate.check_output(self.caller, message)
-        except PolicyDenied as denied:
-            self._finish(message, denied)
-            return gateway_error_response(message.get("id"), denied) if "id" in message else {}
-        self._finish(message, None)
-        return message
-
-    def _finish(self, message: Message, denied: PolicyDenied | None) -> None:
-        if "method" in message or message.get("id") not in self.tool_calls:
-            return
-        result = message.get("result")
-        if isinstance(result, dict) and result.get("resultType") == "input_required":
-            return  # the call goes on with the caller's retry; its audit record comes then
-        tool, arguments, started = self.tool_calls.pop(message["id"])
-        if denied is not None:
-            outcome = denied.code
-        elif "error" in message:
-            data = message["error"].get("data")
-            outcome = data.get("code", "rpc_error") if isinstance(data, dict) else "rpc_error"
-        else:
-            outcome = "tool_error" if (result or {}).get("isError") else "completed"
-        self.ingress.finish(self.caller, tool, arguments, outcome, started, denied)
-
-
-def parse_messages(body: bytes | None) -> list[Message] | None:
-    """The JSON-RPC messages of a caller's body, or None when it is not JSON (the bridge will say so).
-
-    Raises TooDeep for JSON nested too deeply to pass on.
-    """
-    payload = parse_body(body)
-    return None if payload is None else messages_in(payload)
-
-
-def parse_body(body: bytes | None) -> Any:
-    """A caller's body parsed, or None when there is none or it is not JSON; raises TooDeep."""
-    if not body:
-        return None
-    try:
-        return parse(body)
-    except TooDeep:
-        raise
-    except ValueError:
-        return None
-
-
-def messages_in(payload: Any) -> list[Message]:
-    """The messages of a parsed body: one, or a batch."""
-    return [m for m in (payload if isinstance(payload, list) else [payload]) if isinstance(m, dict)]
-
-
-def is_batch(body: bytes | None) -> bool:
-    return (body or b"").lstrip()[:1] == b"["
 
 
 def _session_starting(messages: list[Message], batch: bool) -> web.Response:
@@ -149,11 +64,6 @@ def _session_starting(messages: list[Message], batch: bool) -> web.Response:
     errors = [gateway_error_response(m["id"], err) for m in messages if "id" in m and "method" in m]
     body = errors if batch else (errors[0] if errors else gateway_error_response(None, err))
     return json_response(body, 503, {"Retry-After": "1"})
-
-
-def too_deep_response(exc: TooDeep) -> web.Response:
-    """A body nested too deeply: refused here, as the bridge would refuse it."""
-    return json_response(error_response(None, PARSE_ERROR, f"Parse error: {exc}"), 400)
 
 
 class Advertiser:
@@ -190,53 +100,117 @@ class Advertiser:
         return {**message, "result": result}
 
 
+@dataclass
+class Relayed:
+    """One caller's request on its way to the session's bridge: its body, read and parsed once, and the
+    headers of the MCP transport that pass on."""
+
+    method: str
+    body: bytes | None
+    payload: Any
+    headers: dict[str, str]
+    modern: bool  # a 2026-07-28 request (`is_modern_request`)
+    messages: list[Message] = field(init=False)
+    single: Message | None = field(init=False)  # the body is one request (not a batch of one)
+
+    def __post_init__(self) -> None:
+        self.messages = [] if self.payload is None else messages_in(self.payload)
+        one = len(self.messages) == 1 and not isinstance(self.payload, list) and "id" in self.messages[0]
+        self.single = self.messages[0] if one else None
+
+    @classmethod
+    async def read(cls, request: web.Request) -> Relayed:
+        """The request's body and headers; raises TooDeep for a body nested too deeply."""
+        body = await read_request_body(request) if request.method == "POST" else None
+        headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
+        headers.update({k: v for k, v in request.headers.items() if k.lower().startswith(_PARAM_PREFIX)})
+        modern = is_modern_request(request.headers.get(VERSION_HEADER))
+        return cls(request.method, body, parse_body(body), headers, modern)
+
+    @property
+    def batch(self) -> bool:
+        return is_batch(self.body)
+
+    @property
+    def holds_a_stream(self) -> bool:
+        """A GET stream or a `subscriptions/listen`: held open, not a call in flight."""
+        return self.method == "GET" or (self.single is not None and self.single.get("method") == "subscriptions/listen")
+
+
 async def relay(request: web.Request) -> web.StreamResponse:
     router = router_of(request)
     origin = request.headers.get("Origin")
     if origin is not None and not origin_allowed(origin, router.settings.allowed_origins):
         raise PierError("FORBIDDEN", f"origin {origin!r} is not allowed")
-    user, server = user_of(request), request.match_info["server"]
-    caller, profile = await router.ingress.admit(request, user, server, "mcp")
-    body = await read_request_body(request) if request.method == "POST" else None
-    headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
-    headers.update({k: v for k, v in request.headers.items() if k.lower().startswith(_PARAM_PREFIX)})
-    modern = is_modern_request(request.headers.get(VERSION_HEADER))
-    exchange = Exchange(router.ingress, caller)
+    caller, profile = await router.ingress.admit(request, user_of(request), request.match_info["server"], "mcp")
     try:
-        payload = parse_body(body)
+        relayed = await Relayed.read(request)
     except TooDeep as exc:
         return too_deep_response(exc)
-    messages = [] if payload is None else messages_in(payload)
-    single = messages[0] if len(messages) == 1 and not isinstance(payload, list) and "id" in messages[0] else None
+    answered = await _answer_here(request, router, caller, profile, relayed)
+    if answered is not None:
+        return answered
+    checkpoint = Checkpoint(router.ingress, caller)
+    if relayed.messages:
+        try:
+            await checkpoint.check_input(relayed.messages)
+        except PolicyDenied as denied:
+            errors = [gateway_error_response(m["id"], denied) for m in relayed.messages if "id" in m and "method" in m]
+            if not errors:
+                raise
+            return json_response(errors if relayed.batch else errors[0])
+    output = _output_filter(request, checkpoint, Advertiser(relayed.messages, relayed.modern))
+    return await _serve(request, router, profile, relayed, output)
 
-    if modern and single is not None:
+
+async def _answer_here(
+    request: web.Request, router: Router, caller: Caller, profile: Profile, relayed: Relayed
+) -> web.StreamResponse | None:
+    """What the router answers itself, before any session: a 2026-07-28 request the spec refuses,
+    `tasks/*` about Pier's jobs, and a call from a caller that takes tasks. None: the bridge answers."""
+    single = relayed.single
+    if single is None:
+        return None
+    if relayed.modern:
         # The spec's checks come before Pier's own answers (tasks), as the bridge makes them.
         try:
             check_request(single, request.headers)
         except Refusal as refusal:
             return json_response(refusal.answer(single["id"]), refusal.http_status)
-    if single is not None and single.get("method") in TASK_METHODS:
-        answer = await Tasks(router, caller, profile, modern).answer(single)
+    if single.get("method") in TASK_METHODS:
+        answer = await Tasks(router, caller, profile, relayed.modern).answer(single)
         if answer is not None:
-            return _json_answer(answer, modern)
-    if single is not None and wants_tasks(single, modern):
+            return _json_answer(answer, relayed.modern)
+    if wants_tasks(single, relayed.modern):
         # Rules, policy and audit are the call service's, as for a REST call.
-        return await _task_call(request, router, caller, profile, single, modern)
+        return await _task_call(request, router, caller, profile, single, relayed.modern)
+    return None
 
-    if messages:
-        try:
-            await exchange.check_input(messages)
-        except PolicyDenied as denied:
-            errors = [gateway_error_response(m["id"], denied) for m in messages if "id" in m and "method" in m]
-            if not errors:
-                raise
-            return json_response(errors if is_batch(body) else errors[0])
-    advertise = Advertiser(messages, modern)
 
-    if request.method == "GET" or (single is not None and single.get("method") == "subscriptions/listen"):
+def _output_filter(request: web.Request, checkpoint: Checkpoint, advertise: Advertiser) -> Output | None:
+    """What each message back passes (Pier's task support advertised, the output policy), or None
+    when nothing needs to look at them."""
+    inspect = checkpoint.inspects_output and request.method != "DELETE"
+    if not (inspect or advertise.needed):
+        return None
+
+    async def output(message: Message) -> Message:
+        if advertise.needed:
+            message = advertise(message)
+        return await checkpoint.check_output(message) if inspect else message
+
+    return output
+
+
+async def _serve(
+    request: web.Request, router: Router, profile: Profile, relayed: Relayed, output: Output | None
+) -> web.StreamResponse:
+    """The request through the user's session of the profile (started if need be)."""
+    user = user_of(request)
+    if relayed.holds_a_stream:
         # A held stream is not a call in flight: it must not keep an idle session alive forever.
         session = await router.backend.acquire(user, profile)
-        return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
+        return await _to_bridge(router, request, session, relayed, output)
     # One deadline, as for REST calls: a session still starting when the profile's timeout (counted
     # from the request's arrival) runs out is an answer to retry, not a wait past the caller's patience.
     deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
@@ -244,15 +218,15 @@ async def relay(request: web.Request) -> web.StreamResponse:
         async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
             session = await router.backend.acquire(user, profile)
     except TimeoutError:
-        return _session_starting(messages or [], is_batch(body))
+        return _session_starting(relayed.messages, relayed.batch)
     async with hold(session):
         try:
-            return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
+            return await _to_bridge(router, request, session, relayed, output)
         except BridgeUnreachable:
             await router.backend.forget(session, "unreachable")
     # The bridge was gone: a fresh session answers (an old MCP session id gets its 404 there).
     async with router.backend.use(user, profile) as session:
-        return await _to_bridge(router, request, session, headers, body, payload, exchange, advertise)
+        return await _to_bridge(router, request, session, relayed, output)
 
 
 def _json_answer(answer: Message, modern: bool) -> web.Response:
@@ -263,14 +237,14 @@ def _json_answer(answer: Message, modern: bool) -> web.Response:
 
 
 async def _task_call(
-    request: web.Request, router: Router, caller: Caller, profile: Any, message: Message, modern: bool
+    request: web.Request, router: Router, caller: Caller, profile: Profile, message: Message, modern: bool
 ) -> web.StreamResponse:
     """A tools/call from a caller that takes tasks: its answer, or a task if it overruns."""
     job_id = uuid.uuid4().hex
     work = asyncio.ensure_future(Tasks(router, caller, profile, modern).call(message, job_id, request[RECEIVED]))
     try:
         while not work.done():
-            await asyncio.wait({work}, timeout=_PEER_POLL_S)
+            await asyncio.wait({work}, timeout=PEER_POLL_S)
             if not work.done() and modern and peer_gone(request):
                 # The caller closed its stream before the call became a task: a cancellation.
                 work.cancel()
@@ -287,49 +261,30 @@ async def _task_call(
 
 
 async def _to_bridge(
-    router: Router,
-    request: web.Request,
-    session: Session,
-    headers: dict[str, str],
-    body: bytes | None,
-    payload: Any,
-    exchange: Exchange,
-    advertise: Advertiser,
+    router: Router, request: web.Request, session: Session, relayed: Relayed, output: Output | None
 ) -> web.StreamResponse:
-    inspect = exchange.inspects_output and request.method != "DELETE"
-
-    async def output(message: Message) -> Message:
-        if advertise.needed:
-            message = advertise(message)
-        return await exchange.check_output(message) if inspect else message
-
     if session.bridge.mcp is not None:
         # The bridge is in this process: its handler serves this very request, body parsed already.
         if request.method == "POST":
             if request.content_type != "application/json":
                 return json_response(error_response(None, -32600, "Unsupported Media Type: send application/json"), 415)
-            if payload is None:
+            if relayed.payload is None:
                 return json_response(error_response(None, PARSE_ERROR, "Parse error: the body is not valid JSON"), 400)
-        filtered = output if inspect or advertise.needed else None
         with router.streaming():
-            return await session.bridge.mcp.handle(request, payload, filtered)
-    return await _forward(router, request, session, headers, body, output if inspect or advertise.needed else None)
+            return await session.bridge.mcp.handle(request, relayed.payload, output)
+    return await _forward(router, request, session, relayed, output)
 
 
 async def _forward(
-    router: Router,
-    request: web.Request,
-    session: Session,
-    headers: dict[str, str],
-    body: bytes | None,
-    output: Any,
+    router: Router, request: web.Request, session: Session, relayed: Relayed, output: Output | None
 ) -> web.StreamResponse:
+    """The request over HTTP to a bridge elsewhere, with the session's token in place of the caller's key."""
     try:
         upstream = await router.http.request(
             request.method,
             session.endpoint.url + "/mcp",
-            headers={**headers, **session.endpoint.headers()},
-            data=body,
+            headers={**relayed.headers, **session.endpoint.headers()},
+            data=relayed.body,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             ssl=router.bridge_ssl,
         )
@@ -339,36 +294,53 @@ async def _forward(
         out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if not is_sse and request.method != "GET":
-            # A JSON (or empty) answer is complete as it comes: one response, one write.
-            try:
-                raw = await _read_watching(request, upstream)
-            except aiohttp.ClientError as exc:
-                # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
-                raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
-            if raw is None:
-                return web.Response(status=499)  # the caller left: closing our side tells the bridge
+            return await _forward_json(request, upstream, out_headers, output)
+        return await _forward_stream(router, request, upstream, out_headers, output)
+
+
+async def _forward_json(
+    request: web.Request, upstream: aiohttp.ClientResponse, out_headers: dict[str, str], output: Output | None
+) -> web.Response:
+    """A JSON (or empty) answer is complete as it comes: one response, one write."""
+    try:
+        raw = await _read_watching(request, upstream)
+    except aiohttp.ClientError as exc:
+        # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
+        raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
+    if raw is None:
+        return web.Response(status=499)  # the caller left: closing our side tells the bridge
+    if output is not None:
+        raw = await _checked_json(raw, output)
+    return web.Response(status=upstream.status, headers=out_headers, body=raw)
+
+
+async def _forward_stream(
+    router: Router,
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    out_headers: dict[str, str],
+    output: Output | None,
+) -> web.StreamResponse:
+    """An SSE answer (or a GET stream), relayed as it comes."""
+    # A GET stream's headers go out at once (a client may wait for them); a POST's SSE answer
+    # sends them with its first event.
+    response = (
+        web.StreamResponse(status=upstream.status, headers=out_headers)
+        if request.method == "GET"
+        else CoalescedSSE(status=upstream.status, headers=out_headers)
+    )
+    try:
+        with router.streaming():
+            await response.prepare(request)
             if output is not None:
-                raw = await _checked_json(raw, output)
-            return web.Response(status=upstream.status, headers=out_headers, body=raw)
-        # A GET stream's headers go out at once (a client may wait for them); a POST's SSE answer
-        # sends them with its first event.
-        response = (
-            web.StreamResponse(status=upstream.status, headers=out_headers)
-            if request.method == "GET"
-            else CoalescedSSE(status=upstream.status, headers=out_headers)
-        )
-        try:
-            with router.streaming():
-                await response.prepare(request)
-                if output is not None:
-                    await _relay_sse(upstream, response, output)
-                else:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-            await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientError):
-            pass  # either side hung up; closing ours tells the bridge (a 2026-07-28 request is cancelled)
-        return response
+                await _relay_sse(upstream, response, output)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientError):
+        pass  # either side hung up; closing ours tells the bridge (a 2026-07-28 request is cancelled)
+    return response
 
 
 async def _read_watching(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
@@ -377,7 +349,7 @@ async def _read_watching(request: web.Request, upstream: aiohttp.ClientResponse)
     reading = asyncio.ensure_future(upstream.read())
     try:
         while True:
-            done, _ = await asyncio.wait({reading}, timeout=_PEER_POLL_S)
+            done, _ = await asyncio.wait({reading}, timeout=PEER_POLL_S)
             if done:
                 return reading.result()
             if peer_gone(request):
@@ -389,7 +361,7 @@ async def _read_watching(request: web.Request, upstream: aiohttp.ClientResponse)
             upstream.close()
 
 
-async def _checked_json(raw: bytes, output: Any) -> bytes:
+async def _checked_json(raw: bytes, output: Output) -> bytes:
     """A JSON answer with each message through the output filter (and its tool calls audited)."""
     try:
         payload = loads(raw)
@@ -402,7 +374,7 @@ async def _checked_json(raw: bytes, output: Any) -> bytes:
     return dumps(checked if isinstance(payload, list) else checked[0])
 
 
-async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, output: Any) -> None:
+async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, output: Output) -> None:
     """Forward an SSE stream event by event, each message through the output filter."""
     buffer = b""
     async for chunk in upstream.content.iter_any():
@@ -414,7 +386,7 @@ async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamRespo
         await response.write(buffer)
 
 
-async def _checked_event(event: bytes, output: Any) -> bytes:
+async def _checked_event(event: bytes, output: Output) -> bytes:
     lines = event.split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
     try:

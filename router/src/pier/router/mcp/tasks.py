@@ -13,12 +13,10 @@ The record changes state only through `pier.core.job.JobRecord` (its transitions
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 from pier.core import audit
-from pier.core.callapi import Endpoint
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobRecord, iso
@@ -26,6 +24,7 @@ from pier.core.jobstore import JobStore
 from pier.core.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, error_response, gateway_error_response
 from pier.core.policy import Caller
 from pier.core.protocol import CLIENT_CAPABILITIES_KEY, MISSING_CAPABILITY, RELATED_TASK_KEY, TASKS_EXTENSION, meta_of
+from pier.router.shared import cancel_job
 from pier.router.state import Router
 
 POLL_INTERVAL_MS = 1000
@@ -223,19 +222,3 @@ class Tasks:
         if len(ids) == _LIST_PAGE:
             result["nextCursor"] = str(start + _LIST_PAGE)
         return self._ok(request_id, result)
-
-
-async def cancel_job(router: Router, record: JobRecord) -> JobRecord:
-    """Cancel a job (`DELETE /v1/jobs/{id}` and `tasks/cancel` alike): the call on its bridge gets
-    `notifications/cancelled`, the record ends `cancelled` unless it ended first."""
-    if record.done:
-        return record
-    if record.endpoint:
-        # If the session is gone, so is the call.
-        with contextlib.suppress(PierError):
-            await router.http_bridge(Endpoint(record.endpoint, record.endpoint_token)).cancel_call(record.call_id)
-    cancelled = PierError("CANCELLED", "cancelled by the caller")
-    # A worker following the call may have seen the cancellation first and ended the job
-    # itself: then the stored record, not the one read before, says how it ended.
-    ended = await router.store.finish(record.job_id, "cancelled", error=cancelled)
-    return ended or await router.store.get(record.job_id) or record

@@ -20,15 +20,16 @@ import contextlib
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response
 from pier.core.mcp_client import HttpSession
 from pier.core.policy import PolicyDenied
-from pier.router.rest.v1 import USERS
+from pier.router.backends.base import Session
 from pier.router.config import RouterSettings
-from pier.router.state import router_of
-from pier.router.auth.ingress import user_of
-from pier.router.mcp.relay import Exchange, parse_messages
+from pier.router.mcp.messages import Checkpoint, parse_messages
+from pier.router.shared import USERS, user_of
+from pier.router.state import Router, router_of
 
 
 class InFlight:
@@ -60,79 +61,103 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     session = await router.backend.acquire(user, profile)
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=router.settings.max_body_bytes)
     await ws.prepare(request)
-    exchange = Exchange(router.ingress, caller)
-    per_socket = router.settings.ws_max_in_flight
-    per_user = request.app[USER_IN_FLIGHT]
-
-    async def reply(message: Message) -> None:
-        if not ws.closed:
-            await ws.send_str(dumps(message).decode())
-
-    async def deliver(message: Message) -> None:
-        checked = await exchange.check_output(message) if exchange.inspects_output else message
-        if checked:
-            await reply(checked)
-
-    # Its own pool: at most one connection per request in flight, plus the GET stream and the
-    # loop's own (notifications, responses); all closed when the socket ends.
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=per_socket + 2, keepalive_timeout=30), auto_decompress=False
-    )
-    upstream = HttpSession(http, session.endpoint.url + "/mcp", deliver, session.endpoint.headers(), router.bridge_ssl)
-    requests: set[asyncio.Task[None]] = set()
-
-    async def send(message: Message) -> None:
-        async with router.backend.use(user, profile):
-            await upstream.send(message)
-
-    def start_request(message: Message) -> None:
-        task = asyncio.create_task(send(message))
-        requests.add(task)
-
-        def done(task: asyncio.Task[None]) -> None:
-            requests.discard(task)
-            per_user.give_back(user)
-
-        task.add_done_callback(done)
-
+    socket = Socket(router, ws, Checkpoint(router.ingress, caller), profile, session, request.app[USER_IN_FLIGHT])
     try:
         with router.streaming():
             async for frame in ws:
-                if frame.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    messages = parse_messages(frame.data.encode())
-                except TooDeep as exc:
-                    await reply(error_response(None, PARSE_ERROR, f"Parse error: {exc}"))
-                    continue
-                if messages is None:
-                    await reply(error_response(None, PARSE_ERROR, "Parse error: not JSON"))
-                    continue
-                try:
-                    await exchange.check_input(messages)
-                except PolicyDenied as denied:
-                    for message in messages:
-                        if "id" in message and "method" in message:
-                            await reply(gateway_error_response(message["id"], denied))
-                    continue
-                for message in messages:
-                    if not ("id" in message and "method" in message):
-                        # Notifications and answers to the server are quick: sent in turn, so a
-                        # flood of them is slowed to the bridge's pace (back-pressure), not queued.
-                        await send(message)
-                    elif len(requests) >= per_socket or not per_user.try_take(user):
-                        await reply(gateway_error_response(message["id"], _queue_full(per_socket, per_user.limit)))
-                    else:
-                        # Each request on its own task: a long call must not hold up the ones after it.
-                        start_request(message)
+                if frame.type == WSMsgType.TEXT:
+                    await socket.receive(frame.data)
     finally:
-        for task in requests:
-            task.cancel()
-        await asyncio.gather(*requests, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await upstream.close()
-        await http.close()
+        await socket.close()
     return ws
+
+
+class Socket:
+    """One WebSocket and the Streamable HTTP session behind it, with its bounded work."""
+
+    def __init__(
+        self, router: Router, ws: web.WebSocketResponse, checkpoint: Checkpoint, profile: Profile, session: Session,
+        per_user: InFlight,
+    ) -> None:  # fmt: skip
+        self.router = router
+        self.ws = ws
+        self.checkpoint = checkpoint
+        self.profile = profile
+        self.user = checkpoint.caller.user
+        self.per_socket = router.settings.ws_max_in_flight
+        self.per_user = per_user
+        # Its own pool: at most one connection per request in flight, plus the GET stream and the
+        # loop's own (notifications, responses); all closed when the socket ends.
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.per_socket + 2, keepalive_timeout=30), auto_decompress=False
+        )
+        endpoint = session.endpoint
+        self.upstream = HttpSession(
+            self.http, endpoint.url + "/mcp", self.deliver, endpoint.headers(), router.bridge_ssl
+        )
+        self.requests: set[asyncio.Task[None]] = set()
+
+    async def reply(self, message: Message) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(dumps(message).decode())
+
+    async def deliver(self, message: Message) -> None:
+        """A message from the bridge, through the output policy, to the socket."""
+        checked = await self.checkpoint.check_output(message) if self.checkpoint.inspects_output else message
+        if checked:
+            await self.reply(checked)
+
+    async def receive(self, text: str) -> None:
+        """One text frame: a message or a batch, checked, then sent on."""
+        try:
+            messages = parse_messages(text.encode())
+        except TooDeep as exc:
+            await self.reply(error_response(None, PARSE_ERROR, f"Parse error: {exc}"))
+            return
+        if messages is None:
+            await self.reply(error_response(None, PARSE_ERROR, "Parse error: not JSON"))
+            return
+        try:
+            await self.checkpoint.check_input(messages)
+        except PolicyDenied as denied:
+            for message in messages:
+                if "id" in message and "method" in message:
+                    await self.reply(gateway_error_response(message["id"], denied))
+            return
+        for message in messages:
+            if not ("id" in message and "method" in message):
+                # Notifications and answers to the server are quick: sent in turn, so a
+                # flood of them is slowed to the bridge's pace (back-pressure), not queued.
+                await self.send(message)
+            elif len(self.requests) >= self.per_socket or not self.per_user.try_take(self.user):
+                await self.reply(
+                    gateway_error_response(message["id"], _queue_full(self.per_socket, self.per_user.limit))
+                )
+            else:
+                # Each request on its own task: a long call must not hold up the ones after it.
+                self.start_request(message)
+
+    async def send(self, message: Message) -> None:
+        async with self.router.backend.use(self.user, self.profile):
+            await self.upstream.send(message)
+
+    def start_request(self, message: Message) -> None:
+        task = asyncio.create_task(self.send(message))
+        self.requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        self.per_user.give_back(self.user)
+
+    async def close(self) -> None:
+        """Cancel what is in flight, end the session behind the socket, close its pool."""
+        for task in self.requests:
+            task.cancel()
+        await asyncio.gather(*self.requests, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.upstream.close()
+        await self.http.close()
 
 
 def _queue_full(per_socket: int, per_user: int) -> PierError:

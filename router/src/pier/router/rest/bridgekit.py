@@ -23,11 +23,10 @@ from pier.core.errors import PierError
 from pier.core.job import iso
 from pier.core.jsonrpc import dumps
 from pier.core.web import SSE_HEADERS, json_response
-from pier.router.rest.v1 import load_job, read_model, stream_job
-from pier.router.state import Router, router_of
 from pier.router.auth.ingress import principal_of
 from pier.router.middleware import RECEIVED, Handler, authenticate, errors
-from pier.router.auth.protected_resource import with_challenge
+from pier.router.shared import load_job, read_model, stream_job
+from pier.router.state import Router, router_of
 
 # Pier's codes in bridgekit's vocabulary (codes it lacks keep Pier's name).
 _CODES = {
@@ -178,7 +177,7 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-_render_errors = errors(lambda request, err: with_challenge(request, err, error_response(err)))
+_render_errors = errors(lambda request, err: error_response(err))
 
 
 def bridgekit_route(handler: Handler, public: bool = False) -> Handler:

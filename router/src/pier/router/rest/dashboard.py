@@ -10,8 +10,8 @@ from redis.exceptions import RedisError
 
 from pier.core.errors import PierError
 from pier.core.web import json_response
-from pier.router.state import router_of
 from pier.router.auth.ingress import principal_of
+from pier.router.state import router_of
 
 _PAGE = resources.files("pier.router.rest").joinpath("static/dashboard.html")
 

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import pydantic
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from pier.core.callapi import BridgeUnreachable
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
-from pier.core.job import JobRecord
-from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
-from pier.core.web import SSE_HEADERS, json_response
-from pier.router.mcp import tasks
-from pier.router.state import read_request_body, router_of
-from pier.router.auth.ingress import principal_of, user_of
+from pier.core.jsonrpc import dumps, parse
+from pier.core.web import json_response
+from pier.router import shared
+from pier.router.auth.ingress import principal_of
 from pier.router.middleware import RECEIVED
+from pier.router.shared import USERS, load_job, read_model, read_request_body, stream_job, user_of
+from pier.router.state import router_of
 from pier.router.usersecrets import MAX_VALUE_BYTES, SecretStore
 
 log = logging.getLogger("pier.router.rest.v1")
-M = TypeVar("M", bound=BaseModel)
-JOB_EVENTS_TIMEOUT_S = 3600.0
 
 
 class ToolCallBody(BaseModel):
@@ -34,22 +30,6 @@ class ToolCallBody(BaseModel):
 
     arguments: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(default=None, gt=0, description="hand-off threshold for this call (capped)")
-
-
-async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse the JSON body into `model`: 400 for bad JSON, 422 for a body that breaks the schema."""
-    raw = await read_request_body(request)
-    try:
-        data = parse(raw) if raw else {}
-    except TooDeep as exc:
-        raise PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}) from None
-    except ValueError:
-        raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as exc:
-        errors = [{"path": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        raise PierError("INVALID_ARGUMENTS", "the request body does not match the schema", {"errors": errors}) from None
 
 
 async def list_servers(request: web.Request) -> web.Response:
@@ -162,14 +142,6 @@ async def _restart(request: web.Request, user: str, profile: str) -> None:
 # -- jobs ------------------------------------------------------------------------------------
 
 
-async def load_job(request: web.Request, job_id: str) -> JobRecord:
-    record = await router_of(request).store.get(job_id)
-    if record is None:
-        raise PierError("JOB_NOT_FOUND", f"no job {job_id!r} (results expire after their TTL)")
-    principal_of(request).check_user(record.user)
-    return record
-
-
 async def get_job(request: web.Request) -> web.Response:
     record = await load_job(request, request.match_info["job_id"])
     return json_response(record.view())
@@ -179,7 +151,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     router = router_of(request)
     record = await load_job(request, request.match_info["job_id"])
     # One cancellation for REST jobs and MCP tasks: they are the same thing.
-    return json_response((await tasks.cancel_job(router, record)).view())
+    return json_response((await shared.cancel_job(router, record)).view())
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -191,29 +163,6 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         return f"event: {event['type']}\n".encode() + b"data: " + dumps(data) + b"\n\n"
 
     return await stream_job(request, record.job_id, render)
-
-
-async def stream_job(
-    request: web.Request, job_id: str, render: Callable[[dict[str, Any]], bytes | None]
-) -> web.StreamResponse:
-    """Stream a job's events as SSE; `render` makes one event a frame (None skips it)."""
-    router = router_of(request)
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    try:
-        with router.streaming():
-            async for event in router.store.events(job_id, JOB_EVENTS_TIMEOUT_S):
-                frame = b": keepalive\n\n" if event["type"] == "keepalive" else render(event)
-                if frame:
-                    await response.write(frame)
-            await response.write_eof()
-    except ConnectionResetError:
-        pass  # the caller left; the job goes on
-    return response
-
-
-# A user's resources, under the URL that names the user and under the caller's own (`/v1/me`).
-USERS = ("/users/{user}", "/me")
 
 
 def add_routes(v1: web.Application) -> None:
