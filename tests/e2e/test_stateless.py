@@ -197,7 +197,7 @@ async def test_subscriptions_listen_carries_list_changes_and_resource_updates(ht
         assert second["params"]["uri"] == "test://watched"
         assert first["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == 5
         # Its stream closed: the bridge unsubscribed.
-        await wait_until(lambda: not running.bridge.mcp.modern.listeners)
+        await wait_until(lambda: not running.bridge.mcp.stateless.subscriptions.listeners)
         call = modern_request(7, "tools/call", {"name": "notify", "arguments": {"method": "notifications/x"}})
         assert (await post(http, url, call))[1]["result"]["content"][0]["text"] == "subscribed: []"
 

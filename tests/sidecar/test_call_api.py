@@ -182,7 +182,7 @@ async def test_sweep_forgets_finished_calls_past_their_retention(http):
 def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
     from jsonschema import validators
 
-    from pier.sidecar.call_registry import _FlatSchema
+    from pier.sidecar.schema import FlatSchema
 
     schemas = [
         {"type": "object", "properties": {"message": {"type": "string", "description": "x"}}, "required": ["message"]},
@@ -200,7 +200,7 @@ def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
         {"any": [1]}, {"other": 1}, {"items": []}, {"items": {}}, {"o": {}}, {"o": []}, {"z": None}, {"z": 0},
     ]  # fmt: skip
     for schema in schemas:
-        flat = _FlatSchema.of(schema)
+        flat = FlatSchema.of(schema)
         assert flat is not None
         full = validators.validator_for(schema)(schema)
         for instance in instances:
@@ -217,7 +217,7 @@ def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
             "properties": {"n": {"type": "integer"}},
         },
     ]:
-        assert _FlatSchema.of(schema) is None, schema
+        assert FlatSchema.of(schema) is None, schema
 
 
 async def test_arguments_are_judged_by_each_bridge_alike_and_an_invalid_schema_by_the_server(http, caplog):

@@ -26,8 +26,8 @@ from pier.sidecar.call_registry import CallRegistry
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
-from pier.sidecar.streamable import StreamableHTTP
 from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
+from pier.sidecar.streamable import StreamableHTTP
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 
@@ -260,7 +260,7 @@ async def _housekeeping(bridge: Bridge) -> None:
     while True:
         await asyncio.sleep(_HOUSEKEEPING_S)
         bridge.calls.sweep()
-        bridge.mcp.modern.expire()
+        bridge.mcp.stateless.expire()
         for client in bridge.clients.expire():
             bridge.upstream.mux.cancel_client(client, "client session expired")
 
@@ -270,7 +270,7 @@ async def _drain(app: web.Application) -> None:
     bridge = app[BRIDGE]
     bridge.draining = True
     bridge.clients.close_all()
-    bridge.mcp.modern.close()
+    bridge.mcp.stateless.close()
     deadline = time.monotonic() + bridge.settings.shutdown_grace_s
     # A few polls, once, at shutdown: simpler than an event every call would have to set.
     while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110

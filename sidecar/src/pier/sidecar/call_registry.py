@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from pier.core.callapi import CallAnswer
 from pier.core.errors import PierError
 from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
 from pier.sidecar.multiplexer import Pending
+from pier.sidecar.schema import Validator, argument_errors, compile_schema, constrains
 from pier.sidecar.upstream import Upstream
 
 log = logging.getLogger("pier.sidecar.call_registry")
@@ -143,7 +143,7 @@ class CallRegistry:
         self.max_retained = max_retained
         self.calls: dict[str, Call] = {}
         self._finished: dict[str, Call] = {}  # in the order they finished (oldest first)
-        self._validators: dict[str, _Validator] = {}
+        self._validators: dict[str, Validator] = {}
         upstream.on_tools_changed = self._tools_changed
 
     def _tools_changed(self) -> None:
@@ -207,11 +207,11 @@ class CallRegistry:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _validator(self, tool: str) -> _Validator:
+    def _validator(self, tool: str) -> Validator:
         schema = self.upstream.tools_by_name[tool].get("inputSchema") or {"type": "object"}
-        if not _constrains(schema):
-            validator: _Validator = False
-        elif not (validator := _compile(json.dumps(schema, sort_keys=True))):
+        if not constrains(schema):
+            validator: Validator = False
+        elif not (validator := compile_schema(json.dumps(schema, sort_keys=True))):
             log.warning("tool has an invalid inputSchema; not validating its arguments", extra={"tool": tool})
         self._validators[tool] = validator
         return validator
@@ -226,17 +226,13 @@ class CallRegistry:
         validator = self._validators.get(tool)
         if validator is None:
             validator = self._validator(tool)
-        if validator:
-            full, flat = validator
-            if flat is not None and flat.accepts(arguments):
-                return  # the common case, decided without jsonschema (its errors are only needed on refusal)
-            errors = sorted(full.iter_errors(arguments), key=lambda e: list(e.path))
-            if errors:
-                raise PierError(
-                    "INVALID_ARGUMENTS",
-                    f"arguments do not match the input schema of {tool!r}: {errors[0].message}",
-                    {"errors": [{"path": list(e.path), "message": e.message} for e in errors[:20]]},
-                )
+        errors = argument_errors(validator, arguments)
+        if errors:
+            raise PierError(
+                "INVALID_ARGUMENTS",
+                f"arguments do not match the input schema of {tool!r}: {errors[0]['message']}",
+                {"errors": errors[:20]},
+            )
 
     async def _run(self, call: Call) -> None:
         message = {
@@ -275,93 +271,3 @@ class CallRegistry:
             if oldest.finished_at >= cutoff:
                 return
             self._forget_oldest()
-
-
-# JSON types a flat schema may give its properties, as Python checks (bool is not a number in JSON).
-_FLAT_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-    "null": lambda v: v is None,
-}
-# Keywords that only annotate (they never make an instance invalid).
-_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated"})
-
-
-class _FlatSchema:
-    """The shape most tool schemas have: an object of typed properties, some required.
-
-    Its verdict is exactly jsonschema's for such a schema, for a fraction of the cost; anything
-    else (nested constraints, patterns, enums, $refs…) is not flat and goes to jsonschema.
-    """
-
-    def __init__(self, types: dict[str, Callable[[Any], bool]], required: list[str], closed: bool) -> None:
-        self.types, self.required, self.closed = types, required, closed
-
-    @classmethod
-    def of(cls, schema: dict[str, Any]) -> _FlatSchema | None:
-        if not set(schema) <= {"type", "properties", "required", "additionalProperties", "$schema"} | _ANNOTATIONS:
-            return None
-        if any(old in str(schema.get("$schema", "")) for old in ("draft-03", "draft-04")):
-            return None  # older drafts type integers (and more) differently
-        properties, required = schema.get("properties", {}), schema.get("required", [])
-        additional = schema.get("additionalProperties", True)
-        if schema.get("type") != "object" or not isinstance(properties, dict) or not isinstance(additional, bool):
-            return None
-        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-            return None
-        types = {}
-        for name, spec in properties.items():
-            if not isinstance(spec, dict) or not set(spec) <= {"type"} | _ANNOTATIONS:
-                return None
-            kind = spec.get("type")
-            if kind is None:
-                types[name] = lambda v: True
-            elif isinstance(kind, str) and kind in _FLAT_TYPES:
-                types[name] = _FLAT_TYPES[kind]
-            else:
-                return None
-        return cls(types, required, closed=not additional)
-
-    def accepts(self, arguments: dict[str, Any]) -> bool:
-        if any(name not in arguments for name in self.required):
-            return False
-        for name, value in arguments.items():
-            check = self.types.get(name)
-            if check is None:
-                if self.closed:
-                    return False
-            elif not check(value):
-                return False
-        return True
-
-
-# A tool's input schema compiled: the full validator and its flat fast path; False: nothing to check.
-_Validator = tuple[Any, _FlatSchema | None] | Literal[False]
-
-
-@functools.lru_cache(maxsize=1024)
-def _compile(schema_json: str) -> _Validator:
-    """The validator of a schema (canonical JSON), compiled once per process: the sessions of one
-    profile list the same tools, and compiling costs ~1 ms a schema (the metaschema check)."""
-    # Imported on the first schema that needs it: jsonschema costs an idle bridge ~8 MiB and ~40 ms.
-    from jsonschema import exceptions as schema_exceptions
-    from jsonschema import validators
-
-    schema = json.loads(schema_json)
-    try:
-        cls = validators.validator_for(schema)
-        cls.check_schema(schema)
-    except schema_exceptions.SchemaError:
-        return False
-    return cls(schema), _FlatSchema.of(schema)
-
-
-def _constrains(schema: Any) -> bool:
-    """False for schemas every object satisfies (no schema, `{}`, `{"type": "object"}`): nothing to check."""
-    return not (
-        isinstance(schema, dict) and set(schema) <= {"type", "$schema"} and schema.get("type", "object") == "object"
-    )

@@ -1,4 +1,4 @@
-"""MCP 2026-07-28 at the bridge's `/mcp`: stateless requests onto the one stdio session.
+"""MCP 2026-07-28 at the bridge's `/mcp`: stateless requests onto the one stdio session (`StatelessHTTP`).
 
 Each POST is one request, checked as the spec says (`_meta` envelope -32602, headers against the
 body -32020, the revision -32022, removed methods 404/-32601) and answered on its own response:
@@ -10,11 +10,11 @@ What the bridge does depends on the server's era (`Upstream.modern`):
 - A handshake-era server (most stdio servers, and dual-era ones, initialized once by the bridge):
   the bridge translates. `server/discover` and `tools/list` are answered from the cache; results
   get `resultType`, the server's identity and caching hints (`ttlMs`); `subscriptions/listen` is
-  served by the bridge from the server's list-changed and resource-updated notifications; and a
-  server→client request during a call (sampling, elicitation, roots) becomes an
-  `InputRequiredResult` (multi round-trip requests): the call stays parked on the server, and the
-  caller's retry with `inputResponses` and the `requestState` hands the answers to the waiting
-  server request, so the call goes on — on the same session, run once.
+  served by the bridge from the server's list-changed and resource-updated notifications
+  (`subscriptions`); and a server→client request during a call (sampling, elicitation, roots)
+  becomes an `InputRequiredResult` (multi round-trip requests, `input_required`): the call stays
+  parked on the server, and the caller's retry hands the answers on, so the call goes on — on the
+  same session, run once.
 - A 2026-07-28 server: requests pass through (ids and progress tokens rewritten, as always).
 """
 
@@ -22,24 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from pier.core.callapi import Output
 from pier.core.errors import PierError
 from pier.core.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     Message,
-    dumps,
-    error_response,
     gateway_error_response,
     is_notification,
     is_request,
@@ -47,11 +42,9 @@ from pier.core.jsonrpc import (
 )
 from pier.core.protocol import (
     CACHEABLE,
-    CAPABILITY_FOR,
     LOG_LEVEL_KEY,
     REMOVED_METHODS,
     SERVER_INFO_KEY,
-    SUBSCRIPTION_ID_KEY,
     SUPPORTED_VERSIONS,
     TASK_METHODS,
     VERSION_HEADER,
@@ -63,38 +56,29 @@ from pier.core.protocol import (
     strip_envelope,
     unsupported,
 )
-from pier.core.web import SSE_HEADERS, json_response, peer_gone
+from pier.core.web import KEEPALIVE_S, PEER_POLL_S, SSE_HEADERS, json_response, peer_gone, sse_message, write_or_gone
+from pier.sidecar.input_required import InputRequests, InputWait
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
+from pier.sidecar.subscriptions import Subscriptions
 from pier.sidecar.upstream import BRIDGE_INFO, Upstream
 
 log = logging.getLogger("pier.sidecar.stateless")
 
-# A filter every outgoing message passes (the router's output policy when it serves the bridge
-# in its own process): the message to send, or an empty dict to withhold it.
-Output = Callable[[Message], Awaitable[Message]]
-
-KEEPALIVE_S = 15.0
-PEER_POLL_S = 0.25  # how often a waiting request looks whether its caller is still there
 # Caching hints of results the bridge answers or translates: a list is fresh until the server says
 # it changed (list-changed notifications, which subscriptions/listen carries); per-user sessions
 # make every answer private to its caller.
 TTL_MS = 60_000
 CACHE_SCOPE = "private"
 _RESOURCE_NOT_FOUND = -32002  # handshake-era code, -32602 at 2026-07-28
-_LIST_CHANGED = {
-    "toolsListChanged": ("notifications/tools/list_changed", "tools"),
-    "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
-    "resourcesListChanged": ("notifications/resources/list_changed", "resources"),
-}
 
 
 class PeerWatch:
     """Looks every PEER_POLL_S whether a waiting request's caller is still there: a "tick" in its
-    exchange's queue (one timer per request in flight, rather than a timeout per wait)."""
+    return path's queue (one timer per request in flight, rather than a timeout per wait)."""
 
-    def __init__(self, request: web.Request, exchange: Exchange) -> None:
-        self.queue = exchange.queue
+    def __init__(self, request: web.Request, path: ReturnPath) -> None:
+        self.queue = path.queue
         self.loop = asyncio.get_running_loop()
         self.handle = self.loop.call_later(PEER_POLL_S, self._tick)
 
@@ -106,8 +90,9 @@ class PeerWatch:
         self.handle.cancel()
 
 
-class Exchange:
-    """One 2026-07-28 request's way back: what reaches its caller while the server works on it."""
+class ReturnPath:
+    """One 2026-07-28 request's way back: what reaches its caller while the server works on it (its
+    notifications and the server's requests, then its answer), in one queue with the peer watch's ticks."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
@@ -120,73 +105,14 @@ class Exchange:
         self.queue.put_nowait(("final", message))
 
 
-@dataclass(eq=False)
-class InputWait:
-    """A call parked on the server while its caller gathers the input the server asked for."""
-
-    token: str
-    pending: Pending
-    method: str
-    name: Any
-    deadline: float
-    asked: dict[str, Message] = field(default_factory=dict)  # key → the server's request
-    final: Message | None = None  # the call ended while parked
-    keys: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-    # Sink while parked: the server's further requests are asked at the next round.
-    def deliver(self, message: Message) -> None:
-        if is_request(message):
-            self.ask(message)
-
-    def deliver_final(self, message: Message) -> None:
-        self.final = message
-
-    def ask(self, message: Message) -> None:
-        self.asked[f"input-{next(self.keys)}"] = message
-
-    def result(self) -> dict[str, Any]:
-        """The InputRequiredResult for what is still unanswered."""
-        requests = {key: {"method": m["method"], "params": m.get("params") or {}} for key, m in self.asked.items()}
-        return {"resultType": "input_required", "inputRequests": requests, "requestState": self.token}
-
-
-class Listener:
-    """One `subscriptions/listen` stream served by the bridge (a handshake-era server)."""
-
-    def __init__(self, request_id: Any, wanted: dict[str, Any]) -> None:
-        self.request_id = request_id
-        self.wanted = wanted
-        self.uris = {str(u) for u in wanted.get("resourceSubscriptions") or [] if isinstance(u, str)}
-        self.queue: asyncio.Queue[Message] = asyncio.Queue(1000)
-
-    def offer(self, message: Message) -> None:
-        method = message.get("method")
-        params = message.get("params") or {}
-        if method == "notifications/resources/updated":
-            if params.get("uri") not in self.uris:
-                return
-        elif not any(self.wanted.get(flag) and method == name for flag, (name, _) in _LIST_CHANGED.items()):
-            return
-        tagged = {
-            **message,
-            "params": {**params, "_meta": {**(params.get("_meta") or {}), SUBSCRIPTION_ID_KEY: self.request_id}},
-        }
-        if self.queue.full():
-            log.warning("a subscriptions/listen caller is not reading; dropped a notification")
-            return
-        self.queue.put_nowait(tagged)
-
-
-class ModernHTTP:
+class StatelessHTTP:
     """2026-07-28 requests at `/mcp` (and through the router's relay, in the router's process)."""
 
     def __init__(self, upstream: Upstream, metrics: BridgeMetrics, input_wait_s: float) -> None:
         self.upstream = upstream
         self.metrics = metrics
-        self.input_wait_s = input_wait_s
-        self.waits: dict[str, InputWait] = {}
-        self.listeners: set[Listener] = set()
-        self._subscribed: dict[str, int] = {}  # resource URI → listeners asking for it (handshake-era server)
+        self.inputs = InputRequests(upstream.mux, input_wait_s)  # calls parked for their callers' input
+        self.subscriptions = Subscriptions(upstream)  # subscriptions/listen (handshake-era server)
         self._headers_of: dict[str, dict[str, Any]] | None = None
         self._headers: dict[str, list[tuple[tuple[str, ...], str, str]]] = {}
 
@@ -201,42 +127,29 @@ class ModernHTTP:
             annotated = self._headers[tool] = param_headers(spec.get("inputSchema")) if spec else []
         return annotated
 
-    # -- notifications that belong to no call ------------------------------------------------
+    # -- notifications that belong to no call, housekeeping ----------------------------------
 
     def broadcast(self, message: Message) -> None:
-        for listener in self.listeners:
-            listener.offer(message)
+        self.subscriptions.broadcast(message)
+
+    def expire(self) -> None:
+        """Cancel parked calls whose caller never came back with the input."""
+        self.inputs.expire()
+
+    def close(self) -> None:
+        """The bridge is stopping: every subscriptions/listen stream ends."""
+        self.subscriptions.close()
 
     # -- entry -----------------------------------------------------------------------------
 
     async def serve(self, request: web.Request, payload: Any, output: Output | None = None) -> web.StreamResponse:
         """Answer one 2026-07-28 POST whose body (`payload`) is parsed already."""
-        if not isinstance(payload, dict):
-            return _refuse(Refusal(INVALID_REQUEST, "Invalid Request: a 2026-07-28 body is one JSON-RPC message"), None)
-        problem = validate_message(payload)
-        if problem:
-            return _refuse(Refusal(INVALID_REQUEST, f"Invalid Request: {problem}"), payload.get("id"))
-        if is_notification(payload):
-            # Nothing to act on (cancellation is closing the stream): accepted and dropped, as the spec allows.
-            version = request.headers.get(VERSION_HEADER)
-            if version not in SUPPORTED_VERSIONS:
-                return _refuse(unsupported(version), None)
-            return web.Response(status=202)
-        if not is_request(payload):
-            return _refuse(
-                Refusal(INVALID_REQUEST, "Invalid Request: clients do not send responses at 2026-07-28"),
-                payload.get("id"),
-            )
-        message = payload
+        early = _not_a_request(request, payload)
+        if early is not None:
+            return early
+        message: Message = payload
         try:
-            _version, capabilities = check_request(message, request.headers)
-            if message["method"] == "tools/call":
-                # The bridge reads the body, so it checks the tool's mirrored parameters (the
-                # server, on stdio, sees no headers).
-                params = message.get("params") or {}
-                annotated = self._param_headers(str(params.get("name")))
-                if annotated:
-                    check_param_headers(annotated, params.get("arguments"), request.headers)
+            capabilities = self._check(message, request)
         except Refusal as refusal:
             self.metrics.rejected.labels("PROTOCOL").inc()
             return _refuse(refusal, message["id"])
@@ -245,14 +158,34 @@ class ModernHTTP:
             return _refuse(Refusal(METHOD_NOT_FOUND, f"Method not found: {method}"), message["id"])
         if method == "server/discover":
             return await self._discover(message, output)
-        if method == "subscriptions/listen" and not self.upstream.modern:
-            return await self._listen(request, message, capabilities, output)
+        if self.upstream.modern:
+            return await self._forward(request, message, capabilities, output)
+        return await self._translated(request, message, capabilities, output)
+
+    def _check(self, message: Message, request: web.Request) -> dict[str, Any]:
+        """The spec's checks of a request (Refusal); the caller's capabilities."""
+        _version, capabilities = check_request(message, request.headers)
+        if message["method"] == "tools/call":
+            # The bridge reads the body, so it checks the tool's mirrored parameters (the
+            # server, on stdio, sees no headers).
+            params = message.get("params") or {}
+            annotated = self._param_headers(str(params.get("name")))
+            if annotated:
+                check_param_headers(annotated, params.get("arguments"), request.headers)
+        return capabilities
+
+    async def _translated(
+        self, request: web.Request, message: Message, capabilities: dict[str, Any], output: Output | None
+    ) -> web.StreamResponse:
+        """A request for a handshake-era server: what the bridge answers itself, or the request translated."""
+        method = message["method"]
         params = message.get("params") or {}
-        if not self.upstream.modern:
-            if method == "tools/list" and self.upstream.tools_by_name and not params.get("cursor"):
-                return await self._json(self._complete(message, {"tools": self.upstream.tools}), output)
-            if "requestState" in params or "inputResponses" in params:
-                return await self._resume(request, message, capabilities, output)
+        if method == "subscriptions/listen":
+            return await self.subscriptions.listen(request, message, output)
+        if method == "tools/list" and self.upstream.tools_by_name and not params.get("cursor"):
+            return await self._json(self._complete(message, {"tools": self.upstream.tools}), output)
+        if "requestState" in params or "inputResponses" in params:
+            return await self._resume(request, message, capabilities, output)
         return await self._forward(request, message, capabilities, output)
 
     # -- answered by the bridge ------------------------------------------------------------
@@ -301,34 +234,34 @@ class ModernHTTP:
         self, request: web.Request, message: Message, capabilities: dict[str, Any], output: Output | None
     ) -> web.StreamResponse:
         modern = self.upstream.modern
-        exchange = Exchange()
+        path = ReturnPath()
         meta = meta_of(message)
         log_level = meta.get(LOG_LEVEL_KEY) if isinstance(meta.get(LOG_LEVEL_KEY), str) else None
         try:
             pending = await self.upstream.begin(
-                message if modern else strip_envelope(message), None, exchange, capabilities=capabilities,
+                message if modern else strip_envelope(message), None, path, capabilities=capabilities,
                 log_level=log_level,
             )  # fmt: skip
         except PierError as err:
             self.metrics.requests.labels(_label(message["method"]), err.code).inc()
             return await self._json(gateway_error_response(message["id"], err), output, err.http_status)
         _finish_into(pending)
-        return await self._respond(request, message, pending, exchange, output)
+        return await self._respond(request, message, pending, path, output)
 
     async def _respond(
         self,
         request: web.Request,
         message: Message,
         pending: Pending,
-        exchange: Exchange,
+        path: ReturnPath,
         output: Output | None,
         response: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         """Stream what comes for `pending` until its answer (or an InputRequiredResult, or the caller leaves)."""
         started = time.monotonic()
-        watch = PeerWatch(request, exchange)
+        watch = PeerWatch(request, path)
         try:
-            return await self._stream(request, message, pending, exchange, output, response, started)
+            return await self._stream(request, message, pending, path, output, response, started)
         finally:
             watch.stop()
 
@@ -337,7 +270,7 @@ class ModernHTTP:
         request: web.Request,
         message: Message,
         pending: Pending,
-        exchange: Exchange,
+        path: ReturnPath,
         output: Output | None,
         response: web.StreamResponse | None,
         started: float,
@@ -345,18 +278,18 @@ class ModernHTTP:
         modern = self.upstream.modern
         last_write = started
         while True:
-            kind, item = await exchange.queue.get()
+            kind, item = await path.queue.get()
             if kind == "tick":
                 if peer_gone(request):
                     self._caller_left(pending)
                     return response or web.Response(status=499)
                 if response is not None and time.monotonic() - last_write >= KEEPALIVE_S:
-                    await _write(response, b": keepalive\n\n")
+                    await write_or_gone(response, b": keepalive\n\n")
                     last_write = time.monotonic()
                 continue
             if kind == "request" and not modern:
                 # The server needs its caller's input: park the call, answer with what it asks.
-                wait = self._park(message, pending, item)
+                wait = self.inputs.park(message, pending, item)
                 self.metrics.requests.labels(_label(message["method"]), "input_required").inc()
                 return await self._send(
                     request, response, {"jsonrpc": "2.0", "id": message["id"], "result": wait.result()}, output
@@ -374,7 +307,7 @@ class ModernHTTP:
             if response is None:
                 response = web.StreamResponse(headers=SSE_HEADERS)
                 await response.prepare(request)
-            if not await _write(response, _event(item)):
+            if not await write_or_gone(response, sse_message(item)):
                 self._caller_left(pending)
                 return response
             last_write = time.monotonic()
@@ -387,7 +320,7 @@ class ModernHTTP:
         if output is not None:
             answer = await output(answer) or answer
         with contextlib.suppress(ConnectionResetError):
-            await response.write_eof(_event(answer))
+            await response.write_eof(sse_message(answer))
         return response
 
     async def _json(self, answer: Message, output: Output | None, status: int | None = None) -> web.Response:
@@ -419,150 +352,18 @@ class ModernHTTP:
 
     # -- multi round-trip requests (handshake-era server) ----------------------------------
 
-    def _park(self, message: Message, pending: Pending, server_request: Message) -> InputWait:
-        wait = next((w for w in self.waits.values() if w.pending is pending), None)
-        if wait is None:
-            params = message.get("params") or {}
-            wait = InputWait(
-                secrets.token_urlsafe(24), pending, message["method"], params.get("name", params.get("uri")),
-                time.monotonic() + self.input_wait_s,
-            )  # fmt: skip
-            self.waits[wait.token] = wait
-        wait.ask(server_request)
-        pending.sink = wait
-        return wait
-
     async def _resume(
         self, request: web.Request, message: Message, capabilities: dict[str, Any], output: Output | None
     ) -> web.StreamResponse:
-        params = message.get("params") or {}
-        token = params.get("requestState")
-        wait = self.waits.get(token) if isinstance(token, str) else None
-        if wait is None or wait.method != message["method"] or wait.name != params.get("name", params.get("uri")):
-            # Unknown, tampered, expired or for another request: never a way into someone's call.
-            return await self._json(
-                error_response(message["id"], INVALID_PARAMS, "Invalid params: unknown or expired requestState"), output
-            )
-        answers = params.get("inputResponses")
-        answers = answers if isinstance(answers, dict) else {}
-        mux = self.upstream.mux
-        for key in [k for k in wait.asked if k in answers]:
-            asked = wait.asked.pop(key)
-            answer = answers[key]
-            if not isinstance(answer, dict):
-                mux.answer_server_request(
-                    asked["id"], error={"code": INVALID_PARAMS, "message": "invalid input response"}
-                )
-            elif _declined(asked, capabilities):
-                mux.answer_server_request(
-                    asked["id"], error={"code": METHOD_NOT_FOUND, "message": "not supported by the client"}
-                )
-            else:
-                mux.answer_server_request(asked["id"], answer)
-        pending = wait.pending
-        pending.original_id = message["id"]
-        pending.capabilities = capabilities
-        meta = meta_of(message)
-        pending.log_level = meta.get(LOG_LEVEL_KEY) if isinstance(meta.get(LOG_LEVEL_KEY), str) else None
-        if "progressToken" in meta:
-            pending.original_token = meta["progressToken"]
-        exchange = Exchange()
-        if wait.final is not None:
-            del self.waits[wait.token]
-            exchange.deliver_final({**wait.final, "id": message["id"]})
-            pending.sink = exchange
-            return await self._respond(request, message, pending, exchange, output)
-        if wait.asked:
-            # Still missing some answers: ask again for those (the spec's missing-input rule).
-            wait.deadline = time.monotonic() + self.input_wait_s
-            return await self._json({"jsonrpc": "2.0", "id": message["id"], "result": wait.result()}, output)
-        del self.waits[wait.token]
-        pending.sink = exchange
-        return await self._respond(request, message, pending, exchange, output)
-
-    def expire(self) -> None:
-        """Cancel parked calls whose caller never came back with the input."""
-        now = time.monotonic()
-        for token, wait in list(self.waits.items()):
-            if wait.final is not None or now > wait.deadline or wait.pending.future.done():
-                del self.waits[token]
-                if not wait.pending.future.done():
-                    self.upstream.mux.withdraw_server_requests(wait.pending, "the caller never sent the input")
-                    self.upstream.mux.cancel(wait.pending, "the caller never sent the input")
-
-    # -- subscriptions/listen (handshake-era server) ---------------------------------------
-
-    async def _listen(
-        self, request: web.Request, message: Message, capabilities: dict[str, Any], output: Output | None
-    ) -> web.StreamResponse:
-        params = message.get("params") or {}
-        wanted = params.get("notifications")
-        wanted = wanted if isinstance(wanted, dict) else {}
-        server_caps = (self.upstream.init_result or {}).get("capabilities") or {}
-        accepted: dict[str, Any] = {
-            flag: True
-            for flag, (_, capability) in _LIST_CHANGED.items()
-            if wanted.get(flag) and capability in server_caps
-        }
-        uris = [u for u in wanted.get("resourceSubscriptions") or [] if isinstance(u, str)]
-        if uris and (server_caps.get("resources") or {}).get("subscribe"):
-            accepted["resourceSubscriptions"] = uris
-        listener = Listener(message["id"], accepted)
-        ack = {
-            "jsonrpc": "2.0",
-            "method": "notifications/subscriptions/acknowledged",
-            "params": {"_meta": {SUBSCRIPTION_ID_KEY: message["id"]}, "notifications": accepted},
-        }
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        if not await _write(response, _event(ack)):
-            return response
-        self.listeners.add(listener)
-        self._subscribe(listener.uris)
-        try:
-            last_write = time.monotonic()
-            while True:
-                try:
-                    async with asyncio.timeout(PEER_POLL_S):
-                        note = await listener.queue.get()
-                except TimeoutError:
-                    if peer_gone(request):
-                        return response
-                    if time.monotonic() - last_write >= KEEPALIVE_S:
-                        if not await _write(response, b": keepalive\n\n"):
-                            return response
-                        last_write = time.monotonic()
-                    continue
-                if not note:
-                    return response  # the bridge is shutting down
-                if output is not None:
-                    note = await output(note)
-                    if not note:
-                        continue
-                if not await _write(response, _event(note)):
-                    return response
-                last_write = time.monotonic()
-        finally:
-            self.listeners.discard(listener)
-            self._unsubscribe(listener.uris)
-
-    def _subscribe(self, uris: set[str]) -> None:
-        for uri in uris:
-            self._subscribed[uri] = self._subscribed.get(uri, 0) + 1
-            if self._subscribed[uri] == 1:
-                self.upstream.notify_server("resources/subscribe", {"uri": uri})
-
-    def _unsubscribe(self, uris: set[str]) -> None:
-        for uri in uris:
-            self._subscribed[uri] -= 1
-            if not self._subscribed[uri]:
-                del self._subscribed[uri]
-                self.upstream.notify_server("resources/unsubscribe", {"uri": uri})
-
-    def close(self) -> None:
-        for listener in self.listeners:
-            with contextlib.suppress(asyncio.QueueFull):
-                listener.queue.put_nowait({})
+        """A caller's retry with the input its parked call needs: the call goes on, on this request."""
+        resumed = self.inputs.resume(message, capabilities)
+        if not isinstance(resumed, InputWait):
+            return await self._json(resumed, output)
+        path = ReturnPath()
+        if resumed.final is not None:  # the call ended while parked: its answer is this retry's
+            path.deliver_final({**resumed.final, "id": message["id"]})
+        resumed.pending.sink = path
+        return await self._respond(request, message, resumed.pending, path, output)
 
 
 _STATUS_CODES = frozenset({-32700, -32600, -32602, -32020, -32021, -32022, -32601})
@@ -577,11 +378,6 @@ def _label(method: str) -> str:
     return method if method in _KNOWN_METHODS else "other"
 
 
-def _declined(asked: Message, capabilities: dict[str, Any]) -> bool:
-    capability = CAPABILITY_FOR.get(asked.get("method", ""))
-    return capability is not None and capability not in capabilities
-
-
 def _finish_into(pending: Pending) -> None:
     # The answer goes to whichever sink the call has by then (its retry's, after input).
     pending.future.add_done_callback(lambda f: _final(pending, f.result()))
@@ -589,21 +385,30 @@ def _finish_into(pending: Pending) -> None:
 
 def _final(pending: Pending, answer: Message) -> None:
     sink = pending.sink
-    if isinstance(sink, Exchange | InputWait):
+    if isinstance(sink, ReturnPath | InputWait):
         sink.deliver_final(answer)
-
-
-def _event(message: Message) -> bytes:
-    return b"event: message\ndata: " + dumps(message) + b"\n\n"
-
-
-async def _write(response: web.StreamResponse, data: bytes) -> bool:
-    try:
-        await response.write(data)
-    except (ConnectionResetError, RuntimeError):
-        return False
-    return True
 
 
 def _refuse(refusal: Refusal, request_id: Any) -> web.Response:
     return json_response(refusal.answer(request_id), refusal.http_status)
+
+
+def _not_a_request(request: web.Request, payload: Any) -> web.Response | None:
+    """The answer to a body that is not one JSON-RPC request (refused, or a notification accepted and
+    dropped); None for a request."""
+    if not isinstance(payload, dict):
+        return _refuse(Refusal(INVALID_REQUEST, "Invalid Request: a 2026-07-28 body is one JSON-RPC message"), None)
+    problem = validate_message(payload)
+    if problem:
+        return _refuse(Refusal(INVALID_REQUEST, f"Invalid Request: {problem}"), payload.get("id"))
+    if is_notification(payload):
+        # Nothing to act on (cancellation is closing the stream): accepted and dropped, as the spec allows.
+        version = request.headers.get(VERSION_HEADER)
+        if version not in SUPPORTED_VERSIONS:
+            return _refuse(unsupported(version), None)
+        return web.Response(status=202)
+    if not is_request(payload):
+        return _refuse(
+            Refusal(INVALID_REQUEST, "Invalid Request: clients do not send responses at 2026-07-28"), payload.get("id")
+        )
+    return None

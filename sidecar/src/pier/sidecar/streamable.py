@@ -15,13 +15,13 @@ bridge lives in the router's process (the body parsed once, by the router).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
 from aiohttp import web
 
+from pier.core.callapi import Output
 from pier.core.errors import PierError
 from pier.core.jsonrpc import (
     INVALID_REQUEST,
@@ -43,11 +43,21 @@ from pier.core.protocol import (
     VERSION_HEADER,
     is_modern_request,
 )
-from pier.core.web import SSE_HEADERS, CoalescedSSE, json_response, peer_gone, read_body
+from pier.core.web import (
+    KEEPALIVE_S,
+    PEER_POLL_S,
+    SSE_HEADERS,
+    CoalescedSSE,
+    json_response,
+    peer_gone,
+    read_body,
+    sse_message,
+    write_or_gone,
+)
 from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
 from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.stateless import KEEPALIVE_S, PEER_POLL_S, ModernHTTP, Output
 from pier.sidecar.multiplexer import ALL_LOGS, Pending
+from pier.sidecar.stateless import StatelessHTTP
 from pier.sidecar.upstream import Upstream
 
 log = logging.getLogger("pier.sidecar.mcp")
@@ -55,10 +65,6 @@ log = logging.getLogger("pier.sidecar.mcp")
 SUPPORTED_VERSIONS = HANDSHAKE_VERSIONS  # the handshake revisions a client may ask for at initialize
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 __all__ = ["ASSUMED_VERSION", "LATEST_VERSION", "SESSION_HEADER", "SUPPORTED_VERSIONS", "StreamableHTTP"]
-
-
-def sse_event(message: Message) -> bytes:
-    return b"event: message\ndata: " + dumps(message) + b"\n\n"
 
 
 def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> web.Response:
@@ -92,12 +98,12 @@ class StreamableHTTP:
         self.upstream = upstream
         self.clients = clients
         self.metrics = metrics
-        self.modern = ModernHTTP(upstream, metrics, upstream.settings.input_wait_s)
+        self.stateless = StatelessHTTP(upstream, metrics, upstream.settings.input_wait_s)
 
     def broadcast(self, message: Message) -> None:
         """A server notification that belongs to no call: every GET stream and every listener."""
         self.clients.broadcast(message)
-        self.modern.broadcast(message)
+        self.stateless.broadcast(message)
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -130,7 +136,7 @@ class StreamableHTTP:
         if is_modern_request(request.headers.get(VERSION_HEADER)):
             if request.method != "POST":
                 return web.Response(status=405, headers={"Allow": "POST"})
-            return await self.modern.serve(request, payload, output)
+            return await self.stateless.serve(request, payload, output)
         if request.method == "GET":
             return await self._get(request, output)
         if request.method == "DELETE":
@@ -275,7 +281,7 @@ class StreamableHTTP:
         events: list[bytes] = [stream.event(None)] if client.resumable else []
         for message in [*answered, *([first] if first is not None else [])]:
             events.append(await self._event(client, stream, message, output))
-        if not await _write_all(response, b"".join(events)):
+        if not await write_or_gone(response, b"".join(events)):
             stream.detach()
             return response
         await self._pump(request, response, client, stream, output)
@@ -323,7 +329,7 @@ class StreamableHTTP:
             if not filtered:
                 return b": withheld by policy\n\n"
             message = filtered
-        return stream.event(message) if client.resumable else sse_event(message)
+        return stream.event(message) if client.resumable else sse_message(message)
 
     def _observe(self, message: Message, pending: Pending) -> None:
         method = pending.method
@@ -360,7 +366,7 @@ class StreamableHTTP:
             # The connection it replaces may not be noticed gone yet: its writer lets go first.
             if stream.queue is not None and stream.attached:
                 await stream.released.wait()
-            if not await _write_all(response, b"".join(stream.after(seen))):
+            if not await write_or_gone(response, b"".join(stream.after(seen))):
                 return response
             if stream.queue is not None:
                 # The rest of a POST's stream, on this response; it ends with its last answer.
@@ -411,14 +417,6 @@ class StreamableHTTP:
         self.upstream.mux.cancel_client(client, "client session ended")
         self.metrics.clients.set(len(self.clients.sessions))
         return web.Response(status=204)
-
-
-async def _write_all(response: web.StreamResponse, data: bytes) -> bool:
-    with contextlib.suppress(ConnectionResetError, RuntimeError):
-        if data:
-            await response.write(data)
-        return True
-    return False
 
 
 def _outcome(future: asyncio.Future[Message]) -> str:
