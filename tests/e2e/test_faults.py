@@ -22,7 +22,7 @@ import pytest
 
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, Profile, demo_profile
-from pier.core.jobstore import job_key
+from pier.core.redis_keys import job as job_key
 from tests.servers import PIER, ROGUE, get_json, router_app, wait_job, wait_until, worker_processes
 
 pytestmark = pytest.mark.slow  # the fault-and-abuse suite: `make test` runs it, `make test-fast` does not

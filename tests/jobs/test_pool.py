@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from pier.cli.redis_server import RedisServer
-from pier.core.jobstore import DEAD_LETTERS, GROUP, STREAM
+from pier.core.redis_keys import DEAD_LETTERS, GROUP, STREAM
 from tests.hooks import Receiver
 from tests.servers import get_json, router_app, sse_events, wait_job, wait_until, worker_processes
 

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from standardwebhooks import Webhook
 
 from pier.core.job import JobRecord
-from pier.core.jobstore import DEAD_LETTERS
+from pier.core.redis_keys import DEAD_LETTERS
 from pier.core.jsonrpc import dumps
 from pier.jobs.metrics import JobMetrics
 

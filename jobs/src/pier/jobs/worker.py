@@ -24,7 +24,8 @@ from pier.core import logs
 from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
-from pier.core.jobstore import GROUP, STREAM, JobStore, connect
+from pier.core.jobstore import JobStore, connect
+from pier.core.redis_keys import GROUP, STREAM
 from pier.core.policy import Gate, Policer, PolicyDenied, PolicyMetrics
 from pier.core.tls import client_context
 from pier.core.web import json_response, serve

@@ -8,6 +8,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pier.core import redis_keys as keys
 from pier.core.errors import PierError
 from pier.router.auth.keys import KeyClass, Principal
 from pier.router.metrics import RouterMetrics
@@ -27,7 +28,7 @@ class RateLimiter:
         if not limit:
             return
         now = time.time()
-        key = f"pier:rl:{user}:{int(now // 60)}"
+        key = keys.rate_limit(user, int(now // 60))
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
