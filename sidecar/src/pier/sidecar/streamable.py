@@ -233,27 +233,10 @@ class StreamableHTTP:
             else:
                 forwarded.append(message)
         if not forwarded:
-            if output is not None:
-                answered = [await output(m) or m for m in answered]
-            return json_response(answered if batch else answered[0])
+            return await _answers(answered, batch, output)
 
         stream = client.new_stream(post=True)
-        assert stream.queue is not None
-        sink = PostStream(stream.queue)
-        level = client.log_level if self.upstream.modern else ALL_LOGS
-        for message in forwarded:
-            try:
-                pending = await self.upstream.begin(
-                    message, client, sink, capabilities=client.capabilities, log_level=level
-                )
-            except PierError as err:
-                self.metrics.requests.labels(message["method"], err.code).inc()
-                answered.append(gateway_error_response(message["id"], err))
-                continue
-            self._observe(message, pending)
-            sink.attach(pending)
-            stream.waiting += 1
-
+        await self._begin(client, stream, forwarded, answered)
         accept = request.headers.get("Accept", "")
         sse_ok = "text/event-stream" in accept
         # The spec lets a server answer a POST with JSON or with SSE. JSON is one response and one
@@ -261,20 +244,10 @@ class StreamableHTTP:
         # first; SSE only when something does, or when the client accepts nothing else.
         first: Message | None = None
         if not sse_ok or "application/json" in accept:
-            while stream.waiting:
-                message, final = await stream.queue.get()
-                if final:
-                    answered.append(message)
-                    stream.waiting -= 1
-                elif sse_ok:
-                    first = message
-                    break
-                # else: a JSON-only client gets the responses without what came before them.
+            first = await _answers_until_other(stream, answered, sse_ok)
             if first is None:
                 client.streams.pop(stream.id, None)
-                if output is not None:
-                    answered = [await output(m) or m for m in answered]
-                return json_response(answered if batch else answered[0])
+                return await _answers(answered, batch, output)
 
         response = CoalescedSSE(headers=SSE_HEADERS)
         await response.prepare(request)
@@ -286,6 +259,26 @@ class StreamableHTTP:
             return response
         await self._pump(request, response, client, stream, output)
         return response
+
+    async def _begin(
+        self, client: ClientSession, stream: EventStream, requests: list[Message], answered: list[Message]
+    ) -> None:
+        """Send a POST's requests to the server, their messages to `stream`; one refused is answered at once."""
+        assert stream.queue is not None
+        sink = PostStream(stream.queue)
+        level = client.log_level if self.upstream.modern else ALL_LOGS
+        for message in requests:
+            try:
+                pending = await self.upstream.begin(
+                    message, client, sink, capabilities=client.capabilities, log_level=level
+                )
+            except PierError as err:
+                self.metrics.requests.labels(message["method"], err.code).inc()
+                answered.append(gateway_error_response(message["id"], err))
+                continue
+            self._observe(message, pending)
+            sink.attach(pending)
+            stream.waiting += 1
 
     async def _pump(
         self,
@@ -417,6 +410,27 @@ class StreamableHTTP:
         self.upstream.mux.cancel_client(client, "client session ended")
         self.metrics.clients.set(len(self.clients.sessions))
         return web.Response(status=204)
+
+
+async def _answers(answered: list[Message], batch: bool, output: Output | None) -> web.Response:
+    """A POST's answers as one JSON response."""
+    if output is not None:
+        answered = [await output(m) or m for m in answered]
+    return json_response(answered if batch else answered[0])
+
+
+async def _answers_until_other(stream: EventStream, answered: list[Message], sse_ok: bool) -> Message | None:
+    """Collect the stream's answers into `answered` until the last, or until something else comes first
+    (returned) for a client that takes SSE; a JSON-only client gets the answers without the rest."""
+    assert stream.queue is not None
+    while stream.waiting:
+        message, final = await stream.queue.get()
+        if final:
+            answered.append(message)
+            stream.waiting -= 1
+        elif sse_ok:
+            return message
+    return None
 
 
 def _outcome(future: asyncio.Future[Message]) -> str:
