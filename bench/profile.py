@@ -68,7 +68,7 @@ def package_of(module: str) -> str:
     """The owner of a module, for the breakdown: pier's parts separately, libraries by top package."""
     if module.startswith("pier."):
         return ".".join(module.split(".")[:2]) if module.count(".") >= 2 else module
-    return module.split(".")[0]
+    return module.split(".", maxsplit=1)[0]
 
 
 @dataclass

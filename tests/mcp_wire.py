@@ -4,11 +4,12 @@ smoothing things over), as several test folders send them."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pier.core.protocol import MODERN, TASKS_EXTENSION
 
 # A 2026-07-28 client's capabilities when it takes tasks (the tasks extension).
-TASKS = {"extensions": {TASKS_EXTENSION: {}}}
+TASKS: dict[str, Any] = {"extensions": {TASKS_EXTENSION: {}}}
 ACCEPT = {"Accept": "application/json, text/event-stream"}
 
 

@@ -34,7 +34,7 @@ from pier.core.protocol import (
 
 pytestmark = pytest.mark.unit
 
-CAPABILITIES = {"sampling": {}}
+CAPABILITIES: dict[str, Any] = {"sampling": {}}
 
 
 def request(method: str = "tools/call", version: Any = MODERN, **params: Any) -> dict[str, Any]:
@@ -321,7 +321,8 @@ def test_strip_envelope_removes_only_the_envelope() -> None:
 
 def test_meta_of_is_always_a_dict() -> None:
     assert meta_of({"params": {"_meta": {"a": 1}}}) == {"a": 1}
-    for message in ({}, {"params": []}, {"params": {"_meta": None}}, {"params": {"_meta": [1]}}):
+    messages: list[dict[str, Any]] = [{}, {"params": []}, {"params": {"_meta": None}}, {"params": {"_meta": [1]}}]
+    for message in messages:
         assert meta_of(message) == {}
 
 

@@ -99,13 +99,16 @@ async def test_every_key_a_full_run_writes_is_one_of_pier_s_names(http, redis_se
     secrets = {"VAULT_TOKEN": {"description": "the user's token", "required": True}}
     vault = Profile.model_validate({**demo_profile().model_dump(), "name": "vault", "user_secrets": secrets})
     # No keys: an open router, whose callers are rate-limited per user as "open" ones.
-    settings = {"rate_limit_open_per_min": 1000, "secrets_key": base64.b64encode(os.urandom(32)).decode()}
+    settings: dict[str, Any] = {
+        "rate_limit_open_per_min": 1000,
+        "secrets_key": base64.b64encode(os.urandom(32)).decode(),
+    }
     webhooks = {"PIER_WEBHOOK_SECRET": WEBHOOK_SECRET, "PIER_WEBHOOK_ATTEMPTS": "1", "PIER_WEBHOOK_BACKOFF_S": "0"}
     async with (
         Receiver(fail_with=500) as hook,
         monitored(redis_server.url) as commands,
         router_app(redis_server.url, Catalog([demo_profile(), vault]), **settings) as running,
-        worker_processes(redis_server.url, PIER_WEBHOOK_URL=hook.url, **webhooks),
+        worker_processes(redis_server.url, 1, PIER_WEBHOOK_URL=hook.url, **webhooks),
     ):
         base = running.user_url("alice")
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import mcp_types as types
 import pytest
@@ -16,14 +17,16 @@ from mcp import Client
 
 from pier.core.catalog import Catalog, demo_profile
 from pier.core.protocol import MODERN
+from pier.router.backends.local.runtimes import InProcessSession
+from pier.sidecar.app import Bridge
 from tests.mcp_wire import ACCEPT, modern_headers, modern_request, post
-from tests.servers import DEMO, ROGUE, ROOT, bridge_app, router_app, wait_until
+from tests.servers import DEMO, ROGUE, ROOT, RunningRouter, bridge_app, router_app, text_of, wait_until
 
 FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
 
 
 @contextlib.asynccontextmanager
-async def endpoint(where: str, redis_url: str, command=None) -> AsyncIterator[tuple[str, object]]:
+async def endpoint(where: str, redis_url: str, command=None) -> AsyncIterator[tuple[str, Bridge | RunningRouter]]:
     """The MCP URL of a demo session: a bridge's own /mcp, or the router's relay; and its bridge."""
     if where == "bridge":
         async with bridge_app(command=command or DEMO) as running:
@@ -36,12 +39,18 @@ async def endpoint(where: str, redis_url: str, command=None) -> AsyncIterator[tu
             return
 
 
-def bridge_of(handle) -> object:
+def bridge_of(handle: Bridge | RunningRouter) -> Bridge:
     """The in-process Bridge behind a bridge_app, or behind alice's session of a router."""
-    if hasattr(handle, "upstream"):
+    if isinstance(handle, Bridge):
         return handle
     [session] = handle.router.backend.list("alice")
+    assert isinstance(session, InProcessSession)
     return session.app_bridge
+
+
+def _stderr(bridge: Bridge) -> list[str]:
+    transport = bridge.upstream.transport
+    return list(transport.stderr_tail) if transport is not None else []
 
 
 WHERE = ["bridge", "relay"]
@@ -53,14 +62,14 @@ async def test_sdk_client_on_2026_lists_calls_gets_progress_and_cancels_by_closi
         assert client.protocol_version == MODERN
         tools = await client.list_tools()
         assert {t.name for t in tools.tools} >= {"echo", "slow", "counter"}
-        assert (await client.call_tool("echo", {"message": "hi"})).content[0].text == "Echo: hi"
+        assert text_of(await client.call_tool("echo", {"message": "hi"})) == "Echo: hi"
         seen: list[float] = []
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             seen.append(progress)
 
         done = await client.call_tool("slow", {"seconds": 0.3}, progress_callback=on_progress)
-        assert done.content[0].text == "Slept 0.3 seconds"
+        assert text_of(done) == "Slept 0.3 seconds"
         assert seen == [1.0, 2.0, 3.0]
 
         # Cancel by closing the response stream: the SDK does so when its call is cancelled.
@@ -71,20 +80,21 @@ async def test_sdk_client_on_2026_lists_calls_gets_progress_and_cancels_by_closi
         with contextlib.suppress(asyncio.CancelledError):
             await call
         bridge = bridge_of(handle)
-        await wait_until(lambda: any("slow: cancelled" in line for line in bridge.upstream.transport.stderr_tail))
+        await wait_until(lambda: any("slow: cancelled" in line for line in _stderr(bridge)))
         assert bridge.upstream.in_flight == 0
         # The session is unharmed.
-        assert (await client.call_tool("echo", {"message": "after"})).content[0].text == "Echo: after"
+        assert text_of(await client.call_tool("echo", {"message": "after"})) == "Echo: after"
 
 
 @pytest.mark.parametrize("where", WHERE)
 async def test_sdk_client_on_2025_11_25_keeps_working(where, redis_server):
     async with endpoint(where, redis_server.url) as (url, _), Client(url, mode="legacy") as client:
         assert client.protocol_version == "2025-11-25"
-        assert (await client.call_tool("echo", {"message": "old"})).content[0].text == "Echo: old"
+        assert text_of(await client.call_tool("echo", {"message": "old"})) == "Echo: old"
         assert "slow" in {t.name for t in (await client.list_tools()).tools}
 
 
+@pytest.mark.slow  # a load test
 @pytest.mark.parametrize("where", WHERE)
 async def test_fifty_callers_on_both_revisions_never_see_each_others_answers(where, redis_server):
     async with endpoint(where, redis_server.url) as (url, handle):
@@ -94,7 +104,7 @@ async def test_fifty_callers_on_both_revisions_never_see_each_others_answers(whe
                 results = await asyncio.gather(
                     *(client.call_tool("echo", {"message": f"caller-{n}-call-{k}"}) for k in range(4))
                 )
-                return [r.content[0].text for r in results]
+                return [text_of(r) for r in results]
 
         answers = await asyncio.gather(*(caller(n) for n in range(50)))
         assert bridge_of(handle).upstream.restarts == 0
@@ -210,7 +220,7 @@ async def test_elicitation_becomes_input_required_and_the_call_goes_on_once(http
     # session); a 2026-07-28 caller gets an InputRequiredResult and answers with its retry.
     async with bridge_app(command=FIXTURE) as running:
         url = running.mcp_url
-        capabilities = {"elicitation": {}}
+        capabilities: dict[str, Any] = {"elicitation": {}}
         call = modern_request(1, "tools/call", {"name": "test_elicitation", "arguments": {"message": "Name?"}},
                               capabilities)  # fmt: skip
         status, first = await post(http, url, call)
@@ -253,8 +263,9 @@ async def test_sdk_client_answers_input_required_through_the_relay(redis_server)
         async with Client(url, mode=MODERN, elicitation_callback=elicit) as client:
             result = await client.call_tool("test_elicitation", {"message": "Who?"})
         [session] = running.router.backend.list("alice")
+        assert isinstance(session, InProcessSession)
         assert asked == ["Who?"]
-        assert "Grace" in result.content[0].text
+        assert "Grace" in text_of(result)
         assert session.app_bridge.upstream.mux.forwarded["tools/call"] == 1
 
 

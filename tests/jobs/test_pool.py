@@ -78,6 +78,7 @@ async def test_progress_arrives_as_sse_events_before_completion(http, redis_serv
     assert [p["progress"] for p in progress] == sorted(p["progress"] for p in progress)
 
 
+@pytest.mark.slow  # a fault test
 async def test_a_killed_worker_is_replaced_and_the_call_still_runs_once(http, redis_server):
     async with (
         router_app(redis_server.url) as running,
@@ -88,10 +89,15 @@ async def test_a_killed_worker_is_replaced_and_the_call_still_runs_once(http, re
 
         async def holder() -> str | None:
             pending = await running.router.redis.xpending_range(STREAM, GROUP, "-", "+", 10)
-            return pending[0]["consumer"].decode() if pending else None
+            if not pending:
+                return None
+            consumer = pending[0]["consumer"]
+            return consumer.decode() if isinstance(consumer, bytes) else str(consumer)
 
         await wait_until(holder)
-        victim = workers[int((await holder()).split("-")[1])]
+        name = await holder()
+        assert name is not None
+        victim = workers[int(name.split("-")[1])]
         victim.send_signal(signal.SIGKILL)
         await victim.wait()
 
@@ -101,6 +107,7 @@ async def test_a_killed_worker_is_replaced_and_the_call_still_runs_once(http, re
         assert await _count(http, alice) == 1
 
 
+@pytest.mark.slow  # a fault test
 async def test_jobs_queued_across_a_redis_restart_all_complete(http, tmp_path):
     data = tmp_path / "redis"
     redis = RedisServer(data)
@@ -162,6 +169,7 @@ async def _status(http, base: str, job_id: str, status: str) -> bool:
     return (await get_json(http, f"{base}/v1/jobs/{job_id}"))["status"] == status
 
 
+@pytest.mark.slow  # a fault test
 async def test_a_lost_session_fails_unsafe_jobs_and_reruns_safe_ones(http, redis_server):
     async with router_app(redis_server.url) as running, worker_processes(redis_server.url):
         alice = running.user_url("alice")
@@ -205,6 +213,7 @@ async def test_an_idempotency_key_returns_the_same_job(http, redis_server):
         assert await _count(http, alice) == 1
 
 
+@pytest.mark.slow  # a fault test (dead-lettering also runs in tests/core/test_redis_keys.py)
 async def test_a_failing_webhook_receiver_is_dead_lettered_and_stalls_nothing(http, redis_server):
     async with (
         Receiver(fail_with=500) as receiver,

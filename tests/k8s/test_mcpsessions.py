@@ -31,7 +31,7 @@ from pier.core.mcpsession import parse_stamp, session_name
 from pier.router.usersecrets import secret_name
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.realnode import RealCluster, pod_containers
-from tests.servers import ROOT, get_json, router_app, wait_until, worker_processes
+from tests.servers import ROOT, get_json, router_app, text_of, wait_until, worker_processes
 from tools import helm
 
 pytestmark = pytest.mark.k8s
@@ -122,13 +122,20 @@ def _get(cluster: ControlPlane, kind: str, name: str) -> dict | None:
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
+async def _found(cluster: ControlPlane, kind: str, name: str) -> dict:
+    """An object that must exist."""
+    obj = await asyncio.to_thread(_get, cluster, kind, name)
+    assert obj is not None, f"no {kind} {name}"
+    return obj
+
+
 async def _ready(cluster: ControlPlane, name: str) -> dict:
     async def is_ready() -> bool:
         obj = await asyncio.to_thread(_get, cluster, "mcps", name)
         return bool(obj and (obj.get("status") or {}).get("phase") == "Ready")
 
     await wait_until(is_ready, timeout=90, interval=0.3)
-    return await asyncio.to_thread(_get, cluster, "mcps", name)
+    return await _found(cluster, "mcps", name)
 
 
 def _events(cluster: ControlPlane, name: str) -> dict[str, dict]:
@@ -169,7 +176,7 @@ async def test_an_applied_session_becomes_ready_and_serves_calls(cluster, operat
             body = await response.json()
         assert body["result"]["content"][0]["text"] == "Echo: in a pod", body
         async with Client(f"{running.user_url('alice')}/mcp") as client:
-            assert (await client.call_tool("echo", {"message": "mcp"})).content[0].text == "Echo: mcp"
+            assert text_of(await client.call_tool("echo", {"message": "mcp"})) == "Echo: mcp"
         names = cluster.kubectl("get", "mcps", "-n", NAMESPACE, "-o", "name").stdout.split()
         assert len(names) == 2  # ours above, and the router's
 
@@ -184,7 +191,7 @@ async def test_pods_are_replaced_and_crashes_counted(cluster, operator, node):
         return status.get("phase") == "Ready" and status.get("podName") != first
 
     await wait_until(replaced, timeout=90, interval=0.3)
-    status = (await asyncio.to_thread(_get, cluster, "mcps", "bob-demo"))["status"]
+    status = (await _found(cluster, "mcps", "bob-demo"))["status"]
     assert status["replacements"] == 1
     assert {"Started", "Ready", "Replaced"} <= set(_events(cluster, "bob-demo"))
 
@@ -228,7 +235,7 @@ async def test_two_routers_racing_share_one_session(cluster, operator, redis_ser
         router_app(redis_server.url, catalog=catalog, **settings) as two,
     ):
 
-        async def call(router, message: str) -> str:
+        async def call(router, message: str) -> int:
             async with http.post(f"{router.user_url('frank')}/tools/counter/call", json={"arguments": {}}) as response:
                 return (await response.json())["result"]["structuredContent"]["result"]
 
@@ -288,7 +295,7 @@ async def test_a_spec_change_replaces_the_pod(cluster, operator, node):
         return status.get("phase") == "Ready" and status.get("observedGeneration") == 2
 
     await wait_until(replaced, timeout=90, interval=0.3)
-    after = (await asyncio.to_thread(_get, cluster, "mcps", "grace-demo"))["status"]["podName"]
+    after = (await _found(cluster, "mcps", "grace-demo"))["status"]["podName"]
     assert after != before
     assert after.startswith("grace-demo-g2-")
     await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", before) is None), timeout=60)
@@ -327,10 +334,10 @@ async def test_a_new_user_is_bound_to_a_warm_pod_and_the_pool_refills(cluster, n
         warm = await _warm(cluster, 2)
         async with http.post(f"{running.user_url('grace')}/tools/counter/call", json={}) as response:
             assert (response.status, (await response.json())["result"]["structuredContent"]) == (200, {"result": 1})
-        session = await asyncio.to_thread(_get, cluster, "mcps", session_name("grace", "demo"))
+        session = await _found(cluster, "mcps", session_name("grace", "demo"))
         bound = session["status"]["podName"]
         assert bound in warm  # a pod that was running before grace asked: no pod was started for her
-        pod = await asyncio.to_thread(_get, cluster, "pod", bound)
+        pod = await _found(cluster, "pod", bound)
         assert pod["metadata"]["labels"]["pier.dev/user"] == "grace"
         assert "pier.dev/pool" not in pod["metadata"]["labels"]
         assert [o["name"] for o in pod["metadata"]["ownerReferences"]] == [session["metadata"]["name"]]
@@ -373,7 +380,7 @@ async def test_a_call_while_the_pod_is_pending_is_handed_off_then_completes(
         async with http.post(f"{url}/tools/counter/call", json={"timeout_s": 1}) as response:
             assert response.status == 202
             job = await response.json()
-        session = await asyncio.to_thread(_get, cluster, "mcps", session_name("heidi", "demo"))
+        session = await _found(cluster, "mcps", session_name("heidi", "demo"))
         assert (session.get("status") or {}).get("phase") != "Ready"  # handed off before the pod was up
 
         record: dict = {}
@@ -423,10 +430,10 @@ async def test_a_users_own_secret_reaches_only_their_pod(cluster, node, redis_se
                 assert (status, body["result"]["structuredContent"]["result"]) == (200, digest)
             # Each value lives in its user's Secret, referenced by that user's pod and copied nowhere else.
             for user, value in values.items():
-                secret = await asyncio.to_thread(_get, cluster, "secret", secret_name(user, "demo"))
+                secret = await _found(cluster, "secret", secret_name(user, "demo"))
                 assert base64.b64decode(secret["data"]["DEMO_TOKEN"]).decode() == value
-                session = await asyncio.to_thread(_get, cluster, "mcps", session_name(user, "demo"))
-                pod = json.dumps(await asyncio.to_thread(_get, cluster, "pod", session["status"]["podName"]))
+                session = await _found(cluster, "mcps", session_name(user, "demo"))
+                pod = json.dumps(await _found(cluster, "pod", session["status"]["podName"]))
                 assert secret_name(user, "demo") in pod
                 assert value not in pod + json.dumps(session)
     finally:

@@ -35,7 +35,7 @@ from pier.core.mcpsession import session_name
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.realnode import RealCluster, RealNode, pod_containers
 from tests.k8s.up import installed
-from tests.servers import ROOT, wait_until
+from tests.servers import ROOT, text_of, wait_until
 
 pytestmark = pytest.mark.k8s
 NAMESPACE, RELEASE = "pier-node", "node"
@@ -212,7 +212,7 @@ async def test_a_node_server_runs_in_the_bridges_read_only_container(deployed, h
         keyed,
         Client(streamable_http_client(f"{deployed.url('grace', 'everything')}/mcp", http_client=keyed)) as c,
     ):
-        assert (await c.call_tool("echo", {"message": "mcp"})).content[0].text == "Echo: mcp"
+        assert text_of(await c.call_tool("echo", {"message": "mcp"})) == "Echo: mcp"
     # node is the bridge's child in the bridge's container: same uid, same read-only root.
     pod = deployed.session_pod("grace", "everything")
     bridge = _container_pid(deployed, pod, "bridge")
@@ -404,11 +404,11 @@ async def test_cold_start_measured(deployed, http):
     The two servers alternate, and each sample starts once the previous session's pod is gone."""
     figures: dict[str, list[float]] = {"demo": [], "everything": []}
     for i in range(5):
-        for profile in figures:
+        for profile, samples in figures.items():
             user = f"cold-{profile}-{i}"
             t0 = time.monotonic()
             assert await _echo(http, deployed, user, profile, "hi") == "Echo: hi"
-            figures[profile].append(round(time.monotonic() - t0, 2))
+            samples.append(round(time.monotonic() - t0, 2))
             pod = deployed.session_pod(user, profile)["metadata"]["name"]
             deployed.cp.kubectl("-n", NAMESPACE, "delete", "mcps", session_name(user, profile))
             await wait_until(lambda pod=pod: deployed.get("pod", pod) is None, timeout=120, interval=0.3)

@@ -53,7 +53,7 @@ def answer(request: dict) -> dict | None:
         levels = params["arguments"]["levels"]
         result = {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"v": nested(levels)}}
     elif method in ("resources/subscribe", "resources/unsubscribe"):
-        (SUBSCRIBED.add if method == "resources/subscribe" else SUBSCRIBED.discard)(params.get("uri"))
+        (SUBSCRIBED.add if method == "resources/subscribe" else SUBSCRIBED.discard)(str(params.get("uri")))
         result = {}
     elif method == "tools/call" and params.get("name") == "notify":
         arguments = params["arguments"]

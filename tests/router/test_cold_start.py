@@ -14,7 +14,10 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from pier.core.catalog import Catalog, Profile, demo_profile
+from pier.router.backends.local import LocalBackend
 from tests.mcp_wire import TASKS, modern_request, post
 from tests.servers import ROGUE, get_json, router_app, scrape, wait_job, wait_until, worker_processes
 
@@ -121,6 +124,7 @@ async def test_a_caller_that_takes_tasks_gets_a_task_while_the_session_starts(ht
         assert (status, _value(count)) == (200, 1)  # ran once
 
 
+@pytest.mark.slow  # a load test: six servers starting
 async def test_a_herd_of_new_users_starts_its_servers_a_few_at_a_time(http, redis_server, tmp_path):
     # Each server marks itself starting, looks a second later how many are starting with it, then
     # unmarks itself and runs: all inside its session's start.
@@ -139,6 +143,7 @@ async def test_a_herd_of_new_users_starts_its_servers_a_few_at_a_time(http, redi
     assert max(seen) <= 2  # never more than two starting at once (unlimited: all six would be)
 
 
+@pytest.mark.slow  # a load test: a burst of twenty users, twenty-five servers (the pool's limits are tested below)
 async def test_a_warm_pool_serves_the_first_users_and_refills(http, redis_server):
     pooled = demo_profile().model_copy(update={"warm_pool": 5})
     async with router_app(redis_server.url, Catalog([pooled]), max_sessions=40) as running:
@@ -185,17 +190,21 @@ async def test_a_warm_pool_stays_within_capacity_and_yields_to_users(http, redis
         assert await ready() == 0
 
 
+@pytest.mark.slow  # a fault test
 async def test_a_pooled_session_whose_bridge_gives_up_is_replaced(http, redis_server):
     # Its bridge gives up after one restart: two kills of the server end the pooled session.
     env = {"PIER_SIDECAR_MAX_RESTARTS": "1", "PIER_SIDECAR_RESTART_BACKOFF_INITIAL_S": "0.01"}
     pooled = demo_profile().model_copy(update={"warm_pool": 1, "env": env})
     async with router_app(redis_server.url, Catalog([pooled]), reap_interval_s=0.2) as running:
+        assert isinstance(running.router.backend, LocalBackend)
         pool = running.router.backend.pools["demo"]  # pooled sessions are nobody's: not listed anywhere public
         await wait_until(lambda: len(pool.ready) == 1, timeout=60)
         [session] = pool.ready
         for restarts in range(2):
             await wait_until(functools.partial(_server_up, session, restarts), timeout=30)
-            os.kill((await session.bridge.status()).pid, signal.SIGKILL)
+            pid = (await session.bridge.status()).pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
         await wait_until(lambda: len(pool.ready) == 1 and pool.ready[0] is not session, timeout=60)
         status, body = await _call(http, running.user_url("dave"), "counter")
         assert (status, _value(body)) == (200, 1)
@@ -213,6 +222,7 @@ async def _equals(value, expected) -> bool:
 async def test_pooled_sessions_are_warmed_up_and_others_are_not(http, redis_server):
     catalog = Catalog([Profile(name="pooled", command=ROGUE, warm_pool=1), Profile(name="plain", command=ROGUE)])
     async with router_app(redis_server.url, catalog) as running:
+        assert isinstance(running.router.backend, LocalBackend)
         pool = running.router.backend.pools["pooled"]
         await wait_until(lambda: pool.ready, timeout=30)
         [pooled] = pool.ready

@@ -13,7 +13,7 @@ from mcp import Client, StdioServerParameters
 
 from pier.cli.redis_server import free_port
 from tests.hooks import PolicyServer
-from tests.servers import router_app
+from tests.servers import router_app, text_of
 
 KEY = "connect-app-key"
 
@@ -31,20 +31,20 @@ async def test_pier_connect_serves_a_remote_session_and_survives_a_router_restar
         async with Client(server, mode="legacy") as client:
             tools = await client.list_tools()
             assert {t.name for t in tools.tools} >= {"echo", "counter"}
-            assert (await client.call_tool("echo", {"message": "one"})).content[0].text == "Echo: one"
-            progress: list[float] = []
+            assert text_of(await client.call_tool("echo", {"message": "one"})) == "Echo: one"
+            seen: list[float] = []
 
-            async def on_progress(value: float, total: float | None, message: str | None) -> None:
-                progress.append(value)
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                seen.append(progress)
 
             await client.call_tool("slow", {"seconds": 0.2}, progress_callback=on_progress)
-            assert progress == [1.0, 2.0]
+            assert seen == [1.0, 2.0]
 
             # The router goes away, its sessions with it, and comes back on the same address.
             await routers.aclose()
             async with router_app(redis_server.url, port=port, app_keys=[KEY]):
                 result = await client.call_tool("echo", {"message": "after the restart"})
-                assert result.content[0].text == "Echo: after the restart"
+                assert text_of(result) == "Echo: after the restart"
     finally:
         await routers.aclose()
 

@@ -13,9 +13,10 @@ from mcp import Client
 
 from pier.core.catalog import Catalog, demo_profile
 from pier.router.app import create_app
+from pier.router.backends.local.runtimes import LocalSession, ProcessSession
 from pier.router.config import RouterSettings
 from pier.router.state import ROUTER
-from tests.servers import get_json, router_app, scrape, wait_until
+from tests.servers import get_json, router_app, scrape, text_of, wait_until
 
 
 async def _call(http, url: str, tool: str, headers: dict | None = None, **arguments) -> tuple[int, dict]:
@@ -138,7 +139,8 @@ async def _kill_server_mid_call(http, running, user: str) -> None:
     os.kill((await _bridge_status(http, running, user))["pid"], signal.SIGKILL)
 
 
-@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+# The bridge in its own process: a fault test (`slow`); in the router's process (the default): in the fast loop.
+@pytest.mark.parametrize("bridges", ["inprocess", pytest.param("process", marks=pytest.mark.slow)])
 async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http, redis_server, bridges):
     async with router_app(redis_server.url, local_bridges=bridges) as running:
         alice = running.user_url("alice")
@@ -156,12 +158,14 @@ async def test_killed_server_fails_unsafe_calls_and_retries_read_only_ones(http,
         assert (await scrape(http, running.url)).value("pier_router_call_retries_total", profile="demo") == 1
 
 
+@pytest.mark.slow  # a fault test
 async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_server):
     # Process mode: the bridge process itself is killed.
     async with router_app(redis_server.url, local_bridges="process") as running:
         alice = running.user_url("alice")
         assert _count((await _call(http, alice, "counter"))[1]) == 1
         [session] = running.router.backend.list("alice")
+        assert isinstance(session, ProcessSession)
         session.proc.kill()
         await session.proc.wait()
         status, body = await _call(http, alice, "counter")
@@ -169,7 +173,7 @@ async def test_a_dead_session_is_restarted_on_the_next_request(http, redis_serve
         assert (await scrape(http, running.url)).value("pier_router_sessions_started_total", profile="demo") == 2
 
 
-@pytest.mark.parametrize("bridges", ["inprocess", "process"])
+@pytest.mark.parametrize("bridges", ["inprocess", pytest.param("process", marks=pytest.mark.slow)])  # as above
 async def test_a_bridge_that_gave_up_is_replaced_on_the_next_request(http, redis_server, bridges):
     # A server that keeps crashing: its bridge gives up after one restart (a bridge setting in the profile).
     env = {"PIER_SIDECAR_MAX_RESTARTS": "1", "PIER_SIDECAR_RESTART_BACKOFF_INITIAL_S": "0.01"}
@@ -178,6 +182,7 @@ async def test_a_bridge_that_gave_up_is_replaced_on_the_next_request(http, redis
         alice = running.user_url("alice")
         assert _count((await _call(http, alice, "counter"))[1]) == 1
         [session] = running.router.backend.list("alice")
+        assert isinstance(session, LocalSession)
         for _ in range(2):
             status, body = await _call(http, alice, "crash")
             assert (status, body["error"]["code"]) == (502, "SERVER_EXITED")
@@ -230,14 +235,14 @@ async def test_mcp_relay_with_a_real_client(redis_server):
     async with router_app(redis_server.url) as running, Client(f"{running.user_url('alice')}/mcp") as client:
         tools = await client.list_tools()
         assert {t.name for t in tools.tools} >= {"echo", "counter"}
-        progress: list[float] = []
+        seen: list[float] = []
 
-        async def on_progress(value: float, total: float | None, message: str | None) -> None:
-            progress.append(value)
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            seen.append(progress)
 
         result = await client.call_tool("slow", {"seconds": 0.3}, progress_callback=on_progress)
-        assert result.content[0].text == "Slept 0.3 seconds"
-        assert progress == [1.0, 2.0, 3.0]
+        assert text_of(result) == "Slept 0.3 seconds"
+        assert seen == [1.0, 2.0, 3.0]
 
 
 async def test_servers_health_and_metrics(http, redis_server):

@@ -13,7 +13,7 @@ from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, demo_profile
 from pier.core.policy import ToolRules
 from tests.hooks import POLICY_TOKEN, PolicyServer
-from tests.servers import router_app, wait_job, worker_processes
+from tests.servers import router_app, text_of, wait_job, worker_processes
 
 
 async def _call(http, url: str, tool: str, **arguments) -> tuple[int, dict]:
@@ -38,7 +38,7 @@ async def test_denied_calls_never_reach_the_server(http, redis_server, caplog):
 
         # Over MCP the caller gets a JSON-RPC error with the reasons.
         async with Client(f"{alice}/mcp") as client:
-            assert (await client.call_tool("echo", {"message": "relayed"})).content[0].text == "Echo: relayed"
+            assert text_of(await client.call_tool("echo", {"message": "relayed"})) == "Echo: relayed"
             with pytest.raises(MCPError) as denied:
                 await client.call_tool("counter", {})
             assert denied.value.error.data["code"] == "POLICY_DENIED"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pier.core.catalog import Catalog, demo_profile
+from pier.router.backends.local.runtimes import InProcessSession
 from tests.mcp_wire import ACCEPT, TASKS, modern_request, post
 from tests.servers import get_json, router_app, wait_until, worker_processes
 
@@ -45,6 +48,7 @@ async def _count(http, base: str) -> int:
         return (await response.json())["result"]["structuredContent"]["result"]
 
 
+@pytest.mark.slow  # a fault test: the caller leaves, the router restarts
 async def test_a_2025_task_outlives_its_caller_and_router_restarts(http, redis_server):
     async with router_app(redis_server.url, CATALOG) as owner, worker_processes(redis_server.url):
         url = owner.user_url("alice") + "/mcp"
@@ -106,6 +110,7 @@ async def test_a_2026_call_that_overruns_becomes_a_task_and_cancelling_it_reache
 
         await wait_until(final, timeout=60)
         done = await final()
+        assert done is not None
         assert done["result"]["structuredContent"] == {"result": 1}
         # Without the extension, tasks/get is refused (-32021).
         bare = modern_request(4, "tasks/get", {"taskId": task_id})
@@ -119,8 +124,9 @@ async def test_a_2026_call_that_overruns_becomes_a_task_and_cancelling_it_reache
         ack = (await post(http, url, modern_request(6, "tasks/cancel", {"taskId": long_id}, TASKS)))[1]
         assert ack["result"] == {"resultType": "complete"}
         [session] = running.router.backend.list("alice")
+        assert isinstance(session, InProcessSession)
         await wait_until(
-            lambda: any("slow: cancelled" in line for line in session.app_bridge.upstream.transport.stderr_tail)
+            lambda: any("slow: cancelled" in line for line in session.app_bridge.upstream.transport.stderr_tail)  # type: ignore[union-attr]
         )
         got = (await post(http, url, modern_request(7, "tasks/get", {"taskId": long_id}, TASKS)))[1]["result"]
         assert got["status"] == "cancelled"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,7 +77,7 @@ async def test_cancel_reaches_the_tool(http):
 
 async def test_bad_requests_get_clear_errors_and_reach_nothing(http):
     async with bridge_app(command=DEMO) as running:
-        cases = [
+        cases: list[tuple[dict[str, Any], int, str]] = [
             ({"tool": "nope"}, 404, "UNKNOWN_TOOL"),
             ({"tool": "echo", "arguments": {"message": 42}}, 422, "INVALID_ARGUMENTS"),
             ({"tool": "echo", "arguments": {}}, 422, "INVALID_ARGUMENTS"),
@@ -184,7 +186,7 @@ def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
 
     from pier.sidecar.schema import FlatSchema
 
-    schemas = [
+    schemas: list[dict[str, Any]] = [
         {"type": "object", "properties": {"message": {"type": "string", "description": "x"}}, "required": ["message"]},
         {
             "$schema": "http://json-schema.org/draft-07/schema#",
@@ -194,7 +196,7 @@ def test_flat_schemas_are_judged_exactly_as_jsonschema_judges_them():
         },
         {"type": "object", "properties": {"items": {"type": "array"}, "o": {"type": "object"}, "z": {"type": "null"}}},
     ]
-    instances = [
+    instances: list[dict[str, Any]] = [
         {}, {"message": "hi"}, {"message": 1}, {"message": None}, {"message": "hi", "extra": 1},
         {"n": 1}, {"n": 1.0}, {"n": 1.5}, {"n": True}, {"x": 2}, {"x": 2.5}, {"x": False}, {"b": 0}, {"b": False},
         {"any": [1]}, {"other": 1}, {"items": []}, {"items": {}}, {"o": {}}, {"o": []}, {"z": None}, {"z": 0},

@@ -33,7 +33,9 @@ def test_settings_come_from_the_environment_then_overrides():
     assert settings.start_timeout_s == 2.5
     assert settings.warm_up is True
     assert SidecarSettings.from_env({"PIER_SIDECAR_WARM_UP": "false"}).warm_up is False
-    assert SidecarSettings(token="t").token.get_secret_value() == "t"
+    token = SidecarSettings(token="t").token  # type: ignore[arg-type]  # a str is taken too, as from the environment
+    assert token is not None
+    assert token.get_secret_value() == "t"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 
-from tests.servers import DEMO, EVERYTHING, INSPECTOR, bridge_app, wait_until
+from tests.servers import DEMO, EVERYTHING, INSPECTOR, bridge_app, text_of, wait_until
 
 
 @pytest.mark.parametrize("server", [DEMO, EVERYTHING], ids=["demo", "everything"])
@@ -22,7 +22,7 @@ async def test_twenty_concurrent_clients_each_get_their_own_answers(server):
                 results = await asyncio.gather(
                     *(c.call_tool("echo", {"message": f"client-{n}-call-{k}"}) for k in range(5))
                 )
-                return [r.content[0].text for r in results]
+                return [text_of(r) for r in results]
 
         answers = await asyncio.gather(*(client(n) for n in range(20)))
 
@@ -93,7 +93,9 @@ async def test_server_requests_go_to_the_client_whose_call_is_in_flight():
         asked: list[str] = []
 
         async def sampling(context, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
-            asked.append(params.messages[0].content.text)
+            content = params.messages[0].content
+            assert isinstance(content, types.TextContent)
+            asked.append(content.text)
             return types.CreateMessageResult(
                 role="assistant", content=types.TextContent(type="text", text="sampled!"), model="test-model"
             )
@@ -109,7 +111,7 @@ async def test_server_requests_go_to_the_client_whose_call_is_in_flight():
 
     assert any("hello from the test" in text for text in asked)
     assert "sampled!" in json.dumps([c.model_dump() for c in result.content])
-    assert echoed.content[0].text == "Echo: unrelated"
+    assert text_of(echoed) == "Echo: unrelated"
 
 
 async def test_server_request_without_a_capable_client_gets_an_error():
@@ -117,25 +119,26 @@ async def test_server_request_without_a_capable_client_gets_an_error():
         # This client declared no sampling capability: the server's request is refused, not lost.
         result = await plain.call_tool("trigger-sampling-request", {"prompt": "anyone?"})
     assert result.is_error
-    assert "no connected client can handle sampling/createMessage" in result.content[0].text
+    assert "no connected client can handle sampling/createMessage" in text_of(result)
 
 
 async def test_tool_errors_are_results_and_unknown_tools_are_errors():
     async with bridge_app(command=DEMO) as running, Client(running.mcp_url) as c:
         failed = await c.call_tool("fail", {"message": "boom"})
         assert failed.is_error
-        assert "boom" in failed.content[0].text
+        assert "boom" in text_of(failed)
         unknown = await c.call_tool("no-such-tool", {})
         assert unknown.is_error
-        assert "Unknown tool" in unknown.content[0].text
+        assert "Unknown tool" in text_of(unknown)
         # The session is unharmed.
-        assert (await c.call_tool("echo", {"message": "ok"})).content[0].text == "Echo: ok"
+        assert text_of(await c.call_tool("echo", {"message": "ok"})) == "Echo: ok"
 
 
 async def test_initialize_never_reaches_the_server():
     async with bridge_app(command=DEMO) as running:
         for _ in range(3):
             async with Client(running.mcp_url) as c:
+                assert c.server_info is not None
                 assert c.server_info.name == "pier-demo"
                 # tools/list is answered from the bridge's cache too.
                 await c.list_tools()

@@ -94,12 +94,16 @@ async def test_an_answer_nobody_waits_for_is_dropped() -> None:
 async def test_a_callers_progress_token_is_replaced_by_the_upstream_id_and_restored_on_the_way_back() -> None:
     wire = Wire()
     alice, bob = client("alice"), client("bob")
-    params = {"name": "slow", "_meta": {"progressToken": "alice-token", "other": 1}}
+    params: dict[str, Any] = {"name": "slow", "_meta": {"progressToken": "alice-token", "other": 1}}
     a, out_a, sink_a = wire.request(1, client=alice, params=params)
     b, out_b, sink_b = wire.request(1, client=bob, params={"name": "slow", "_meta": {"progressToken": "alice-token"}})
     assert out_a["params"]["_meta"] == {"progressToken": out_a["id"], "other": 1}
     assert params["_meta"]["progressToken"] == "alice-token"  # the caller's message is not changed in place
-    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1, "total": 2}}
+    progress: dict[str, Any] = {
+        "jsonrpc": "2.0",
+        "method": "notifications/progress",
+        "params": {"progress": 1, "total": 2},
+    }
     wire.mux.server_message({**progress, "params": {**progress["params"], "progressToken": out_a["id"]}})
     assert sink_a.messages == [{**progress, "params": {"progress": 1, "total": 2, "progressToken": "alice-token"}}]
     assert sink_b.messages == []  # the same token from bob is another token upstream
@@ -181,7 +185,7 @@ async def test_client_notifications_pass_but_the_handshake_ends_at_the_bridge() 
 
 async def test_server_requests_go_to_the_newest_caller_that_can_take_them() -> None:
     wire = Wire()
-    can_sample = {"sampling": {}}
+    can_sample: dict[str, Any] = {"sampling": {}}
     old, _, old_sink = wire.request(1, client=client("a", can_sample), capabilities=can_sample)
     new, _, new_sink = wire.request(2, client=client("b", can_sample), capabilities=can_sample)
     _, _, cannot_sink = wire.request(3, client=client("c"), capabilities={})  # newest, but cannot sample

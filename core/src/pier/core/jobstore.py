@@ -37,7 +37,9 @@ USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
 def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
     """A Redis client that reconnects by itself (with backoff) after Redis restarts.
 
-    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request.
+    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request. The
+    client owns its pool: closing the client closes every connection (a client merely handed a pool
+    would leave them open until they are garbage-collected).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -49,7 +51,7 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)
 
 
 # KEYS: the idempotency key, the new job's record; ARGV: job id, record JSON, lease (s), the prefix of

@@ -98,7 +98,7 @@ class Name:
 
 
 NAMES: tuple[Name, ...] = (
-    Name("pier:job:{job_id}", "string", "a job's record (JSON): a day while queued or running, the result TTL once done"),
+    Name("pier:job:{job_id}", "string", "a job's record (JSON): a day while it runs, the result TTL once done"),
     Name("pier:jobs", "stream", "the work the job pool reads (consumer group pier-workers), bounded"),
     Name("pier:jobs:recent", "sorted set", "the latest job ids, by creation time (the dashboard)"),
     Name("pier:jobs:user:{user}:{server}", "sorted set", "a user's latest job ids of one profile (tasks/list)"),

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 
 from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
-from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
+from pier.core.jsonrpc import MAX_DEPTH, Message, TooDeep, dumps, parse
 from pier.core.process import clean_env
 from pier.core.tls import server_context
 from pier.core.web import error_response, json_response, origin_allowed, read_body
@@ -53,9 +53,12 @@ class Bridge:
     def __post_init__(self) -> None:
         self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
         # Notifications that belong to no call go to every listener, of either era.
-        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, lambda m: self.mcp.broadcast(m))
+        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self._broadcast)
         self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
         self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
+
+    def _broadcast(self, message: Message) -> None:
+        self.mcp.broadcast(message)  # looked up when called: `self.mcp` is built after the upstream
 
     def _make_transport(self) -> Transport:
         s = self.settings
