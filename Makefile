@@ -36,10 +36,12 @@ format: $(VENV)/.installed
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The inner loop: everything but the Kubernetes tier and the load and fault tests (marked slow), on
-# two workers (every test has its own Redis, ports and sessions).
+# The inner loop: the unit tests first (one module alone, no servers: seconds; exit 5 is "none selected"),
+# then everything but them, the Kubernetes tier and the load and fault tests (marked slow), on two
+# workers (every test has its own Redis, ports and sessions).
 test-fast: install lint
-	$(PY) -m pytest -q -n 2 -m "not k8s and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n 2 -m "not unit and not k8s and not slow" $(PYTEST_ARGS)
 
 # The Kubernetes tier alone: the real test node (builds its binaries and images once, then reuses them; root).
 test-k8s: install

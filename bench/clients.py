@@ -110,7 +110,8 @@ class StdioClient:
         message = await asyncio.wait_for(future, 60)
         if "error" in message:
             raise BenchError(f"{method} failed: {message['error']}")
-        return message["result"]
+        result: dict[str, Any] = message["result"]
+        return result
 
     async def initialize(self) -> dict[str, Any]:
         result = await self.request(
@@ -191,7 +192,8 @@ class StreamableHttpClient:
             if message.get("id") == request_id and "method" not in message:
                 if "error" in message:
                     raise BenchError(f"{method} failed: {message['error']}")
-                return message["result"]
+                result: dict[str, Any] = message["result"]
+                return result
         raise BenchError(f"no answer to {method} in {str(messages)[:300]}")
 
     async def initialize(self) -> str:

@@ -152,7 +152,7 @@ async def main(seconds: float, paths: list[str], variants: list[str], rounds: in
 
 
 def _cpu(row: dict[str, Any]) -> float:
-    return sum(t["user"] + t["system"] for role, t in row["cpu_ms_per_call"].items() if role != "client")
+    return float(sum(t["user"] + t["system"] for role, t in row["cpu_ms_per_call"].items() if role != "client"))
 
 
 def write(

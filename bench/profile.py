@@ -51,7 +51,7 @@ def py_spy() -> str:
 
 
 def module_of(path: str) -> str:
-    """A short name for a frame's file: `pier.sidecar.mcp_http`, `aiohttp.web_protocol`, `asyncio.events`."""
+    """A short name for a frame's file: `pier.sidecar.streamable`, `aiohttp.web_protocol`, `asyncio.events`."""
     path = path.replace("\\", "/")
     for marker, prefix in (
         ("/site-packages/", ""),
@@ -68,7 +68,7 @@ def package_of(module: str) -> str:
     """The owner of a module, for the breakdown: pier's parts separately, libraries by top package."""
     if module.startswith("pier."):
         return ".".join(module.split(".")[:2]) if module.count(".") >= 2 else module
-    return module.split(".")[0]
+    return module.split(".", maxsplit=1)[0]
 
 
 @dataclass

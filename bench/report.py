@@ -85,8 +85,8 @@ def sequential_table(runs: list[dict[str, Any]], client: str) -> list[str]:
         added99 = run["p99_ms"] - base["p99_ms"] if base and run is not base else None
         lines.append(
             f"| {label(run['target'])} | {_fmt(run['calls_per_s'], 0)} "
-            f"| {_ratio(run['calls_per_s'], base and base['calls_per_s'])} "
-            f"| {_ratio(run['calls_per_s'], peer and peer['calls_per_s'])} "
+            f"| {_ratio(run['calls_per_s'], base['calls_per_s'] if base else None)} "
+            f"| {_ratio(run['calls_per_s'], peer['calls_per_s'] if peer else None)} "
             f"| {_fmt(run['p50_ms'], 3)} | {_fmt(run['p99_ms'], 3)} "
             f"| {_fmt(added50, 3)} | {_fmt(added99, 3)} | {run['errors']} |"
         )
@@ -132,14 +132,14 @@ def sweep_table(runs: list[dict[str, Any]]) -> list[str]:
     for target, users in seen:
         cells = []
         for n in levels:
-            run = next(
+            found: dict[str, Any] | None = next(
                 (r for r in runs if r["target"] == target and r["users"] == users and r["concurrency"] == n), None
             )
-            if run is None:
+            if found is None:
                 cells.append("-")
             else:
-                errors = f", {run['errors']} errors" if run["errors"] else ""
-                cells.append(f"{_fmt(run['calls_per_s'], 0)} ({_fmt(run['p99_ms'], 1)}{errors})")
+                errors = f", {found['errors']} errors" if found["errors"] else ""
+                cells.append(f"{_fmt(found['calls_per_s'], 0)} ({_fmt(found['p99_ms'], 1)}{errors})")
         lines.append(f"| {label(target)} | {users} | " + " | ".join(cells) + " |")
     return lines
 

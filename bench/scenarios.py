@@ -385,7 +385,7 @@ def router_memory(router_pid: int) -> dict[str, Any]:
 async def fill_sessions(base: str, count: int, existing: int, parallel: int = 4) -> float:
     """Start sessions (users mem-0…) until the router holds `count`; returns the seconds it took."""
     t0 = time.perf_counter()
-    callers = [RestClient(base, f"mem-{n}", "everything", AUTH) for n in range(max(0, count - existing))]
+    callers: list[Caller] = [RestClient(base, f"mem-{n}", "everything", AUTH) for n in range(max(0, count - existing))]
     try:
         await prime(callers, parallel)
     finally:

@@ -47,10 +47,6 @@ class Target(abc.ABC):
     async def client(self, user: str) -> Caller:
         """A ready caller for `user` (its own session, started if need be)."""
 
-    async def modern_client(self, user: str) -> Caller:
-        """A lean 2026-07-28 client (no session: each request stands alone)."""
-        return ModernHttpClient(self.url_for(user), self.headers)
-
     async def clients_one_user(self, n: int) -> list[Caller]:
         """n callers on one user's session (by default: n callers of the same user)."""
         return [await self.client("bench") for _ in range(n)]
@@ -118,6 +114,10 @@ class McpHttp(Target):
         client = StreamableHttpClient(self.url_for(user), self.headers, **kwargs)
         await client.initialize()
         return client
+
+    async def modern_client(self, user: str) -> Caller:
+        """A lean 2026-07-28 client (no session: each request stands alone)."""
+        return ModernHttpClient(self.url_for(user), self.headers)
 
     async def clients_one_user(self, n: int) -> list[Caller]:
         # One MCP session, n connections: the session's server sees n callers at once.

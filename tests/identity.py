@@ -46,10 +46,10 @@ class OpenIdProvider:
         keys = self.work / "jwks.json"
         keys.write_text(json.dumps({"keys": self.keys}))
         env = {**os.environ, "PORT": str(self.port), "KEYS": str(keys), "NODE_MODULES": str(NODE_MODULES)}
-        log = (self.work / "provider.log").open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            "node", str(PROVIDER), env=env, stdout=log, stderr=log, cwd=NODE_MODULES.parent
-        )
+        with (self.work / "provider.log").open("ab") as log:  # the child keeps its own copy of the file
+            self.proc = await asyncio.create_subprocess_exec(
+                "node", str(PROVIDER), env=env, stdout=log, stderr=log, cwd=NODE_MODULES.parent
+            )
 
         async def up() -> bool:
             try:
@@ -81,6 +81,7 @@ class OpenIdProvider:
         now = int(time.time())
         body = {"iss": self.issuer, "iat": now, "exp": now + 600, **claims}
         private = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))
+        assert isinstance(private, rsa.RSAPrivateKey)
         return jwt.encode(body, private, algorithm="RS256", headers={"kid": key["kid"], **header})
 
     async def __aenter__(self) -> OpenIdProvider:

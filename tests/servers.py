@@ -12,17 +12,22 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from mcp_types import CallToolResult, TextContent
 
 from pier.sidecar.app import BRIDGE, Bridge, create_app
 from pier.sidecar.config import SidecarSettings
 
+if TYPE_CHECKING:  # the router is imported where a test runs one
+    from pier.router.state import Router
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
 DEMO = [sys.executable, "-m", "pier.examples.demo_server"]
-ROGUE = [sys.executable, str(ROOT / "tests" / "rogue_server.py")]  # misbehaves on request
+ROGUE = [sys.executable, str(ROOT / "tests" / "mcp_servers" / "rogue_server.py")]  # misbehaves on request
 EVERYTHING = [
     "node",
     str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),
@@ -43,7 +48,7 @@ class RunningBridge:
 
 
 @contextlib.asynccontextmanager
-async def bridge_app(wait_ready: bool = True, **settings: object) -> AsyncIterator[RunningBridge]:
+async def bridge_app(wait_ready: bool = True, **settings: Any) -> AsyncIterator[RunningBridge]:
     """A bridge served in-process on a free loopback port (the same app `pier sidecar` runs)."""
     app = create_app(SidecarSettings(port=0, **settings))
     runner = web.AppRunner(app, shutdown_timeout=5)
@@ -110,13 +115,13 @@ async def get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, 
 
 
 @contextlib.asynccontextmanager
-async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: object) -> AsyncIterator[RunningRouter]:
+async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: Any) -> AsyncIterator[RunningRouter]:
     """A router served in-process on a free loopback port, with the demo and everything profiles."""
     from pier.core.catalog import Catalog, Profile, demo_profile
     from pier.core.web import tcp_site
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
-    from pier.router.context import ROUTER
+    from pier.router.state import ROUTER
 
     if catalog is None:
         catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING, trust_annotations=True)])
@@ -138,7 +143,7 @@ async def router_app(redis_url: str, catalog=None, port: int = 0, **settings: ob
 @dataclass
 class RunningRouter:
     url: str
-    router: object
+    router: Router
 
     def user_url(self, user: str, server: str = "demo") -> str:
         return f"{self.url}/v1/users/{user}/servers/{server}"
@@ -212,3 +217,10 @@ async def scrape(http: aiohttp.ClientSession, base_url: str, headers: dict[str, 
     async with http.get(f"{base_url}/metrics", headers=headers or {}) as response:
         assert response.status == 200
         return Metrics(await response.text())
+
+
+def text_of(result: CallToolResult) -> str:
+    """The text of a tool result's first content item (which must be text)."""
+    content = result.content[0]
+    assert isinstance(content, TextContent), content
+    return content.text

@@ -6,7 +6,7 @@ router and every bridge it starts get them. `BENCH_PATCHES` (comma-separated) sa
 - ``uvloop``    run asyncio on uvloop.
 
 (JSON answers on /mcp and in-process local bridges, measured here before, are now in Pier itself:
-`sidecar/mcp_http.py`, `router/backends/local.py` with `PIER_LOCAL_BRIDGES`.)
+`sidecar/streamable.py`, `router/backends/local/` with `PIER_LOCAL_BRIDGES`.)
 
 Nothing here is Pier's code path unless an experiment asks for it; the product is untouched.
 """

@@ -785,7 +785,7 @@ mcp._lowlevel_server.add_request_handler(  # pyright: ignore[reportPrivateUsage]
 )
 
 
-@mcp.completion()
+@mcp.completion()  # type: ignore[untyped-decorator]  # the SDK's decorator is not annotated
 async def _handle_completion(
     ref: PromptReference | ResourceTemplateReference,
     argument: CompletionArgument,

@@ -128,7 +128,7 @@ class Process:
             env=env,
             # Own process group, so stop() can signal the whole tree; and killed by the kernel if we die.
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 — a prctl only, and the tests start no threads that fork
         )
         return cls(name, popen, log, log_file)
 
@@ -292,7 +292,7 @@ class ControlPlane:
             f"--cache-dir={self.work_dir / 'kubectl-cache'}",
             *args,
         ]
-        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
         return result
@@ -349,7 +349,7 @@ class ControlPlane:
     # -- certificates ------------------------------------------------------------------------------------
 
     def _openssl(self, *args: str) -> None:
-        result = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=self.pki)
+        result = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=self.pki, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"openssl {' '.join(args)} failed:\n{result.stderr}")
 

@@ -260,9 +260,20 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
 
     Returns what could not be restored (empty when the host is as it was)."""
     record = record or HostRecord.load()
-    # Every process of the node: containerd's shims (they name our socket), the daemons (they name the node's work
-    # dir; they also die with the process that started them), then whatever still runs in the pods' cgroups
-    # (containers whose shim died).
+    _kill_node_processes(record)
+    # kube-proxy's chains and rules (its own --cleanup does this at a normal stop; here by name), then ours.
+    _remove_iptables()
+    _remove_mounts_links_cgroups(record)
+    _clean_cni_cache(record)
+    problems = _restore_recorded(record) if record else []
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    return problems
+
+
+def _kill_node_processes(record: HostRecord | None) -> None:
+    """Every process of the node: containerd's shims (they name our socket), the daemons (they name the node's
+    work dir; they also die with the process that started them), then whatever still runs in the pods' cgroups
+    (containers whose shim died)."""
     marks = [str(RUN_DIR)] + ([record.work] if record and record.work else [])
     _kill(_pids_matching(lambda argv: any(mark in a for a in argv for mark in marks)))
     for _ in range(50):
@@ -271,10 +282,11 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
             break
         _kill(pids)
         time.sleep(0.1)
-    # kube-proxy's chains and rules (its own --cleanup does this at a normal stop; here by name), then ours.
-    _remove_iptables()
-    # Mounts: containers' root filesystems and network namespaces (under our state dir), pods' volumes (under
-    # the kubelet's root).
+
+
+def _remove_mounts_links_cgroups(record: HostRecord | None) -> None:
+    """Mounts (containers' root filesystems and network namespaces under our state dir, pods' volumes under the
+    kubelet's root), the node's network links, the pods' cgroups."""
     roots = [RUN_DIR, *map(Path, record.mount_roots if record else [])]
     for point in _mounts_under(*roots):
         _run("umount", "-l", point, check=False)
@@ -282,6 +294,9 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
         _run("ip", "link", "del", link, check=False)
     for cgroup in _cgroup_dirs("kubepods"):
         _remove_cgroup_tree(cgroup)
+
+
+def _clean_cni_cache(record: HostRecord | None) -> None:
     results = CNI_CACHE / "results"
     for pattern in (f"{CNI_NETWORK}-*", "cni-loopback-*"):
         for entry in results.glob(pattern) if results.is_dir() else ():
@@ -290,23 +305,25 @@ def clean_host(record: HostRecord | None = None) -> list[str]:
         with contextlib.suppress(OSError):
             results.rmdir()
             CNI_CACHE.rmdir()
+
+
+def _restore_recorded(record: HostRecord) -> list[str]:
+    """What the record says the node changed, put back (sysctls, directories); what could not be restored."""
     problems: list[str] = []
-    if record:
-        for name, value in record.sysctls.items():
-            try:
-                _sysctl_path(name).write_text(value)
-            except OSError as err:
-                problems.append(f"sysctl {name}={value}: {err}")
-        for path in map(Path, record.made_dirs):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in map(Path, record.emptied_dirs):
-            for entry in path.iterdir() if path.is_dir() else ():
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        if record.iptables:  # recorded before the node changed anything
-            left = [rule for rule in _iptables_rules() if rule not in record.iptables]
-            if left:
-                problems.append(f"iptables rules left: {left}")
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    for name, value in record.sysctls.items():
+        try:
+            _sysctl_path(name).write_text(value)
+        except OSError as err:
+            problems.append(f"sysctl {name}={value}: {err}")
+    for path in map(Path, record.made_dirs):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in map(Path, record.emptied_dirs):
+        for entry in path.iterdir() if path.is_dir() else ():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if record.iptables:  # recorded before the node changed anything
+        left = [rule for rule in _iptables_rules() if rule not in record.iptables]
+        if left:
+            problems.append(f"iptables rules left: {left}")
     return problems
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, when run as a script
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from tests.k8s.cluster import BINARIES, BUILD_SCRIPT, ControlPlane, default_bin_dir
 
@@ -107,6 +107,7 @@ def run_checks(cp: ControlPlane) -> None:
     # The ServiceAccount admission plugin rejects Pods until the namespace's `default` SA has its token.
     took = wait_for("default SA token in the new namespace", lambda: bool(cp.service_account_token(NS)))
     print(f"  default SA token in {NS!r} after {took:.2f}s")
+    assert owner.metadata is not None
     ref = client.V1OwnerReference(api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid)
     pod = client.V1Pod(
         metadata=client.V1ObjectMeta(name="owned", owner_references=[ref]),
@@ -116,7 +117,9 @@ def run_checks(cp: ControlPlane) -> None:
     # A control: the same Pod without an owner must survive, so the deletion below is the garbage collector's.
     pod.metadata = client.V1ObjectMeta(name="unowned")
     api.create_namespaced_pod(NS, pod)
-    assert api.read_namespaced_pod("owned", NS).status.phase == "Pending"
+    owned = api.read_namespaced_pod("owned", NS)
+    assert owned.status is not None
+    assert owned.status.phase == "Pending"
 
     step("delete the ConfigMap: the garbage collector must delete the Pod")
     api.delete_namespaced_config_map("owner", NS)
@@ -131,8 +134,14 @@ def run_checks(cp: ControlPlane) -> None:
         return False
 
     print(f"  Pod deleted {wait_for('garbage collection of the Pod', pod_gone):.2f}s after its owner")
-    assert api.read_namespaced_pod("unowned", NS).metadata.deletion_timestamp is None
+    unowned = api.read_namespaced_pod("unowned", NS)
+    assert unowned.metadata is not None
+    assert unowned.metadata.deletion_timestamp is None
 
+    check_service_account(cp, api, rbac)
+
+
+def check_service_account(cp: ControlPlane, api: client.CoreV1Api, rbac: client.RbacAuthorizationV1Api) -> None:
     step("ServiceAccount token kubeconfig: exactly the SA's RBAC")
     api.create_namespaced_service_account(NS, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="reader")))
     rbac.create_namespaced_role(
@@ -159,7 +168,7 @@ def run_checks(cp: ControlPlane) -> None:
     # whoami for 1.20 (no SelfSubjectReview yet): the API names the caller when it refuses something.
     sa_api = client.CoreV1Api(cp.api_client(kubeconfig))
     # Allowed; the one ConfigMap left is the CA bundle 1.20's root-ca-cert-publisher puts in every namespace.
-    names = [cm.metadata.name for cm in sa_api.list_namespaced_config_map(NS).items]
+    names = [cm.metadata.name if cm.metadata else None for cm in sa_api.list_namespaced_config_map(NS).items]
     assert names == ["kube-root-ca.crt"], names
     refused: ApiException | None = None
     try:
@@ -168,7 +177,7 @@ def run_checks(cp: ControlPlane) -> None:
         refused = err
     assert refused is not None, "the ServiceAccount could list Pods"
     assert refused.status == 403, refused
-    message = json.loads(refused.body)["message"]
+    message = json.loads(refused.body or "{}")["message"]
     assert 'User "system:serviceaccount:smoke:reader"' in message, message
     print("  token authenticates as system:serviceaccount:smoke:reader; configmaps yes, pods no")
 

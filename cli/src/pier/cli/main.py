@@ -18,7 +18,7 @@ def _run_router(args: argparse.Namespace) -> int:
     from pier.core.web import serve
     from pier.router.app import create_app
     from pier.router.config import RouterSettings
-    from pier.router.context import ROUTER
+    from pier.router.state import ROUTER
 
     settings = RouterSettings()
     logs.configure(settings.log_level)

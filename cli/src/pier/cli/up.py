@@ -20,7 +20,7 @@ from pier.jobs.config import JobsSettings
 from pier.jobs.worker import Worker
 from pier.router.app import create_app
 from pier.router.config import RouterSettings
-from pier.router.context import ROUTER
+from pier.router.state import ROUTER
 
 log = logging.getLogger("pier.cli.up")
 

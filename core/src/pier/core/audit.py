@@ -21,7 +21,7 @@ def digest(arguments: Any) -> str:
     return hashlib.sha256(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def record(
+def record(  # noqa: PLR0913 — keyword-only: one argument per field of the record
     *,
     who: dict[str, Any],
     user: str,

@@ -1,15 +1,8 @@
 """Jobs in Redis: records (JSON strings), the work stream, event channels, idempotency keys.
 
-Keys:
-- ``pier:job:{id}``               the JobRecord (TTL: a day while queued or running, `result_ttl_s`
-                                  once done; a call the router still owns holds only a short lease)
-- ``pier:jobs``                   the stream workers read (consumer group ``pier-workers``), bounded
-- ``pier:job:{id}:events``        pub/sub: progress events, then one completion event
-- ``pier:idem:{user}:{server}:{key}``  the job an idempotency key started: always expires with that
-                                  job's record, so a key never points at a job that does not exist
-- ``pier:jobs:recent``            the latest job ids (for the dashboard)
-- ``pier:jobs:user:{user}:{server}``  a user's latest job ids of one profile (MCP `tasks/list`)
-- ``pier:webhooks:dead``          webhook deliveries that failed every attempt
+Their names are `pier.core.redis_keys`'s. A record lives a day while queued or running and
+`result_ttl_s` once done (a call the router still owns holds only a short lease); an idempotency key
+always expires with its job's record, so a key never points at a job that does not exist.
 """
 
 from __future__ import annotations
@@ -28,18 +21,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pier.core import redis_keys as keys
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
 from pier.core.jsonrpc import dumps, loads
 
 log = logging.getLogger("pier.core.jobstore")
 
-STREAM = "pier:jobs"
-GROUP = "pier-workers"
 STREAM_MAXLEN = 100_000
-RECENT = "pier:jobs:recent"  # sorted set of job ids by creation time, for the dashboard
 RECENT_KEEP = 200
-DEAD_LETTERS = "pier:webhooks:dead"
 RUNNING_TTL_S = 86_400
 USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
 
@@ -47,7 +37,9 @@ USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
 def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
     """A Redis client that reconnects by itself (with backoff) after Redis restarts.
 
-    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request.
+    Its pool blocks (up to 10 s) when all connections are busy rather than failing the request. The
+    client owns its pool: closing the client closes every connection (a client merely handed a pool
+    would leave them open until they are garbage-collected).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -59,25 +51,14 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)
 
 
-def job_key(job_id: str) -> str:
-    return f"pier:job:{job_id}"
-
-
-def user_jobs_key(user: str, server: str) -> str:
-    return f"pier:jobs:user:{user}:{server}"
-
-
-def idempotency_key(user: str, server: str, key: str) -> str:
-    return f"pier:idem:{user}:{server}:{key}"
-
-
-# KEYS: the idempotency key, the new job's record; ARGV: job id, record JSON, lease (s).
+# KEYS: the idempotency key, the new job's record; ARGV: job id, record JSON, lease (s), the prefix of
+# job records (`redis_keys.JOB_PREFIX`: the job a key was bound to is known only inside the script).
 _CLAIM = """
 local existing = redis.call('GET', KEYS[1])
-if existing and redis.call('EXISTS', 'pier:job:' .. existing) == 1 then
+if existing and redis.call('EXISTS', ARGV[4] .. existing) == 1 then
     return existing
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -92,10 +73,6 @@ end
 redis.call('DEL', KEYS[2])
 return 1
 """
-
-
-def events_channel(job_id: str) -> str:
-    return f"pier:job:{job_id}:events"
 
 
 class EventHub:
@@ -139,13 +116,13 @@ class EventHub:
         while not self._closing:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.psubscribe(events_channel("*"))
+                await pubsub.psubscribe(keys.JOB_EVENTS_PATTERN)
                 backoff = 0.1
                 while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is None:
                         continue
-                    job_id = message["channel"].decode().split(":")[2]
+                    job_id = keys.job_of_events(message["channel"].decode())
                     for queue in self._listeners.get(job_id, ()):
                         queue.put_nowait(loads(message["data"]))
             except (RedisError, OSError) as exc:
@@ -165,7 +142,7 @@ class JobStore:
 
     async def ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(keys.STREAM, keys.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -176,22 +153,22 @@ class JobStore:
     @staticmethod
     def _put(pipe: Any, record: JobRecord, ttl: int) -> None:
         """Write `record` in `pipe`; its idempotency key, if any, gets the same lifetime."""
-        pipe.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+        pipe.set(keys.job(record.job_id), record.model_dump_json(), ex=ttl)
         if record.idempotency_key is not None:
-            pipe.expire(idempotency_key(record.user, record.server, record.idempotency_key), ttl)
+            pipe.expire(keys.idempotency(record.user, record.server, record.idempotency_key), ttl)
 
     async def enqueue(self, record: JobRecord) -> None:
         """Save a new job and put it on the stream, atomically."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self._put(pipe, record, RUNNING_TTL_S)
-            pipe.xadd(STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.zadd(RECENT, {record.job_id: record.created_at})
-            pipe.zremrangebyrank(RECENT, 0, -RECENT_KEEP - 1)
+            pipe.xadd(keys.STREAM, {"job_id": record.job_id}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.zadd(keys.RECENT_JOBS, {record.job_id: record.created_at})
+            pipe.zremrangebyrank(keys.RECENT_JOBS, 0, -RECENT_KEEP - 1)
             self._index(pipe, record)
             await pipe.execute()
 
     def _index(self, pipe: Any, record: JobRecord) -> None:
-        key = user_jobs_key(record.user, record.server)
+        key = keys.user_jobs(record.user, record.server)
         pipe.zadd(key, {record.job_id: record.created_at})
         pipe.zremrangebyrank(key, 0, -USER_KEEP - 1)
         pipe.expire(key, max(RUNNING_TTL_S, self.result_ttl_s))
@@ -206,17 +183,17 @@ class JobStore:
 
     async def user_jobs(self, user: str, server: str, start: int, count: int) -> list[str]:
         """A user's job ids of one profile, newest first (expired ones included: `get_many` skips them)."""
-        ids = cast(list[bytes], await self.redis.zrevrange(user_jobs_key(user, server), start, start + count - 1))
+        ids = cast(list[bytes], await self.redis.zrevrange(keys.user_jobs(user, server), start, start + count - 1))
         return [i.decode() for i in ids]
 
     async def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         if not job_ids:
             return []
-        raws = await self.redis.mget([job_key(i) for i in job_ids])
+        raws = await self.redis.mget([keys.job(i) for i in job_ids])
         return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
 
     async def get(self, job_id: str) -> JobRecord | None:
-        raw = await self.redis.get(job_key(job_id))
+        raw = await self.redis.get(keys.job(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
     async def update(self, job_id: str, change: Callable[[JobRecord], bool]) -> tuple[JobRecord | None, bool]:
@@ -226,7 +203,7 @@ class JobStore:
         Two parties may race (a worker finishing, a caller cancelling): whoever writes second sees
         the first one's state and decides again, so a finished job is never overwritten.
         """
-        key = job_key(job_id)
+        key = keys.job(job_id)
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -262,7 +239,7 @@ class JobStore:
         return record
 
     async def publish(self, job_id: str, event: dict[str, Any]) -> None:
-        await self.redis.publish(events_channel(job_id), dumps(event))
+        await self.redis.publish(keys.job_events(job_id), dumps(event))
 
     async def events(self, job_id: str, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
         """Progress events, then the completion event; ends after completion or `timeout_s`.
@@ -300,27 +277,27 @@ class JobStore:
         was not saved, and a key whose record has gone is taken over.
         """
         assert record.idempotency_key is not None
-        name = idempotency_key(record.user, record.server, record.idempotency_key)
+        name = keys.idempotency(record.user, record.server, record.idempotency_key)
         existing = await self.redis.eval(
-            _CLAIM, 2, name, job_key(record.job_id), record.job_id, record.model_dump_json(), lease_s
+            _CLAIM, 2, name, keys.job(record.job_id), record.job_id, record.model_dump_json(), lease_s, keys.JOB_PREFIX
         )
         return existing.decode() if existing else None
 
     async def release(self, record: JobRecord) -> None:
         """Forget a job that never ran, and unbind its idempotency key (a resend may run it)."""
         assert record.idempotency_key is not None
-        name = idempotency_key(record.user, record.server, record.idempotency_key)
-        await self.redis.eval(_RELEASE, 2, name, job_key(record.job_id), record.job_id)
+        name = keys.idempotency(record.user, record.server, record.idempotency_key)
+        await self.redis.eval(_RELEASE, 2, name, keys.job(record.job_id), record.job_id)
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.xlen(STREAM))
+        return int(await self.redis.xlen(keys.STREAM))
 
     async def recent_jobs(self, count: int) -> list[JobRecord]:
-        ids = cast(list[bytes], await self.redis.zrevrange(RECENT, 0, count - 1))
+        ids = cast(list[bytes], await self.redis.zrevrange(keys.RECENT_JOBS, 0, count - 1))
         if not ids:
             return []
-        raws = await self.redis.mget([job_key(i.decode()) for i in ids])
+        raws = await self.redis.mget([keys.job(i.decode()) for i in ids])
         return [JobRecord.model_validate_json(raw) for raw in raws if raw]
 
     async def dead_letter_count(self) -> int:
-        return int(await self.redis.llen(DEAD_LETTERS))
+        return int(await self.redis.llen(keys.DEAD_LETTERS))

@@ -15,6 +15,8 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE_S = 15.0  # an SSE stream with nothing to say sends a comment this often (proxies drop silent ones)
+PEER_POLL_S = 0.25  # how often a handler waiting without writing looks whether its caller is still there
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # aiohttp listens with a backlog of 128: a burst of a few hundred connections to a busy event loop
 # overflows it, and a handshake dropped for long enough ends in a reset the client sees. The kernel
@@ -42,6 +44,21 @@ def peer_gone(request: web.Request) -> bool:
     """
     transport = request.transport
     return transport is None or transport.is_closing()
+
+
+def sse_message(message: Any) -> bytes:
+    """One SSE event carrying a JSON-RPC message."""
+    return b"event: message\ndata: " + dumps(message) + b"\n\n"
+
+
+async def write_or_gone(response: web.StreamResponse, data: bytes) -> bool:
+    """Write `data` to a streaming response; False when the caller has gone (nothing raised)."""
+    try:
+        if data:
+            await response.write(data)
+    except (ConnectionResetError, RuntimeError):
+        return False
+    return True
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

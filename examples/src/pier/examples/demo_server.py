@@ -59,7 +59,7 @@ async def slow(seconds: float, ctx: Context) -> str:
 )
 async def counter(delay_s: float = 0) -> int:
     """Wait `delay_s` seconds, then count this execution and return the new count."""
-    global _executions
+    global _executions  # noqa: PLW0603 — the server's one counter: this process's executions, what the tool reports
     if delay_s > 0:
         await asyncio.sleep(delay_s)
     _executions += 1

@@ -13,6 +13,7 @@ import functools
 import logging
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import aiohttp
@@ -21,11 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
 from pier.core import logs
-from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
+from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
-from pier.core.jobstore import GROUP, STREAM, JobStore, connect
+from pier.core.jobstore import JobStore, connect
 from pier.core.policy import Gate, Policer, PolicyDenied, PolicyMetrics
+from pier.core.redis_keys import GROUP, STREAM
 from pier.core.tls import client_context
 from pier.core.web import json_response, serve
 from pier.jobs.config import JobsSettings
@@ -37,6 +39,17 @@ log = logging.getLogger("pier.jobs.worker")
 _PROGRESS_SAVE_S = 0.5  # progress is published at once but saved to the record at most this often
 _UNREACHABLE_TRIES = 3  # a bridge that does not answer this many times running has lost the call
 _SESSION_POLL_S = 0.25  # how often a job waiting for its session looks for the endpoint
+
+
+@dataclass
+class _Following:
+    """One job as a worker follows its call: its record, the progress seen, when progress was last saved,
+    and how many long-polls running the bridge did not answer."""
+
+    record: JobRecord
+    seen: int
+    last_save: float = 0.0
+    unreachable: int = 0
 
 
 class Worker:
@@ -201,67 +214,82 @@ class Worker:
         return HttpBridge(self.http, Endpoint(record.endpoint, record.endpoint_token), self.bridge_ssl)
 
     async def _follow(self, job_id: str) -> None:
+        """Follow a job's call to its end (re-running it if its session lost it and that is safe)."""
+        record = await self._take(job_id)
+        if record is None:
+            return
+        following = _Following(record, record.progress_count)
+        while await self._follow_once(following):
+            pass
+
+    async def _take(self, job_id: str) -> JobRecord | None:
+        """The job's record, taken (queued → running), its call started if its session was starting;
+        None when there is nothing to follow."""
         record = await self.store.get(job_id)
         if record is None:
             log.warning("job record expired before it was followed")
-            return
+            return None
         if record.done:
             await self._after_finish(record)  # a reclaimed job whose webhook may not have gone out
-            return
+            return None
         record = (await self.store.update(job_id, JobRecord.take))[0] or record
         if not record.started:
-            started = await self._start_when_the_session_is_up(record)
-            if started is None:
-                return
-            record = started
-        seen = record.progress_count
-        last_save = 0.0
-        unreachable = 0
-        while True:
-            try:
-                answer = await self._bridge(record).get_call(record.call_id, self.settings.poll_wait_s, seen)
-                unreachable = 0
-            except BridgeUnreachable as exc:
-                unreachable += 1
-                if unreachable < _UNREACHABLE_TRIES:
-                    await asyncio.sleep(0.5 * unreachable)
-                    continue
-                lost = await self._session_lost(record, f"the session is gone: {exc.message}")
-                if lost is None:
-                    return
-                record = lost
-                continue
-            except PierError as err:  # CALL_NOT_FOUND
-                lost = await self._session_lost(record, f"the session no longer knows the call: {err.message}")
-                if lost is None:
-                    return
-                record = lost
-                continue
-            if answer.status == "running":
-                seen = await self._progress(record, answer, seen)
-                if time.monotonic() - last_save >= _PROGRESS_SAVE_S:
-                    last_save = time.monotonic()
-                    latest = answer.progress[-1] if answer.progress else record.progress
-                    note = functools.partial(JobRecord.note_progress, latest=latest, count=seen)
-                    saved, _ = await self.store.update(job_id, note)
-                    record = saved or record
-                    if record.done:  # cancelled meanwhile
-                        return
-                continue
-            failure = answer.failure
-            if answer.status == "completed":
-                await self._finish(record, "completed", result=answer.result)
-            elif answer.status == "cancelled":
-                await self._finish(record, "cancelled", error=PierError("CANCELLED", "the call was cancelled"))
-            elif failure is not None and failure.code == "SERVER_EXITED":
-                lost = await self._session_lost(record, failure.message, bool(failure.details.get("suspect")))
-                if lost is None:
-                    return
-                record = lost
-                continue
-            else:
-                await self._finish(record, "failed", error=failure)
-            return
+            return await self._start_when_the_session_is_up(record)
+        return record
+
+    async def _follow_once(self, following: _Following) -> bool:
+        """One long-poll of the call; False once the job has ended."""
+        record = following.record
+        try:
+            answer = await self._bridge(record).get_call(record.call_id, self.settings.poll_wait_s, following.seen)
+            following.unreachable = 0
+        except BridgeUnreachable as exc:
+            following.unreachable += 1
+            if following.unreachable < _UNREACHABLE_TRIES:
+                await asyncio.sleep(0.5 * following.unreachable)
+                return True
+            return await self._rerun_or_fail(following, f"the session is gone: {exc.message}")
+        except PierError as err:  # CALL_NOT_FOUND
+            return await self._rerun_or_fail(following, f"the session no longer knows the call: {err.message}")
+        if answer.status == "running":
+            return await self._note_progress(following, answer)
+        return await self._call_ended(following, answer)
+
+    async def _note_progress(self, following: _Following, answer: CallAnswer) -> bool:
+        """Publish the call's new progress, and save it to the record now and then; False when the job
+        ended meanwhile (cancelled)."""
+        record = following.record
+        following.seen = await self._progress(record, answer, following.seen)
+        if time.monotonic() - following.last_save >= _PROGRESS_SAVE_S:
+            following.last_save = time.monotonic()
+            latest = answer.progress[-1] if answer.progress else record.progress
+            note = functools.partial(JobRecord.note_progress, latest=latest, count=following.seen)
+            saved, _ = await self.store.update(record.job_id, note)
+            following.record = saved or record
+            if following.record.done:  # cancelled meanwhile
+                return False
+        return True
+
+    async def _call_ended(self, following: _Following, answer: CallAnswer) -> bool:
+        """The call ended: so does the job, unless its server's exit lost it (then a re-run, if safe)."""
+        record, failure = following.record, answer.failure
+        if answer.status == "completed":
+            await self._finish(record, "completed", result=answer.result)
+        elif answer.status == "cancelled":
+            await self._finish(record, "cancelled", error=PierError("CANCELLED", "the call was cancelled"))
+        elif failure is not None and failure.code == "SERVER_EXITED":
+            return await self._rerun_or_fail(following, failure.message, bool(failure.details.get("suspect")))
+        else:
+            await self._finish(record, "failed", error=failure)
+        return False
+
+    async def _rerun_or_fail(self, following: _Following, why: str, suspect: bool = False) -> bool:
+        """The session lost the call: follow its re-run (True), or the job has failed (False)."""
+        rerun = await self._session_lost(following.record, why, suspect)
+        if rerun is None:
+            return False
+        following.record = rerun
+        return True
 
     async def _start_when_the_session_is_up(self, record: JobRecord) -> JobRecord | None:
         """A job handed off while its session was starting: wait for the router to report the

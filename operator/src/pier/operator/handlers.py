@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
-from pier.core.bridge import BridgeStatus, Endpoint, HttpBridge
+from pier.core.callapi import BridgeStatus, Endpoint, HttpBridge
 from pier.core.catalog import Catalog, Profile
 from pier.core.errors import PierError
 from pier.core.mcpsession import (

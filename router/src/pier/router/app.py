@@ -1,8 +1,9 @@
 """The router's aiohttp application.
 
 Shape: a root app (request ids and metrics for everything; probes, `/metrics`, the dashboard page)
-with the v1 API as a sub-application at `/v1` (Pier's error shape, identity first: `api`, `relay`,
-`websocket`, `dashboard`), and bridgekit's routes at the root (its own error shape: `compat`).
+with the v1 API as a sub-application at `/v1` (Pier's error shape, identity first: `rest.v1`,
+`mcp.relay`, `mcp.websocket`, `mcp.aggregate`, `rest.dashboard`), and bridgekit's routes at the root
+(its own error shape: `rest.bridgekit`).
 
 Each resource the router holds is opened by one cleanup context, in dependency order, so a start
 that fails half-way closes exactly what it had opened, and shutdown closes them in reverse.
@@ -25,17 +26,19 @@ from pier.core.jobstore import JobStore, connect
 from pier.core.policy import Gate, Policer, PolicyMetrics
 from pier.core.tls import CertReloader, client_context, server_context
 from pier.core.web import error_response, json_response
-from pier.router import aggregate, api, compat, dashboard, relay, resource, websocket
-from pier.router.auth import KeyRing
+from pier.router.auth import protected_resource
+from pier.router.auth.ingress import Ingress
+from pier.router.auth.keys import KeyRing
+from pier.router.auth.oidc import TokenVerifier
+from pier.router.auth.ratelimit import RateLimiter
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
-from pier.router.context import ROUTER, Router
-from pier.router.ingress import Ingress
+from pier.router.mcp import aggregate, relay, websocket
 from pier.router.middleware import authenticate, errors, observe
-from pier.router.oidc import TokenVerifier
-from pier.router.ratelimit import RateLimiter
-from pier.router.resource import with_challenge
+from pier.router.rest import bridgekit, dashboard
+from pier.router.rest import v1 as rest_v1
+from pier.router.state import ROUTER, Router
 from pier.router.usersecrets import RedisSecretStore, Sealer
 
 log = logging.getLogger("pier.router")
@@ -193,16 +196,16 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     dashboard.add_page(app)
-    resource.add_routes(app)
+    protected_resource.add_routes(app)
 
-    render = errors(lambda request, err: with_challenge(request, err, error_response(err)))
+    render = errors(lambda request, err: error_response(err))
     v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[render, authenticate])
-    api.add_routes(v1)
+    rest_v1.add_routes(v1)
     relay.add_routes(v1)
     websocket.add_routes(v1, settings)
     aggregate.add_routes(v1)
     dashboard.add_routes(v1)
     app.add_subapp("/v1", v1)
 
-    compat.add_routes(app)
+    bridgekit.add_routes(app)
     return app

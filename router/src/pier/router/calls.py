@@ -7,7 +7,7 @@ the result. Not done → a job record and a stream entry, and the call keeps run
 (the job pool follows it; it is never run twice). Still no session at the deadline → the same 202
 at once: the session keeps starting, this router reports its endpoint to the job when it is up,
 and a worker starts the call then (under the job's id: once). The steps around it — rules, policy,
-audit, accounting — are the ingress pipeline's (`ingress`).
+audit, accounting — are the ingress pipeline's (`auth.ingress`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from pier.core import audit, logs
-from pier.core.bridge import BridgeUnreachable, CallAnswer, CallRequest
+from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
 from pier.core.jobstore import JobStore
 from pier.core.policy import Caller, PolicyDenied
+from pier.router.auth.ingress import Ingress
 from pier.router.backends.base import Session, SessionBackend, hold
 from pier.router.config import RouterSettings
-from pier.router.ingress import Ingress
 from pier.router.metrics import RouterMetrics
 
 log = logging.getLogger("pier.router.calls")
@@ -182,11 +182,7 @@ class CallService:
                 if session is None:
                     return await self._hand_off_starting(call)
                 async with hold(session):
-                    if session.call_timeout_s and not timeout_given:  # an MCPSession's own threshold
-                        call.timeout = min(session.call_timeout_s, self.settings.max_call_timeout_s)
-                        call.deadline = start + call.timeout
-                    spec = session.tools.get(call.tool)
-                    retry_safe = bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
+                    retry_safe = self._fit(call, session, timeout_given, start)
                     answer = await session.bridge.start_call(
                         CallRequest(call.tool, call.arguments, call_id, call.remaining())
                     )
@@ -199,22 +195,33 @@ class CallService:
             except PierError as refused:  # the bridge refused to start it
                 error = refused
             else:
-                if answer.status == "completed":
-                    assert answer.result is not None
-                    return await self._completed(call, answer.result)
-                if answer.status == "cancelled":
-                    raise PierError("CANCELLED", "the call was cancelled")
+                if answer.status != "failed":
+                    return await self._answered(call, answer)
                 error = answer.failure or PierError("INTERNAL", "the call failed without a reason")
-            why_not = _why_not_retried(error, retry_safe)
-            if why_not is not None or attempt >= self.settings.max_retries:
-                if why_not is not None and error.code in _TRANSPORT:
-                    error.details.setdefault("retried", False)
-                    error.details.setdefault("why_not_retried", why_not)
-                raise error
-            attempt += 1
-            self.metrics.retries.labels(call.profile.name).inc()
-            log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
-            await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
+            attempt = await self._next_attempt(call, error, retry_safe, attempt)
+
+    def _fit(self, call: ToolCall, session: Session, timeout_given: bool, start: float) -> bool:
+        """Fit the call to its session (an MCPSession's own threshold); whether it is safe to run again."""
+        if session.call_timeout_s and not timeout_given:
+            call.timeout = min(session.call_timeout_s, self.settings.max_call_timeout_s)
+            call.deadline = start + call.timeout
+        spec = session.tools.get(call.tool)
+        return bool(call.idempotency_key) or call.profile.retry_safe(call.tool, spec)
+
+    async def _next_attempt(self, call: ToolCall, error: PierError, retry_safe: bool, attempt: int) -> int:
+        """After a failed attempt: `error` raised when the call must not run again, else (after a
+        backoff) the next attempt's number."""
+        why_not = _why_not_retried(error, retry_safe)
+        if why_not is not None or attempt >= self.settings.max_retries:
+            if why_not is not None and error.code in _TRANSPORT:
+                error.details.setdefault("retried", False)
+                error.details.setdefault("why_not_retried", why_not)
+            raise error
+        attempt += 1
+        self.metrics.retries.labels(call.profile.name).inc()
+        log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
+        await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
+        return attempt
 
     async def _session_by_deadline(self, call: ToolCall) -> Session | None:
         """The user's session, or None when the deadline comes while it is still starting.
@@ -333,7 +340,7 @@ class CallService:
                     self.metrics.redis_errors.labels("handoff").inc()
                     answer = await session.bridge.get_call(record.call_id, _HANDOFF_POLL_S)
                     if answer.done:
-                        return await self._answer_late(call, answer)
+                        return await self._answered(call, answer)
                     try:
                         await self.store.enqueue(record)
                         return None
@@ -349,8 +356,9 @@ class CallService:
                 {"cancelled": True, "retry_after_s": 1},
             ) from None
 
-    async def _answer_late(self, call: ToolCall, answer: CallAnswer) -> CallResult:
-        """A call that finished while its hand-off waited for Redis: its answer, as if in time."""
+    async def _answered(self, call: ToolCall, answer: CallAnswer) -> CallResult:
+        """A finished call's answer: its result, or its failure raised (also for a call that finished
+        while its hand-off waited for Redis: as if in time)."""
         if answer.status == "completed":
             assert answer.result is not None
             return await self._completed(call, answer.result)

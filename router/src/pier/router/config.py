@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pier.router.oidc import IssuerConfig
+from pier.router.auth.oidc import IssuerConfig
 
 MiB = 1024 * 1024
 

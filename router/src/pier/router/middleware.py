@@ -1,8 +1,9 @@
 """The router's middleware: request ids and metrics (every route), and, for the API's routes, error
-rendering and identity (the first step of the ingress pipeline).
+rendering and identity (the first step of the ingress pipeline: `auth.ingress`).
 
 Errors are rendered by whoever owns the routes: the v1 API in Pier's shape
-(`{"error": {"code", "message", "details"}}`), bridgekit's routes in bridgekit's (`compat`).
+(`{"error": {"code", "message", "details"}}`), bridgekit's routes in bridgekit's (`rest.bridgekit`);
+either way a refusal for want of a credential carries the OAuth challenge (`auth.protected_resource`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from redis.exceptions import RedisError
 from pier.core import logs
 from pier.core.errors import PierError
 from pier.core.web import too_large
-from pier.router.context import router_of
+from pier.router.auth.protected_resource import with_challenge
+from pier.router.state import router_of
 
 log = logging.getLogger("pier.router")
 
@@ -53,7 +55,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def errors(render: Render) -> Middleware:
-    """Failures become answers `render` makes; nothing leaks a traceback, nothing is a bare 500."""
+    """Failures become answers `render` makes (with the OAuth challenge where one is due); nothing
+    leaks a traceback, nothing is a bare 500."""
+
+    def answer(request: web.Request, err: PierError) -> web.Response:
+        return with_challenge(request, err, render(request, err))
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -62,14 +68,14 @@ def errors(render: Render) -> Middleware:
         except PierError as err:
             if err.http_status >= 500:
                 log.warning("request failed", extra={"code": err.code, "why": err.message, "path": request.path})
-            return render(request, err)
+            return answer(request, err)
         except web.HTTPRequestEntityTooLarge:
-            return render(request, too_large(router_of(request).settings.max_body_bytes))
+            return answer(request, too_large(router_of(request).settings.max_body_bytes))
         except RedisError as exc:
             # Jobs, idempotency keys and events live in Redis: while it is away, say so and when to retry.
             router_of(request).metrics.redis_errors.labels("request").inc()
             log.warning("Redis unavailable", extra={"path": request.path, "error": str(exc)})
-            return render(
+            return answer(
                 request,
                 PierError("STORE_UNAVAILABLE", "Pier's job store (Redis) is unreachable; retry", {"retry_after_s": 1}),
             )
@@ -79,7 +85,7 @@ def errors(render: Render) -> Middleware:
             raise
         except Exception:
             log.exception("unexpected error", extra={"path": request.path})
-            return render(request, PierError("INTERNAL", "internal error; the request id is in the logs"))
+            return answer(request, PierError("INTERNAL", "internal error; the request id is in the logs"))
 
     return middleware
 

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pier.core import redis_keys as keys
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads
@@ -97,20 +98,16 @@ class RedisSecretStore(SecretStore):
         self.redis = redis
         self.sealer = sealer
 
-    @staticmethod
-    def _key(user: str, profile: str) -> str:
-        return f"pier:secrets:{user}:{profile}"
-
     async def put(self, user: str, profile: str, values: dict[str, str]) -> None:
         now = time.time()
         fields = {
             name: dumps({"v": self.sealer.seal(value, f"{user}\0{profile}\0{name}"), "at": now})
             for name, value in values.items()
         }
-        await self.redis.hset(self._key(user, profile), mapping=fields)  # type: ignore[arg-type]
+        await self.redis.hset(keys.user_secrets(user, profile), mapping=fields)  # type: ignore[arg-type]
 
     async def _stored(self, user: str, profile: str) -> dict[str, dict[str, Any]]:
-        stored = cast(dict[bytes, bytes], await self.redis.hgetall(self._key(user, profile)))
+        stored = cast(dict[bytes, bytes], await self.redis.hgetall(keys.user_secrets(user, profile)))
         return {name.decode(): loads(raw) for name, raw in stored.items()}
 
     async def listing(self, user: str, profile: str) -> list[dict[str, Any]]:
@@ -118,7 +115,7 @@ class RedisSecretStore(SecretStore):
         return [{"name": name, "set_at": stored[name]["at"]} for name in sorted(stored)]
 
     async def delete(self, user: str, profile: str, name: str) -> bool:
-        return bool(await self.redis.hdel(self._key(user, profile), name))
+        return bool(await self.redis.hdel(keys.user_secrets(user, profile), name))
 
     async def values(self, user: str, profile: str) -> dict[str, str]:
         """The secrets in clear, for the user's server process (local sessions only)."""

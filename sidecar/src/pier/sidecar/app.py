@@ -14,20 +14,20 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from pier.core.bridge import BridgeStatus, CallAnswer, CallRequest
+from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
-from pier.core.jsonrpc import MAX_DEPTH, TooDeep, dumps, parse
+from pier.core.jsonrpc import MAX_DEPTH, Message, TooDeep, dumps, parse
 from pier.core.process import clean_env
 from pier.core.tls import server_context
 from pier.core.web import error_response, json_response, origin_allowed, read_body
 from pier.core.web import serve as web_serve
 from pier.sidecar.attach import FifoPeer
-from pier.sidecar.calls import CallRegistry
+from pier.sidecar.call_registry import CallRegistry
 from pier.sidecar.child import ChildProcess
 from pier.sidecar.clients import ClientRegistry
 from pier.sidecar.config import SidecarSettings
-from pier.sidecar.mcp_http import StreamableHTTP
 from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
+from pier.sidecar.streamable import StreamableHTTP
 from pier.sidecar.transport import Transport
 from pier.sidecar.upstream import Upstream
 
@@ -53,9 +53,12 @@ class Bridge:
     def __post_init__(self) -> None:
         self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
         # Notifications that belong to no call go to every listener, of either era.
-        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, lambda m: self.mcp.broadcast(m))
+        self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self._broadcast)
         self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
         self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
+
+    def _broadcast(self, message: Message) -> None:
+        self.mcp.broadcast(message)  # looked up when called: `self.mcp` is built after the upstream
 
     def _make_transport(self) -> Transport:
         s = self.settings
@@ -261,7 +264,7 @@ async def _housekeeping(bridge: Bridge) -> None:
     while True:
         await asyncio.sleep(_HOUSEKEEPING_S)
         bridge.calls.sweep()
-        bridge.mcp.modern.expire()
+        bridge.mcp.stateless.expire()
         for client in bridge.clients.expire():
             bridge.upstream.mux.cancel_client(client, "client session expired")
 
@@ -271,7 +274,7 @@ async def _drain(app: web.Application) -> None:
     bridge = app[BRIDGE]
     bridge.draining = True
     bridge.clients.close_all()
-    bridge.mcp.modern.close()
+    bridge.mcp.stateless.close()
     deadline = time.monotonic() + bridge.settings.shutdown_grace_s
     # A few polls, once, at shutdown: simpler than an event every call would have to set.
     while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110

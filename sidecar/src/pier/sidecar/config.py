@@ -156,30 +156,34 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         raise ValueError(f"{where}: a value is required")
     if type(None) in args:  # X | None
         hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint)
     try:
-        if origin is list:
-            items = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-                raise ValueError("expected a list of strings (JSON in the environment)")
-            return list(items)
-        if hint is Secret:
-            return value if isinstance(value, Secret) else Secret(str(value))
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() not in _BOOLEANS:
-                raise ValueError("expected true or false")
-            return _BOOLEANS[str(value).lower()]
-        if hint in (int, float):
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value) if hint is float else int(value)
-        if hint is Path:
-            return Path(value)
-        return str(value)
+        return _convert(hint, value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """`value` as `hint`: a list of strings, a Secret, a bool, an int, a float, a Path or a str."""
+    if typing.get_origin(hint) is list:
+        items = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("expected a list of strings (JSON in the environment)")
+        return list(items)
+    if hint is Secret:
+        return value if isinstance(value, Secret) else Secret(str(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _BOOLEANS:
+            raise ValueError("expected true or false")
+        return _BOOLEANS[str(value).lower()]
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value) if hint is float else int(value)
+    if hint is Path:
+        return Path(value)
+    return str(value)
 
 
 def _check_bounds(f: dataclasses.Field[Any], value: Any) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pier.core.bridge import SLACK_S, BridgeStatus, BridgeUnreachable, CallAnswer, CallRequest, Endpoint
+from pier.core.callapi import SLACK_S, BridgeStatus, BridgeUnreachable, CallAnswer, CallRequest, Endpoint
 from pier.sidecar.app import Bridge
 
 
 class InProcessBridge:
-    """A `BridgeHandle` (see `pier.core.bridge`) on a `Bridge` object of this process."""
+    """A `BridgeHandle` (see `pier.core.callapi`) on a `Bridge` object of this process."""
 
     def __init__(self, bridge: Bridge, endpoint: Endpoint) -> None:
         self.bridge = bridge

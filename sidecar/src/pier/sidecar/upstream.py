@@ -301,7 +301,8 @@ class Upstream:
         if "error" in response:
             error = response["error"]
             raise PierError("SERVER_ERROR", f"{method} failed: {error.get('message')}", {"error": error})
-        return response["result"]
+        result: dict[str, Any] = response["result"]
+        return result
 
     # -- requests --------------------------------------------------------------------------
 

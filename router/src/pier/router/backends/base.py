@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pier.core.bridge import BridgeHandle, BridgeStatus, Endpoint
+from pier.core.callapi import BridgeHandle, BridgeStatus, Endpoint
 from pier.core.catalog import Profile
 from pier.router.usersecrets import SecretStore
 

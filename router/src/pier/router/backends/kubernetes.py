@@ -19,7 +19,7 @@ import aiohttp
 from kubernetes import client, config
 from pydantic import ValidationError
 
-from pier.core.bridge import Endpoint, HttpBridge
+from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads
@@ -127,7 +127,8 @@ class KubernetesBackend(SessionBackend):
         self.objects = {item["metadata"]["name"]: item for item in listing["items"]}
         self._notify()
         self._synced.set()
-        return listing["metadata"]["resourceVersion"]
+        version: str = listing["metadata"]["resourceVersion"]
+        return version
 
     async def _watch(self, version: str) -> None:
         url = f"{self._base}?watch=1&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={version}"

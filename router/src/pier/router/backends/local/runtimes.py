@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from pier.core.bridge import BridgeHandle, Endpoint, HttpBridge
+from pier.core.callapi import BridgeHandle, Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import loads

@@ -1,0 +1,281 @@
+"""The bridge's call API, both ends: its typed messages, and the handle the router and job pool hold.
+
+A bridge (`pier.sidecar`) serves `POST /v1/calls`, `GET|DELETE /v1/calls/{id}`, `GET /v1/tools` and
+`GET /v1/status`. What those carry is defined here once — `CallRequest`, `CallAnswer`,
+`BridgeStatus` — as checked dataclasses rather than pydantic models: every bridge builds them, and a
+model library would cost each idle bridge its import (see `pier.sidecar.config`).
+
+A `BridgeHandle` is how one session's bridge is called: `HttpBridge` over the network (pods,
+bridge processes, and the job pool always), or the sidecar's `InProcessBridge` for a bridge
+running in the router's own process. Both give the same typed answers and raise the same errors:
+a call refused before it exists raises its `PierError`; a call that ran and failed is an answer
+with `status == "failed"`.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from pier.core.errors import PierError
+from pier.core.jsonrpc import Message, dumps, loads
+
+CallStatus = Literal["running", "completed", "failed", "cancelled"]
+
+# Beyond a long-poll's own wait, how long the network may take.
+SLACK_S = 10.0
+_CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
+_REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a session's bridge listens, and the token it wants."""
+
+    url: str
+    token: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+class BridgeUnreachable(PierError):
+    """The bridge did not answer: the session is gone (or going)."""
+
+    def __init__(self, endpoint: Endpoint, exc: BaseException) -> None:
+        super().__init__("SESSION_LOST", f"the session's bridge is unreachable: {str(exc) or type(exc).__name__}")
+        self.endpoint = endpoint
+
+
+# -- what the call API carries ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallRequest:
+    """`POST /v1/calls`: start a tool call (or join the one with the same `call_id`)."""
+
+    tool: str
+    arguments: dict[str, Any]
+    call_id: str | None = None
+    wait_s: float = 30.0
+
+    @classmethod
+    def parse(cls, data: Any) -> CallRequest:
+        """The request in `data`, or INVALID_ARGUMENTS listing what is wrong with it."""
+        if not isinstance(data, dict):
+            raise _invalid_body([([], "the body must be a JSON object")])
+        errors: list[tuple[list[Any], str]] = [
+            ([name], "extra fields not permitted") for name in data.keys() - _REQUEST_FIELDS
+        ]
+        tool = data.get("tool")
+        if not isinstance(tool, str) or not tool:
+            errors.append((["tool"], "a non-empty string is required"))
+        arguments = data.get("arguments", {})
+        if not isinstance(arguments, dict):
+            errors.append((["arguments"], "must be an object"))
+        call_id = data.get("call_id")
+        if call_id is not None and not (isinstance(call_id, str) and _CALL_ID.fullmatch(call_id)):
+            errors.append((["call_id"], "1-200 characters: letters, digits and . _ : -"))
+        wait_s = data.get("wait_s", 30.0)
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 300:
+            errors.append((["wait_s"], "a number of seconds from 0 to 300"))
+        if errors:
+            raise _invalid_body(errors)
+        return cls(tool, arguments, call_id, float(wait_s))  # type: ignore[arg-type]  # checked above
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "arguments": self.arguments, "call_id": self.call_id, "wait_s": self.wait_s}
+
+
+def _invalid_body(errors: list[tuple[list[Any], str]]) -> PierError:
+    details = {"errors": [{"path": path, "message": message} for path, message in errors]}
+    return PierError("INVALID_ARGUMENTS", "the request body does not match the schema", details)
+
+
+@dataclass(slots=True)
+class CallAnswer:
+    """A call as the bridge reports it: running (with its progress so far), or how it ended."""
+
+    call_id: str
+    tool: str
+    status: CallStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # a PierError's dict when status is "failed"
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    progress_count: int = 0
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def failure(self) -> PierError | None:
+        """Why the call failed, or None."""
+        return PierError.from_dict(self.error) if self.error is not None else None
+
+    @property
+    def http_status(self) -> int:
+        """202 while running, 200 once done, the error's status when it failed."""
+        if self.status == "running":
+            return 202
+        failure = self.failure
+        return failure.http_status if failure is not None else 200
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallAnswer:
+        if data.get("status") not in ("running", "completed", "failed", "cancelled") or "call_id" not in data:
+            raise ValueError(f"not a call answer: {str(data)[:200]}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(slots=True)
+class BridgeStatus:
+    """`GET /v1/status`: the bridge and its server, and how busy they are."""
+
+    state: str  # starting | ready | restarting | failed | stopped | draining
+    ready: bool
+    mode: Literal["child", "attach"]
+    pid: int | None = None
+    restarts: int = 0
+    in_flight: int = 0  # requests the server is working on
+    queued: int = 0  # requests waiting for a concurrency slot
+    calls_running: int = 0  # call-API calls not finished
+    clients: int = 0  # MCP client sessions
+    started_at: float = 0.0
+    last_activity: float = 0.0
+    server_info: dict[str, Any] | None = None
+    protocol_version: str | None = None
+    tools: int = 0
+    last_exit: dict[str, Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Something is running or waiting on this bridge: it must not be reaped or evicted."""
+        return bool(self.in_flight or self.calls_running or self.queued)
+
+    def idle_for(self, now: float, last_used: float = 0.0) -> float:
+        """Seconds since the last activity the bridge (or, `last_used`, its user's router) saw."""
+        return now - max(self.last_activity, last_used)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BridgeStatus:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+# -- the handle --------------------------------------------------------------------------------
+
+
+# A filter every message a bridge's `/mcp` sends back passes (the router's output policy, when it hands
+# a bridge in its own process a request): the message to send, or an empty dict to withhold it.
+Output = Callable[[Message], Awaitable[Message]]
+
+
+class McpHandler(Protocol):
+    """A bridge's `/mcp` handler in this process: it serves a request whose body is parsed already."""
+
+    async def handle(self, request: web.Request, payload: Any, output: Output | None = None) -> web.StreamResponse: ...
+
+
+class BridgeHandle(Protocol):
+    """One session's bridge, wherever it runs."""
+
+    endpoint: Endpoint  # where it is served over HTTP (the relay and the job pool reach it there)
+
+    @property
+    def mcp(self) -> McpHandler | None:
+        """A bridge in this process: its `/mcp` handler, which the relay hands requests directly."""
+        ...
+
+    async def start_call(self, request: CallRequest) -> CallAnswer:
+        """Start (or join) a call and wait up to `request.wait_s`; PierError when it is refused."""
+        ...
+
+    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
+        """A call's state: returns at completion, at new progress, or after `wait_s`."""
+        ...
+
+    async def cancel_call(self, call_id: str) -> CallAnswer:
+        """Cancel a call (`notifications/cancelled` reaches the server)."""
+        ...
+
+    async def tools(self, timeout: float) -> list[dict[str, Any]]:
+        """The server's tools, once it is ready (PierError if it cannot become ready)."""
+        ...
+
+    async def status(self, timeout: float = 5.0) -> BridgeStatus: ...
+
+
+class HttpBridge:
+    """A bridge reached over HTTP, through a shared connection pool (keep-alive, timeouts)."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, endpoint: Endpoint, ssl_context: ssl.SSLContext | bool = True
+    ) -> None:
+        self.http = http
+        self.endpoint = endpoint
+        self.ssl = ssl_context
+        self.mcp: McpHandler | None = None  # reached over HTTP only
+
+    async def _request(self, method: str, path: str, timeout: float, body: Any = None) -> tuple[int, dict[str, Any]]:
+        try:
+            async with self.http.request(
+                method,
+                self.endpoint.url + path,
+                data=dumps(body) if body is not None else None,
+                headers={**self.endpoint.headers(), "Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                ssl=self.ssl,
+            ) as response:
+                raw = await response.read()
+                return response.status, loads(raw) if raw else {}
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, ValueError) as exc:  # ValueError: not a bridge
+            raise BridgeUnreachable(self.endpoint, exc) from exc
+
+    async def _answer(self, method: str, path: str, timeout: float, body: Any = None) -> CallAnswer:
+        status, data = await self._request(method, path, timeout, body)
+        if "call_id" not in data:  # refused: the call does not exist
+            raise PierError.from_dict(data.get("error") or {"code": "INTERNAL", "message": f"HTTP {status}"})
+        try:
+            return CallAnswer.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise BridgeUnreachable(self.endpoint, exc) from exc
+
+    async def start_call(self, request: CallRequest) -> CallAnswer:
+        return await self._answer("POST", "/v1/calls", request.wait_s + SLACK_S, request.to_dict())
+
+    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
+        query = f"?wait_s={wait_s}"
+        if progress_after is not None:
+            query += f"&progress_after={progress_after}"
+        return await self._answer("GET", f"/v1/calls/{call_id}{query}", wait_s + SLACK_S)
+
+    async def cancel_call(self, call_id: str) -> CallAnswer:
+        return await self._answer("DELETE", f"/v1/calls/{call_id}", SLACK_S)
+
+    async def tools(self, timeout: float) -> list[dict[str, Any]]:
+        status, body = await self._request("GET", "/v1/tools", timeout)
+        if status != 200:
+            raise PierError.from_dict(body.get("error") or {"code": "SESSION_START_FAILED"})
+        tools: list[dict[str, Any]] = body["tools"]
+        return tools
+
+    async def status(self, timeout: float = 5.0) -> BridgeStatus:
+        _, body = await self._request("GET", "/v1/status", timeout)
+        try:
+            return BridgeStatus.from_dict(body)
+        except TypeError as exc:
+            raise BridgeUnreachable(self.endpoint, exc) from exc

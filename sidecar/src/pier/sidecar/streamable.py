@@ -1,0 +1,441 @@
+"""MCP Streamable HTTP at `/mcp`: revisions 2025-03-26, 2025-06-18, 2025-11-25 and 2026-07-28.
+
+Each request goes the way its revision says (`pier.core.protocol.is_modern_request`): 2026-07-28
+requests are stateless and served by `pier.sidecar.stateless`; the handshake revisions give each
+client its own `Mcp-Session-Id`, whose `initialize` is answered from the bridge's cache and never
+reaches the server. Their requests are relayed through the multiplexer; progress, server→client
+requests, log records and final responses of a POST stream back on that POST's response (plain
+JSON when the responses come before anything else). SSE events carry ids at 2025-11-25, and a
+client whose stream dropped resumes it with `GET` and `Last-Event-ID`.
+
+`handle` is the one entry, over HTTP (`post`/`get`/`delete`) and for the router's relay when the
+bridge lives in the router's process (the body parsed once, by the router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from pier.core.callapi import Output
+from pier.core.errors import PierError
+from pier.core.jsonrpc import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    Message,
+    TooDeep,
+    dumps,
+    error_response,
+    gateway_error_response,
+    is_notification,
+    is_request,
+    parse,
+    validate_message,
+)
+from pier.core.protocol import (
+    ASSUMED_VERSION,
+    HANDSHAKE_VERSIONS,
+    SESSION_HEADER,
+    VERSION_HEADER,
+    is_modern_request,
+)
+from pier.core.web import (
+    KEEPALIVE_S,
+    PEER_POLL_S,
+    SSE_HEADERS,
+    CoalescedSSE,
+    json_response,
+    peer_gone,
+    read_body,
+    sse_message,
+    write_or_gone,
+)
+from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
+from pier.sidecar.metrics import BridgeMetrics
+from pier.sidecar.multiplexer import ALL_LOGS, Pending
+from pier.sidecar.stateless import StatelessHTTP
+from pier.sidecar.upstream import Upstream
+
+log = logging.getLogger("pier.sidecar.mcp")
+
+SUPPORTED_VERSIONS = HANDSHAKE_VERSIONS  # the handshake revisions a client may ask for at initialize
+LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+__all__ = ["ASSUMED_VERSION", "LATEST_VERSION", "SESSION_HEADER", "SUPPORTED_VERSIONS", "StreamableHTTP"]
+
+
+def rpc_error(status: int, code: int, message: str, request_id: Any = None) -> web.Response:
+    return web.Response(
+        status=status, body=dumps(error_response(request_id, code, message)), content_type="application/json"
+    )
+
+
+def _single_id(payload: Any) -> Any:
+    """The id of a body that is one request (errors about the whole body then carry it)."""
+    return payload.get("id") if isinstance(payload, dict) else None
+
+
+class PostStream:
+    """Messages tied to one POST's requests, then their responses (a sink of the multiplexer)."""
+
+    def __init__(self, queue: asyncio.Queue[tuple[Message, bool]]) -> None:
+        self.queue = queue
+
+    def deliver(self, message: Message) -> None:
+        self.queue.put_nowait((message, False))
+
+    def attach(self, pending: Pending) -> None:
+        pending.future.add_done_callback(lambda f: self.queue.put_nowait((f.result(), True)))
+
+
+class StreamableHTTP:
+    """The `/mcp` endpoint: POST (messages), GET (server stream), DELETE (end session)."""
+
+    def __init__(self, upstream: Upstream, clients: ClientRegistry, metrics: BridgeMetrics) -> None:
+        self.upstream = upstream
+        self.clients = clients
+        self.metrics = metrics
+        self.stateless = StatelessHTTP(upstream, metrics, upstream.settings.input_wait_s)
+
+    def broadcast(self, message: Message) -> None:
+        """A server notification that belongs to no call: every GET stream and every listener."""
+        self.clients.broadcast(message)
+        self.stateless.broadcast(message)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            return rpc_error(415, INVALID_REQUEST, "Unsupported Media Type: send application/json")
+        settings = self.upstream.settings
+        try:
+            body = await read_body(request, settings.max_message_bytes, settings.body_timeout_s)
+        except PierError as err:
+            return rpc_error(err.http_status, INVALID_REQUEST, err.message)
+        try:
+            payload = parse(body)
+        except TooDeep as exc:
+            self.metrics.rejected.labels("PARSE_ERROR").inc()
+            return rpc_error(400, PARSE_ERROR, f"Parse error: {exc}")
+        except ValueError:
+            self.metrics.rejected.labels("PARSE_ERROR").inc()
+            return rpc_error(400, PARSE_ERROR, "Parse error: the body is not valid JSON")
+        return await self.handle(request, payload)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, None)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, None)
+
+    async def handle(self, request: web.Request, payload: Any, output: Output | None = None) -> web.StreamResponse:
+        """Serve one request whose body, if any, is parsed (`payload`); `output` filters what goes back."""
+        if is_modern_request(request.headers.get(VERSION_HEADER)):
+            if request.method != "POST":
+                return web.Response(status=405, headers={"Allow": "POST"})
+            return await self.stateless.serve(request, payload, output)
+        if request.method == "GET":
+            return await self._get(request, output)
+        if request.method == "DELETE":
+            return self._delete(request)
+        return await self._post(request, payload, output)
+
+    # -- POST (handshake revisions) --------------------------------------------------------
+
+    async def _post(self, request: web.Request, payload: Any, output: Output | None) -> web.StreamResponse:
+        batch = isinstance(payload, list)
+        messages: list[Any] = payload if batch else [payload]
+        if not messages:
+            return rpc_error(400, INVALID_REQUEST, "Invalid Request: empty batch")
+        for message in messages:
+            problem = validate_message(message)
+            if problem:
+                request_id = message.get("id") if isinstance(message, dict) else None
+                return rpc_error(400, INVALID_REQUEST, f"Invalid Request: {problem}", request_id)
+        request_id = _single_id(payload)
+        if any(m.get("method") == "initialize" for m in messages):
+            if len(messages) > 1:
+                return rpc_error(400, INVALID_REQUEST, "Invalid Request: initialize must not be batched")
+            return await self._initialize(messages[0], output)
+
+        client = self._session(request, request_id=request_id)
+        if isinstance(client, web.Response):
+            return client
+        requests: list[Message] = []
+        for message in messages:
+            if is_request(message):
+                requests.append(message)
+            elif is_notification(message):
+                self.upstream.mux.client_notification(client, message)
+            else:
+                self.upstream.mux.client_response(client, message)
+        if not requests:
+            return web.Response(status=202)
+        return await self._relay(request, client, requests, batch, output)
+
+    async def _initialize(self, message: Message, output: Output | None) -> web.Response:
+        if not is_request(message):
+            return rpc_error(400, INVALID_REQUEST, "Invalid Request: initialize must be a request")
+        params = message.get("params") or {}
+        try:
+            await self.upstream.wait_ready()
+        except PierError as err:
+            self.metrics.requests.labels("initialize", err.code).inc()
+            return json_response(gateway_error_response(message["id"], err))
+        requested = params.get("protocolVersion")
+        version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
+        client = self.clients.create(version, params.get("capabilities") or {}, params.get("clientInfo") or {})
+        self.metrics.clients.set(len(self.clients.sessions))
+        self.metrics.requests.labels("initialize", "ok").inc()
+        result = {**(self.upstream.init_result or {}), "protocolVersion": version}
+        answer: Message = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        if output is not None:
+            answer = await output(answer) or answer
+        return json_response(answer, headers={SESSION_HEADER: client.id})
+
+    def _session(self, request: web.Request, end: bool = False, request_id: Any = None) -> ClientSession | web.Response:
+        """The client session the request names (ended, with `end`), or the error answer."""
+        session_id = request.headers.get(SESSION_HEADER)
+        if not session_id:
+            return rpc_error(400, INVALID_REQUEST, f"Bad Request: {SESSION_HEADER} header is required", request_id)
+        client = self.clients.remove(session_id) if end else self.clients.get(session_id)
+        if client is None:
+            return rpc_error(404, INVALID_REQUEST, "Session not found: initialize a new session", request_id)
+        return client
+
+    def _local_answer(self, client: ClientSession, message: Message) -> Message | None:
+        """Answer what the bridge knows without asking the server."""
+        method = message["method"]
+        if method == "ping":
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+        if method == "tools/list" and self.upstream.tools_by_name and not (message.get("params") or {}).get("cursor"):
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": self.upstream.tools}}
+        if method == "logging/setLevel" and self.upstream.modern:
+            # A 2026-07-28 server takes the level with each request: the bridge remembers it.
+            level = (message.get("params") or {}).get("level")
+            client.log_level = level if isinstance(level, str) else client.log_level
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+        return None
+
+    async def _relay(
+        self, request: web.Request, client: ClientSession, requests: list[Message], batch: bool, output: Output | None
+    ) -> web.StreamResponse:
+        answered: list[Message] = []
+        forwarded: list[Message] = []
+        for message in requests:
+            answer = self._local_answer(client, message)
+            if answer is not None:
+                self.metrics.requests.labels(message["method"], "ok").inc()
+                answered.append(answer)
+            else:
+                forwarded.append(message)
+        if not forwarded:
+            return await _answers(answered, batch, output)
+
+        stream = client.new_stream(post=True)
+        await self._begin(client, stream, forwarded, answered)
+        accept = request.headers.get("Accept", "")
+        sse_ok = "text/event-stream" in accept
+        # The spec lets a server answer a POST with JSON or with SSE. JSON is one response and one
+        # write, so it is the answer whenever nothing else (progress, a server request) comes
+        # first; SSE only when something does, or when the client accepts nothing else.
+        first: Message | None = None
+        if not sse_ok or "application/json" in accept:
+            first = await _answers_until_other(stream, answered, sse_ok)
+            if first is None:
+                client.streams.pop(stream.id, None)
+                return await _answers(answered, batch, output)
+
+        response = CoalescedSSE(headers=SSE_HEADERS)
+        await response.prepare(request)
+        events: list[bytes] = [stream.event(None)] if client.resumable else []
+        for message in [*answered, *([first] if first is not None else [])]:
+            events.append(await self._event(client, stream, message, output))
+        if not await write_or_gone(response, b"".join(events)):
+            stream.detach()
+            return response
+        await self._pump(request, response, client, stream, output)
+        return response
+
+    async def _begin(
+        self, client: ClientSession, stream: EventStream, requests: list[Message], answered: list[Message]
+    ) -> None:
+        """Send a POST's requests to the server, their messages to `stream`; one refused is answered at once."""
+        assert stream.queue is not None
+        sink = PostStream(stream.queue)
+        level = client.log_level if self.upstream.modern else ALL_LOGS
+        for message in requests:
+            try:
+                pending = await self.upstream.begin(
+                    message, client, sink, capabilities=client.capabilities, log_level=level
+                )
+            except PierError as err:
+                self.metrics.requests.labels(message["method"], err.code).inc()
+                answered.append(gateway_error_response(message["id"], err))
+                continue
+            self._observe(message, pending)
+            sink.attach(pending)
+            stream.waiting += 1
+
+    async def _pump(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        client: ClientSession,
+        stream: EventStream,
+        output: Output | None,
+    ) -> None:
+        """Write a POST's stream until its last answer; a dropped connection leaves it resumable."""
+        assert stream.queue is not None
+        stream.attached = True
+        stream.released.clear()
+        while stream.waiting:
+            try:
+                async with asyncio.timeout(PEER_POLL_S):
+                    message, final = await stream.queue.get()
+            except TimeoutError:
+                if peer_gone(request):
+                    # A dropped stream is not a cancellation (2025 revisions); it waits for a resume.
+                    stream.detach()
+                    return
+                continue
+            stream.waiting -= final
+            event = await self._event(client, stream, message, output)
+            # The last event goes out with the end of the stream: one write, not two.
+            try:
+                await (response.write(event) if stream.waiting else response.write_eof(event))
+            except (ConnectionResetError, RuntimeError):
+                log.info("client closed its POST stream early", extra={"client": client.id})
+                stream.detach()
+                return
+        client.streams.pop(stream.id, None)  # everything was delivered: nothing left to resume
+        stream.detach()
+
+    async def _event(
+        self, client: ClientSession, stream: EventStream, message: Message, output: Output | None
+    ) -> bytes:
+        if output is not None:
+            filtered = await output(message)
+            if not filtered:
+                return b": withheld by policy\n\n"
+            message = filtered
+        return stream.event(message) if client.resumable else sse_message(message)
+
+    def _observe(self, message: Message, pending: Pending) -> None:
+        method = pending.method
+        tool = None
+        if method == "tools/call":
+            name = (message.get("params") or {}).get("name")
+            # Only known tool names become label values: callers cannot grow the metric's cardinality.
+            tool = name if name in self.upstream.tools_by_name else "other"
+
+        def done(future: asyncio.Future[Message]) -> None:
+            self.metrics.requests.labels(method, _outcome(future)).inc()
+            if tool is not None:
+                self.metrics.call_duration.labels(tool).observe(time.monotonic() - pending.started)
+
+        pending.future.add_done_callback(done)
+
+    # -- GET (handshake revisions) ---------------------------------------------------------
+
+    async def _get(self, request: web.Request, output: Output | None) -> web.StreamResponse:
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            return rpc_error(406, INVALID_REQUEST, "Not Acceptable: GET needs Accept: text/event-stream")
+        client = self._session(request)
+        if isinstance(client, web.Response):
+            return client
+        resumed = None
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id and client.resumable:
+            resumed = client.find_stream(last_event_id)
+        # Headers go out at once: a client may wait for them before it does anything else.
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        if resumed is not None:
+            stream, seen = resumed
+            # The connection it replaces may not be noticed gone yet: its writer lets go first.
+            if stream.queue is not None and stream.attached:
+                await stream.released.wait()
+            if not await write_or_gone(response, b"".join(stream.after(seen))):
+                return response
+            if stream.queue is not None:
+                # The rest of a POST's stream, on this response; it ends with its last answer.
+                await self._pump(request, response, client, stream, output)
+                return response
+        else:
+            stream = client.new_stream(post=False)
+        await self._listen(request, response, client, stream, output)
+        return response
+
+    async def _listen(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        client: ClientSession,
+        stream: EventStream,
+        output: Output | None,
+    ) -> None:
+        client.get_streams += 1
+        try:
+            last_write = time.monotonic()
+            while True:
+                try:
+                    async with asyncio.timeout(PEER_POLL_S):
+                        message = await client.outbox.get()
+                except TimeoutError:
+                    if peer_gone(request):
+                        return
+                    if time.monotonic() - last_write >= KEEPALIVE_S:
+                        await response.write(b": keepalive\n\n")
+                        last_write = time.monotonic()
+                    continue
+                if message is None:
+                    break
+                await response.write(await self._event(client, stream, message, output))
+                last_write = time.monotonic()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            client.get_streams -= 1
+
+    # -- DELETE ----------------------------------------------------------------------------
+
+    def _delete(self, request: web.Request) -> web.Response:
+        client = self._session(request, end=True)
+        if isinstance(client, web.Response):
+            return client
+        self.upstream.mux.cancel_client(client, "client session ended")
+        self.metrics.clients.set(len(self.clients.sessions))
+        return web.Response(status=204)
+
+
+async def _answers(answered: list[Message], batch: bool, output: Output | None) -> web.Response:
+    """A POST's answers as one JSON response."""
+    if output is not None:
+        answered = [await output(m) or m for m in answered]
+    return json_response(answered if batch else answered[0])
+
+
+async def _answers_until_other(stream: EventStream, answered: list[Message], sse_ok: bool) -> Message | None:
+    """Collect the stream's answers into `answered` until the last, or until something else comes first
+    (returned) for a client that takes SSE; a JSON-only client gets the answers without the rest."""
+    assert stream.queue is not None
+    while stream.waiting:
+        message, final = await stream.queue.get()
+        if final:
+            answered.append(message)
+            stream.waiting -= 1
+        elif sse_ok:
+            return message
+    return None
+
+
+def _outcome(future: asyncio.Future[Message]) -> str:
+    response = future.result()
+    if "error" not in response:
+        return "ok"
+    data = response["error"].get("data")
+    return data["code"] if isinstance(data, dict) and isinstance(data.get("code"), str) else "rpc_error"

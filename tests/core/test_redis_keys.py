@@ -1,0 +1,183 @@
+"""Every name Pier writes to Redis is one of `pier.core.redis_keys.NAMES`: a full run — keyed, rate-limited,
+handed-off, cancelled and streamed calls, users' secrets, a dead-lettered webhook — against a
+real redis-server, with Redis's own MONITOR listing every command, and Redis itself (`COMMAND GETKEYS`)
+saying which arguments of each are keys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from pier.core import redis_keys
+from pier.core.catalog import Catalog, Profile, demo_profile
+from tests.hooks import Receiver
+from tests.servers import get_json, router_app, sse_events, wait_until, worker_processes
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"pier-test-webhook-secret-32bytes").decode()
+# Commands that name no key: Redis cannot say which of their arguments are keys, and none are.
+KEYLESS = frozenset(
+    {b"ping", b"info", b"hello", b"client", b"select", b"multi", b"exec", b"discard", b"command", b"config",
+     b"echo", b"auth", b"quit", b"reset", b"psubscribe", b"punsubscribe", b"subscribe", b"unsubscribe",
+     b"publish", b"script", b"time", b"dbsize", b"scan", b"unwatch"}
+)  # fmt: skip
+_ARG = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
+
+
+def _unquote(quoted: bytes) -> bytes:
+    """One argument as MONITOR quotes it (sdscatrepr: \\" \\\\ \\n … and \\xHH)."""
+    out, i = bytearray(), 0
+    while i < len(quoted):
+        if quoted[i : i + 1] == b"\\":
+            if quoted[i + 1 : i + 2] == b"x":
+                out += bytes([int(quoted[i + 2 : i + 4], 16)])
+                i += 4
+                continue
+            out += _ESCAPES[quoted[i + 1 : i + 2]]
+            i += 2
+            continue
+        out += quoted[i : i + 1]
+        i += 1
+    return bytes(out)
+
+
+@contextlib.asynccontextmanager
+async def monitored(url: str) -> AsyncIterator[list[list[bytes]]]:
+    """Every command Redis runs meanwhile (Lua's own calls included), as its arguments."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=2**24)  # long lines
+    if parts.password:
+        writer.write(f"AUTH {parts.password}\r\n".encode())
+        assert await reader.readline() == b"+OK\r\n"
+    writer.write(b"MONITOR\r\n")
+    await writer.drain()
+    assert await reader.readline() == b"+OK\r\n"
+    commands: list[list[bytes]] = []
+
+    async def read() -> None:
+        while line := await reader.readline():
+            _, _, args = line.rstrip(b"\r\n").partition(b"] ")
+            commands.append([_unquote(a) for a in _ARG.findall(args)])
+
+    task = asyncio.create_task(read())
+    try:
+        yield commands
+    finally:
+        await asyncio.sleep(0.2)  # the last commands' lines
+        writer.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _names_in(client: aioredis.Redis, commands: list[list[bytes]]) -> tuple[set[str], set[str], set[str]]:
+    """The keys the commands named, the channels they published to, the patterns they subscribed."""
+    keys: set[str] = set()
+    channels: set[str] = set()
+    patterns: set[str] = set()
+    for command in commands:
+        name = command[0].lower()
+        if name == b"publish":
+            channels.add(command[1].decode())
+        elif name == b"psubscribe":
+            patterns.update(a.decode() for a in command[1:])
+        try:
+            found: Any = await client.command_getkeys(*command)
+        except ResponseError:
+            assert name in KEYLESS, f"Redis found no keys in {command!r}"
+            continue
+        keys.update(k.decode() if isinstance(k, bytes) else k for k in found)
+    return keys, channels, patterns
+
+
+async def test_every_key_a_full_run_writes_is_one_of_pier_s_names(http, redis_server):
+    secrets = {"VAULT_TOKEN": {"description": "the user's token", "required": True}}
+    vault = Profile.model_validate({**demo_profile().model_dump(), "name": "vault", "user_secrets": secrets})
+    # No keys: an open router, whose callers are rate-limited per user as "open" ones.
+    settings: dict[str, Any] = {
+        "rate_limit_open_per_min": 1000,
+        "secrets_key": base64.b64encode(os.urandom(32)).decode(),
+    }
+    webhooks = {"PIER_WEBHOOK_SECRET": WEBHOOK_SECRET, "PIER_WEBHOOK_ATTEMPTS": "1", "PIER_WEBHOOK_BACKOFF_S": "0"}
+    async with (
+        Receiver(fail_with=500) as hook,
+        monitored(redis_server.url) as commands,
+        router_app(redis_server.url, Catalog([demo_profile(), vault]), **settings) as running,
+        worker_processes(redis_server.url, 1, PIER_WEBHOOK_URL=hook.url, **webhooks),
+    ):
+        base = running.user_url("alice")
+
+        async def call(tool: str, timeout_s: float | None = None, key: str | None = None, **arguments: Any) -> dict:
+            body: dict[str, Any] = {"arguments": arguments} | ({"timeout_s": timeout_s} if timeout_s else {})
+            headers = {"Idempotency-Key": key} if key else {}
+            async with http.post(f"{base}/tools/{tool}/call", json=body, headers=headers) as response:
+                assert response.status in (200, 202), await response.text()
+                return await response.json()
+
+        assert (await call("echo", message="hi"))["status"] == "completed"
+        assert (await call("echo", key="retry me: once", message="hi"))["status"] == "completed"
+        # Handed off (a job, its stream entry, its indexes), followed to the end by an SSE client and a
+        # worker, whose webhook fails and is dead-lettered.
+        handed = await call("slow", timeout_s=0.2, seconds=1)
+        events = await sse_events(http, running.url + handed["events_url"])
+        assert events[-1][0] == "completed"
+        cancelled = await call("slow", timeout_s=0.2, seconds=30)
+        async with http.delete(f"{running.url}/v1/jobs/{cancelled['job_id']}") as response:
+            assert response.status == 200
+        secret = {"VAULT_TOKEN": "t0k3n"}
+        async with http.put(f"{running.url}/v1/users/alice/servers/vault/secrets", json=secret) as response:
+            assert response.status == 204
+        assert (await get_json(http, f"{running.url}/v1/jobs/{handed['job_id']}"))["status"] == "completed"
+
+        async def dead_lettered() -> bool:
+            return bool(await running.router.store.dead_letter_count())
+
+        await wait_until(dead_lettered, timeout=60)
+
+    client = aioredis.from_url(redis_server.url)
+    try:
+        keys, channels, patterns = await _names_in(client, commands)
+        stored = {k.decode() async for k in client.scan_iter(count=1000)}
+    finally:
+        await client.aclose()
+    assert stored <= keys  # what is left in Redis was written while MONITOR looked
+    unknown = sorted(k for k in keys if redis_keys.name_of(k) is None)
+    assert not unknown, f"keys that are no name of Pier's: {unknown}"
+    assert channels, "no job event was published"
+    assert all(redis_keys.name_of(c) == redis_keys.name_of(redis_keys.job_events("x")) for c in channels), channels
+    assert patterns == {redis_keys.JOB_EVENTS_PATTERN}
+    # The run was representative: every name Pier has was used.
+    used = {redis_keys.name_of(k) for k in keys | channels}
+    assert used == set(redis_keys.NAMES), [n.template for n in redis_keys.NAMES if n not in used]
+
+
+@pytest.mark.unit
+def test_each_name_is_written_as_its_template_says() -> None:
+    written = {
+        redis_keys.job("5f0c2a"): "pier:job:{job_id}",
+        redis_keys.job_events("5f0c2a"): "pier:job:{job_id}:events",
+        redis_keys.STREAM: "pier:jobs",
+        redis_keys.RECENT_JOBS: "pier:jobs:recent",
+        redis_keys.user_jobs("alice@example.com", "github"): "pier:jobs:user:{user}:{server}",
+        redis_keys.idempotency("alice", "demo", "any key: even with colons"): "pier:idem:{user}:{server}:{key}",
+        redis_keys.DEAD_LETTERS: "pier:webhooks:dead",
+        redis_keys.rate_limit("alice", 29_000_000): "pier:rl:{user}:{minute}",
+        redis_keys.user_secrets("alice", "github"): "pier:secrets:{user}:{profile}",
+    }
+    for key, template in written.items():
+        found = redis_keys.name_of(key)
+        assert found is not None, key
+        assert found.template == template, key
+    assert {n.template for n in redis_keys.NAMES} == set(written.values())
+    assert all(n.template.startswith(redis_keys.PREFIX) for n in redis_keys.NAMES)
+    assert redis_keys.job_of_events(redis_keys.job_events("5f0c2a")) == "5f0c2a"
+    for stranger in ("pier:job:", "pier:jobs:user:alice", "other:job:1", "pier:rl:alice:soon", "pier:secrets:a:B"):
+        assert redis_keys.name_of(stranger) is None, stranger

