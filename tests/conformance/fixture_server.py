@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import click
 from mcp.server import ServerRequestContext
+from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver import Context, MCPServer, RequestStateSecurity
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.prompts.base import Prompt, UserMessage
@@ -32,6 +33,7 @@ from mcp.types import (
     AudioContent,
     Completion,
     CompletionArgument,
+    CallToolRequestParams,
     CompletionContext,
     CreateMessageRequest,
     CreateMessageRequestParams,
@@ -48,6 +50,7 @@ from mcp.types import (
     ListRootsRequest,
     ListRootsResult,
     PromptReference,
+    RequestParams,
     ResourceTemplateReference,
     SamplingMessage,
     SetLevelRequestParams,
@@ -111,10 +114,235 @@ event_store = InMemoryEventStore()
 # Fixed fixture key (RequestStateSecurity requires at least 32 bytes); a real deployment would load a shared secret.
 _REQUEST_STATE_KEY = b"everything-server-fixture-request-state-key"
 
+# -- the tasks extension (see the task-supporting tools below) --
+TASKS_ID = "io.modelcontextprotocol/tasks"
+TASK_TTL_MS = 60_000
+TASK_POLL_MS = 200
+# Tools that can run as tasks, and whether they must.
+TASK_SUPPORT = {
+    "slow_compute": "optional",
+    "failing_job": "required",
+    "protocol_error_job": "optional",
+    "confirm_delete": "optional",
+    "multi_input": "optional",
+    "test_tool_with_task": "required",
+}
+
+
+def _confirm_elicitation(filename: str) -> ElicitRequest:
+    schema = {"type": "object", "properties": {"confirm": {"type": "boolean"}}, "required": ["confirm"]}
+    return ElicitRequest(params=ElicitRequestFormParams(message=f"Delete {filename}?", requested_schema=schema))
+
+
+def _content(answer: Any) -> dict[str, Any]:
+    if isinstance(answer, ElicitResult):
+        return answer.content or {}
+    if isinstance(answer, dict):
+        return answer.get("content") or {}
+    return {}
+
+
+def _confirmed(filename: str, content: dict[str, Any]) -> str:
+    return f"deleted {filename}" if content.get("confirm") else f"kept {filename}"
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+class FixtureTask:
+    """One task: its state, the input it waits for, and the coroutine doing its work."""
+
+    def __init__(self) -> None:
+        import secrets
+
+        self.id = secrets.token_urlsafe(18)
+        self.status = "working"
+        self.created = self.updated = _now()
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.asked: dict[str, dict[str, Any]] = {}  # key -> the input request, still unanswered
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.runner: asyncio.Task[None] | None = None
+
+    def touch(self, status: str) -> None:
+        self.status, self.updated = status, _now()
+
+    async def ask(self, key: str, request: Any) -> dict[str, Any]:
+        """Wait for the client's answer to `request`, surfaced as `inputRequests[key]`."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.asked[key] = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+        self.waiting[key] = future
+        self.touch("input_required")
+        try:
+            return await future
+        finally:
+            self.asked.pop(key, None)
+            self.waiting.pop(key, None)
+            if self.status == "input_required" and not self.asked:
+                self.touch("working")
+
+    def answer(self, responses: dict[str, Any]) -> None:
+        for key, response in responses.items():
+            future = self.waiting.get(key)
+            if future is not None and not future.done() and isinstance(response, dict):
+                future.set_result(response)  # keys not outstanding are ignored, as the spec says
+
+    def view(self) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "taskId": self.id,
+            "status": self.status,
+            "createdAt": self.created,
+            "lastUpdatedAt": self.updated,
+            "ttlMs": TASK_TTL_MS,
+            "pollIntervalMs": TASK_POLL_MS,
+        }
+        if self.status == "input_required":
+            view["inputRequests"] = dict(self.asked)
+        elif self.status == "completed":
+            view["result"] = self.result
+        elif self.status == "failed":
+            view["error"] = self.error
+        return view
+
+
+def _text_result(text: str, is_error: bool = False) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": is_error}
+
+
+async def _work(task: FixtureTask, name: str, arguments: dict[str, Any], gathered: dict[str, Any]) -> dict[str, Any]:
+    """What each task-supporting tool does as a task: its CallToolResult."""
+    if name == "slow_compute":
+        seconds = float(arguments.get("seconds", 1))
+        await asyncio.sleep(seconds)
+        return _text_result(f"computed {arguments.get('label', '')} after {seconds}s")
+    if name == "failing_job":
+        await asyncio.sleep(1)
+        return _text_result("failing_job failed, as it always does", is_error=True)
+    if name == "protocol_error_job":
+        await asyncio.sleep(1)
+        raise MCPError(code=-32603, message="protocol_error_job: internal error")
+    if name == "confirm_delete":
+        filename = str(arguments.get("filename", ""))
+        answer = await task.ask("confirm", _confirm_elicitation(filename))
+        return _text_result(_confirmed(filename, answer.get("content") or {}))
+    if name == "multi_input":
+        first, second = await asyncio.gather(
+            task.ask("first", _name_elicitation()), task.ask("second", _name_elicitation())
+        )
+        names = [(a.get("content") or {}).get("name", "?") for a in (first, second)]
+        return _text_result(f"both answered: {names[0]}, {names[1]}")
+    # test_tool_with_task: the name was gathered before the task existed.
+    await asyncio.sleep(0.2)
+    return _text_result(f"Hello, {gathered.get('name', 'stranger')}!")
+
+
+async def _run(task: FixtureTask, name: str, arguments: dict[str, Any], gathered: dict[str, Any]) -> None:
+    try:
+        task.result = await _work(task, name, arguments, gathered)
+        task.touch("completed")
+    except asyncio.CancelledError:
+        task.touch("cancelled")
+    except MCPError as exc:
+        task.error = {"code": exc.error.code, "message": exc.error.message}
+        task.touch("failed")
+    except Exception as exc:  # a crash of the work is the task's protocol error
+        task.error = {"code": -32603, "message": str(exc)}
+        task.touch("failed")
+
+
+class TaskIdParams(RequestParams):
+    taskId: str
+
+
+class UpdateTaskParams(RequestParams):
+    taskId: str
+    inputResponses: dict[str, Any] = Field(default_factory=dict)
+
+
+def _declares_tasks(ctx: ServerRequestContext[Any, Any]) -> bool:
+    capabilities = ctx.session.client_capabilities
+    return capabilities is not None and TASKS_ID in (capabilities.extensions or {})
+
+
+def _missing_extension() -> MCPError:
+    return MCPError(
+        code=MISSING_REQUIRED_CLIENT_CAPABILITY,
+        message="Missing required client capability",
+        data={"requiredCapabilities": {"extensions": {TASKS_ID: {}}}},
+    )
+
+
+class TasksExtension(Extension):
+    """SEP-2663 on this server: task-supporting tools become tasks for callers that declare the extension."""
+
+    identifier = TASKS_ID
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, FixtureTask] = {}
+
+    def methods(self) -> list[MethodBinding]:
+        return [
+            MethodBinding("tasks/get", TaskIdParams, self._get),
+            MethodBinding("tasks/update", UpdateTaskParams, self._update),
+            MethodBinding("tasks/cancel", TaskIdParams, self._cancel),
+        ]
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: Any
+    ) -> Any:
+        support = TASK_SUPPORT.get(params.name)
+        if support is None:
+            return await call_next(ctx)
+        if not _declares_tasks(ctx):
+            if support == "required":
+                raise _missing_extension()
+            return await call_next(ctx)
+        gathered: dict[str, Any] = {}
+        if params.name == "test_tool_with_task":
+            # Input first, synchronously (multi round-trip), then the task (SEP-2663: MRTR before creation).
+            answer = ((ctx.params or {}).get("inputResponses") or {}).get("user_name")
+            if not isinstance(answer, dict):
+                return InputRequiredResult(input_requests={"user_name": _name_elicitation()})
+            gathered = answer.get("content") or {}
+        task = FixtureTask()
+        self.tasks[task.id] = task
+        task.runner = asyncio.get_running_loop().create_task(_run(task, params.name, params.arguments or {}, gathered))
+        return {"resultType": "task", **{k: v for k, v in task.view().items() if k in _CREATE_FIELDS}}
+
+    def _task(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> FixtureTask:
+        if not _declares_tasks(ctx):
+            raise _missing_extension()
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise MCPError(code=-32602, message=f"Failed to retrieve task: no task {task_id!r}")
+        return task
+
+    async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        return {"resultType": "complete", **self._task(ctx, params.taskId).view()}
+
+    async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
+        self._task(ctx, params.taskId).answer(params.inputResponses)
+        await asyncio.sleep(0)  # let the task take the answers before the next tasks/get
+        return {"resultType": "complete"}
+
+    async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        task = self._task(ctx, params.taskId)
+        if task.runner is not None and not task.runner.done():
+            task.runner.cancel()
+            await asyncio.gather(task.runner, return_exceptions=True)
+        return {"resultType": "complete"}
+
+
+_CREATE_FIELDS = ("taskId", "status", "createdAt", "lastUpdatedAt", "ttlMs", "pollIntervalMs")
+
 mcp = MCPServer(
     name="mcp-conformance-test-server",
     version="0.1.0",
     request_state_security=RequestStateSecurity(keys=[_REQUEST_STATE_KEY]),
+    extensions=[TasksExtension()],
 )
 
 
@@ -627,9 +855,11 @@ async def test_trigger_prompt_change(ctx: Context) -> str:
     return "prompt list changed"
 
 
-# The tasks extension's scenarios (SEP-2663) call these tools. The SDK creates no tasks itself, so
-# natively they answer synchronously; through Pier's relay a call that overruns the profile's
-# timeout becomes a task backed by the job pool.
+# The tasks extension's scenarios (SEP-2663) call these tools. The SDK ships the extension mechanism
+# (`mcp.server.extension.Extension`) but no tasks runtime, so the extension below (Pier's addition to
+# the fixture, not upstream's) is one: tasks in memory, run on the server's event loop. Without the
+# extension in a request's capabilities every tool answers synchronously (and the task-only ones
+# refuse with -32021), as the spec says.
 @mcp.tool()
 def greet(name: str) -> str:
     """A sync-only tool."""
@@ -638,14 +868,14 @@ def greet(name: str) -> str:
 
 @mcp.tool()
 async def slow_compute(seconds: float = 1, label: str = "") -> str:
-    """Sleep `seconds`, then answer (a task through Pier when that overruns its timeout)."""
+    """Sleep `seconds`, then answer (a task for a caller with the tasks extension)."""
     await asyncio.sleep(seconds)
     return f"computed {label} after {seconds}s"
 
 
 @mcp.tool()
 async def failing_job() -> str:
-    """Fails with a tool error after about a second."""
+    """Fails with a tool error after about a second (task support: required)."""
     await asyncio.sleep(1)
     raise ToolError("failing_job failed, as it always does")
 
@@ -655,6 +885,30 @@ async def protocol_error_job() -> str:
     """Fails with a JSON-RPC (protocol) error after about a second."""
     await asyncio.sleep(1)
     raise MCPError(code=-32603, message="protocol_error_job: internal error")
+
+
+@mcp.tool()
+async def confirm_delete(filename: str, ctx: Context) -> str | InputRequiredResult:
+    """Asks the user to confirm, then 'deletes' `filename` (as a task: input through tasks/update)."""
+    answer = (ctx.input_responses or {}).get("confirm")
+    if answer is None:
+        return InputRequiredResult(input_requests={"confirm": _confirm_elicitation(filename)})
+    return _confirmed(filename, _content(answer))
+
+
+@mcp.tool()
+async def multi_input(ctx: Context) -> str | InputRequiredResult:
+    """Asks two questions at once (as a task: both pending together)."""
+    responses = ctx.input_responses or {}
+    if not {"first", "second"} <= responses.keys():
+        return InputRequiredResult(input_requests={"first": _name_elicitation(), "second": _name_elicitation()})
+    return "both answered"
+
+
+@mcp.tool()
+async def test_tool_with_task(ctx: Context) -> str:
+    """Gathers a name with an InputRequiredResult, then runs as a task (task support: required)."""
+    return "only as a task"
 
 
 # Resources

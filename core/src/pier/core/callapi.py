@@ -158,6 +158,8 @@ class BridgeStatus:
     protocol_version: str | None = None
     tools: int = 0
     last_exit: dict[str, Any] | None = None
+    server_tasks: bool = False  # the server runs tasks of its own (2026-07-28 tasks extension)
+    server_runs: int = 1  # runs of the server now (2: one per caller era, see pier.sidecar.upstream.Eras)
 
     @property
     def busy(self) -> bool:

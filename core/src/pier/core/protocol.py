@@ -152,6 +152,24 @@ def check_request(message: Message, headers: Mapping[str, str]) -> tuple[str, di
     return version, capabilities if isinstance(capabilities, dict) else {}
 
 
+def era_mismatch(payload: Any, version_header: str | None) -> Refusal | None:
+    """A handshake-era request (its `MCP-Protocol-Version` names a handshake revision, or is absent)
+    whose body claims another revision in the 2026-07-28 envelope: refused (-32020), as a 2026-07-28
+    request whose header and body disagree is. `initialize` may carry the envelope (it is no
+    2026-07-28 request whatever it carries)."""
+    for message in payload if isinstance(payload, list) else [payload]:
+        if not isinstance(message, dict) or message.get("method") in (None, "initialize"):
+            continue
+        claimed = meta_of(message).get(PROTOCOL_VERSION_KEY)
+        if claimed is not None and claimed != version_header:
+            header = version_header or "absent"
+            return Refusal(
+                HEADER_MISMATCH,
+                f"Header mismatch: {VERSION_HEADER} is {header} but the body claims protocol version {claimed}",
+            )
+    return None
+
+
 def strip_envelope(message: Message) -> Message:
     """The request without the 2026-07-28 envelope in its `_meta` (for a handshake-era server)."""
     params = message.get("params")

@@ -18,6 +18,7 @@ from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, Message, TooDeep, dumps, parse
 from pier.core.process import clean_env
+from pier.core.protocol import MODERN
 from pier.core.tls import server_context
 from pier.core.web import error_response, json_response, origin_allowed, read_body
 from pier.core.web import serve as web_serve
@@ -29,7 +30,7 @@ from pier.sidecar.config import SidecarSettings
 from pier.sidecar.metrics import CONTENT_TYPE, BridgeMetrics
 from pier.sidecar.streamable import StreamableHTTP
 from pier.sidecar.transport import Transport
-from pier.sidecar.upstream import Upstream
+from pier.sidecar.upstream import Eras, Upstream
 
 log = logging.getLogger("pier.sidecar")
 
@@ -54,11 +55,21 @@ class Bridge:
         self.clients = ClientRegistry(self.settings.max_clients, self.settings.client_idle_s)
         # Notifications that belong to no call go to every listener, of either era.
         self.upstream = Upstream(self.settings, self._make_transport, self.metrics, self._broadcast)
+        self.eras = Eras(self.upstream, self._handshake_run)
         self.calls = CallRegistry(self.upstream, self.settings.call_retention_s, self.settings.max_retained_calls)
-        self.mcp = StreamableHTTP(self.upstream, self.clients, self.metrics)
+        self.mcp = StreamableHTTP(self.eras, self.clients, self.metrics)
 
     def _broadcast(self, message: Message) -> None:
         self.mcp.broadcast(message)  # looked up when called: `self.mcp` is built after the upstream
+
+    def _handshake_run(self) -> Upstream:
+        """The server's second run, for handshake-era callers of a server whose stdio takes one era."""
+        upstream = Upstream(
+            self.settings, self._make_transport, self.metrics, self.clients.broadcast,
+            era="handshake", slots=self.upstream.slots,
+        )  # fmt: skip
+        upstream.mux.forwarded = self.upstream.mux.forwarded  # one count of requests per method
+        return upstream
 
     def _make_transport(self) -> Transport:
         s = self.settings
@@ -105,6 +116,7 @@ class Bridge:
 
     def status(self) -> BridgeStatus:
         up = self.upstream
+        runs = self.eras.all
         init = up.init_result or {}
         transport = up.transport
         return BridgeStatus(
@@ -112,17 +124,19 @@ class Bridge:
             ready=up.ready and not self.draining,
             mode="attach" if self.settings.attach_dir is not None else "child",
             pid=transport.pid if transport else None,
-            restarts=up.restarts,
-            in_flight=up.in_flight,
-            queued=up.queued,
+            restarts=sum(run.restarts for run in runs),
+            in_flight=sum(run.in_flight for run in runs),
+            queued=sum(run.queued for run in runs),
             calls_running=self.calls.running,
             clients=len(self.clients.sessions),
             started_at=up.started_at,
-            last_activity=up.last_activity,
+            last_activity=max(run.last_activity for run in runs),
             server_info=init.get("serverInfo"),
-            protocol_version=init.get("protocolVersion"),
+            protocol_version=MODERN if up.modern else init.get("protocolVersion"),
             tools=len(up.tools),
             last_exit=up.last_exit.details() if up.last_exit else None,
+            server_tasks=up.server_tasks,
+            server_runs=sum(1 for run in runs if run.transport is not None),
         )
 
 
@@ -257,7 +271,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     housekeeping.cancel()
     await asyncio.gather(housekeeping, return_exceptions=True)
     await bridge.calls.close()
-    await bridge.upstream.stop()
+    await bridge.eras.stop()
 
 
 async def _housekeeping(bridge: Bridge) -> None:
@@ -266,7 +280,8 @@ async def _housekeeping(bridge: Bridge) -> None:
         bridge.calls.sweep()
         bridge.mcp.stateless.expire()
         for client in bridge.clients.expire():
-            bridge.upstream.mux.cancel_client(client, "client session expired")
+            for run in bridge.eras.all:
+                run.mux.cancel_client(client, "client session expired")
 
 
 async def _drain(app: web.Application) -> None:
@@ -276,11 +291,15 @@ async def _drain(app: web.Application) -> None:
     bridge.clients.close_all()
     bridge.mcp.stateless.close()
     deadline = time.monotonic() + bridge.settings.shutdown_grace_s
+
     # A few polls, once, at shutdown: simpler than an event every call would have to set.
-    while (bridge.upstream.in_flight or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110
+    def in_flight() -> int:
+        return sum(run.in_flight for run in bridge.eras.all)
+
+    while (in_flight() or bridge.calls.running) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if bridge.upstream.in_flight:
-        log.warning("grace period over; stopping with calls in flight", extra={"in_flight": bridge.upstream.in_flight})
+    if in_flight():
+        log.warning("grace period over; stopping with calls in flight", extra={"in_flight": in_flight()})
 
 
 def create_app(settings: SidecarSettings, server_env: dict[str, str] | None = None) -> web.Application:

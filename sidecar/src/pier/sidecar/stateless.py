@@ -15,7 +15,12 @@ What the bridge does depends on the server's era (`Upstream.modern`):
   becomes an `InputRequiredResult` (multi round-trip requests, `input_required`): the call stays
   parked on the server, and the caller's retry hands the answers on, so the call goes on — on the
   same session, run once.
-- A 2026-07-28 server: requests pass through (ids and progress tokens rewritten, as always).
+- A 2026-07-28 server: requests pass through (ids and progress tokens rewritten, as always): its
+  multi round-trip requests, its capability checks, and — for a server with the tasks extension —
+  its own tasks (`tasks/get`, `tasks/update`, `tasks/cancel`).
+
+A `subscriptions/listen` the bridge ends (it is stopping) gets its graceful completion: the listen
+request's result, carrying the subscription id (2026-07-28, #2953), then the end of the stream.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pier.core.protocol import (
     SERVER_INFO_KEY,
     SUPPORTED_VERSIONS,
     TASK_METHODS,
+    TASK_NAMED,
     VERSION_HEADER,
     Refusal,
     check_param_headers,
@@ -60,7 +66,7 @@ from pier.core.web import KEEPALIVE_S, PEER_POLL_S, SSE_HEADERS, json_response, 
 from pier.sidecar.input_required import InputRequests, InputWait
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import Pending
-from pier.sidecar.subscriptions import Subscriptions
+from pier.sidecar.subscriptions import Subscriptions, listen_completed
 from pier.sidecar.upstream import BRIDGE_INFO, Upstream
 
 log = logging.getLogger("pier.sidecar.stateless")
@@ -115,6 +121,7 @@ class StatelessHTTP:
         self.subscriptions = Subscriptions(upstream)  # subscriptions/listen (handshake-era server)
         self._headers_of: dict[str, dict[str, Any]] | None = None
         self._headers: dict[str, list[tuple[tuple[str, ...], str, str]]] = {}
+        self._listens: dict[Pending, ReturnPath] = {}  # subscriptions/listen passed through to the server
 
     def _param_headers(self, tool: str) -> list[tuple[tuple[str, ...], str, str]]:
         """A tool's `x-mcp-header` parameters (found once per tool list)."""
@@ -137,8 +144,12 @@ class StatelessHTTP:
         self.inputs.expire()
 
     def close(self) -> None:
-        """The bridge is stopping: every subscriptions/listen stream ends."""
+        """The bridge is stopping: every subscriptions/listen stream ends, gracefully."""
         self.subscriptions.close()
+        for pending, path in list(self._listens.items()):
+            path.deliver_final(listen_completed(pending.original_id, self.upstream))
+            self.upstream.mux.cancel(pending, "the bridge is stopping")
+        self._listens.clear()
 
     # -- entry -----------------------------------------------------------------------------
 
@@ -154,7 +165,9 @@ class StatelessHTTP:
             self.metrics.rejected.labels("PROTOCOL").inc()
             return _refuse(refusal, message["id"])
         method = message["method"]
-        if method in REMOVED_METHODS or method in TASK_METHODS:
+        server_tasks = method in TASK_NAMED and self.upstream.modern and self.upstream.server_tasks
+        if method in REMOVED_METHODS or (method in TASK_METHODS and not server_tasks):
+            # tasks/result and tasks/list are gone at 2026-07-28; the others are the server's, if it has tasks.
             return _refuse(Refusal(METHOD_NOT_FOUND, f"Method not found: {method}"), message["id"])
         if method == "server/discover":
             return await self._discover(message, output)
@@ -197,6 +210,12 @@ class StatelessHTTP:
             return await self._json(gateway_error_response(message["id"], err), output, err.http_status)
         if self.upstream.modern and self.upstream.discover_result is not None:
             result = dict(self.upstream.discover_result)
+            # DiscoverResult has no serverInfo since #3002: it is in _meta (from an older server too).
+            info = result.pop("serverInfo", None)
+            found = result.get("_meta")
+            meta: dict[str, Any] = found if isinstance(found, dict) else {}
+            if info is not None and SERVER_INFO_KEY not in meta:
+                result["_meta"] = {**meta, SERVER_INFO_KEY: info}
         else:
             init = self.upstream.init_result or {}
             result = {"capabilities": init.get("capabilities") or {}}
@@ -246,7 +265,13 @@ class StatelessHTTP:
             self.metrics.requests.labels(_label(message["method"]), err.code).inc()
             return await self._json(gateway_error_response(message["id"], err), output, err.http_status)
         _finish_into(pending)
-        return await self._respond(request, message, pending, path, output)
+        if message["method"] != "subscriptions/listen":
+            return await self._respond(request, message, pending, path, output)
+        self._listens[pending] = path
+        try:
+            return await self._respond(request, message, pending, path, output)
+        finally:
+            self._listens.pop(pending, None)
 
     async def _respond(
         self,

@@ -41,6 +41,7 @@ from pier.core.protocol import (
     HANDSHAKE_VERSIONS,
     SESSION_HEADER,
     VERSION_HEADER,
+    era_mismatch,
     is_modern_request,
 )
 from pier.core.web import (
@@ -58,7 +59,7 @@ from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
 from pier.sidecar.metrics import BridgeMetrics
 from pier.sidecar.multiplexer import ALL_LOGS, Pending
 from pier.sidecar.stateless import StatelessHTTP
-from pier.sidecar.upstream import Upstream
+from pier.sidecar.upstream import Eras, Upstream
 
 log = logging.getLogger("pier.sidecar.mcp")
 
@@ -94,15 +95,18 @@ class PostStream:
 class StreamableHTTP:
     """The `/mcp` endpoint: POST (messages), GET (server stream), DELETE (end session)."""
 
-    def __init__(self, upstream: Upstream, clients: ClientRegistry, metrics: BridgeMetrics) -> None:
-        self.upstream = upstream
+    def __init__(self, eras: Eras, clients: ClientRegistry, metrics: BridgeMetrics) -> None:
+        self.eras = eras
+        self.upstream = eras.primary  # the call API's run, and 2026-07-28 callers'
         self.clients = clients
         self.metrics = metrics
-        self.stateless = StatelessHTTP(upstream, metrics, upstream.settings.input_wait_s)
+        self.stateless = StatelessHTTP(self.upstream, metrics, self.upstream.settings.input_wait_s)
 
     def broadcast(self, message: Message) -> None:
-        """A server notification that belongs to no call: every GET stream and every listener."""
-        self.clients.broadcast(message)
+        """A notification of the first run that belongs to no call: every listener, and every GET
+        stream unless handshake-era callers have a run of their own (which broadcasts to them)."""
+        if self.eras.handshake_now() is self.upstream:
+            self.clients.broadcast(message)
         self.stateless.broadcast(message)
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -137,6 +141,11 @@ class StreamableHTTP:
             if request.method != "POST":
                 return web.Response(status=405, headers={"Allow": "POST"})
             return await self.stateless.serve(request, payload, output)
+        mismatch = era_mismatch(payload, request.headers.get(VERSION_HEADER))
+        if mismatch is not None:
+            # A body that claims 2026-07-28 under a handshake revision's header: refused, sent nowhere.
+            self.metrics.rejected.labels("PROTOCOL").inc()
+            return json_response(mismatch.answer(_single_id(payload)), mismatch.http_status)
         if request.method == "GET":
             return await self._get(request, output)
         if request.method == "DELETE":
@@ -165,16 +174,22 @@ class StreamableHTTP:
         if isinstance(client, web.Response):
             return client
         requests: list[Message] = []
+        mux = self.eras.handshake_now().mux
         for message in messages:
             if is_request(message):
                 requests.append(message)
             elif is_notification(message):
-                self.upstream.mux.client_notification(client, message)
+                mux.client_notification(client, message)
             else:
-                self.upstream.mux.client_response(client, message)
+                mux.client_response(client, message)
         if not requests:
             return web.Response(status=202)
-        return await self._relay(request, client, requests, batch, output)
+        try:
+            run = await self.eras.for_handshake()
+        except PierError as err:
+            answers = [gateway_error_response(m["id"], err) for m in requests]
+            return json_response(answers if batch else answers[0], err.http_status)
+        return await self._relay(request, run, client, requests, batch, output)
 
     async def _initialize(self, message: Message, output: Output | None) -> web.Response:
         if not is_request(message):
@@ -185,12 +200,17 @@ class StreamableHTTP:
         except PierError as err:
             self.metrics.requests.labels("initialize", err.code).inc()
             return json_response(gateway_error_response(message["id"], err))
+        # A server that speaks 2026-07-28 on a pipe that takes one era: this caller's run starts now,
+        # while it is answered from the first run's server/discover (its requests wait for its run).
+        self.eras.start_secondary()
+        run = self.eras.handshake_now()
+        init = run.init_result if run.ready else self.upstream.init_result
         requested = params.get("protocolVersion")
         version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
         client = self.clients.create(version, params.get("capabilities") or {}, params.get("clientInfo") or {})
         self.metrics.clients.set(len(self.clients.sessions))
         self.metrics.requests.labels("initialize", "ok").inc()
-        result = {**(self.upstream.init_result or {}), "protocolVersion": version}
+        result = {**(init or {}), "protocolVersion": version}
         answer: Message = {"jsonrpc": "2.0", "id": message["id"], "result": result}
         if output is not None:
             answer = await output(answer) or answer
@@ -206,14 +226,14 @@ class StreamableHTTP:
             return rpc_error(404, INVALID_REQUEST, "Session not found: initialize a new session", request_id)
         return client
 
-    def _local_answer(self, client: ClientSession, message: Message) -> Message | None:
+    def _local_answer(self, run: Upstream, client: ClientSession, message: Message) -> Message | None:
         """Answer what the bridge knows without asking the server."""
         method = message["method"]
         if method == "ping":
             return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-        if method == "tools/list" and self.upstream.tools_by_name and not (message.get("params") or {}).get("cursor"):
-            return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": self.upstream.tools}}
-        if method == "logging/setLevel" and self.upstream.modern:
+        if method == "tools/list" and run.tools_by_name and not (message.get("params") or {}).get("cursor"):
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": run.tools}}
+        if method == "logging/setLevel" and run.modern:
             # A 2026-07-28 server takes the level with each request: the bridge remembers it.
             level = (message.get("params") or {}).get("level")
             client.log_level = level if isinstance(level, str) else client.log_level
@@ -221,12 +241,18 @@ class StreamableHTTP:
         return None
 
     async def _relay(
-        self, request: web.Request, client: ClientSession, requests: list[Message], batch: bool, output: Output | None
+        self,
+        request: web.Request,
+        run: Upstream,
+        client: ClientSession,
+        requests: list[Message],
+        batch: bool,
+        output: Output | None,
     ) -> web.StreamResponse:
         answered: list[Message] = []
         forwarded: list[Message] = []
         for message in requests:
-            answer = self._local_answer(client, message)
+            answer = self._local_answer(run, client, message)
             if answer is not None:
                 self.metrics.requests.labels(message["method"], "ok").inc()
                 answered.append(answer)
@@ -236,7 +262,7 @@ class StreamableHTTP:
             return await _answers(answered, batch, output)
 
         stream = client.new_stream(post=True)
-        await self._begin(client, stream, forwarded, answered)
+        await self._begin(run, client, stream, forwarded, answered)
         accept = request.headers.get("Accept", "")
         sse_ok = "text/event-stream" in accept
         # The spec lets a server answer a POST with JSON or with SSE. JSON is one response and one
@@ -261,22 +287,25 @@ class StreamableHTTP:
         return response
 
     async def _begin(
-        self, client: ClientSession, stream: EventStream, requests: list[Message], answered: list[Message]
+        self,
+        run: Upstream,
+        client: ClientSession,
+        stream: EventStream,
+        requests: list[Message],
+        answered: list[Message],
     ) -> None:
         """Send a POST's requests to the server, their messages to `stream`; one refused is answered at once."""
         assert stream.queue is not None
         sink = PostStream(stream.queue)
-        level = client.log_level if self.upstream.modern else ALL_LOGS
+        level = client.log_level if run.modern else ALL_LOGS
         for message in requests:
             try:
-                pending = await self.upstream.begin(
-                    message, client, sink, capabilities=client.capabilities, log_level=level
-                )
+                pending = await run.begin(message, client, sink, capabilities=client.capabilities, log_level=level)
             except PierError as err:
                 self.metrics.requests.labels(message["method"], err.code).inc()
                 answered.append(gateway_error_response(message["id"], err))
                 continue
-            self._observe(message, pending)
+            self._observe(run, message, pending)
             sink.attach(pending)
             stream.waiting += 1
 
@@ -324,13 +353,13 @@ class StreamableHTTP:
             message = filtered
         return stream.event(message) if client.resumable else sse_message(message)
 
-    def _observe(self, message: Message, pending: Pending) -> None:
+    def _observe(self, run: Upstream, message: Message, pending: Pending) -> None:
         method = pending.method
         tool = None
         if method == "tools/call":
             name = (message.get("params") or {}).get("name")
             # Only known tool names become label values: callers cannot grow the metric's cardinality.
-            tool = name if name in self.upstream.tools_by_name else "other"
+            tool = name if name in run.tools_by_name else "other"
 
         def done(future: asyncio.Future[Message]) -> None:
             self.metrics.requests.labels(method, _outcome(future)).inc()
@@ -407,7 +436,8 @@ class StreamableHTTP:
         client = self._session(request, end=True)
         if isinstance(client, web.Response):
             return client
-        self.upstream.mux.cancel_client(client, "client session ended")
+        for run in self.eras.all:
+            run.mux.cancel_client(client, "client session ended")
         self.metrics.clients.set(len(self.clients.sessions))
         return web.Response(status=204)
 

@@ -3,7 +3,9 @@
 A handshake-era server announces list changes and resource updates as notifications that belong to
 no call; the bridge offers each to every listener (`broadcast`), which passes on what its caller
 asked for, tagged with the caller's subscription id. Resource subscriptions are made on the server
-once for all listeners of a URI (`resources/subscribe`), and dropped with the last of them.
+once for all listeners of a URI (`resources/subscribe`), and dropped with the last of them. A
+stream the bridge ends (it is stopping) gets its graceful completion (#2953): the listen request's
+result, carrying its subscription id, as its last event.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from aiohttp import web
 
 from pier.core.callapi import Output
 from pier.core.jsonrpc import Message
-from pier.core.protocol import SUBSCRIPTION_ID_KEY
+from pier.core.protocol import SERVER_INFO_KEY, SUBSCRIPTION_ID_KEY
 from pier.core.web import KEEPALIVE_S, PEER_POLL_S, SSE_HEADERS, peer_gone, sse_message, write_or_gone
-from pier.sidecar.upstream import Upstream
+from pier.sidecar.upstream import BRIDGE_INFO, Upstream
 
 log = logging.getLogger("pier.sidecar.subscriptions")
 
@@ -29,6 +31,13 @@ LIST_CHANGED = {
     "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
     "resourcesListChanged": ("notifications/resources/list_changed", "resources"),
 }
+
+
+def listen_completed(request_id: Any, upstream: Upstream) -> Message:
+    """A subscriptions/listen's graceful end (#2953): its result, tagged with its subscription id."""
+    info = (upstream.init_result or {}).get("serverInfo") or BRIDGE_INFO
+    meta = {SUBSCRIPTION_ID_KEY: request_id, SERVER_INFO_KEY: info}
+    return {"jsonrpc": "2.0", "id": request_id, "result": {"resultType": "complete", "_meta": meta}}
 
 
 class Listener:
@@ -86,10 +95,16 @@ class Subscriptions:
         self.listeners.add(listener)
         self._subscribe(listener.uris)
         try:
-            await self._pump(request, response, listener, output)
+            closing = await self._pump(request, response, listener, output)
         finally:
             self.listeners.discard(listener)
             self._unsubscribe(listener.uris)
+        if closing:
+            completed = listen_completed(message["id"], self.upstream)
+            if output is not None:
+                completed = await output(completed) or completed
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await response.write_eof(sse_message(completed))
         return response
 
     def _accepted(self, message: Message) -> dict[str, Any]:
@@ -110,8 +125,9 @@ class Subscriptions:
 
     async def _pump(
         self, request: web.Request, response: web.StreamResponse, listener: Listener, output: Output | None
-    ) -> None:
-        """Notifications to the stream (keepalives when quiet) until the caller leaves or the bridge stops."""
+    ) -> bool:
+        """Notifications to the stream (keepalives when quiet) until the caller leaves (False) or the
+        bridge stops (True)."""
         last_write = time.monotonic()
         while True:
             try:
@@ -119,20 +135,20 @@ class Subscriptions:
                     note = await listener.queue.get()
             except TimeoutError:
                 if peer_gone(request):
-                    return
+                    return False
                 if time.monotonic() - last_write >= KEEPALIVE_S:
                     if not await write_or_gone(response, b": keepalive\n\n"):
-                        return
+                        return False
                     last_write = time.monotonic()
                 continue
             if not note:
-                return  # the bridge is shutting down
+                return True  # the bridge is shutting down
             if output is not None:
                 note = await output(note)
                 if not note:
                     continue
             if not await write_or_gone(response, sse_message(note)):
-                return
+                return False
             last_write = time.monotonic()
 
     def _subscribe(self, uris: set[str]) -> None:

@@ -4,11 +4,16 @@ A supervisor task starts the server, initializes it once, caches the InitializeR
 tool list, and restarts it with backoff when it exits. Requests wait (bounded) for a slot and
 for readiness, then go through the multiplexer.
 
-The server's era is settled at each start (`server_era`): the `initialize` handshake, which
-every server up to 2025-11-25 speaks and dual-era servers (the `mcp` SDK 2.x) accept too — then
-2026-07-28 callers are translated onto that session — or, for a server that refuses it (or when
-told to), 2026-07-28: `server/discover`, and every request carrying its own `_meta` envelope
-(modern callers' requests pass through as they are).
+The server's era is settled at each start (`server_era`). By default (`auto`) the bridge asks
+`server/discover` first: a server that speaks 2026-07-28 answers it, and is spoken to in 2026-07-28
+(every request carrying its own `_meta` envelope; modern callers' requests pass through as they
+are). A server that does not know it (an error answer, no answer, or an exit at the probe) is
+initialized with the handshake, which every server up to 2025-11-25 speaks; 2026-07-28 callers are
+then translated onto that session. `handshake` skips the probe; `modern` insists on 2026-07-28.
+
+A server whose stdio connection takes one era for its whole life (the `mcp` SDK 2.x decides at the
+first request) cannot serve both eras on one pipe: `Eras` gives handshake-era callers of such a
+server a second run of it, initialized with the handshake, started when the first of them arrives.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pier.core.protocol import (
     MODERN,
     PROTOCOL_VERSION_KEY,
     SERVER_INFO_KEY,
+    TASKS_EXTENSION,
     meta_of,
     strip_envelope,
 )
@@ -59,8 +65,11 @@ class Upstream:
         make_transport: Callable[[], Transport],
         metrics: BridgeMetrics,
         broadcast: Callable[[Message], None],
+        era: str | None = None,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.settings = settings
+        self.era = era or settings.server_era  # auto | handshake | modern
         self.metrics = metrics
         self._make_transport = make_transport
         self.mux = Multiplexer(self._post, broadcast, self._schedule_tools_refresh)
@@ -68,6 +77,9 @@ class Upstream:
 
         self.state = "starting"  # starting | ready | restarting | failed | stopped
         self.modern = False  # this run of the server speaks 2026-07-28 (no handshake)
+        self.refused = False  # the server refused what `era` insists on (a handshake-only run of a modern-only server)
+        self._probe_failed = False  # server/discover went unanswered or killed the server: handshake from now on
+        self._probing = False
         self.init_result: dict[str, Any] | None = None
         self.discover_result: dict[str, Any] | None = None
         self.tools: list[dict[str, Any]] = []
@@ -77,11 +89,13 @@ class Upstream:
         self.started_at = time.time()
         self.last_activity = time.time()
 
+        self._answered_error = False  # the last request of the bridge's own was answered with an error
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # set (then replaced) when the server becomes ready or a run ends
         self._ever_ready = False
         self._gave_up = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
+        # A second run of the server (`Eras`) shares the first one's slots: the limit is the session's.
+        self._slots = slots if slots is not None else asyncio.Semaphore(settings.max_concurrent_calls)
         self._waiting = 0
         self._active = 0
         self._stopping = False
@@ -97,6 +111,10 @@ class Upstream:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        return self._slots
 
     @property
     def gave_up(self) -> asyncio.Event:
@@ -131,6 +149,12 @@ class Upstream:
             ready_since = await self._run_once()
             if self._stopping:
                 return
+            if self.refused:
+                # Not a failure to retry: this server does not speak what this run insists on.
+                self.state = "failed"
+                self._gave_up.set()
+                self._notify()
+                return
             self.restarts += 1
             self.metrics.restarts.inc()
             if ready_since is not None and time.monotonic() - ready_since >= self.settings.stable_after_s:
@@ -154,12 +178,14 @@ class Upstream:
         transport.on_line = self._on_line
         transport.on_oversize = self._on_oversize
         ready_since = None
+        died_probing = False
         try:
             await transport.open()
             self.transport = transport
             closed = asyncio.ensure_future(transport.wait_closed())
             handshake = asyncio.ensure_future(self._handshake())
             await asyncio.wait({closed, handshake}, return_when=asyncio.FIRST_COMPLETED)
+            died_probing = self._probing and closed.done()
             if handshake.done() and handshake.exception() is None:
                 ready_since = time.monotonic()
                 self.state = "ready"
@@ -177,6 +203,10 @@ class Upstream:
                     log.error("server failed to initialize", extra={"error": str(error)})
                     await transport.close()
             exit_info = await closed
+            if died_probing:
+                # It ended at (or rather than answering) server/discover: next time, the handshake alone.
+                log.warning("the server exited at server/discover; initializing it with the handshake from now on")
+                self._probe_failed = True
         except OSError as exc:
             exit_info = ServerExit(reason=f"could not start the server: {exc}")
         except asyncio.CancelledError:
@@ -184,7 +214,8 @@ class Upstream:
             raise
         self._ready.clear()
         self.metrics.server_up.set(0)
-        self.last_exit = exit_info
+        if not died_probing:  # an exit at the probe is no failure to report: the handshake comes next
+            self.last_exit = exit_info
         self._notify()  # a server that never got ready is reported to its waiters at once
         self.mux.fail_all(PierError("SERVER_EXITED", exit_info.reason, exit_info.details()), exit_info.self_inflicted)
         await transport.close()
@@ -195,8 +226,9 @@ class Upstream:
 
     async def _handshake(self) -> None:
         timeout = self.settings.start_timeout_s
-        era = self.settings.server_era
-        self.modern = era == "modern"
+        self.modern = False
+        if self.era == "modern" or (self.era == "auto" and not self._probe_failed):
+            self.modern = await self._discover(timeout)
         if not self.modern:
             try:
                 response = await self._internal_request(
@@ -208,33 +240,58 @@ class Upstream:
                     },
                     timeout,
                 )
-            except PierError as refused:
-                if era != "auto":
-                    raise
-                # A 2026-07-28-only server refuses the handshake: speak its revision instead.
-                log.info("the server refused initialize; trying 2026-07-28", extra={"error": refused.message})
-                self.modern = True
-            else:
-                self.init_result = response
-                self.discover_result = None
-                self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        if self.modern:
-            discovered = await self._internal_request("server/discover", {}, timeout)
-            if MODERN not in discovered.get("supportedVersions", []):
-                raise PierError("SERVER_ERROR", "the server does not speak 2026-07-28", {"discover": discovered})
-            self.discover_result = discovered
-            # What handshake-era callers are told at their initialize.
-            self.init_result = {
-                "protocolVersion": HANDSHAKE_VERSIONS[-1],
-                "capabilities": discovered.get("capabilities") or {},
-                "serverInfo": (discovered.get("_meta") or {}).get(SERVER_INFO_KEY)
-                or {"name": "unknown", "version": ""},
-                **({"instructions": discovered["instructions"]} if "instructions" in discovered else {}),
-            }
+            except PierError:
+                self.refused = self.era == "handshake" and self._answered_error
+                raise
+            self.init_result = response
+            self.discover_result = None
+            self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
         if "tools" in (self.init_result or {}).get("capabilities", {}):
             await self._refresh_tools(timeout)
             if self.settings.warm_up:
                 await self._warm_up(timeout)
+
+    async def _discover(self, timeout: float) -> bool:
+        """Ask `server/discover`: True when the server speaks 2026-07-28 (this run then does), False
+        when it does not (`auto`: the handshake follows). `modern` raises instead."""
+        self._probing = True
+        self.modern = True  # the probe carries the 2026-07-28 envelope (`for_server`)
+        try:
+            discovered = await self._internal_request("server/discover", {}, timeout)
+        except (PierError, TimeoutError) as exc:
+            self.modern = False
+            if self.era == "modern":
+                raise
+            if isinstance(exc, TimeoutError):
+                self._probe_failed = True  # a server that ignores unknown requests: no probe next time
+            log.info("the server does not answer server/discover; using the handshake", extra={"error": str(exc)})
+            return False
+        finally:
+            self._probing = False
+        if MODERN not in discovered.get("supportedVersions", []):
+            self.modern = False
+            if self.era == "modern":
+                raise PierError("SERVER_ERROR", "the server does not speak 2026-07-28", {"discover": discovered})
+            return False
+        self.discover_result = discovered
+        # What handshake-era callers are told at their initialize (until a run of the server that
+        # speaks the handshake tells them itself: `Eras`).
+        self.init_result = {
+            "protocolVersion": HANDSHAKE_VERSIONS[-1],
+            "capabilities": _without_extensions(discovered.get("capabilities") or {}),
+            "serverInfo": (discovered.get("_meta") or {}).get(SERVER_INFO_KEY)
+            or discovered.get("serverInfo")  # before the revision moved it into _meta (#3002)
+            or {"name": "unknown", "version": ""},
+            **({"instructions": discovered["instructions"]} if "instructions" in discovered else {}),
+        }
+        return True
+
+    @property
+    def server_tasks(self) -> bool:
+        """The server runs tasks of its own (the 2026-07-28 tasks extension, in its server/discover)."""
+        capabilities = (self.discover_result or {}).get("capabilities") if self.modern else None
+        extensions = capabilities.get("extensions") if isinstance(capabilities, dict) else None
+        return isinstance(extensions, dict) and TASKS_EXTENSION in extensions
 
     async def _warm_up(self, timeout: float) -> None:
         """Call a tool that cannot exist, once: every server refuses it (so nothing happens), and
@@ -298,6 +355,7 @@ class Upstream:
         except BaseException:
             self.mux.discard(pending)
             raise
+        self._answered_error = "error" in response
         if "error" in response:
             error = response["error"]
             raise PierError("SERVER_ERROR", f"{method} failed: {error.get('message')}", {"error": error})
@@ -472,3 +530,65 @@ class Upstream:
         pending = self.mux.pending.pop(request_id, None) if isinstance(request_id, int) else None
         if pending is not None:
             pending.finish(gateway_error_response(pending.original_id, PierError("SERVER_ERROR", why, details)))
+
+
+def _without_extensions(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """A 2026-07-28 server's capabilities as a handshake-era caller may see them (extensions are 2026's)."""
+    return {k: v for k, v in capabilities.items() if k != "extensions"}
+
+
+class Eras:
+    """The server's runs by caller era: the one the bridge started (`primary`: the call API, 2026-07-28
+    callers, and handshake-era callers of a server that speaks only one era), and, for a server that
+    speaks 2026-07-28 on stdio but takes one era per connection, a second run initialized with the
+    handshake for handshake-era callers, started when the first of them arrives."""
+
+    def __init__(self, primary: Upstream, make_secondary: Callable[[], Upstream]) -> None:
+        self.primary = primary
+        self.secondary: Upstream | None = None
+        self._make_secondary = make_secondary
+
+    @property
+    def all(self) -> list[Upstream]:
+        return [self.primary] if self.secondary is None else [self.primary, self.secondary]
+
+    def wants_secondary(self) -> bool:
+        """Whether handshake-era callers need a run of their own: the first run speaks 2026-07-28, the
+        server may speak the handshake too (not `modern`), and it has not refused it."""
+        primary = self.primary
+        if not primary.modern or primary.era == "modern":
+            return False
+        return self.secondary is None or not self.secondary.refused
+
+    def start_secondary(self) -> None:
+        """Start the handshake-era run now (a handshake-era caller just initialized), if it is wanted."""
+        if self.wants_secondary() and self.secondary is None:
+            self.secondary = self._make_secondary()
+            self.secondary.start()
+            log.info("starting a run of the server for handshake-era callers")
+
+    async def for_handshake(self) -> Upstream:
+        """The run that serves handshake-era callers: the second one once it is ready, or the first
+        (translating) for a server that does not speak the handshake."""
+        if not self.wants_secondary():
+            return self.primary
+        self.start_secondary()
+        secondary = self.secondary
+        assert secondary is not None
+        try:
+            await secondary.wait_ready()
+        except PierError:
+            if secondary.refused:
+                log.info("the server refused the handshake: translating handshake-era callers onto 2026-07-28")
+                return self.primary
+            raise
+        return secondary
+
+    def handshake_now(self) -> Upstream:
+        """Without waiting: the run handshake-era callers are on (for their notifications and answers)."""
+        secondary = self.secondary
+        return secondary if secondary is not None and not secondary.refused and self.wants_secondary() else self.primary
+
+    async def stop(self) -> None:
+        for upstream in reversed(self.all):
+            await upstream.stop()
