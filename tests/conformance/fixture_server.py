@@ -294,8 +294,8 @@ class TasksExtension(Extension):
         self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: Any
     ) -> Any:
         support = TASK_SUPPORT.get(params.name)
-        if support is None:
-            return await call_next(ctx)
+        if support is None or ctx.protocol_version != "2026-07-28":
+            return await call_next(ctx)  # the tasks extension is 2026-07-28's
         if not _declares_tasks(ctx):
             if support == "required":
                 raise _missing_extension()
@@ -887,9 +887,25 @@ async def protocol_error_job() -> str:
     raise MCPError(code=-32603, message="protocol_error_job: internal error")
 
 
+class ConfirmAnswer(BaseModel):
+    confirm: bool = Field(description="Delete it?")
+
+
+class NameAnswer(BaseModel):
+    name: str = Field(description="Your name")
+
+
+def _handshake(ctx: Context) -> bool:
+    """A handshake-era connection: the tool asks mid-call, as servers up to 2025-11-25 do."""
+    return ctx.protocol_version in ("2025-03-26", "2025-06-18", "2025-11-25")
+
+
 @mcp.tool()
 async def confirm_delete(filename: str, ctx: Context) -> str | InputRequiredResult:
     """Asks the user to confirm, then 'deletes' `filename` (as a task: input through tasks/update)."""
+    if _handshake(ctx):
+        result = await ctx.elicit(message=f"Delete {filename}?", schema=ConfirmAnswer)
+        return _confirmed(filename, {"confirm": result.action == "accept" and result.data.confirm})
     answer = (ctx.input_responses or {}).get("confirm")
     if answer is None:
         return InputRequiredResult(input_requests={"confirm": _confirm_elicitation(filename)})
@@ -899,6 +915,12 @@ async def confirm_delete(filename: str, ctx: Context) -> str | InputRequiredResu
 @mcp.tool()
 async def multi_input(ctx: Context) -> str | InputRequiredResult:
     """Asks two questions at once (as a task: both pending together)."""
+    if _handshake(ctx):
+        first, second = await asyncio.gather(
+            ctx.elicit(message="First name?", schema=NameAnswer), ctx.elicit(message="Second name?", schema=NameAnswer)
+        )
+        names = [r.data.name if r.action == "accept" else "?" for r in (first, second)]
+        return f"both answered: {names[0]}, {names[1]}"
     responses = ctx.input_responses or {}
     if not {"first", "second"} <= responses.keys():
         return InputRequiredResult(input_requests={"first": _name_elicitation(), "second": _name_elicitation()})
@@ -907,8 +929,9 @@ async def multi_input(ctx: Context) -> str | InputRequiredResult:
 
 @mcp.tool()
 async def test_tool_with_task(ctx: Context) -> str:
-    """Gathers a name with an InputRequiredResult, then runs as a task (task support: required)."""
-    return "only as a task"
+    """Gathers a name, then greets (2026-07-28: an InputRequiredResult first, then a task; task support: required)."""
+    result = await ctx.elicit(message="What is your name?", schema=NameAnswer)
+    return f"Hello, {result.data.name if result.action == 'accept' else 'stranger'}!"
 
 
 # Resources

@@ -1,6 +1,7 @@
 """The bridge's call API, both ends: its typed messages, and the handle the router and job pool hold.
 
-A bridge (`pier.sidecar`) serves `POST /v1/calls`, `GET|DELETE /v1/calls/{id}`, `GET /v1/tools` and
+A bridge (`pier.sidecar`) serves `POST /v1/calls`, `GET|DELETE /v1/calls/{id}`, `POST
+/v1/calls/{id}/input` (answers to what the server asked a call's caller), `GET /v1/tools` and
 `GET /v1/status`. What those carry is defined here once — `CallRequest`, `CallAnswer`,
 `BridgeStatus` — as checked dataclasses rather than pydantic models: every bridge builds them, and a
 model library would cost each idle bridge its import (see `pier.sidecar.config`).
@@ -31,7 +32,7 @@ CallStatus = Literal["running", "completed", "failed", "cancelled"]
 # Beyond a long-poll's own wait, how long the network may take.
 SLACK_S = 10.0
 _CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
-_REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s"})
+_REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s", "capabilities"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class CallRequest:
     arguments: dict[str, Any]
     call_id: str | None = None
     wait_s: float = 30.0
+    # What the call's caller can be asked (sampling, elicitation, roots): the server's requests during
+    # the call wait as its `input_requests` for answers (`POST /v1/calls/{id}/input`); None: nothing.
+    capabilities: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, data: Any) -> CallRequest:
@@ -85,12 +89,18 @@ class CallRequest:
         wait_s = data.get("wait_s", 30.0)
         if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 300:
             errors.append((["wait_s"], "a number of seconds from 0 to 300"))
+        capabilities = data.get("capabilities")
+        if capabilities is not None and not isinstance(capabilities, dict):
+            errors.append((["capabilities"], "must be an object"))
         if errors:
             raise _invalid_body(errors)
-        return cls(tool, arguments, call_id, float(wait_s))  # type: ignore[arg-type]  # checked above
+        return cls(tool, arguments, call_id, float(wait_s), capabilities)  # type: ignore[arg-type]  # checked above
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tool": self.tool, "arguments": self.arguments, "call_id": self.call_id, "wait_s": self.wait_s}
+        body = {"tool": self.tool, "arguments": self.arguments, "call_id": self.call_id, "wait_s": self.wait_s}
+        if self.capabilities is not None:
+            body["capabilities"] = self.capabilities
+        return body
 
 
 def _invalid_body(errors: list[tuple[list[Any], str]]) -> PierError:
@@ -111,6 +121,10 @@ class CallAnswer:
     progress_count: int = 0
     created_at: float = 0.0
     finished_at: float | None = None
+    # What the server asked the call's caller and still waits for (key → {method, params}), and a
+    # count of the changes to it (so a stale report never overwrites a newer one).
+    input_requests: dict[str, Any] = field(default_factory=dict)
+    input_version: int = 0
 
     @property
     def done(self) -> bool:
@@ -206,12 +220,19 @@ class BridgeHandle(Protocol):
         """Start (or join) a call and wait up to `request.wait_s`; PierError when it is refused."""
         ...
 
-    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
-        """A call's state: returns at completion, at new progress, or after `wait_s`."""
+    async def get_call(
+        self, call_id: str, wait_s: float = 0, progress_after: int | None = None, input_after: int | None = None
+    ) -> CallAnswer:
+        """A call's state: returns at completion, at new progress, when its input requests change, or
+        after `wait_s`."""
         ...
 
     async def cancel_call(self, call_id: str) -> CallAnswer:
         """Cancel a call (`notifications/cancelled` reaches the server)."""
+        ...
+
+    async def answer_call(self, call_id: str, responses: dict[str, Any]) -> CallAnswer:
+        """Hand the caller's answers (key → result) to the server requests a call waits on."""
         ...
 
     async def tools(self, timeout: float) -> list[dict[str, Any]]:
@@ -259,14 +280,21 @@ class HttpBridge:
     async def start_call(self, request: CallRequest) -> CallAnswer:
         return await self._answer("POST", "/v1/calls", request.wait_s + SLACK_S, request.to_dict())
 
-    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
+    async def get_call(
+        self, call_id: str, wait_s: float = 0, progress_after: int | None = None, input_after: int | None = None
+    ) -> CallAnswer:
         query = f"?wait_s={wait_s}"
         if progress_after is not None:
             query += f"&progress_after={progress_after}"
+        if input_after is not None:
+            query += f"&input_after={input_after}"
         return await self._answer("GET", f"/v1/calls/{call_id}{query}", wait_s + SLACK_S)
 
     async def cancel_call(self, call_id: str) -> CallAnswer:
         return await self._answer("DELETE", f"/v1/calls/{call_id}", SLACK_S)
+
+    async def answer_call(self, call_id: str, responses: dict[str, Any]) -> CallAnswer:
+        return await self._answer("POST", f"/v1/calls/{call_id}/input", SLACK_S, {"responses": responses})
 
     async def tools(self, timeout: float) -> list[dict[str, Any]]:
         status, body = await self._request("GET", "/v1/tools", timeout)

@@ -6,7 +6,7 @@ import hashlib
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,6 +56,14 @@ class Profile(BaseModel):
         default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
     )
     retry_safe_tools: list[str] = Field(default_factory=list, description="tools always safe to retry")
+    task_support: dict[str, Literal["forbidden", "optional", "required"]] = Field(
+        default_factory=dict,
+        description=(
+            "MCP tasks of Pier's own (the job pool) by tool, '*' for the others: optional and required run as a "
+            "task at once for a caller that takes tasks (required: for no other caller, -32021), forbidden never; "
+            "unset: a call becomes a task when it overruns its timeout. A server with tasks of its own decides itself"
+        ),
+    )
     webhook_url: str | None = None
     policy_url: str | None = Field(default=None, description="policy hook for this profile (overrides the global)")
     tools: ToolRules | None = Field(default=None, description="built-in allow/deny lists of tools")
@@ -98,6 +106,10 @@ class Profile(BaseModel):
         hints = spec.get("annotations") or {}
         return bool(hints.get("readOnlyHint") or hints.get("idempotentHint"))
 
+    def task_mode(self, tool: str) -> str | None:
+        """How `tool` runs as one of Pier's MCP tasks (`task_support`); None: a task only when it overruns."""
+        return self.task_support.get(tool, self.task_support.get("*"))
+
     def public(self) -> dict[str, Any]:
         """What callers may see of a profile (never its command or environment)."""
         return {
@@ -121,6 +133,7 @@ def demo_profile() -> Profile:
         description="Pier's demo server: echo, slow, counter, count, fail, crash, env_hash",
         command=[sys.executable, "-m", "pier.examples.demo_server"],
         trust_annotations=True,
+        task_support={"slow": "optional"},  # a caller that takes tasks gets one at once
     )
 
 

@@ -66,6 +66,10 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     progress: dict[str, Any] | None = None
     progress_count: int = 0
+    input_requests: dict[str, Any] = Field(
+        default_factory=dict, description="what the server asked the caller and still waits for (an MCP task's input)"
+    )
+    input_version: int = Field(default=0, description="the bridge's count of changes to input_requests")
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -109,6 +113,14 @@ class JobRecord(BaseModel):
         self.progress, self.progress_count = latest, count
         return True
 
+    def note_input(self, requests: dict[str, Any], version: int) -> bool:
+        """What the call waits for from its caller now (as of the bridge's `version` of it: older news
+        never overwrites newer)."""
+        if self.done or version <= self.input_version:
+            return False
+        self.input_requests, self.input_version = requests, version
+        return True
+
     def may_rerun(self, max_reruns: int, suspect: bool) -> bool:
         """May this job's call run again after its session lost it?
 
@@ -135,6 +147,7 @@ class JobRecord(BaseModel):
         self.result = result
         self.error = JobError(**error.to_dict()) if error else None
         self.finished_at = time.time()
+        self.input_requests = {}
         return True
 
     def webhook_sent(self, delivered: bool) -> bool:

@@ -241,7 +241,9 @@ class Worker:
         """One long-poll of the call; False once the job has ended."""
         record = following.record
         try:
-            answer = await self._bridge(record).get_call(record.call_id, self.settings.poll_wait_s, following.seen)
+            answer = await self._bridge(record).get_call(
+                record.call_id, self.settings.poll_wait_s, following.seen, record.input_version
+            )
             following.unreachable = 0
         except BridgeUnreachable as exc:
             following.unreachable += 1
@@ -252,8 +254,19 @@ class Worker:
         except PierError as err:  # CALL_NOT_FOUND
             return await self._rerun_or_fail(following, f"the session no longer knows the call: {err.message}")
         if answer.status == "running":
+            if answer.input_version > record.input_version:
+                if not await self._note_input(following, answer):
+                    return False
             return await self._note_progress(following, answer)
         return await self._call_ended(following, answer)
+
+    async def _note_input(self, following: _Following, answer: CallAnswer) -> bool:
+        """The call waits for its caller's input (or got it): the record says so, for `tasks/get` on
+        any replica. False when the job ended meanwhile."""
+        note = functools.partial(JobRecord.note_input, requests=answer.input_requests, version=answer.input_version)
+        saved, _ = await self.store.update(following.record.job_id, note)
+        following.record = saved or following.record
+        return not following.record.done
 
     async def _note_progress(self, following: _Following, answer: CallAnswer) -> bool:
         """Publish the call's new progress, and save it to the record now and then; False when the job

@@ -52,6 +52,14 @@ _LEASE_SLACK_S = 60  # beyond a call's timeout and hand-off grace, before its ke
 _CLOSE_WAIT_S = 2.0
 
 
+@dataclass(frozen=True)
+class TaskCall:
+    """An MCP task's call: its job's id (known before the call starts), and what the server may ask its caller."""
+
+    job_id: str
+    capabilities: dict[str, Any] | None = None
+
+
 @dataclass
 class CallResult:
     status: int
@@ -70,6 +78,7 @@ class ToolCall:
     deadline: float  # time.monotonic() by which the caller gets an answer or a job
     idempotency_key: str | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    capabilities: dict[str, Any] | None = None  # what the server may ask the caller (an MCP task's)
 
     def remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.0)
@@ -130,18 +139,19 @@ class CallService:
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
         received_at: float | None = None,
-        job_id: str | None = None,
+        task: TaskCall | None = None,
     ) -> CallResult:
         """Run one call for an admitted caller: 200 with its result, or 202 with its job.
 
         `received_at` (time.monotonic()) is when the request arrived: the deadline counts from it.
-        `job_id`: the id its job will have (an MCP task knows it before the call starts).
+        `task`: an MCP task's call (its job's id, known before the call starts; what the server may
+        ask its caller, the questions then waiting in the job for `tasks/update`).
         """
         timeout = self.timeout_for(profile, timeout_s)
         start = received_at if received_at is not None else time.monotonic()
         call = ToolCall(caller, profile, tool, arguments, timeout, start + timeout, idempotency_key)
-        if job_id is not None:
-            call.job_id = job_id
+        if task is not None:
+            call.job_id, call.capabilities = task.job_id, task.capabilities
         logs.bind(job_id=call.job_id)
         started = time.monotonic()
         outcome, denied = "error", None
@@ -184,7 +194,7 @@ class CallService:
                 async with hold(session):
                     retry_safe = self._fit(call, session, timeout_given, start)
                     answer = await session.bridge.start_call(
-                        CallRequest(call.tool, call.arguments, call_id, call.remaining())
+                        CallRequest(call.tool, call.arguments, call_id, call.remaining(), call.capabilities)
                     )
                     if not answer.done:
                         return await self._hand_off(call, session, answer, retry_safe, attempt)

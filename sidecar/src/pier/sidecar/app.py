@@ -91,18 +91,28 @@ class Bridge:
         if self.draining:
             raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
         try:
-            call = await self.calls.start(request.tool, request.arguments, request.call_id)
+            call = await self.calls.start(request.tool, request.arguments, request.call_id, request.capabilities)
         except PierError as err:
             self.metrics.rejected.labels(err.code).inc()
             raise
         await call.wait(request.wait_s)
         return call.answer()
 
-    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int = -1) -> CallAnswer:
-        """A call once it is done, has progress beyond `progress_after`, or after `wait_s`."""
+    async def get_call(
+        self, call_id: str, wait_s: float = 0, progress_after: int = -1, input_after: int = -1
+    ) -> CallAnswer:
+        """A call once it is done, has progress beyond `progress_after`, its input requests changed
+        since `input_after`, or after `wait_s`."""
         call = self.calls.get(call_id)
-        await call.wait(wait_s, progress_after)
+        await call.wait(wait_s, progress_after, input_after)
         return call.answer(max(progress_after, 0))
+
+    def answer_call(self, call_id: str, responses: dict[str, Any]) -> CallAnswer:
+        """The caller's answers to what the server asked during a call (`tasks/update`)."""
+        call = self.calls.get(call_id)
+        if call.pending is not None:
+            call.answer_input(self.upstream.mux, responses)
+        return call.answer()
 
     def cancel_call(self, call_id: str, reason: str = "cancelled by the caller") -> CallAnswer:
         call = self.calls.get(call_id)
@@ -200,7 +210,27 @@ async def get_call(request: web.Request) -> web.Response:
         progress_after = (
             int(_query_float(request, "progress_after", -1, 1e12)) if "progress_after" in request.query else -1
         )
-        answer = await bridge.get_call(request.match_info["call_id"], wait_s, progress_after)
+        input_after = int(_query_float(request, "input_after", -1, 1e12)) if "input_after" in request.query else -1
+        answer = await bridge.get_call(request.match_info["call_id"], wait_s, progress_after, input_after)
+    except PierError as err:
+        return error_response(err)
+    return json_response(answer.to_dict(), answer.http_status)
+
+
+async def post_input(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    settings = bridge.settings
+    try:
+        bridge.calls.get(request.match_info["call_id"])
+        body = parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s))
+        responses = body.get("responses") if isinstance(body, dict) else None
+        if not isinstance(responses, dict):
+            raise PierError("INVALID_ARGUMENTS", 'the body must be {"responses": {key: result, ...}}')
+        answer = bridge.answer_call(request.match_info["call_id"], responses)
+    except TooDeep as exc:
+        return error_response(PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}))
+    except ValueError:
+        return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
     except PierError as err:
         return error_response(err)
     return json_response(answer.to_dict(), answer.http_status)
@@ -317,6 +347,7 @@ def create_app(settings: SidecarSettings, server_env: dict[str, str] | None = No
     app.router.add_post("/v1/calls", post_call)
     app.router.add_get("/v1/calls/{call_id}", get_call)
     app.router.add_delete("/v1/calls/{call_id}", delete_call)
+    app.router.add_post("/v1/calls/{call_id}/input", post_input)
     app.router.add_get("/v1/tools", get_tools)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/logs", get_logs)

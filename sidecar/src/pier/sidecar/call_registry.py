@@ -2,6 +2,11 @@
 
 A call keeps running when the router stops waiting for it; the job pool attaches to it later
 by id (long-poll), so a call that overruns the router's timeout is never executed twice.
+
+A call started with its caller's capabilities (an MCP task's) can be asked for input: the server's
+requests during it (sampling, elicitation, roots) wait as its `input_requests`, each under a key of
+its own, until the caller's answers come (`answer`, from `tasks/update`) — the call goes on meanwhile,
+on the same session, run once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 from pier.core.callapi import CallAnswer
 from pier.core.errors import PierError
-from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message
+from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message, is_request
+from pier.core.protocol import CAPABILITY_FOR
 from pier.sidecar.multiplexer import Pending
 from pier.sidecar.schema import Validator, argument_errors, compile_schema, constrains
 from pier.sidecar.upstream import Upstream
@@ -32,11 +38,14 @@ class Call:
 
     # Up to `max_retained_calls` of these stay in memory: no per-instance dict.
     __slots__ = (
-        "_changed", "arguments", "created_at", "error", "finished_at", "id", "on_finish", "pending", "progress",
-        "progress_count", "result", "status", "task", "tool",
+        "_changed", "answers", "arguments", "asked", "capabilities", "created_at", "error", "finished_at", "id",
+        "input_version", "on_finish", "pending", "progress", "progress_count", "result", "resumed", "status", "task",
+        "tool",
     )  # fmt: skip
 
-    def __init__(self, call_id: str, tool: str, arguments: dict[str, Any]) -> None:
+    def __init__(
+        self, call_id: str, tool: str, arguments: dict[str, Any], capabilities: dict[str, Any] | None = None
+    ) -> None:
         self.id = call_id
         self.tool = tool
         self.arguments = arguments
@@ -50,6 +59,13 @@ class Call:
         self.pending: Pending | None = None
         self.task: asyncio.Task[None] | None = None
         self.on_finish: Callable[[Call], None] | None = None
+        self.capabilities = capabilities  # None: the server may ask this call's caller nothing
+        self.asked: dict[str, Message] = {}  # key → the server's request still waiting for an answer
+        self.input_version = 0
+        # A 2026-07-28 server asks by answering InputRequiredResult: its answers gather here until
+        # every key has one, then the call is sent again with them (`resumed` then resolves).
+        self.answers: dict[str, Any] = {}
+        self.resumed: asyncio.Future[dict[str, Any]] | None = None
         self._changed = asyncio.Event()
 
     @property
@@ -58,6 +74,20 @@ class Call:
 
     # Sink: messages tied to this call while it runs.
     def deliver(self, message: Message) -> None:
+        if is_request(message):
+            # The server asks the caller: the request waits for its answer under a key of its own.
+            self.input_version += 1
+            self.asked[f"input-{self.input_version}"] = message
+            self._notify()
+            return
+        if message.get("method") == "notifications/cancelled":
+            # The server withdrew a request of its own.
+            withdrawn = (message.get("params") or {}).get("requestId")
+            for key in [k for k, asked in self.asked.items() if asked.get("id") == withdrawn]:
+                del self.asked[key]
+                self.input_version += 1
+            self._notify()
+            return
         if message.get("method") == "notifications/progress":
             params = message.get("params") or {}
             self.progress.append(
@@ -81,6 +111,7 @@ class Call:
         # multiplexer's record of it), so thousands of retained calls stay small.
         self.arguments = {}
         self.pending = None
+        self.asked = {}
         self._notify()
         if self.on_finish is not None:
             self.on_finish(self)
@@ -90,15 +121,56 @@ class Call:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait(self, wait_s: float, progress_after: int = -1) -> None:
-        """Return when the call is done, has progress beyond `progress_after`, or after `wait_s`."""
+    async def wait(self, wait_s: float, progress_after: int = -1, input_after: int = -1) -> None:
+        """Return when the call is done, has progress beyond `progress_after`, input requests changed
+        since `input_after`, or after `wait_s`."""
         if self.done or wait_s <= 0:
             return
         # asyncio.timeout rather than wait_for: no extra task per wait (one per REST call).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 while not self.done and (progress_after < 0 or self.progress_count <= progress_after):
+                    if 0 <= input_after < self.input_version:
+                        return
                     await self._changed.wait()
+
+    def park(self, result: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """The server answered InputRequiredResult (2026-07-28): its requests wait for the caller;
+        the future resolves with every answer, for the call's next round."""
+        requests = result.get("inputRequests")
+        self.answers = {}
+        self.asked = dict(requests) if isinstance(requests, dict) else {}
+        self.resumed = asyncio.get_running_loop().create_future()
+        self.input_version += 1
+        self._notify()
+        return self.resumed
+
+    def answer_input(self, mux: Any, responses: dict[str, Any]) -> None:
+        """The caller's answers (key → result) to the server requests this call waits on; keys not
+        outstanding are ignored (SEP-2663), and an answer the caller could not have given (it did
+        not declare the capability) is refused to the server."""
+        answered = False
+        for key in [k for k in self.asked if k in responses]:
+            asked = self.asked.pop(key)
+            answer = responses[key]
+            answered = True
+            if "id" not in asked:  # asked by an InputRequiredResult: answered all at once, next round
+                self.answers[key] = answer
+                continue
+            capability = CAPABILITY_FOR.get(str(asked.get("method")))
+            if not isinstance(answer, dict):
+                mux.answer_server_request(
+                    asked["id"], error={"code": INVALID_PARAMS, "message": "invalid input response"}
+                )
+            elif capability is not None and capability not in (self.capabilities or {}):
+                mux.answer_server_request(asked["id"], error={"code": -32601, "message": "not supported by the client"})
+            else:
+                mux.answer_server_request(asked["id"], answer)
+        if answered:
+            self.input_version += 1
+            if not self.asked and self.resumed is not None and not self.resumed.done():
+                self.resumed.set_result(self.answers)
+            self._notify()
 
     def answer(self, progress_after: int = 0) -> CallAnswer:
         """The call as the call API reports it, with the progress after the first `progress_after`."""
@@ -113,6 +185,11 @@ class Call:
             progress_count=self.progress_count,
             created_at=self.created_at,
             finished_at=self.finished_at,
+            input_requests={
+                key: {"method": asked["method"], "params": asked.get("params") or {}}
+                for key, asked in self.asked.items()
+            },
+            input_version=self.input_version,
         )
 
 
@@ -126,6 +203,10 @@ def error_from_response(error: dict[str, Any]) -> PierError:
     if error.get("code") == INVALID_PARAMS:
         return PierError("INVALID_ARGUMENTS", message, {"jsonrpc_error": error})
     return PierError("SERVER_ERROR", message, {"jsonrpc_error": error})
+
+
+def _input_required(result: Any) -> bool:
+    return isinstance(result, dict) and result.get("resultType") == "input_required"
 
 
 class CallRegistry:
@@ -156,7 +237,9 @@ class CallRegistry:
     def running(self) -> int:
         return len(self.calls) - len(self._finished)
 
-    async def start(self, tool: str, arguments: dict[str, Any], call_id: str | None) -> Call:
+    async def start(
+        self, tool: str, arguments: dict[str, Any], call_id: str | None, capabilities: dict[str, Any] | None = None
+    ) -> Call:
         """Start a call, or return the existing one with this id: an id never runs twice."""
         if call_id is not None and call_id in self.calls:
             return self.calls[call_id]
@@ -165,7 +248,7 @@ class CallRegistry:
         self.upstream.check_capacity()
         if call_id is not None and call_id in self.calls:  # another request won the race while we waited
             return self.calls[call_id]
-        call = Call(call_id or uuid.uuid4().hex, tool, arguments)
+        call = Call(call_id or uuid.uuid4().hex, tool, arguments, capabilities)
         self._make_room()
         call.on_finish = self._finished_call
         self.calls[call.id] = call
@@ -195,10 +278,11 @@ class CallRegistry:
     def cancel(self, call: Call, reason: str) -> None:
         if call.done:
             return
-        if call.pending is not None:
+        if call.pending is not None and not call.pending.future.done():
+            self.upstream.mux.withdraw_server_requests(call.pending, reason)
             self.upstream.mux.cancel(call.pending, reason)
         elif call.task is not None:
-            call.task.cancel()  # still waiting for a slot: it never reached the server
+            call.task.cancel()  # waiting for a slot (never reached the server), or for its caller's input
         call.finish("cancelled")
 
     async def close(self) -> None:
@@ -235,18 +319,29 @@ class CallRegistry:
             )
 
     async def _run(self, call: Call) -> None:
-        message = {
-            "jsonrpc": "2.0",
-            "id": call.id,
-            "method": "tools/call",
-            "params": {"name": call.tool, "arguments": call.arguments},
-        }
+        params: dict[str, Any] = {"name": call.tool, "arguments": call.arguments}
         try:
-            call.pending = await self.upstream.begin(message, None, call, track_progress=True)
-            response = await call.pending.future
+            while True:
+                message = {"jsonrpc": "2.0", "id": call.id, "method": "tools/call", "params": params}
+                call.pending = await self.upstream.begin(
+                    message, None, call, track_progress=True, capabilities=call.capabilities
+                )
+                response = await call.pending.future
+                result = response.get("result")
+                if call.capabilities is None or not _input_required(result):
+                    break
+                # A 2026-07-28 server needs the caller's input: the call waits for it, then goes on.
+                assert isinstance(result, dict)
+                answers = await call.park(result)
+                params = {**params, "inputResponses": answers}
+                if "requestState" in result:
+                    params["requestState"] = result["requestState"]
         except PierError as err:
             call.finish("failed", error=err)
             return
+        except asyncio.CancelledError:
+            call.finish("cancelled")
+            raise
         except Exception as exc:
             # Whatever goes wrong, the call ends: a call left `running` would keep its session
             # busy forever (never reaped nor evicted) and its caller waiting.

@@ -31,11 +31,21 @@ class InProcessBridge:
         except TimeoutError as exc:
             raise BridgeUnreachable(self.endpoint, exc) from exc
 
-    async def get_call(self, call_id: str, wait_s: float = 0, progress_after: int | None = None) -> CallAnswer:
-        return await self.bridge.get_call(call_id, wait_s, -1 if progress_after is None else progress_after)
+    async def get_call(
+        self, call_id: str, wait_s: float = 0, progress_after: int | None = None, input_after: int | None = None
+    ) -> CallAnswer:
+        return await self.bridge.get_call(
+            call_id,
+            wait_s,
+            -1 if progress_after is None else progress_after,
+            -1 if input_after is None else input_after,
+        )
 
     async def cancel_call(self, call_id: str) -> CallAnswer:
         return self.bridge.cancel_call(call_id)
+
+    async def answer_call(self, call_id: str, responses: dict[str, Any]) -> CallAnswer:
+        return self.bridge.answer_call(call_id, responses)
 
     async def tools(self, timeout: float) -> list[dict[str, Any]]:
         try:

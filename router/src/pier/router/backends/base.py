@@ -34,6 +34,7 @@ class Session:
     in_flight: int = 0  # calls this router is forwarding right now
     bridge_status: BridgeStatus | None = None  # the last /v1/status seen
     call_timeout_s: float | None = None  # the session's own hand-off threshold (an MCPSession may set one)
+    server_tasks: bool | None = None  # its server runs tasks of its own (2026-07-28); None: not asked yet
 
     @property
     def endpoint(self) -> Endpoint:

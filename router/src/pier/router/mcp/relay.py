@@ -8,10 +8,12 @@ process gets the parsed body directly (its `/mcp` handler writes this response: 
 hop); one elsewhere gets it over HTTP, with the session's token in place of the caller's key, and
 its answer (JSON or SSE) is streamed back.
 
-Tasks: a caller that takes them has its `tools/call` run by the call service, so a call that
-overruns the profile's timeout becomes a task backed by the job pool, and `tasks/*` about Pier's
-jobs are answered here from Redis (`tasks`). A 2026-07-28 caller that closes its response stream
-cancels its request — except a call that became a task.
+Tasks: a caller that takes them has its `tools/call` run by the call service, so a call becomes a
+task backed by the job pool at once (a tool the profile runs as a task) or when it overruns the
+profile's timeout, and `tasks/*` about Pier's jobs are answered here from Redis (`tasks`). A server
+with tasks of its own (the 2026-07-28 tasks extension in its server/discover) decides itself: its
+callers' requests pass through to it. A 2026-07-28 caller that closes its response stream cancels
+its request — except a call that became a task.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from pier.core.protocol import (
     VERSION_HEADER,
     Refusal,
     check_request,
+    era_mismatch,
     is_modern_request,
 )
 from pier.core.web import PEER_POLL_S, CoalescedSSE, json_response, origin_allowed, peer_gone
 from pier.router.backends.base import Session, hold
 from pier.router.mcp.messages import Checkpoint, is_batch, messages_in, parse_body, too_deep_response
-from pier.router.mcp.tasks import Tasks, wants_tasks
+from pier.router.mcp.tasks import Tasks, declares_tasks, missing_extension, wants_tasks
 from pier.router.middleware import RECEIVED
 from pier.router.shared import USERS, read_request_body, user_of
 from pier.router.state import Router, router_of
@@ -68,11 +71,13 @@ def _session_starting(messages: list[Message], batch: bool) -> web.Response:
 
 class Advertiser:
     """What the caller learns of Pier's tasks: the capability in `initialize` (2025-11-25) and
-    `server/discover` (2026-07-28) answers, and task support on each listed tool (2025-11-25)."""
+    `server/discover` (2026-07-28) answers, and task support on each listed tool (2025-11-25: the
+    profile's `task_support`, else optional)."""
 
-    def __init__(self, messages: list[Message], modern: bool) -> None:
+    def __init__(self, messages: list[Message], modern: bool, profile: Profile) -> None:
         wanted = ("server/discover",) if modern else ("initialize", "tools/list")
         self.methods = {m["id"]: m["method"] for m in messages if "id" in m and m.get("method") in wanted}
+        self.profile = profile
 
     @property
     def needed(self) -> bool:
@@ -91,7 +96,9 @@ class Advertiser:
             result = {**result, "capabilities": {**capabilities, "extensions": extensions}}
         elif method == "tools/list" and isinstance(result.get("tools"), list):
             tools = [
-                t if not isinstance(t, dict) or "execution" in t else {**t, "execution": {"taskSupport": "optional"}}
+                t
+                if not isinstance(t, dict) or "execution" in t
+                else {**t, "execution": {"taskSupport": self.profile.task_mode(str(t.get("name"))) or "optional"}}
                 for t in result["tools"]
             ]
             result = {**result, "tools": tools}
@@ -159,32 +166,70 @@ async def relay(request: web.Request) -> web.StreamResponse:
             if not errors:
                 raise
             return json_response(errors if relayed.batch else errors[0])
-    output = _output_filter(request, checkpoint, Advertiser(relayed.messages, relayed.modern))
+    output = _output_filter(request, checkpoint, Advertiser(relayed.messages, relayed.modern, profile))
     return await _serve(request, router, profile, relayed, output)
 
 
 async def _answer_here(
     request: web.Request, router: Router, caller: Caller, profile: Profile, relayed: Relayed
 ) -> web.StreamResponse | None:
-    """What the router answers itself, before any session: a 2026-07-28 request the spec refuses,
-    `tasks/*` about Pier's jobs, and a call from a caller that takes tasks. None: the bridge answers."""
+    """What the router answers itself, before any session: a request the spec refuses, `tasks/*`
+    about Pier's jobs, and a call that is (or may become) one of Pier's tasks. None: the bridge answers."""
     single = relayed.single
     if single is None:
         return None
-    if relayed.modern:
-        # The spec's checks come before Pier's own answers (tasks), as the bridge makes them.
-        try:
-            check_request(single, request.headers)
-        except Refusal as refusal:
-            return json_response(refusal.answer(single["id"]), refusal.http_status)
-    if single.get("method") in TASK_METHODS:
-        answer = await Tasks(router, caller, profile, relayed.modern).answer(single)
-        if answer is not None:
-            return _json_answer(answer, relayed.modern)
-    if wants_tasks(single, relayed.modern):
-        # Rules, policy and audit are the call service's, as for a REST call.
-        return await _task_call(request, router, caller, profile, single, relayed.modern)
+    # The spec's checks come before Pier's own answers (tasks), as the bridge makes them.
+    refusal = _refusal(single, request, relayed.modern)
+    if refusal is not None:
+        return json_response(refusal.answer(single["id"]), refusal.http_status)
+    method = single.get("method")
+    tasks = Tasks(router, caller, profile, relayed.modern)
+    if method in TASK_METHODS:
+        answer = await tasks.answer(single, lambda: _server_tasks(request, router, caller, profile))
+        return _json_answer(answer, relayed.modern) if answer is not None else None
+    if not relayed.modern:
+        # 2025-11-25: a `task` field asks for one of Pier's tasks (rules, policy and audit: the call service's).
+        return await _task_call(request, tasks, single, True) if wants_tasks(single, False) else None
+    if method != "tools/call":
+        return None
+    mode = profile.task_mode(str((single.get("params") or {}).get("name")))
+    declared = declares_tasks(single)
+    if mode == "forbidden" or not (declared or mode == "required"):
+        return None
+    if await _server_tasks(request, router, caller, profile):
+        return None  # a server with tasks of its own decides, and gates, them itself
+    if not declared:
+        # A tool that only runs as a task, for a caller that takes none: refused, nothing started.
+        return _json_answer(missing_extension(single["id"]), True)
+    return await _task_call(request, tasks, single, mode in ("optional", "required"))
+
+
+def _refusal(message: Message, request: web.Request, modern: bool) -> Refusal | None:
+    """The spec's refusal of a request (2026-07-28's checks; a handshake header over a 2026-07-28 body)."""
+    if not modern:
+        return era_mismatch(message, request.headers.get(VERSION_HEADER))
+    try:
+        check_request(message, request.headers)
+    except Refusal as refusal:
+        return refusal
     return None
+
+
+async def _server_tasks(request: web.Request, router: Router, caller: Caller, profile: Profile) -> bool:
+    """Whether the user's session's server runs tasks of its own (asked of its bridge once per session).
+    A session still starting when the request's deadline comes is taken as one without (Pier's tasks)."""
+    deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+            session = await router.backend.acquire(caller.user, profile)
+    except (TimeoutError, PierError):
+        return False
+    if session.server_tasks is None:
+        try:
+            session.server_tasks = (await session.bridge.status()).server_tasks
+        except PierError:
+            return False
+    return session.server_tasks
 
 
 def _output_filter(request: web.Request, checkpoint: Checkpoint, advertise: Advertiser) -> Output | None:
@@ -236,20 +281,18 @@ def _json_answer(answer: Message, modern: bool) -> web.Response:
     return json_response(answer, status)
 
 
-async def _task_call(
-    request: web.Request, router: Router, caller: Caller, profile: Profile, message: Message, modern: bool
-) -> web.StreamResponse:
-    """A tools/call from a caller that takes tasks: its answer, or a task if it overruns."""
+async def _task_call(request: web.Request, tasks: Tasks, message: Message, at_once: bool) -> web.StreamResponse:
+    """A tools/call from a caller that takes tasks: a task (at once, or if it overruns), or its answer."""
     job_id = uuid.uuid4().hex
-    work = asyncio.ensure_future(Tasks(router, caller, profile, modern).call(message, job_id, request[RECEIVED]))
+    work = asyncio.ensure_future(tasks.call(message, job_id, request[RECEIVED], at_once))
     try:
         while not work.done():
             await asyncio.wait({work}, timeout=PEER_POLL_S)
-            if not work.done() and modern and peer_gone(request):
+            if not work.done() and tasks.modern and peer_gone(request):
                 # The caller closed its stream before the call became a task: a cancellation.
                 work.cancel()
                 with contextlib.suppress(PierError):
-                    session = await router.backend.acquire(caller.user, profile)
+                    session = await tasks.router.backend.acquire(tasks.caller.user, tasks.profile)
                     await session.bridge.cancel_call(job_id)
                 return web.Response(status=499)
         answer = work.result()
@@ -257,7 +300,7 @@ async def _task_call(
         if not work.done():
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-    return _json_answer(answer, modern)
+    return _json_answer(answer, tasks.modern)
 
 
 async def _to_bridge(
