@@ -5,12 +5,15 @@ The suite runs its server scenarios for one spec revision's requirements (`--req
 2025-11-25`, `--requirements 2026-07-28`) against each target:
 
 - `native`: the fixture serving HTTP itself (the mcp SDK's own transport): the yardstick;
-- `bridge`: a bridge (`/mcp`) running the fixture over stdio, initialized with the handshake (as
-  Pier runs any server by default: 2026-07-28 callers are translated onto that session);
-- `bridge-modern`: the same with `PIER_SIDECAR_SERVER_ERA=modern`: the fixture speaks 2026-07-28
-  over stdio, and 2026-07-28 requests pass through;
-- `relay`, `relay-modern`: the same through the router's MCP relay (bridges in the router's
-  process, so the relay hands them the parsed body).
+- `bridge`: a bridge (`/mcp`) running the fixture over stdio as Pier runs any server by default
+  (`PIER_SIDECAR_SERVER_ERA=auto`): the fixture, a dual-era server, answers server/discover, so
+  2026-07-28 callers pass through to it (its own tasks included) and handshake-era callers get a run
+  of it initialized with the handshake;
+- `bridge-handshake`: the same with `PIER_SIDECAR_SERVER_ERA=handshake`: what a server that speaks
+  only the handshake gets (2026-07-28 callers translated onto the handshake session);
+- `relay`, `relay-handshake`: the same through the router's MCP relay (bridges in the router's
+  process, so the relay hands them the parsed body; tasks of Pier's own, the job pool, for a server
+  without tasks of its own).
 
 Each target's failing scenarios must be exactly those its baseline (tests/conformance/baseline.yml)
 names, each with its reason: a regression fails the run, and so does a scenario that starts
@@ -29,6 +32,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -44,7 +48,13 @@ SUITE = NODE_MODULES / "@modelcontextprotocol" / "conformance"
 BASELINE = ROOT / "tests" / "conformance" / "baseline.yml"
 REVISIONS = ("2025-11-25", "2026-07-28")
 _RESULT_DIR = re.compile(r"server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T[\d-]+Z")  # server-<scenario>-<timestamp>
-TARGETS = ("native", "bridge", "bridge-modern", "relay", "relay-modern")
+TARGETS = ("native", "bridge", "bridge-handshake", "relay", "relay-handshake")
+# The fixture's tools as the tasks scenarios expect them to run as tasks (for Pier's own tasks; the
+# fixture decides for itself when it speaks 2026-07-28, with the same modes).
+TASK_SUPPORT: dict[str, Any] = {
+    "slow_compute": "optional", "failing_job": "required", "protocol_error_job": "optional",
+    "confirm_delete": "optional", "multi_input": "optional", "test_tool_with_task": "required",
+}  # fmt: skip
 
 
 def node() -> str:
@@ -107,7 +117,7 @@ async def native_fixture() -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def target_url(target: str, redis_url: str) -> AsyncIterator[str]:
-    era = "modern" if target.endswith("-modern") else "auto"
+    era = "handshake" if target.endswith("-handshake") else "auto"
     if target == "native":
         async with native_fixture() as url:
             yield url
@@ -116,8 +126,9 @@ async def target_url(target: str, redis_url: str) -> AsyncIterator[str]:
             yield running.mcp_url
     else:
         env = {"PIER_SIDECAR_SERVER_ERA": era}
-        # A short hand-off threshold: the tasks scenarios' slow_compute(2 s) becomes a task.
-        catalog = Catalog([Profile(name="conformance", command=FIXTURE, env=env, call_timeout_s=1)])
+        catalog = Catalog(
+            [Profile(name="conformance", command=FIXTURE, env=env, call_timeout_s=1, task_support=TASK_SUPPORT)]
+        )
         async with router_app(redis_url, catalog) as running, worker_processes(redis_url):
             base = running.user_url("conformance-user", "conformance")
             # The session started first: the 1 s deadline is shorter than the fixture's start, and a

@@ -122,7 +122,9 @@ async def test_a_2026_call_that_overruns_becomes_a_task_and_cancelling_it_reache
         job = await get_json(http, f"{running.url}/v1/jobs/{long_id}")
         assert job["tool"] == "slow"  # the task is a job: REST and MCP see one thing
         ack = (await post(http, url, modern_request(6, "tasks/cancel", {"taskId": long_id}, TASKS)))[1]
-        assert ack["result"] == {"resultType": "complete"}
+        assert ack["result"]["resultType"] == "complete"
+        assert not {"taskId", "status", "result", "error"} & ack["result"].keys()  # an empty acknowledgement
+        assert ack["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "pier"
         [session] = running.router.backend.list("alice")
         assert isinstance(session, InProcessSession)
         await wait_until(

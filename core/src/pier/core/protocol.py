@@ -144,7 +144,10 @@ def check_request(message: Message, headers: Mapping[str, str]) -> tuple[str, di
         raise Refusal(HEADER_MISMATCH, f"Header mismatch: {METHOD_HEADER} does not match the body's method")
     name_key = NAME_PARAM.get(str(method)) or ("taskId" if method in TASK_NAMED else None)
     named = params.get(name_key) if name_key is not None and isinstance(params, dict) else None
-    if named is not None and decode_header(headers.get(NAME_HEADER)) != named:
+    given = headers.get(NAME_HEADER)
+    # The tasks methods' Mcp-Name (SEP-2663) is checked when present: SDK clients (the mcp SDK 2.x under
+    # FastMCP's and pydantic-ai's tasks) send none, and routing by it is the caller's loss, not Pier's.
+    if named is not None and (given is not None or method not in TASK_NAMED) and decode_header(given) != named:
         raise Refusal(HEADER_MISMATCH, f"Header mismatch: {NAME_HEADER} does not match the body's {name_key}")
     if not isinstance(version, str) or version not in MODERN_VERSIONS:
         raise unsupported(version)
