@@ -33,6 +33,8 @@ EVERYTHING = [
     str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),
     "stdio",
 ]
+# The conformance suite's fixture: the mcp SDK's everything-server, a dual-era server with tasks of its own.
+FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
 INSPECTOR = ["node", str(NODE_MODULES / "@modelcontextprotocol" / "inspector-cli" / "build" / "index.js")]
 PIER = [sys.executable, "-m", "pier.cli"]
 

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from typing import Annotated, Any
 
 import click
@@ -342,7 +343,8 @@ mcp = MCPServer(
     name="mcp-conformance-test-server",
     version="0.1.0",
     request_state_security=RequestStateSecurity(keys=[_REQUEST_STATE_KEY]),
-    extensions=[TasksExtension()],
+    # FIXTURE_NO_TASKS=1: a dual-era server without tasks of its own (Pier's tasks then serve its callers).
+    extensions=[] if os.environ.get("FIXTURE_NO_TASKS") else [TasksExtension()],
 )
 
 

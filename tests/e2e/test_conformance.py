@@ -29,7 +29,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,10 @@ import pytest
 import yaml
 
 from pier.core.catalog import Catalog, Profile
-from tests.servers import NODE_MODULES, ROOT, bridge_app, router_app, wait_until, worker_processes
+from tests.servers import FIXTURE, NODE_MODULES, ROOT, bridge_app, router_app, wait_until, worker_processes
 
 pytestmark = pytest.mark.slow  # about a minute per target and revision
 
-FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
 SUITE = NODE_MODULES / "@modelcontextprotocol" / "conformance"
 BASELINE = ROOT / "tests" / "conformance" / "baseline.yml"
 REVISIONS = ("2025-11-25", "2026-07-28")

@@ -9,6 +9,9 @@ Tools:
 It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`),
 refuses tools it does not have, and writes the name of every tool called to stderr.
 
+With ``--strict`` it ends at once when its first request is not ``initialize`` (as some servers do,
+rmcp's among them, at a 2026-07-28 probe).
+
 Run: ``python tests/mcp_servers/rogue_server.py`` (from a folder of its own: a script directly in
 tests/ would find tests/operator/ before the standard library's operator module).
 """
@@ -68,8 +71,12 @@ def answer(request: dict) -> dict | None:
 
 
 def main() -> None:
-    for line in sys.stdin:
+    strict = "--strict" in sys.argv[1:]
+    for number, line in enumerate(sys.stdin):
         request = json.loads(line)
+        if strict and number == 0 and request.get("method") != "initialize":
+            print(f"expected initialize, got {request.get('method')}", file=sys.stderr, flush=True)
+            sys.exit(3)
         if request.get("method") == "tools/call":
             print(f"call: {request['params'].get('name')}", file=sys.stderr, flush=True)
         response = answer(request)
