@@ -33,7 +33,7 @@ async def test_real_clients_run_tools_and_tasks_through_the_relay(http, redis_se
             assert result.content[0].text == "Slept 0.2 seconds"  # type: ignore[union-attr]
             # An ordinary call of a tool run as a task: the client polls the task to its end by itself.
             transparent = await client.call_tool("slow", {"seconds": 0.1})
-            assert transparent.content[0].text == "Slept 0.1 seconds"  # type: ignore[union-attr]
+            assert transparent.content[0].text == "Slept 0.1 seconds"
 
         async with Client(url) as sdk:
             echoed = await sdk.call_tool("echo", {"message": "sdk"})
