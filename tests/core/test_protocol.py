@@ -25,6 +25,7 @@ from pier.core.protocol import (
     check_param_headers,
     check_request,
     decode_header,
+    era_mismatch,
     is_modern_request,
     log_level_allows,
     meta_of,
@@ -121,8 +122,7 @@ def test_the_method_header_must_match_the_body_exactly(sent: str | None) -> None
     ("method", "params", "name"),
     [("tools/call", {"name": "echo"}, "other"), ("tools/call", {"name": "echo"}, None),
      ("prompts/get", {"name": "greet"}, "gree"), ("resources/read", {"uri": "file:///a"}, "file:///b"),
-     ("tasks/get", {"taskId": "t1"}, "t2"), ("tasks/cancel", {"taskId": "t1"}, None),
-     ("tasks/update", {"taskId": "t1"}, "T1")],
+     ("tasks/get", {"taskId": "t1"}, "t2"), ("tasks/update", {"taskId": "t1"}, "T1")],
 )  # fmt: skip
 def test_the_name_header_must_match_what_the_request_names(
     method: str, params: dict[str, Any], name: str | None
@@ -135,6 +135,8 @@ def test_the_name_header_must_match_what_the_request_names(
 @pytest.mark.parametrize(
     ("method", "params", "name"),
     [("resources/read", {"uri": "file:///a"}, "file:///a"), ("tasks/get", {"taskId": "t1"}, "t1"),
+     # A tasks method's Mcp-Name is checked when sent (the mcp SDK's clients send none for tasks).
+     ("tasks/cancel", {"taskId": "t1"}, None),
      ("tools/list", {}, None), ("tools/list", {}, "ignored"),  # names nothing: the header is not looked at
      ("tools/call", {"name": "héllo"}, "=?base64?" + base64.b64encode("héllo".encode()).decode() + "?=")],
 )  # fmt: skip
@@ -334,3 +336,26 @@ def test_meta_of_is_always_a_dict() -> None:
 )  # fmt: skip
 def test_log_levels_pass_at_or_above_what_was_asked(wanted: str | None, level: str, passes: bool) -> None:
     assert log_level_allows(wanted, level) is passes
+
+
+# -- a handshake-era request whose body claims another era ------------------------------------------
+
+
+@pytest.mark.parametrize("header", [None, "2025-03-26", "2025-11-25"])
+def test_a_body_that_claims_2026_under_a_handshake_header_is_a_header_mismatch(header: str | None) -> None:
+    refused = era_mismatch(request("tools/call", name="echo"), header)
+    assert refused is not None
+    assert refused.code == HEADER_MISMATCH
+    assert MODERN in refused.message
+    # In a batch too.
+    assert era_mismatch([{"jsonrpc": "2.0", "method": "notifications/initialized"}, request()], header) is not None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}},  # no envelope
+     request("initialize"),  # initialize is no 2026-07-28 request whatever it carries
+     {"jsonrpc": "2.0", "id": 1, "result": {}}, "not a message"],
+)  # fmt: skip
+def test_handshake_era_bodies_without_a_claim_pass(message: Any) -> None:
+    assert era_mismatch(message, "2025-11-25") is None
