@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +19,7 @@ from pier.core.protocol import MODERN
 from pier.router.backends.local.runtimes import InProcessSession
 from pier.sidecar.app import Bridge
 from tests.mcp_wire import ACCEPT, modern_headers, modern_request, post
-from tests.servers import DEMO, ROGUE, ROOT, RunningRouter, bridge_app, router_app, text_of, wait_until
-
-FIXTURE = [sys.executable, str(ROOT / "tests" / "conformance" / "fixture_server.py")]
+from tests.servers import DEMO, FIXTURE, ROGUE, RunningRouter, bridge_app, router_app, text_of, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -148,7 +145,9 @@ async def test_the_spec_checks_and_errors_carry_the_request_id(http):
         assert MODERN in body["result"]["supportedVersions"]
         assert "tools" in body["result"]["capabilities"]
         listed = (await post(http, url, modern_request(11, "tools/list")))[1]["result"]
-        assert listed["ttlMs"] > 0
+        # The demo server speaks 2026-07-28: its own caching hints pass through (Pier's, 60 s, are for
+        # a handshake-era server's lists, which it answers itself).
+        assert listed["ttlMs"] >= 0
         assert listed["cacheScope"] == "private"
         # The handshake revisions' errors about the whole body carry the request's id too.
         async with http.post(url, json={"jsonrpc": "2.0", "id": 12, "method": "ping"}, headers=ACCEPT) as response:
@@ -217,8 +216,9 @@ async def test_subscriptions_listen_carries_list_changes_and_resource_updates(ht
 
 async def test_elicitation_becomes_input_required_and_the_call_goes_on_once(http):
     # The fixture's test_elicitation asks its caller mid-call (a server request on its handshake
-    # session); a 2026-07-28 caller gets an InputRequiredResult and answers with its retry.
-    async with bridge_app(command=FIXTURE) as running:
+    # session: the fixture kept to the handshake, as a server that speaks only it); a 2026-07-28
+    # caller gets an InputRequiredResult and answers with its retry.
+    async with bridge_app(command=FIXTURE, server_era="handshake") as running:
         url = running.mcp_url
         capabilities: dict[str, Any] = {"elicitation": {}}
         call = modern_request(1, "tools/call", {"name": "test_elicitation", "arguments": {"message": "Name?"}},
@@ -251,7 +251,9 @@ async def test_elicitation_becomes_input_required_and_the_call_goes_on_once(http
 
 
 async def test_sdk_client_answers_input_required_through_the_relay(redis_server):
-    catalog = Catalog([demo_profile().model_copy(update={"name": "fixture", "command": FIXTURE})])
+    # The fixture kept to the handshake: Pier's translation of its mid-call question into MRTR.
+    handshake = {"PIER_SIDECAR_SERVER_ERA": "handshake"}
+    catalog = Catalog([demo_profile().model_copy(update={"name": "fixture", "command": FIXTURE, "env": handshake})])
     async with router_app(redis_server.url, catalog) as running:
         asked: list[str] = []
 
