@@ -322,3 +322,28 @@ async def test_the_relay_sends_get_stream_headers_at_once(http, redis_server):
             assert response.headers["Content-Type"].startswith("text/event-stream")
         finally:
             response.close()
+
+
+async def test_another_users_request_state_reaches_nothing(http, redis_server):
+    # Sessions are per user: alice's parked call is in her session alone, and bob's retry with her
+    # requestState is refused in his (-32602), nothing started; alice's own retry goes on with her call.
+    handshake = {"PIER_SIDECAR_SERVER_ERA": "handshake"}
+    catalog = Catalog([demo_profile().model_copy(update={"name": "fixture", "command": FIXTURE, "env": handshake})])
+    async with router_app(redis_server.url, catalog) as running:
+        params = {"name": "test_elicitation", "arguments": {"message": "Name?"}}
+        capabilities: dict[str, Any] = {"elicitation": {}}
+        alice = running.user_url("alice", "fixture") + "/mcp"
+        first = (await post(http, alice, modern_request(1, "tools/call", params, capabilities)))[1]["result"]
+        [key] = first["inputRequests"]
+        answer = {key: {"action": "accept", "content": {"response": "Ada"}}}
+        retry = {**params, "requestState": first["requestState"], "inputResponses": answer}
+        bob = running.user_url("bob", "fixture") + "/mcp"
+        status, refused = await post(http, bob, modern_request(2, "tools/call", retry, capabilities))
+        assert (status, refused["error"]["code"]) == (400, -32602)
+        status, done = await post(http, alice, modern_request(3, "tools/call", retry, capabilities))
+        assert "Ada" in done["result"]["content"][0]["text"]
+        sessions = {s.key.user: s for s in running.router.backend.list()}
+        assert isinstance(sessions["bob"], InProcessSession)
+        assert isinstance(sessions["alice"], InProcessSession)
+        assert sessions["bob"].app_bridge.upstream.mux.forwarded["tools/call"] == 0
+        assert sessions["alice"].app_bridge.upstream.mux.forwarded["tools/call"] == 1
