@@ -185,7 +185,8 @@ async def _answer_here(
     method = single.get("method")
     tasks = Tasks(router, caller, profile, relayed.modern)
     if method in TASK_METHODS:
-        answer = await tasks.answer(single, lambda: _server_tasks(request, router, caller, profile))
+        # An id that is no job of Pier's may be the server's own task: only a live session can hold one.
+        answer = await tasks.answer(single, lambda: _server_tasks(request, router, caller, profile, start=False))
         return _json_answer(answer, relayed.modern) if answer is not None else None
     if not relayed.modern:
         # 2025-11-25: a `task` field asks for one of Pier's tasks (rules, policy and audit: the call service's).
@@ -215,15 +216,24 @@ def _refusal(message: Message, request: web.Request, modern: bool) -> Refusal | 
     return None
 
 
-async def _server_tasks(request: web.Request, router: Router, caller: Caller, profile: Profile) -> bool:
+async def _server_tasks(
+    request: web.Request, router: Router, caller: Caller, profile: Profile, start: bool = True
+) -> bool:
     """Whether the user's session's server runs tasks of its own (asked of its bridge once per session).
-    A session still starting when the request's deadline comes is taken as one without (Pier's tasks)."""
-    deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
-    try:
-        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-            session = await router.backend.acquire(caller.user, profile)
-    except (TimeoutError, PierError):
-        return False
+    A session still starting when the request's deadline comes is taken as one without (Pier's tasks);
+    without `start`, so is a user without a session."""
+    if start:
+        deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                session = await router.backend.acquire(caller.user, profile)
+        except (TimeoutError, PierError):
+            return False
+    else:
+        found = [s for s in router.backend.list(caller.user) if s.key.profile == profile.name]
+        if not found:
+            return False
+        session = found[0]
     if session.server_tasks is None:
         try:
             session.server_tasks = (await session.bridge.status()).server_tasks
