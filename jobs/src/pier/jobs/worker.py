@@ -254,9 +254,8 @@ class Worker:
         except PierError as err:  # CALL_NOT_FOUND
             return await self._rerun_or_fail(following, f"the session no longer knows the call: {err.message}")
         if answer.status == "running":
-            if answer.input_version > record.input_version:
-                if not await self._note_input(following, answer):
-                    return False
+            if answer.input_version > record.input_version and not await self._note_input(following, answer):
+                return False
             return await self._note_progress(following, answer)
         return await self._call_ended(following, answer)
 
