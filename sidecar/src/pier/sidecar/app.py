@@ -60,7 +60,13 @@ class Bridge:
         self.mcp = StreamableHTTP(self.eras, self.clients, self.metrics)
 
     def _broadcast(self, message: Message) -> None:
-        self.mcp.broadcast(message)  # looked up when called: `self.mcp` is built after the upstream
+        # The first run's notification that belongs to no call: to every listener, and to the GET
+        # streams unless handshake-era callers have a run of their own (whose notifications they get).
+        # `self.mcp` is looked up when called: it is built after the upstream.
+        if self.eras.handshake_now() is self.upstream:
+            self.mcp.broadcast(message)
+        else:
+            self.mcp.stateless.broadcast(message)
 
     def _handshake_run(self) -> Upstream:
         """The server's second run, for handshake-era callers of a server whose stdio takes one era."""

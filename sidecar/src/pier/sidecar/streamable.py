@@ -103,10 +103,8 @@ class StreamableHTTP:
         self.stateless = StatelessHTTP(self.upstream, metrics, self.upstream.settings.input_wait_s)
 
     def broadcast(self, message: Message) -> None:
-        """A notification of the first run that belongs to no call: every listener, and every GET
-        stream unless handshake-era callers have a run of their own (which broadcasts to them)."""
-        if self.eras.handshake_now() is self.upstream:
-            self.clients.broadcast(message)
+        """A server notification that belongs to no call: every GET stream and every listener."""
+        self.clients.broadcast(message)
         self.stateless.broadcast(message)
 
     # -- HTTP ------------------------------------------------------------------------------
