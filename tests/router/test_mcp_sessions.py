@@ -265,8 +265,11 @@ async def test_an_mcp_session_outlives_a_router_restart_and_any_replica_serves_i
         assert py.session  # one MCP session all along (it raises if there were two)
 
 
-async def _initialize(http, url: str) -> str:
-    status, body, headers = await _post(http, url, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT})
+async def _initialize(http, url: str, version: str = "2025-11-25") -> str:
+    params = {**INIT, "protocolVersion": version}
+    status, body, headers = await _post(
+        http, url, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+    )
     assert status == 200
     assert "result" in body, body
     return str(headers["Mcp-Session-Id"])
@@ -287,7 +290,11 @@ async def test_only_ids_never_issued_someone_elses_or_ended_by_their_client_get_
     catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING)])
     async with router_app(redis_server.url, catalog) as running:
         alice = running.user_url("alice") + "/mcp"
-        session = await _initialize(http, alice)
+        session = await _initialize(http, alice, "2024-11-05")  # answered with a revision Pier serves
+        async with redis_client(redis_server.url) as redis:
+            record = await redis.hgetall(redis_keys.mcp_session(session))
+        assert (record[b"user"], record[b"profile"]) == (b"alice", b"demo")
+        assert json.loads(record[b"init"]) == {**INIT, "protocolVersion": "2025-11-25"}  # what it speaks
         assert await _ping(http, alice, session) == 200
         for stranger in ("0" * 32, "not a session id", "x" * 129, "../pier:job:1"):
             assert await _ping(http, alice, stranger) == 404, stranger

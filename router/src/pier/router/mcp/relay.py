@@ -379,8 +379,22 @@ async def _exchange(
         if well_formed(issued):
             assert issued is not None
             params = initialize.get("params")
-            await sessions.created(issued, session.key.user, profile.name, params if isinstance(params, dict) else {})
+            params = _negotiated(params if isinstance(params, dict) else {}, response)
+            await sessions.created(issued, session.key.user, profile.name, params)
     return response
+
+
+def _negotiated(params: dict[str, Any], response: web.StreamResponse) -> dict[str, Any]:
+    """The client's `initialize` params with the revision it was answered (so that a recreated session
+    speaks the same one, whatever the bridge then offers)."""
+    body = response.body if isinstance(response, web.Response) else None
+    try:
+        answer = loads(body) if isinstance(body, bytes) else None
+    except ValueError:
+        answer = None
+    result = answer.get("result") if isinstance(answer, dict) else None
+    version = result.get("protocolVersion") if isinstance(result, dict) else None
+    return {**params, "protocolVersion": version} if isinstance(version, str) else params
 
 
 async def _end_client(
