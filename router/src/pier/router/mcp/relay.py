@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,17 +103,19 @@ class HeldCalls:
     def __init__(self) -> None:
         self.calls: dict[CallKey, _HeldPost] = {}
 
-    @contextlib.contextmanager
-    def holding(self, held: Hold, keys: list[CallKey]) -> Iterator[None]:
+    def hold(self, held: Hold, keys: list[CallKey]) -> _HeldPost | None:
+        """Note a POST's calls under its hold (`drop` them when it returns)."""
+        if not keys:
+            return None
         post = _HeldPost(held, {key[3] for key in keys})
         for key in keys:
             self.calls[key] = post
-        try:
-            yield
-        finally:
-            for key in keys:
-                if self.calls.get(key) is post:
-                    del self.calls[key]
+        return post
+
+    def drop(self, post: _HeldPost | None, keys: list[CallKey]) -> None:
+        for key in keys:
+            if self.calls.get(key) is post:
+                del self.calls[key]
 
     def cancelled(self, key: CallKey) -> None:
         post = self.calls.pop(key, None)
@@ -309,16 +311,19 @@ async def _serve(
     except TimeoutError:
         return _session_starting(relayed.messages, relayed.batch)
     held_calls = request.config_dict[HELD_CALLS]
+    calls = _calls(user, profile, relayed)
     async with hold(session) as held:
         request[HELD] = held
-        with held_calls.holding(held, _calls(user, profile, relayed)):
-            try:
-                response = await _exchange(router, request, session, profile, relayed, output)
-            except BridgeUnreachable:
-                await router.backend.forget(session, "unreachable")
-            else:
-                _let_go_of_cancelled(held_calls, user, profile, relayed, response)
-                return response
+        post = held_calls.hold(held, calls)
+        try:
+            response = await _exchange(router, request, session, profile, relayed, output)
+        except BridgeUnreachable:
+            await router.backend.forget(session, "unreachable")
+        else:
+            _let_go_of_cancelled(held_calls, user, profile, relayed, response)
+            return response
+        finally:
+            held_calls.drop(post, calls)
     # The bridge was gone: a fresh session answers (an MCP session is recreated there).
     async with router.backend.use(user, profile) as session:
         return await _exchange(router, request, session, profile, relayed, output)
