@@ -161,6 +161,8 @@ async def _walk(http, running: RunningRouter, client: TsClient | PyClient, event
 
 
 CLIENTS = ["python", "typescript"]
+# The TypeScript SDK's runs are a node process each: in the full run (`slow`), the mcp SDK's in the inner loop too.
+FAST_CLIENTS = ["python", pytest.param("typescript", marks=pytest.mark.slow)]
 
 
 @contextlib.asynccontextmanager
@@ -174,7 +176,7 @@ async def _client(kind: str, url: str) -> AsyncIterator[TsClient | PyClient]:
             assert (await ts.do("terminate"))["ok"]  # the app ends its session (the SDK's close does not)
 
 
-@pytest.mark.parametrize("kind", CLIENTS)
+@pytest.mark.parametrize("kind", FAST_CLIENTS)
 async def test_an_mcp_session_outlives_reaping_eviction_and_deletion_of_its_server_session(http, redis_server, kind):
     async with router_app(redis_server.url, max_sessions=1, reap_interval_s=0.05) as running:
         url = running.user_url("alice") + "/mcp"
@@ -287,7 +289,7 @@ async def _ping(http, url: str, session: str) -> int:
 
 
 async def test_only_ids_never_issued_someone_elses_or_ended_by_their_client_get_404(http, redis_server):
-    catalog = Catalog([demo_profile(), Profile(name="everything", command=EVERYTHING)])
+    catalog = Catalog([demo_profile(), demo_profile().model_copy(update={"name": "other"})])
     async with router_app(redis_server.url, catalog) as running:
         alice = running.user_url("alice") + "/mcp"
         session = await _initialize(http, alice, "2024-11-05")  # answered with a revision Pier serves
@@ -301,7 +303,7 @@ async def test_only_ids_never_issued_someone_elses_or_ended_by_their_client_get_
         # Bound to its user and profile, wherever the server session is.
         await _deleted(http, running)
         assert await _ping(http, running.user_url("bob") + "/mcp", session) == 404
-        assert await _ping(http, running.user_url("alice", "everything") + "/mcp", session) == 404
+        assert await _ping(http, running.user_url("alice", "other") + "/mcp", session) == 404
         assert await _ping(http, alice, session) == 200  # still alice's
         # Her client ends it while her server session is gone: no session is started just to say so.
         await _deleted(http, running)
@@ -334,6 +336,7 @@ async def _expired(redis: aioredis.Redis, session: str) -> bool:
     return not await redis.exists(redis_keys.mcp_session(session))
 
 
+@pytest.mark.slow  # server-everything and the TypeScript SDK, each a node process
 async def test_a_recreated_mcp_session_gets_its_subscriptions_and_log_level_back(http, redis_server):
     # The TypeScript SDK subscribes to a resource of server-everything and sets its log level; its server
     # session ends; the new one is told both again before it answers, as the client told the first.
