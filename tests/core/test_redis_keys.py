@@ -1,5 +1,5 @@
 """Every name Pier writes to Redis is one of `pier.core.redis_keys.NAMES`: a full run — keyed, rate-limited,
-handed-off, cancelled and streamed calls, users' secrets, a dead-lettered webhook — against a
+handed-off, cancelled and streamed calls, users' secrets, an MCP session, a dead-lettered webhook — against a
 real redis-server, with Redis's own MONITOR listing every command, and Redis itself (`COMMAND GETKEYS`)
 saying which arguments of each are keys."""
 
@@ -132,6 +132,12 @@ async def test_every_key_a_full_run_writes_is_one_of_pier_s_names(http, redis_se
         cancelled = await call("slow", timeout_s=0.2, seconds=30)
         async with http.delete(f"{running.url}/v1/jobs/{cancelled['job_id']}") as response:
             assert response.status == 200
+        # An MCP client session (its record outlives the server session).
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "keys", "version": "0"}}
+        message = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}
+        async with http.post(f"{base}/mcp", json=message, headers={"Accept": "application/json"}) as response:
+            assert response.status == 200
+            assert "Mcp-Session-Id" in response.headers
         secret = {"VAULT_TOKEN": "t0k3n"}
         async with http.put(f"{running.url}/v1/users/alice/servers/vault/secrets", json=secret) as response:
             assert response.status == 204
@@ -171,6 +177,7 @@ def test_each_name_is_written_as_its_template_says() -> None:
         redis_keys.DEAD_LETTERS: "pier:webhooks:dead",
         redis_keys.rate_limit("alice", 29_000_000): "pier:rl:{user}:{minute}",
         redis_keys.user_secrets("alice", "github"): "pier:secrets:{user}:{profile}",
+        redis_keys.mcp_session("9b1f0c2e4d6a8b0c"): "pier:mcp:{session_id}",
     }
     for key, template in written.items():
         found = redis_keys.name_of(key)
@@ -179,5 +186,7 @@ def test_each_name_is_written_as_its_template_says() -> None:
     assert {n.template for n in redis_keys.NAMES} == set(written.values())
     assert all(n.template.startswith(redis_keys.PREFIX) for n in redis_keys.NAMES)
     assert redis_keys.job_of_events(redis_keys.job_events("5f0c2a")) == "5f0c2a"
-    for stranger in ("pier:job:", "pier:jobs:user:alice", "other:job:1", "pier:rl:alice:soon", "pier:secrets:a:B"):
+    for stranger in (
+        "pier:job:", "pier:jobs:user:alice", "other:job:1", "pier:rl:alice:soon", "pier:secrets:a:B", "pier:mcp:a/b",
+    ):  # fmt: skip
         assert redis_keys.name_of(stranger) is None, stranger

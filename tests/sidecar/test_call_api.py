@@ -8,7 +8,7 @@ from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pier.core.callapi import CallAnswer
-from tests.servers import DEMO, ROGUE, bridge_app, get_json, wait_until
+from tests.servers import DEMO, EVERYTHING, ROGUE, bridge_app, get_json, scrape, wait_until
 
 
 async def _post(http, url: str, body: dict) -> tuple[int, dict]:
@@ -234,3 +234,42 @@ async def test_arguments_are_judged_by_each_bridge_alike_and_an_invalid_schema_b
             assert (status, body["result"]["content"][0]["text"]) == (200, "Echo: None")
     warnings = [r for r in caplog.records if "invalid inputSchema" in r.getMessage()]
     assert [r.tool for r in warnings] == ["loose", "loose"]  # once per bridge
+
+
+async def test_a_client_session_is_recreated_under_its_id_once(http):
+    # What the router sends for an MCP session this bridge never saw (`pier.router.mcp.sessions`).
+    init = {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {"sampling": {}},
+        "clientInfo": {"name": "c", "version": "1"},
+    }
+    uri = "demo://resource/static/document/features.md"
+    state = {"session_id": "5e55101d", "initialize": init, "log_level": "error", "subscriptions": [uri]}
+    async with bridge_app(command=EVERYTHING) as running:
+        for body, problem in [
+            ({**state, "session_id": "a b"}, ["session_id"]),
+            ({**state, "initialize": "no"}, ["initialize"]),
+            ({**state, "subscriptions": [1]}, ["subscriptions"]),
+            ({**state, "extra": 1}, ["extra"]),
+        ]:
+            async with http.post(f"{running.url}/v1/clients", json=body) as response:
+                answer = await response.json()
+                assert (response.status, answer["error"]["code"]) == (422, "INVALID_ARGUMENTS")
+                assert [e["path"] for e in answer["error"]["details"]["errors"]] == [problem]
+        async with http.post(f"{running.url}/v1/clients", data=b"{", headers={"Content-Type": "application/json"}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "BAD_REQUEST")
+        assert not running.bridge.clients.sessions
+        for expected in (201, 200):  # recreated once; then it is simply there
+            async with http.post(f"{running.url}/v1/clients", json=state) as response:
+                assert (response.status, await response.json()) == (expected, {"created": expected == 201})
+        client = running.bridge.clients.sessions["5e55101d"]
+        assert (client.protocol_version, client.capabilities) == ("2025-06-18", {"sampling": {}})
+        # Its log level and subscription went to the server as the client's own requests did, once.
+        metrics = await scrape(http, running.url)
+        assert metrics.value("pier_bridge_requests_total", method="logging/setLevel", outcome="ok") == 1
+        assert metrics.value("pier_bridge_requests_total", method="resources/subscribe", outcome="ok") == 1
+        # The session serves its client at once, under its old id.
+        headers = {"Mcp-Session-Id": "5e55101d", "MCP-Protocol-Version": "2025-06-18", "Accept": "application/json"}
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with http.post(running.mcp_url, json=ping, headers=headers) as response:
+            assert (response.status, await response.json()) == (200, {"jsonrpc": "2.0", "id": 1, "result": {}})

@@ -1,9 +1,9 @@
 """The bridge's call API, both ends: its typed messages, and the handle the router and job pool hold.
 
 A bridge (`pier.sidecar`) serves `POST /v1/calls`, `GET|DELETE /v1/calls/{id}`, `POST
-/v1/calls/{id}/input` (answers to what the server asked a call's caller), `GET /v1/tools` and
-`GET /v1/status`. What those carry is defined here once — `CallRequest`, `CallAnswer`,
-`BridgeStatus` — as checked dataclasses rather than pydantic models: every bridge builds them, and a
+/v1/calls/{id}/input` (answers to what the server asked a call's caller), `GET /v1/tools`,
+`GET /v1/status` and `POST /v1/clients`. What those carry is defined here once — `CallRequest`, `CallAnswer`,
+`BridgeStatus`, `ClientState` — as checked dataclasses rather than pydantic models: every bridge builds them, and a
 model library would cost each idle bridge its import (see `pier.sidecar.config`).
 
 A `BridgeHandle` is how one session's bridge is called: `HttpBridge` over the network (pods,
@@ -33,6 +33,9 @@ CallStatus = Literal["running", "completed", "failed", "cancelled"]
 SLACK_S = 10.0
 _CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # fullmatch: `$` would accept a final newline
 _REQUEST_FIELDS = frozenset({"tool", "arguments", "call_id", "wait_s", "capabilities"})
+# An MCP client session id as Pier hands them out (the spec allows any visible ASCII; Pier's are hex).
+CLIENT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # fullmatch
+_CLIENT_FIELDS = frozenset({"session_id", "initialize", "log_level", "subscriptions"})
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,45 @@ class BridgeStatus:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+@dataclass(slots=True)
+class ClientState:
+    """`POST /v1/clients`: an MCP client session (handshake revisions) to create under its own id, as its
+    client set it up: the params of its `initialize` (revision, capabilities, client info), the log level it
+    asked for and the resources it subscribed to. The router keeps this in Redis and has a bridge that does
+    not know the id recreate the session from it (`pier.router.mcp.sessions`)."""
+
+    session_id: str
+    initialize: dict[str, Any]
+    log_level: str | None = None
+    subscriptions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, data: Any) -> ClientState:
+        """The state in `data`, or INVALID_ARGUMENTS listing what is wrong with it."""
+        if not isinstance(data, dict):
+            raise _invalid_body([([], "the body must be a JSON object")])
+        errors: list[tuple[list[Any], str]] = [
+            ([name], "extra fields not permitted") for name in data.keys() - _CLIENT_FIELDS
+        ]
+        session_id = data.get("session_id")
+        if not (isinstance(session_id, str) and CLIENT_SESSION_ID.fullmatch(session_id)):
+            errors.append((["session_id"], "1-128 characters: letters, digits, _ and -"))
+        if not isinstance(data.get("initialize"), dict):
+            errors.append((["initialize"], "the params of the client's initialize: an object"))
+        level = data.get("log_level")
+        if level is not None and not isinstance(level, str):
+            errors.append((["log_level"], "a string, or null"))
+        subscriptions = data.get("subscriptions", [])
+        if not (isinstance(subscriptions, list) and all(isinstance(uri, str) for uri in subscriptions)):
+            errors.append((["subscriptions"], "a list of resource URIs"))
+        if errors:
+            raise _invalid_body(errors)
+        return cls(session_id, data["initialize"], level, subscriptions)  # type: ignore[arg-type]  # checked above
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # -- the handle --------------------------------------------------------------------------------
 
 
@@ -240,6 +282,11 @@ class BridgeHandle(Protocol):
         ...
 
     async def status(self, timeout: float = 5.0) -> BridgeStatus: ...
+
+    async def resume_client(self, state: ClientState, timeout: float = SLACK_S) -> bool:
+        """Create the MCP client session `state` describes under its id, replaying its log level and
+        subscriptions to the server; False when the bridge has it already (nothing replayed)."""
+        ...
 
 
 class HttpBridge:
@@ -309,3 +356,9 @@ class HttpBridge:
             return BridgeStatus.from_dict(body)
         except TypeError as exc:
             raise BridgeUnreachable(self.endpoint, exc) from exc
+
+    async def resume_client(self, state: ClientState, timeout: float = SLACK_S) -> bool:
+        status, body = await self._request("POST", "/v1/clients", timeout, state.to_dict())
+        if status not in (200, 201):
+            raise PierError.from_dict(body.get("error") or {"code": "INTERNAL", "message": f"HTTP {status}"})
+        return status == 201

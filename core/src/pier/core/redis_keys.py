@@ -66,6 +66,11 @@ def user_secrets(user: str, profile: str) -> str:
     return f"pier:secrets:{user}:{profile}"
 
 
+def mcp_session(session_id: str) -> str:
+    """What a relayed MCP client session needs to outlive its server session (router/…/mcp/sessions.py)."""
+    return f"pier:mcp:{session_id}"
+
+
 # -- what the names look like ---------------------------------------------------------------------
 
 # What each placeholder of a name stands for, as a pattern (user ids and profile names never hold ":").
@@ -76,6 +81,7 @@ _FIELDS = {
     "profile": PROFILE_NAME,
     "key": r".{1,200}",
     "minute": r"[0-9]+",
+    "session_id": r"[A-Za-z0-9_-]{1,128}",
 }
 
 
@@ -106,6 +112,7 @@ NAMES: tuple[Name, ...] = (
     Name("pier:webhooks:dead", "list", "webhook deliveries that failed every attempt (the latest 1000)"),
     Name("pier:rl:{user}:{minute}", "string", "a user's requests in one minute (expires after it)"),
     Name("pier:secrets:{user}:{profile}", "hash", "a user's secrets for a profile, each sealed (AES-GCM)"),
+    Name("pier:mcp:{session_id}", "hash", "an MCP client session: user, profile, initialize, log level, subscriptions"),
     Name("pier:job:{job_id}:events", "channel", "pub/sub: a job's progress events, then its completion"),
 )
 

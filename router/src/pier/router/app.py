@@ -35,6 +35,7 @@ from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
 from pier.router.mcp import aggregate, relay, websocket
+from pier.router.mcp.sessions import McpSessions
 from pier.router.middleware import authenticate, errors, observe
 from pier.router.rest import bridgekit, dashboard
 from pier.router.rest import v1 as rest_v1
@@ -85,10 +86,12 @@ async def http_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def job_store(app: web.Application) -> AsyncIterator[None]:
-    """Redis: job records, the stream, job events (one subscription for the process), rate limits."""
+    """Redis: job records, the stream, job events (one subscription for the process), rate limits, MCP
+    client sessions."""
     router = app[ROUTER]
     router.redis = connect(router.settings.redis_url)
     router.store = JobStore(router.redis, router.settings.result_ttl_s)
+    router.mcp_sessions = McpSessions(router.redis, router.settings.mcp_session_ttl_s, router.metrics)
     try:
         await router.store.ensure_group()
     except RedisError as exc:

@@ -59,6 +59,9 @@ class RouterSettings(BaseSettings):
     rate_limit_user_per_min: int = Field(default=60, ge=0, description="per user, via user keys; 0 = off")
     rate_limit_open_per_min: int = Field(default=0, ge=0, description="per user when no keys are set")
 
+    mcp_session_ttl_s: float = Field(
+        default=86400, ge=1, description="an idle MCP client session id lives this long (outliving its server session)"
+    )
     max_sessions: int = Field(default=100, ge=1, description="local backend: pool limit")
     session_ttl_s: float = Field(default=3600, ge=0, description="idle TTL when the profile sets none; 0 = never")
     session_start_timeout_s: float = Field(default=60, gt=0, description="a new session must be ready within")

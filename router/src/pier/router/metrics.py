@@ -51,6 +51,12 @@ class RouterMetrics:
             ["profile", "reason"],
             registry=r,
         )
+        self.mcp_sessions_resumed = Counter(
+            "pier_router_mcp_sessions_resumed_total",
+            "MCP client sessions recreated on a bridge that did not know them (their server session had ended)",
+            ["profile"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "pier_router_rate_limited_total", "requests refused by the rate limit", ["key_class"], registry=r
         )

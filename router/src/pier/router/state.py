@@ -22,6 +22,7 @@ from pier.router.auth.keys import KeyRing
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
+from pier.router.mcp.sessions import McpSessions
 from pier.router.metrics import RouterMetrics
 
 
@@ -37,6 +38,7 @@ class Router:
     bridge_ssl: ssl.SSLContext | bool = True  # internal mTLS to the bridges, when configured
     redis: aioredis.Redis = field(init=False)
     store: JobStore = field(init=False)
+    mcp_sessions: McpSessions = field(init=False)  # MCP client sessions' records (with the job store)
     backend: SessionBackend = field(init=False)
     ingress: Ingress = field(init=False)
     calls: CallService = field(init=False)

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest
+from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest, ClientState
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, Message, TooDeep, dumps, parse
 from pier.core.process import clean_env
@@ -130,6 +130,12 @@ class Bridge:
         await self.upstream.wait_ready()
         return self.upstream.tools
 
+    async def resume_client(self, state: ClientState) -> bool:
+        """Recreate an MCP client session under its id (`StreamableHTTP.resume`); False when it is here."""
+        if self.draining:
+            raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
+        return await self.mcp.resume(state)
+
     def status(self) -> BridgeStatus:
         up = self.upstream
         runs = self.eras.all
@@ -181,16 +187,20 @@ def make_guard(settings: SidecarSettings) -> Middleware:
 # -- the call API ----------------------------------------------------------------------------
 
 
-async def post_call(request: web.Request) -> web.Response:
-    bridge = request.app[BRIDGE]
-    settings = bridge.settings
+async def _body(request: web.Request) -> Any:
+    """A call API request's JSON body; BAD_REQUEST when it is not JSON, or nested too deeply."""
+    settings = request.app[BRIDGE].settings
     try:
-        body = parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s))
-        answer = await bridge.start_call(CallRequest.parse(body))
+        return parse(await read_body(request, settings.max_message_bytes, settings.body_timeout_s))
     except TooDeep as exc:
-        return error_response(PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}))
+        raise PierError("BAD_REQUEST", f"the body is {exc}", {"max_depth": MAX_DEPTH}) from None
     except ValueError:
-        return error_response(PierError("BAD_REQUEST", "the body is not valid JSON"))
+        raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
+
+
+async def post_call(request: web.Request) -> web.Response:
+    try:
+        answer = await request.app[BRIDGE].start_call(CallRequest.parse(await _body(request)))
     except PierError as err:
         return error_response(err, retry_after(err))
     return json_response(answer.to_dict(), answer.http_status)
@@ -250,6 +260,15 @@ async def delete_call(request: web.Request) -> web.Response:
     except PierError as err:
         return error_response(err)
     return json_response(answer.to_dict(), answer.http_status)
+
+
+async def post_client(request: web.Request) -> web.Response:
+    """`POST /v1/clients`: recreate an MCP client session (201), or find it here already (200)."""
+    try:
+        created = await request.app[BRIDGE].resume_client(ClientState.parse(await _body(request)))
+    except PierError as err:
+        return error_response(err, retry_after(err))
+    return json_response({"created": created}, 201 if created else 200)
 
 
 async def get_tools(request: web.Request) -> web.Response:
@@ -354,6 +373,7 @@ def create_app(settings: SidecarSettings, server_env: dict[str, str] | None = No
     app.router.add_get("/v1/calls/{call_id}", get_call)
     app.router.add_delete("/v1/calls/{call_id}", delete_call)
     app.router.add_post("/v1/calls/{call_id}/input", post_input)
+    app.router.add_post("/v1/clients", post_client)
     app.router.add_get("/v1/tools", get_tools)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/logs", get_logs)

@@ -108,10 +108,18 @@ class ClientRegistry:
         self.idle_s = idle_s
         self.sessions: dict[str, ClientSession] = {}
 
-    def create(self, protocol_version: str, capabilities: dict[str, Any], client_info: dict[str, Any]) -> ClientSession:
+    def create(
+        self,
+        protocol_version: str,
+        capabilities: dict[str, Any],
+        client_info: dict[str, Any],
+        session_id: str | None = None,
+    ) -> ClientSession:
+        """A new client session: under a fresh id, or under `session_id` (a session resumed, see
+        `StreamableHTTP.resume`; the caller made sure no live session has it)."""
         if len(self.sessions) >= self.max_clients:
             self.expire(force_oldest=True)
-        session = ClientSession(secrets.token_hex(16), protocol_version, capabilities, client_info)
+        session = ClientSession(session_id or secrets.token_hex(16), protocol_version, capabilities, client_info)
         self.sessions[session.id] = session
         return session
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pier.core.callapi import SLACK_S, BridgeStatus, BridgeUnreachable, CallAnswer, CallRequest, Endpoint
+from pier.core.callapi import (
+    SLACK_S,
+    BridgeStatus,
+    BridgeUnreachable,
+    CallAnswer,
+    CallRequest,
+    ClientState,
+    Endpoint,
+)
 from pier.sidecar.app import Bridge
 
 
@@ -55,3 +63,9 @@ class InProcessBridge:
 
     async def status(self, timeout: float = 5.0) -> BridgeStatus:
         return self.bridge.status()
+
+    async def resume_client(self, state: ClientState, timeout: float = SLACK_S) -> bool:
+        try:
+            return await asyncio.wait_for(self.bridge.resume_client(state), timeout)
+        except TimeoutError as exc:
+            raise BridgeUnreachable(self.endpoint, exc) from exc

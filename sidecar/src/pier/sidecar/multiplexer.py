@@ -66,10 +66,15 @@ class Pending:
     log_level: str | None = None
     future: asyncio.Future[Message] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.monotonic)
+    # Called as it finishes, before its future's callbacks (which run a loop turn later): the request
+    # leaves the counts at once, so whoever learns it ended (a cancellation's 202) never sees it counted.
+    on_finish: Callable[[Pending], None] | None = None
 
     def finish(self, response: Message) -> None:
         if not self.future.done():
             self.future.set_result(response)
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Multiplexer:

@@ -15,13 +15,14 @@ bridge lives in the router's process (the body parsed once, by the router).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
 
 from aiohttp import web
 
-from pier.core.callapi import Output
+from pier.core.callapi import ClientState, Output
 from pier.core.errors import PierError
 from pier.core.jsonrpc import (
     INVALID_REQUEST,
@@ -57,7 +58,7 @@ from pier.core.web import (
 )
 from pier.sidecar.clients import ClientRegistry, ClientSession, EventStream
 from pier.sidecar.metrics import BridgeMetrics
-from pier.sidecar.multiplexer import ALL_LOGS, Pending
+from pier.sidecar.multiplexer import ALL_LOGS, NO_SINK, Pending
 from pier.sidecar.stateless import StatelessHTTP
 from pier.sidecar.upstream import Eras, Upstream
 
@@ -65,6 +66,8 @@ log = logging.getLogger("pier.sidecar.mcp")
 
 SUPPORTED_VERSIONS = HANDSHAKE_VERSIONS  # the handshake revisions a client may ask for at initialize
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+_REPLAY_TIMEOUT_S = 10.0  # a resumed client's replayed request (its log level, a subscription)
+_REPLAY_IDS = itertools.count(1)
 __all__ = ["ASSUMED_VERSION", "LATEST_VERSION", "SESSION_HEADER", "SUPPORTED_VERSIONS", "StreamableHTTP"]
 
 
@@ -203,16 +206,70 @@ class StreamableHTTP:
         self.eras.start_secondary()
         run = self.eras.handshake_now()
         init = run.init_result if run.ready else self.upstream.init_result
-        requested = params.get("protocolVersion")
-        version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
-        client = self.clients.create(version, params.get("capabilities") or {}, params.get("clientInfo") or {})
-        self.metrics.clients.set(len(self.clients.sessions))
+        client = self._new_client(params)
         self.metrics.requests.labels("initialize", "ok").inc()
-        result = {**(init or {}), "protocolVersion": version}
+        result = {**(init or {}), "protocolVersion": client.protocol_version}
         answer: Message = {"jsonrpc": "2.0", "id": message["id"], "result": result}
         if output is not None:
             answer = await output(answer) or answer
         return json_response(answer, headers={SESSION_HEADER: client.id})
+
+    def _new_client(self, params: dict[str, Any], session_id: str | None = None) -> ClientSession:
+        """A client session as its `initialize` params ask (the revision negotiated as the spec says)."""
+        requested = params.get("protocolVersion")
+        version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
+        capabilities, info = params.get("capabilities"), params.get("clientInfo")
+        client = self.clients.create(
+            version, capabilities if isinstance(capabilities, dict) else {}, info if isinstance(info, dict) else {},
+            session_id,
+        )  # fmt: skip
+        self.metrics.clients.set(len(self.clients.sessions))
+        return client
+
+    async def resume(self, state: ClientState) -> bool:
+        """Recreate a client session another bridge (or this one, before it lost it) served, under its id,
+        as its client set it up; False when it is here already.
+
+        Its `initialize` is answered again from the cache (as every client's is: the server was initialized
+        once, and a client's `notifications/initialized` ends at the bridge), so only what the client told
+        the server since is replayed: its log level and its resource subscriptions.
+        """
+        if state.session_id in self.clients.sessions:
+            return False
+        self.eras.start_secondary()
+        run = await self.eras.for_handshake()
+        if state.session_id in self.clients.sessions:
+            return False  # a concurrent resume of the same session made it while this one waited
+        client = self._new_client(state.initialize, state.session_id)
+        replayed: list[Message] = []
+        if state.log_level is not None:
+            replayed.append(_replay_request("logging/setLevel", {"level": state.log_level}))
+        replayed += [_replay_request("resources/subscribe", {"uri": uri}) for uri in state.subscriptions]
+        for message in replayed:
+            await self._replay(run, client, message)
+        log.info("client session resumed", extra={"client": client.id, "replayed": len(replayed)})
+        return True
+
+    async def _replay(self, run: Upstream, client: ClientSession, message: Message) -> None:
+        """One request of a resumed client's, sent as the client sent it first; a refusal is logged, not fatal
+        (the server refused it the first time too, or no longer offers it)."""
+        if self._local_answer(run, client, message) is not None:
+            return
+        try:
+            pending = await run.begin(message, client, NO_SINK)
+        except PierError as err:
+            why = err.message
+            log.warning("could not replay a resumed client's request", extra={"method": message["method"], "why": why})
+            return
+        self._observe(run, message, pending)
+        try:
+            response = await asyncio.wait_for(asyncio.shield(pending.future), _REPLAY_TIMEOUT_S)
+        except TimeoutError:
+            run.mux.cancel(pending, "replay timed out")
+            response = error_response(message["id"], INVALID_REQUEST, "timed out")
+        if "error" in response:
+            refusal = {"method": message["method"], "why": response["error"].get("message")}
+            log.warning("the server refused a resumed client's request", extra=refusal)
 
     def _session(self, request: web.Request, end: bool = False, request_id: Any = None) -> ClientSession | web.Response:
         """The client session the request names (ended, with `end`), or the error answer."""
@@ -459,6 +516,10 @@ async def _answers_until_other(stream: EventStream, answered: list[Message], sse
         elif sse_ok:
             return message
     return None
+
+
+def _replay_request(method: str, params: dict[str, Any]) -> Message:
+    return {"jsonrpc": "2.0", "id": f"pier-resume-{next(_REPLAY_IDS)}", "method": method, "params": params}
 
 
 def _outcome(future: asyncio.Future[Message]) -> str:

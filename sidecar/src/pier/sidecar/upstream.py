@@ -396,7 +396,9 @@ class Upstream:
             raise
         self._active += 1
         self.metrics.in_flight.inc()
-        pending.future.add_done_callback(self._release_slot)
+        pending.on_finish = self._release_slot
+        # Also when its waiter is cancelled without an answer (the future then never finishes).
+        pending.future.add_done_callback(lambda _: self._release_slot(pending))
         self.last_activity = time.time()
         return pending
 
@@ -408,7 +410,10 @@ class Upstream:
         _pending, outgoing = self.mux.register(self.for_server(request), None, NO_SINK)
         self._post(outgoing)
 
-    def _release_slot(self, _future: asyncio.Future[Message]) -> None:
+    def _release_slot(self, pending: Pending) -> None:
+        if pending.on_finish is None:
+            return  # released already
+        pending.on_finish = None
         self._slots.release()
         self._active -= 1
         self.metrics.in_flight.dec()

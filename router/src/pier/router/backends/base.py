@@ -12,6 +12,7 @@ from typing import Any
 
 from pier.core.callapi import BridgeHandle, BridgeStatus, Endpoint
 from pier.core.catalog import Profile
+from pier.core.errors import PierError
 from pier.router.usersecrets import SecretStore
 
 
@@ -40,6 +41,14 @@ class Session:
     def endpoint(self) -> Endpoint:
         """Where its bridge is served over HTTP (the relay and the job pool reach it there)."""
         return self.bridge.endpoint
+
+    async def look(self, timeout: float = 2.0) -> None:
+        """Ask its bridge how busy it is now, for a listing: what runs there this moment, not what a reaper
+        round or an eviction's check saw seconds ago (kept when the bridge does not answer)."""
+        if self.state != "ready" or not self.endpoint.url:
+            return  # not started yet (listed, never called)
+        with contextlib.suppress(PierError):
+            self.bridge_status = await self.bridge.status(timeout)
 
     def view(self) -> dict[str, Any]:
         """The session for listings and the dashboard (no endpoint token)."""
@@ -98,13 +107,31 @@ class SessionBackend(abc.ABC):
             yield session
 
 
-@contextlib.asynccontextmanager
-async def hold(session: Session) -> AsyncIterator[Session]:
-    """Hold a session for the length of a call: it counts as in use and is not reaped."""
-    session.in_flight += 1
-    session.last_used = time.time()
-    try:
-        yield session
-    finally:
-        session.in_flight -= 1
-        session.last_used = time.time()
+class Hold:
+    """A session held for the length of a call: it counts as in use and is not reaped. Let go when the
+    call ends, or sooner (`release`) when its caller cancels it: a count read after the cancellation was
+    acknowledged must not include it."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.held = False
+
+    async def __aenter__(self) -> Hold:
+        self.session.in_flight += 1
+        self.session.last_used = time.time()
+        self.held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.session.in_flight -= 1
+            self.session.last_used = time.time()
+
+
+def hold(session: Session) -> Hold:
+    """Hold a session for the length of a call (`async with hold(session) as held:`)."""
+    return Hold(session)

@@ -8,6 +8,12 @@ process gets the parsed body directly (its `/mcp` handler writes this response: 
 hop); one elsewhere gets it over HTTP, with the session's token in place of the caller's key, and
 its answer (JSON or SSE) is streamed back.
 
+MCP sessions (handshake revisions) outlive the user's server session: a client's `Mcp-Session-Id` is
+recorded in Redis when its `initialize` is answered, and a bridge that does not know it (a new session,
+pod or router since) recreates it from that record before it answers (`sessions`). A client's
+`notifications/cancelled` lets go of its call's hold on the session as soon as the bridge has it, so the
+session's in-flight count never includes a call its caller was told is cancelled.
+
 Tasks: a caller that takes them has its `tools/call` run by the call service, so a call becomes a
 task backed by the job pool at once (a tool the profile runs as a task) or when it overruns the
 profile's timeout, and `tasks/*` about Pier's jobs are answered here from Redis (`tasks`). A server
@@ -20,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +39,21 @@ from aiohttp import web
 from pier.core.callapi import BridgeUnreachable, Output
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
-from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response, loads
+from pier.core.jsonrpc import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    Message,
+    RequestId,
+    TooDeep,
+    dumps,
+    error_response,
+    gateway_error_response,
+    loads,
+)
 from pier.core.policy import Caller, PolicyDenied
 from pier.core.protocol import (
     HTTP_STATUS,
+    SESSION_HEADER,
     TASK_METHODS,
     TASKS_EXTENSION,
     VERSION_HEADER,
@@ -44,12 +63,15 @@ from pier.core.protocol import (
     is_modern_request,
 )
 from pier.core.web import PEER_POLL_S, CoalescedSSE, json_response, origin_allowed, peer_gone
-from pier.router.backends.base import Session, hold
+from pier.router.backends.base import Hold, Session, hold
 from pier.router.mcp.messages import Checkpoint, is_batch, messages_in, parse_body, too_deep_response
+from pier.router.mcp.sessions import NOTED, well_formed
 from pier.router.mcp.tasks import Tasks, declares_tasks, missing_extension, wants_tasks
 from pier.router.middleware import RECEIVED
 from pier.router.shared import USERS, read_request_body, user_of
 from pier.router.state import Router, router_of
+
+log = logging.getLogger("pier.router.mcp.relay")
 
 # Headers of the MCP transport that pass through; everything else stays on its side.
 _REQUEST_HEADERS = (
@@ -59,6 +81,54 @@ _PARAM_PREFIX = "mcp-param-"
 _RESPONSE_HEADERS = ("Content-Type", "Mcp-Session-Id", "Cache-Control", "Allow")
 # What a handshake-era caller is told Pier can do with tasks (2025-11-25).
 _TASK_CAPABILITY: dict[str, Any] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
+HELD = web.RequestKey("mcp_hold", Hold)  # a relayed request's hold on its session, let go early when it ends
+
+
+class UnknownClient(Exception):
+    """The bridge does not know the request's MCP session id (it answered 404)."""
+
+
+# (user, profile, MCP session id, request id): a client's calls in flight, as their caller names them.
+CallKey = tuple[str, str, str, RequestId]
+
+
+@dataclass(eq=False)
+class _HeldPost:
+    held: Hold
+    ids: set[RequestId]
+
+
+class HeldCalls:
+    """The relayed POSTs of handshake-era clients holding their session, by the calls they carry: a client's
+    `notifications/cancelled` for the last of a POST's calls lets go of its hold at once, not when the
+    POST's answer comes back through the relay."""
+
+    def __init__(self) -> None:
+        self.calls: dict[CallKey, _HeldPost] = {}
+
+    def hold(self, held: Hold, keys: list[CallKey]) -> _HeldPost | None:
+        """Note a POST's calls under its hold (`drop` them when it returns)."""
+        if not keys:
+            return None
+        post = _HeldPost(held, {key[3] for key in keys})
+        for key in keys:
+            self.calls[key] = post
+        return post
+
+    def drop(self, post: _HeldPost | None, keys: list[CallKey]) -> None:
+        for key in keys:
+            if self.calls.get(key) is post:
+                del self.calls[key]
+
+    def cancelled(self, key: CallKey) -> None:
+        post = self.calls.pop(key, None)
+        if post is not None:
+            post.ids.discard(key[3])
+            if not post.ids:
+                post.held.release()
+
+
+HELD_CALLS = web.AppKey("mcp_held_calls", HeldCalls)
 
 
 def _session_starting(messages: list[Message], batch: bool) -> web.Response:
@@ -139,6 +209,25 @@ class Relayed:
         return is_batch(self.body)
 
     @property
+    def client_session(self) -> str | None:
+        """The MCP session id a handshake-era request names (2026-07-28 requests have none)."""
+        return None if self.modern else self.headers.get(SESSION_HEADER)
+
+    @property
+    def initialize(self) -> Message | None:
+        """The request, when it is a handshake-era client's `initialize`."""
+        single = self.single
+        if self.modern or self.method != "POST" or single is None or single.get("method") != "initialize":
+            return None
+        return single
+
+    def not_found(self) -> web.Response:
+        """404 for a session id no bridge knows and no record names: the client initializes anew (as the spec says)."""
+        request_id = self.payload.get("id") if isinstance(self.payload, dict) else None
+        answer = error_response(request_id, INVALID_REQUEST, "Session not found: initialize a new session")
+        return json_response(answer, 404)
+
+    @property
     def holds_a_stream(self) -> bool:
         """A GET stream or a `subscriptions/listen`: held open, not a call in flight."""
         return self.method == "GET" or (self.single is not None and self.single.get("method") == "subscriptions/listen")
@@ -167,6 +256,8 @@ async def relay(request: web.Request) -> web.StreamResponse:
                 raise
             return json_response(errors if relayed.batch else errors[0])
     output = _output_filter(request, checkpoint, Advertiser(relayed.messages, relayed.modern, profile))
+    if request.method == "DELETE" and relayed.client_session is not None:
+        return await _end_client(request, router, profile, relayed, output)
     return await _serve(request, router, profile, relayed, output)
 
 
@@ -265,7 +356,7 @@ async def _serve(
     if relayed.holds_a_stream:
         # A held stream is not a call in flight: it must not keep an idle session alive forever.
         session = await router.backend.acquire(user, profile)
-        return await _to_bridge(router, request, session, relayed, output)
+        return await _exchange(router, request, session, profile, relayed, output)
     # One deadline, as for REST calls: a session still starting when the profile's timeout (counted
     # from the request's arrival) runs out is an answer to retry, not a wait past the caller's patience.
     deadline = request[RECEIVED] + router.calls.timeout_for(profile, None)
@@ -274,14 +365,116 @@ async def _serve(
             session = await router.backend.acquire(user, profile)
     except TimeoutError:
         return _session_starting(relayed.messages, relayed.batch)
-    async with hold(session):
+    held_calls = request.config_dict[HELD_CALLS]
+    calls = _calls(user, profile, relayed)
+    async with hold(session) as held:
+        request[HELD] = held
+        post = held_calls.hold(held, calls)
         try:
-            return await _to_bridge(router, request, session, relayed, output)
+            response = await _exchange(router, request, session, profile, relayed, output)
         except BridgeUnreachable:
             await router.backend.forget(session, "unreachable")
-    # The bridge was gone: a fresh session answers (an old MCP session id gets its 404 there).
+        else:
+            _let_go_of_cancelled(held_calls, user, profile, relayed, response)
+            return response
+        finally:
+            held_calls.drop(post, calls)
+    # The bridge was gone: a fresh session answers (an MCP session is recreated there).
     async with router.backend.use(user, profile) as session:
-        return await _to_bridge(router, request, session, relayed, output)
+        return await _exchange(router, request, session, profile, relayed, output)
+
+
+def _calls(user: str, profile: Profile, relayed: Relayed) -> list[CallKey]:
+    """The calls a handshake-era client's POST carries, as it names them."""
+    client = relayed.client_session
+    if client is None:
+        return []
+    return [(user, profile.name, client, m["id"]) for m in relayed.messages if "method" in m and "id" in m]
+
+
+def _let_go_of_cancelled(
+    held_calls: HeldCalls, user: str, profile: Profile, relayed: Relayed, response: web.StreamResponse
+) -> None:
+    """The bridge took the client's `notifications/cancelled`: the calls it names are no longer in flight."""
+    client = relayed.client_session
+    if client is None or response.status not in (200, 202):
+        return
+    for message in relayed.messages:
+        if message.get("method") == "notifications/cancelled" and "id" not in message:
+            request_id = (message.get("params") or {}).get("requestId")
+            if isinstance(request_id, str | int):
+                held_calls.cancelled((user, profile.name, client, request_id))
+
+
+async def _exchange(
+    router: Router, request: web.Request, session: Session, profile: Profile, relayed: Relayed, output: Output | None
+) -> web.StreamResponse:
+    """The request through the session's bridge, the client's MCP session carried over: one the bridge does
+    not know is recreated there from its record first, when there is one (`sessions`)."""
+    sessions = router.mcp_sessions
+    client = relayed.client_session
+    if client is not None:
+        noted = [m for m in relayed.messages if m.get("method") in NOTED and "id" in m]
+        if noted:
+            await sessions.note(client, noted)  # before it is sent: a failure here sends nothing
+        elif sessions.due(client):
+            await sessions.touch(client)
+    try:
+        response = await _to_bridge(router, request, session, relayed, output)
+    except UnknownClient:
+        assert client is not None
+        state = await sessions.load(client, session.key.user, profile.name)
+        if state is None:
+            return relayed.not_found()
+        if await session.bridge.resume_client(state, router.settings.session_start_timeout_s):
+            router.metrics.mcp_sessions_resumed.labels(profile.name).inc()
+            log.info("MCP session resumed", extra={"user": session.key.user, "profile": profile.name})
+        try:
+            response = await _to_bridge(router, request, session, relayed, output)
+        except UnknownClient:
+            return relayed.not_found()  # ended again meanwhile (its DELETE, or the bridge's)
+    initialize = relayed.initialize
+    if initialize is not None and response.status == 200:
+        issued = response.headers.get(SESSION_HEADER)
+        if well_formed(issued):
+            assert issued is not None
+            params = initialize.get("params")
+            params = _negotiated(params if isinstance(params, dict) else {}, response)
+            await sessions.created(issued, session.key.user, profile.name, params)
+    return response
+
+
+def _negotiated(params: dict[str, Any], response: web.StreamResponse) -> dict[str, Any]:
+    """The client's `initialize` params with the revision it was answered (so that a recreated session
+    speaks the same one, whatever the bridge then offers)."""
+    body = response.body if isinstance(response, web.Response) else None
+    try:
+        answer = loads(body) if isinstance(body, bytes) else None
+    except ValueError:
+        answer = None
+    result = answer.get("result") if isinstance(answer, dict) else None
+    version = result.get("protocolVersion") if isinstance(result, dict) else None
+    return {**params, "protocolVersion": version} if isinstance(version, str) else params
+
+
+async def _end_client(
+    request: web.Request, router: Router, profile: Profile, relayed: Relayed, output: Output | None
+) -> web.StreamResponse:
+    """A client's `DELETE`: its MCP session ends — its record, and its client session on the bridge of the
+    user's running session, if any (none is started for it)."""
+    client = relayed.client_session
+    assert client is not None
+    user = user_of(request)
+    ended = await router.mcp_sessions.end(client, user, profile.name)
+    mine = [s for s in router.backend.list(user) if s.key.profile == profile.name]
+    running = next((s for s in mine if s.state == "ready" and s.endpoint.url), None)
+    answer: web.StreamResponse | None = None
+    if running is not None:
+        with contextlib.suppress(UnknownClient, BridgeUnreachable):
+            answer = await _to_bridge(router, request, running, relayed, output)
+    if answer is not None and answer.status != 204:
+        return answer
+    return web.Response(status=204) if ended or answer is not None else relayed.not_found()
 
 
 def _json_answer(answer: Message, modern: bool) -> web.Response:
@@ -324,14 +517,48 @@ async def _to_bridge(
             if relayed.payload is None:
                 return json_response(error_response(None, PARSE_ERROR, "Parse error: the body is not valid JSON"), 400)
         with router.streaming():
-            return await session.bridge.mcp.handle(request, relayed.payload, output)
+            response = await session.bridge.mcp.handle(request, relayed.payload, output)
+        if response.status == 404 and relayed.client_session is not None and not response.prepared:
+            raise UnknownClient
+        return response
     return await _forward(router, request, session, relayed, output)
 
 
 async def _forward(
     router: Router, request: web.Request, session: Session, relayed: Relayed, output: Output | None
 ) -> web.StreamResponse:
-    """The request over HTTP to a bridge elsewhere, with the session's token in place of the caller's key."""
+    """The request over HTTP to a bridge elsewhere, with the session's token in place of the caller's key.
+
+    Watched all along, from before the bridge's first byte: a caller that leaves lets go of its call at
+    once, and closing the connection to the bridge cancels a 2026-07-28 request there."""
+    sending = asyncio.ensure_future(_send(router, request, session, relayed))
+    try:
+        while True:
+            done, _ = await asyncio.wait({sending}, timeout=PEER_POLL_S)
+            if done:
+                break
+            if peer_gone(request):
+                _let_go(request)
+                return web.Response(status=499)  # the caller left (the finally below closes the connection)
+    finally:
+        if not sending.done():
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+    upstream, raw = sending.result()
+    async with upstream:
+        out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
+        if raw is None:
+            return await _forward_stream(router, request, upstream, out_headers, output)
+        # A JSON (or empty) answer is complete as it comes: one response, one write.
+        if output is not None:
+            raw = await _checked_json(raw, output)
+        return web.Response(status=upstream.status, headers=out_headers, body=raw)
+
+
+async def _send(
+    router: Router, request: web.Request, session: Session, relayed: Relayed
+) -> tuple[aiohttp.ClientResponse, bytes | None]:
+    """The bridge's answer: its response, and its body when it is JSON (None: a stream, to relay as it comes)."""
     try:
         upstream = await router.http.request(
             request.method,
@@ -343,28 +570,21 @@ async def _forward(
         )
     except (aiohttp.ClientError, OSError) as exc:
         raise BridgeUnreachable(session.endpoint, exc) from exc
-    async with upstream:
-        out_headers = {name: upstream.headers[name] for name in _RESPONSE_HEADERS if name in upstream.headers}
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        if not is_sse and request.method != "GET":
-            return await _forward_json(request, upstream, out_headers, output)
-        return await _forward_stream(router, request, upstream, out_headers, output)
-
-
-async def _forward_json(
-    request: web.Request, upstream: aiohttp.ClientResponse, out_headers: dict[str, str], output: Output | None
-) -> web.Response:
-    """A JSON (or empty) answer is complete as it comes: one response, one write."""
+    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    if (is_sse or request.method == "GET") and upstream.status != 404:
+        return upstream, None
     try:
-        raw = await _read_watching(request, upstream)
+        raw = await upstream.read()
     except aiohttp.ClientError as exc:
         # Not BridgeUnreachable: the request reached the bridge, so it must not be sent again.
         raise PierError("SESSION_LOST", f"the bridge's answer was cut off: {exc}") from exc
-    if raw is None:
-        return web.Response(status=499)  # the caller left: closing our side tells the bridge
-    if output is not None:
-        raw = await _checked_json(raw, output)
-    return web.Response(status=upstream.status, headers=out_headers, body=raw)
+    finally:
+        if not upstream.content.at_eof():
+            upstream.close()  # cut off, or abandoned by its caller: the connection is not reused
+    if upstream.status == 404 and relayed.client_session is not None:
+        upstream.release()
+        raise UnknownClient
+    return upstream, raw
 
 
 async def _forward_stream(
@@ -385,10 +605,11 @@ async def _forward_stream(
     try:
         with router.streaming():
             await response.prepare(request)
+            chunks = _chunks_watching(request, upstream)
             if output is not None:
-                await _relay_sse(upstream, response, output)
+                await _relay_sse(chunks, response, output)
             else:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in chunks:
                     await response.write(chunk)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientError):
@@ -396,22 +617,34 @@ async def _forward_stream(
     return response
 
 
-async def _read_watching(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
-    """The bridge's JSON answer; None if the caller left first (the connection to the bridge is then
-    closed, which cancels a 2026-07-28 request there)."""
-    reading = asyncio.ensure_future(upstream.read())
-    try:
-        while True:
-            done, _ = await asyncio.wait({reading}, timeout=PEER_POLL_S)
-            if done:
-                return reading.result()
+async def _chunks_watching(request: web.Request, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The bridge's stream as it comes, until it ends or the caller leaves: a stream with nothing to say
+    for a while (a long call) must not keep a gone caller's call in flight until its next event."""
+    while True:
+        try:
+            async with asyncio.timeout(PEER_POLL_S):
+                chunk = await upstream.content.readany()
+        except TimeoutError:
             if peer_gone(request):
-                return None
-    finally:
-        if not reading.done():
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
-            upstream.close()
+                _caller_gone(request, upstream)
+                return
+            continue
+        if not chunk:
+            return
+        yield chunk
+
+
+def _caller_gone(request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+    """The caller left: its call is over for the session's count first, then the connection to the bridge
+    is closed, which cancels a 2026-07-28 request there."""
+    _let_go(request)
+    upstream.close()
+
+
+def _let_go(request: web.Request) -> None:
+    held = request.get(HELD)
+    if held is not None:
+        held.release()
 
 
 async def _checked_json(raw: bytes, output: Output) -> bytes:
@@ -427,10 +660,10 @@ async def _checked_json(raw: bytes, output: Output) -> bytes:
     return dumps(checked if isinstance(payload, list) else checked[0])
 
 
-async def _relay_sse(upstream: aiohttp.ClientResponse, response: web.StreamResponse, output: Output) -> None:
+async def _relay_sse(chunks: AsyncIterator[bytes], response: web.StreamResponse, output: Output) -> None:
     """Forward an SSE stream event by event, each message through the output filter."""
     buffer = b""
-    async for chunk in upstream.content.iter_any():
+    async for chunk in chunks:
         buffer += chunk.replace(b"\r\n", b"\n")
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
@@ -456,6 +689,7 @@ async def _checked_event(event: bytes, output: Output) -> bytes:
 
 
 def add_routes(v1: web.Application) -> None:
+    v1[HELD_CALLS] = HeldCalls()
     for user in USERS:
         path = f"{user}/servers/{{server}}/mcp"
         v1.router.add_post(path, relay)

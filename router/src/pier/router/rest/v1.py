@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -68,7 +69,9 @@ async def list_sessions(request: web.Request) -> web.Response:
     router = router_of(request)
     user = user_of(request)
     principal_of(request).check_user(user)
-    return json_response({"sessions": [s.view() for s in router.backend.list(user)]})
+    sessions = router.backend.list(user)
+    await asyncio.gather(*(session.look() for session in sessions))  # their bridges' counts now
+    return json_response({"sessions": [s.view() for s in sessions]})
 
 
 async def end_session(request: web.Request) -> web.Response:
