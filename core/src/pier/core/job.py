@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pier.core import tracing
 from pier.core.errors import PierError
 from pier.core.policy import Caller
 
@@ -66,6 +67,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     progress: dict[str, Any] | None = None
     progress_count: int = 0
+    traceparent: str | None = Field(default=None, description="W3C trace context of its hand-off: workers join it")
+    tracestate: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -73,6 +76,15 @@ class JobRecord(BaseModel):
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    def trace(self) -> tracing.TraceContext | None:
+        """Where its hand-off stands in the caller's trace (None: not traced, or unreadable)."""
+        return tracing.parse(self.traceparent, self.tracestate)
+
+    def traced(self, context: tracing.TraceContext | None) -> None:
+        """Carry `context` (set before the job is saved: not a state change)."""
+        if context is not None:
+            self.traceparent, self.tracestate = context.traceparent, context.state or None
 
     def caller(self) -> Caller:
         """Who asked for this call, as the policy hook judges its result."""
