@@ -148,6 +148,29 @@ async def scraping(workdir: Path, http: aiohttp.ClientSession, targets: dict[str
         yield prometheus
 
 
-async def series_of(prometheus: Prometheus, http: aiohttp.ClientSession, queries: list[str]) -> dict[str, int]:
-    """How many series each query returns now."""
-    return {expr: len(await prometheus.query(http, expr)) for expr in queries}
+def alert_queries(spec: dict[str, Any], operator: bool) -> list[str]:
+    """What to evaluate of the alerts on the operator's metrics (`operator`), or of the others (on metrics of the
+    router, workers or bridges: the warm-pool alert reads both): each one's query, and its comparison (`bool`,
+    so that it returns series whether it holds or not)."""
+    queries = []
+    for rule in alerts(spec):
+        parts = alert_parts(rule)
+        others = re.search(r"pier_(?!operator_)", parts["query"]) is not None
+        if ("pier_operator_" in parts["query"]) if operator else others:
+            queries += [parts["query"], f"{parts['query']} {parts['op']} bool {parts['threshold']}"]
+    return queries
+
+
+async def empty_queries(
+    prometheus: Prometheus, http: aiohttp.ClientSession, queries: list[str], timeout: float = 60
+) -> list[str]:
+    """The queries that still return no series after `timeout` (scrapes keep coming in meanwhile)."""
+    found: dict[str, int] = {}
+
+    async def every_query_has_series() -> bool:
+        found.update({expr: len(await prometheus.query(http, expr)) for expr in queries})
+        return all(found.values())
+
+    with contextlib.suppress(TimeoutError):
+        await wait_until(every_query_has_series, timeout=timeout, interval=1)
+    return [expr for expr, count in found.items() if not count]

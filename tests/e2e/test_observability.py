@@ -12,7 +12,6 @@ dashboard and alert are checked the same way against the operator on the test cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -25,17 +24,17 @@ from pier.core.catalog import Catalog, Profile, demo_profile
 from tests.hooks import Receiver
 from tests.prometheus import (
     alert_parts,
+    alert_queries,
     alerts,
     dashboard_queries,
+    empty_queries,
     promtool,
     scraping,
-    series_of,
     shipped,
 )
 from tests.servers import DEMO, router_app, sidecar_process, text_of, wait_job, wait_until, worker_processes
 
 HERE = Path(__file__).parent
-OPERATOR_ONLY = "pier_operator_"  # queries of the operator's metrics: checked on the test cluster
 
 
 def test_the_rules_pass_promtool_and_every_alert_fires_and_stays_quiet_in_its_unit_tests(tmp_path):
@@ -90,20 +89,8 @@ async def test_every_dashboard_query_and_alert_returns_series_from_a_live_promet
             boards, spec = shipped()
             queries = dashboard_queries(boards["pier-overview.json"])
             assert len(queries) > 25
-            for rule in alerts(spec):
-                parts = alert_parts(rule)
-                if OPERATOR_ONLY in parts["query"] and "pier_router_" not in parts["query"]:
-                    continue
-                queries += [parts["query"], f"{parts['query']} {parts['op']} bool {parts['threshold']}"]
-            found: dict[str, int] = {}
-
-            async def every_query_has_series() -> bool:
-                found.update(await series_of(prometheus, http, queries))
-                return all(found.values())
-
-            with contextlib.suppress(TimeoutError):  # then the assertion below names what stayed empty
-                await wait_until(every_query_has_series, timeout=60, interval=1)
-    empty = [expr for expr, count in found.items() if not count]
+            queries += alert_queries(spec, operator=False)  # the operator's: on the test cluster
+            empty = await empty_queries(prometheus, http, queries)
     assert not empty, "queries that return no series (a metric renamed or mistyped?):\n" + "\n".join(empty)
 
 
