@@ -49,9 +49,9 @@ async def collector(monkeypatch) -> AsyncIterator[Collector]:
 
 
 @contextlib.asynccontextmanager
-async def traced_router(redis_url: str, **settings) -> AsyncIterator:
-    catalog = Catalog([Profile(name=PROFILE, command=ROGUE, **settings)])
-    async with router_app(redis_url, catalog) as running:
+async def traced_router(redis_url: str, profile: dict | None = None, **settings) -> AsyncIterator:
+    catalog = Catalog([Profile(name=PROFILE, command=ROGUE, **(profile or {}))])
+    async with router_app(redis_url, catalog, **settings) as running:
         assert tracing.enabled()
         yield running
 
@@ -154,7 +154,7 @@ async def test_a_warm_session_is_acquired_as_it_is_and_a_bad_traceparent_starts_
 
 async def test_a_warm_pool_claim_is_visible_as_such(http, redis_server, collector):
     caller = _caller()
-    async with traced_router(redis_server.url, warm_pool=1) as running:
+    async with traced_router(redis_server.url, {"warm_pool": 1}) as running:
         await wait_until(lambda: running.router.backend.pool_views()[0]["ready"] == 1)
         url = f"{running.user_url('bob', PROFILE)}/tools/meta/call"
         async with http.post(url, json={"arguments": {}}, headers={"traceparent": caller.traceparent}) as response:
@@ -199,7 +199,7 @@ async def test_a_handed_off_job_joins_the_callers_trace_through_the_worker_and_i
     caller = _caller()
     async with (
         Receiver() as receiver,
-        traced_router(redis_server.url, webhook_url=receiver.url) as running,
+        traced_router(redis_server.url, {"webhook_url": receiver.url}) as running,
         worker_processes(redis_server.url),
     ):
         url = f"{running.user_url('alice', PROFILE)}/tools/meta/call"
@@ -253,3 +253,55 @@ async def test_a_hanging_collector_never_fails_a_call_and_its_lost_spans_are_cou
             metrics = await scrape(http, running.url)
     assert hanging.bodies  # the exporter did try
     assert metrics.value("pier_tracing_spans_total", outcome="dropped") > 0
+
+
+async def test_bridgekit_and_websocket_callers_join_the_trace_too(http, redis_server, collector):
+    async with traced_router(redis_server.url) as running:
+        # bridgekit's /chat: the traceparent header.
+        chat_caller = _caller()
+        body = {"user_id": "alice", "server": PROFILE, "tool_name": "meta", "tool_args": {}}
+        async with http.post(f"{running.url}/chat", json=body, headers=chat_caller.carrier()) as r:
+            [frame] = [line for line in (await r.text()).splitlines() if line.startswith("data: ")]
+        meta = _received_meta(json.loads(frame[6:])["result"]["content"][0]["text"])
+        spans = await _exported(collector, chat_caller.trace_id, "tools/call meta")
+        tree(spans, chat_caller.span_id)
+        assert _the_server_was_called_by(spans, meta, chat_caller)
+        # The WebSocket: each request's `_meta.traceparent` (a socket carries many calls).
+        ws_caller = _caller()
+        url = running.user_url("alice", PROFILE).replace("http://", "ws://") + "/ws"
+        async with http.ws_connect(url) as ws:
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "ws"}}
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}))
+            await ws.receive()
+            params = {"name": "meta", "arguments": {}, "_meta": {**ws_caller.carrier(), **MARKER}}
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}))
+            answer = json.loads((await ws.receive()).data)
+        meta = _received_meta(answer["result"]["content"][0]["text"])
+        assert meta["com.example/marker"] == "kept"
+        spans = await _exported(collector, ws_caller.trace_id, "tools/call meta", count=2)
+        tree(spans, ws_caller.span_id)
+        assert _the_server_was_called_by(spans, meta, ws_caller)
+
+
+async def test_a_bridge_process_passes_the_routers_span_on_to_its_server(http, redis_server, collector):
+    """A bridge as a process (as in a pod) records nothing of its own: the server's parent is the router's
+    client span of the request to the bridge (REST: `POST /v1/calls`; MCP: `POST /mcp`)."""
+    rest_caller, mcp_caller = _caller(), _caller()
+    async with traced_router(redis_server.url, local_bridges="process") as running:
+        url = f"{running.user_url('alice', PROFILE)}/tools/meta/call"
+        async with http.post(url, json={"arguments": {}}, headers=rest_caller.carrier()) as r:
+            rest_meta = _received_meta(text_of_rest(await r.json()))
+        with ambient(mcp_caller):
+            async with Client(f"{running.user_url('alice', PROFILE)}/mcp", mode="legacy") as client:
+                mcp_meta = _received_meta(text_of(await client.call_tool("meta", {})))
+        rest_spans = await _exported(collector, rest_caller.trace_id, "POST /v1/calls")
+        mcp_spans = await _exported(collector, mcp_caller.trace_id, "tools/call meta")
+    for spans, meta, caller, name in (
+        (rest_spans, rest_meta, rest_caller, "POST /v1/calls"), (mcp_spans, mcp_meta, mcp_caller, "POST /mcp")
+    ):  # fmt: skip
+        tree(spans, caller.span_id)
+        received = tracing.parse(meta["traceparent"])
+        assert received is not None
+        [calling] = [s for s in spans if s.span_id == received.span_id]
+        assert (calling.name, calling.kind, calling.service) == (name, "client", "pier-router")
+        assert {s.service for s in spans} == {"pier-router"}  # nothing from the bridge process itself

@@ -154,7 +154,8 @@ class CallService:
         if job_id is not None:
             call.job_id = job_id
         logs.bind(job_id=call.job_id)
-        with tracing.span(tracing.span_name("call", tool), attributes=_call_attributes(call)) as span:
+        attributes = _call_attributes(call) if tracing.enabled() else None
+        with tracing.span(tracing.span_name("call", tool), attributes=attributes) as span:
             result = await self._call(call, timeout_s is not None, start)
             if span.recording:
                 span.set("pier.call.status", result.body["status"])

@@ -65,6 +65,8 @@ def _server_span(request: web.Request, route: str, request_id: str) -> tracing.S
     """The HTTP server span of a request (semantic conventions: `{method} {route}`)."""
     if request.path in _UNTRACED:
         return tracing.nothing()
+    if not tracing.enabled():  # nothing recorded: only the caller's context, for logs and what is sent on
+        return tracing.span("", parent=tracing.from_headers(request.headers))
     attributes: dict[str, str | int] = {
         "http.request.method": request.method, "url.path": request.path, "url.scheme": request.scheme,
         "server.address": request.host.rsplit(":", 1)[0], "pier.request_id": request_id,
