@@ -145,3 +145,20 @@ def test_a_setting_pier_cannot_honour_is_refused_in_one_line(name, value, says, 
         tracing.start("pier-test")
     assert not tracing.enabled()
     tracing.stop()
+
+
+def test_log_lines_written_in_a_traced_request_carry_its_ids():
+    import json
+    import logging
+
+    from pier.core.logs import JsonFormatter
+
+    def line() -> dict[str, Any]:
+        record = logging.LogRecord("pier.test", logging.INFO, __file__, 1, "handled", None, None)
+        parsed: dict[str, Any] = json.loads(JsonFormatter().format(record))
+        return parsed
+
+    assert "trace_id" not in line()
+    with tracing.span("request", parent=tracing.parse(VALID)):
+        assert (line()["trace_id"], line()["span_id"]) == (TRACE, SPAN)  # tracing off: the caller's own
+    assert "trace_id" not in line()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from pier.cli.redis_server import free_port
 from pier.core import tracing
 from pier.core.errors import PierError
+from pier.core.logs import JsonFormatter
 from tests.hooks import Collector
 from tests.servers import wait_until
 
@@ -71,6 +73,9 @@ async def test_spans_reach_the_collector_under_the_callers_context_with_pier_err
             with pytest.raises(PierError), tracing.span("inner"):
                 raise PierError("SESSION_LOST", "the bridge went away")
             later = tracing.begin("outlives", links=[CALLER])
+            record = logging.LogRecord("pier.test", logging.INFO, __file__, 1, "handled", None, None)
+            logged = json.loads(JsonFormatter().format(record))
+            assert (logged["trace_id"], logged["span_id"]) == (CALLER.trace_id, mine.span_id)  # the span's own
         later.end()
         assert outer.context() is not None
         assert await asyncio.to_thread(tracing.flush)
