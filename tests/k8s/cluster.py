@@ -565,12 +565,17 @@ class ControlPlane:
             with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context()) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as err:
+            err.close()  # it holds the response's connection: a ResourceWarning (an error here) if left to the GC
             if err.code == 404:
                 return None
             raise
 
     def _get(self, path: str, raw: bool = False) -> Any:
         """GET from the API server as admin (client cert); JSON-decoded unless `raw`."""
-        with urllib.request.urlopen(self.server + path, timeout=5, context=self.ssl_context()) as resp:
-            body = resp.read()
+        try:
+            with urllib.request.urlopen(self.server + path, timeout=5, context=self.ssl_context()) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as err:
+            err.close()  # (as in `api`)
+            raise
         return body if raw else json.loads(body)
