@@ -155,6 +155,25 @@ class _State:
 _state = _State()
 
 
+class _Api:
+    """The OpenTelemetry API, imported once, when tracing starts (never while it is off)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+
+        self.trace = trace
+        self.attach = context.attach
+        self.detach = context.detach
+        self.get_current = context.get_current
+        self.Context = context.Context
+        kinds = trace.SpanKind
+        self.kinds = {"internal": kinds.INTERNAL, "server": kinds.SERVER, "client": kinds.CLIENT,
+                      "producer": kinds.PRODUCER, "consumer": kinds.CONSUMER}  # fmt: skip
+
+
+_api: _Api  # set by `_configure`
+
+
 def enabled() -> bool:
     """Whether spans are recorded in this process."""
     return _state.tracer is not None
@@ -230,6 +249,8 @@ def _configure(service_name: str, env: Mapping[str, str]) -> None:
     # The exporter's own per-batch errors are summed up by `_Export` (counted, logged now and then).
     logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)
     export = _Export(OTLPSpanExporter(), queue, batch, delay_s)
+    global _api  # noqa: PLW0603 - the API's names, looked up once rather than imported per span
+    _api = _Api()
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(_processor(export))
     _state.provider, _state.export = provider, export
@@ -321,7 +342,7 @@ class _Export:
         self.max_batch = max_batch
         self.delay_s = delay_s
         self._queue: collections.deque[ReadableSpan] = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper for every span
         self._exporting = 0  # spans taken from the queue, not yet exported
         self._stopping = False
         self._flushing = False
@@ -453,10 +474,8 @@ class _Recorded(Span):
         self.otel.add_event(name, attributes or {})
 
     def fail(self, code: str, message: str = "") -> None:
-        from opentelemetry.trace import StatusCode
-
         self.otel.set_attribute("error.type", code)
-        self.otel.set_status(StatusCode.ERROR, message[:_MAX_DESCRIPTION] or None)
+        self.otel.set_status(_api.trace.StatusCode.ERROR, message[:_MAX_DESCRIPTION] or None)
 
     def end(self) -> None:
         if not self._ended:  # once, whichever path ends it
@@ -488,29 +507,29 @@ def _otel_parent(parent: Parent) -> OtelContext | None:
     """The OpenTelemetry context to start a span in (None: the current one)."""
     if parent is None:
         return None
-    from opentelemetry.context import Context
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState, set_span_in_context
-
+    trace = _api.trace
     if isinstance(parent, _Root):
-        return Context()
-    remote = SpanContext(
-        int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True, trace_flags=TraceFlags(parent.flags),
-        trace_state=TraceState.from_header([parent.state]) if parent.state else None,
+        return _api.Context()
+    remote = trace.SpanContext(
+        int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True, trace_flags=trace.TraceFlags(parent.flags),
+        trace_state=trace.TraceState.from_header([parent.state]) if parent.state else None,
     )  # fmt: skip
-    return set_span_in_context(NonRecordingSpan(remote), Context())
+    context: OtelContext = trace.set_span_in_context(trace.NonRecordingSpan(remote), _api.Context())
+    return context
 
 
 def _kind(kind: Kind) -> Any:
-    from opentelemetry.trace import SpanKind
-
-    return getattr(SpanKind, kind.upper())
+    return _api.kinds[kind]
 
 
 def _links(links: Iterable[TraceContext | None]) -> list[Any]:
-    from opentelemetry.trace import Link, SpanContext, TraceFlags
-
+    trace = _api.trace
     return [
-        Link(SpanContext(int(c.trace_id, 16), int(c.span_id, 16), is_remote=True, trace_flags=TraceFlags(c.flags)))
+        trace.Link(
+            trace.SpanContext(
+                int(c.trace_id, 16), int(c.span_id, 16), is_remote=True, trace_flags=trace.TraceFlags(c.flags)
+            )
+        )
         for c in links
         if c is not None
     ]
@@ -542,21 +561,16 @@ class _Scope:
         self._token: object = None
 
     def __enter__(self) -> Span:
-        from opentelemetry.context import attach
-        from opentelemetry.trace import set_span_in_context
-
         assert self._span.otel is not None
-        self._token = attach(set_span_in_context(self._span.otel))
+        self._token = _api.attach(_api.trace.set_span_in_context(self._span.otel))
         return self._span
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        from opentelemetry.context import detach
-
         if exc is not None and self._owned:
             record_error(self._span, exc)
-        detach(self._token)  # type: ignore[arg-type]  # the token `attach` returned
+        _api.detach(self._token)  # type: ignore[arg-type]  # the token `attach` returned
         if self._owned:
             self._span.end()
 
@@ -625,9 +639,7 @@ def detached() -> contextvars.Context:
     the rest, such as a request's log context)."""
     fresh = contextvars.Context()
     if _state.tracer is not None:
-        from opentelemetry.context import attach, get_current
-
-        fresh.run(attach, get_current())
+        fresh.run(_api.attach, _api.get_current())
     else:
         fresh.run(_remote.set, _remote.get())
     return fresh
@@ -639,9 +651,7 @@ def untraced() -> contextvars.Context:
     copied = contextvars.copy_context()
     copied.run(_remote.set, None)
     if _state.tracer is not None:
-        from opentelemetry.context import Context, attach
-
-        copied.run(attach, Context())
+        copied.run(_api.attach, _api.Context())
     return copied
 
 
@@ -650,11 +660,8 @@ def task_context(current: Span) -> contextvars.Context | None:
     that works under it (None: nothing to carry, the task copies the current context as usual)."""
     if current.otel is None:
         return None
-    from opentelemetry.context import attach
-    from opentelemetry.trace import set_span_in_context
-
     copied = contextvars.copy_context()
-    copied.run(attach, set_span_in_context(current.otel))
+    copied.run(_api.attach, _api.trace.set_span_in_context(current.otel))
     return copied
 
 
@@ -665,9 +672,7 @@ def current() -> TraceContext | None:
     """The current position: the current span's (tracing on), else the caller's context (off)."""
     if _state.tracer is None:
         return _remote.get()
-    from opentelemetry.trace import get_current_span
-
-    return _of(get_current_span())
+    return _of(_api.trace.get_current_span())
 
 
 def headers() -> dict[str, str]:
@@ -720,18 +725,14 @@ def current_span() -> Span:
     """The current span, to note what its work found out (never to end it); NULL when none is recorded."""
     if _state.tracer is None:
         return NULL
-    from opentelemetry.trace import get_current_span
-
-    otel = get_current_span()
+    otel = _api.trace.get_current_span()
     return _Recorded(otel) if otel.is_recording() else NULL
 
 
 def add_event(name: str, attributes: Attributes | None = None) -> None:
     """An event on the current span (a retry, a claim), if one is being recorded."""
     if _state.tracer is not None:
-        from opentelemetry.trace import get_current_span
-
-        get_current_span().add_event(name, attributes or {})
+        _api.trace.get_current_span().add_event(name, attributes or {})
 
 
 def mcp_attributes(message: Mapping[str, Any], transport: Literal["pipe", "tcp"] = "tcp") -> dict[str, Any]:
