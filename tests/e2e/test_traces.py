@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import cast
@@ -27,7 +28,7 @@ from pier.core import tracing
 from pier.core.catalog import Catalog, Profile
 from pier.core.protocol import MODERN
 from tests.hooks import Collector, Receiver, Span, path_to_root, tree
-from tests.servers import ROGUE, router_app, scrape, text_of, wait_job, wait_until, worker_processes
+from tests.servers import PIER, ROGUE, router_app, scrape, text_of, wait_job, wait_until, worker_processes
 
 PROFILE = "rogue"
 MARKER = {"com.example/marker": "kept"}  # a caller's own `_meta` key
@@ -305,3 +306,20 @@ async def test_a_bridge_process_passes_the_routers_span_on_to_its_server(http, r
         [calling] = [s for s in spans if s.span_id == received.span_id]
         assert (calling.name, calling.kind, calling.service) == (name, "client", "pier-router")
         assert {s.service for s in spans} == {"pier-router"}  # nothing from the bridge process itself
+
+
+@pytest.mark.parametrize("component", ["router", "jobs"])
+async def test_an_otlp_protocol_pier_does_not_speak_stops_it_in_one_line(redis_server, component):
+    env = {
+        **os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "PIER_REDIS_URL": redis_server.url, "PIER_PORT": "0", "PIER_JOBS_PORT": "0",
+    }  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *PIER, component, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert err.decode().splitlines()[-1] == (
+        f"pier {component}: OTEL_EXPORTER_OTLP_PROTOCOL=grpc: Pier exports traces over OTLP/HTTP (http/protobuf) "
+        "only; point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's HTTP port (4318 by default)"
+    )
