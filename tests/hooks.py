@@ -93,6 +93,7 @@ class Span:
     status: str  # unset, ok, error
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace_id, span_id)
     events: list[str] = field(default_factory=list)
+    start: int = 0  # nanoseconds since the epoch
 
     @property
     def error_type(self) -> Any:
@@ -115,7 +116,7 @@ def _decoded(span: Any, service: str) -> Span:
         trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), parent_id=span.parent_span_id.hex(), name=span.name,
         kind=_KINDS[span.kind], service=service, attributes={a.key: _value(a.value) for a in span.attributes},
         status=_STATUS[span.status.code], links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
-        events=[event.name for event in span.events],
+        events=[event.name for event in span.events], start=span.start_time_unix_nano,
     )  # fmt: skip
 
 

@@ -215,8 +215,11 @@ async def test_a_handed_off_job_joins_the_callers_trace_through_the_worker_and_i
         await wait_until(lambda: receiver.received)
         spans = await _exported(collector, caller.trace_id, "process pier:jobs")
     tree(spans, caller.span_id)
-    acquired = {s.attributes.get("pier.session.acquired") for s in spans if s.name == "session acquire"}
-    assert acquired == {"started", "joined"}  # the call's cold start; the router's wait to report it to the job
+    # The call's cold start; then the router waits for that start to report the session to the job (joining it,
+    # or finding it up already when the start was quick).
+    first, then = sorted((s for s in spans if s.name == "session acquire"), key=lambda s: s.start)
+    assert first.attributes["pier.session.acquired"] == "started"
+    assert then.attributes["pier.session.acquired"] in ("joined", "existing")
     [producer] = [s for s in spans if s.name == "send pier:jobs"]
     assert producer.kind == "producer"
     assert producer.service == "pier-router"
