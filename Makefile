@@ -78,12 +78,13 @@ k8s-down: install
 
 # Benchmarks (bench/README.md): peers from PyPI and npm into bench/.peers (pinned in bench/pins.toml), then
 # every scenario on loopback; bench/results/latest.{md,json,png}. `bench-quick` takes under two minutes.
+# BENCH_ARGS=--traces: Pier's processes export traces to a collector of the bench's own (what tracing costs).
 BENCH_PY := bench/.peers/venv/bin/python
 .PHONY: bench bench-quick
 bench: install
 	$(PY) -m bench.peers
-	$(BENCH_PY) -m bench.run
+	$(BENCH_PY) -m bench.run $(BENCH_ARGS)
 
 bench-quick: install
 	$(PY) -m bench.peers
-	$(BENCH_PY) -m bench.run --quick
+	$(BENCH_PY) -m bench.run --quick $(BENCH_ARGS)

@@ -234,10 +234,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _traces(meta: dict[str, Any]) -> str:
+    return f", traces on: {meta.get('spans_exported', 0)} spans exported" if meta.get("traces") else ""
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
-        f"# Pier benchmark ({'quick' if meta['quick'] else 'full'} mode)",
+        f"# Pier benchmark ({'quick' if meta['quick'] else 'full'} mode{_traces(meta)})",
         "",
         f"{meta['started_at']} · {meta['cpus']} CPUs · load average {meta['loadavg_before']} before, "
         f"{meta['loadavg_after']} after · {meta['elapsed_s']:.0f} s · Pier {meta['pier_rev']} · "

@@ -1,6 +1,9 @@
 """`make bench` / `make bench-quick`: run every scenario, write bench/results/latest.*, print the table.
 
-    python -m bench.run [--quick] [--only direct,peers,sidecar,router]
+    python -m bench.run [--quick] [--only direct,peers,sidecar,router] [--traces]
+
+With `--traces`, Pier's processes export traces (OTLP/HTTP) to a collector of the bench's own
+(`bench.otlp_sink`): what tracing costs, against a run without it.
 
 Systems run one at a time (never two loads at once): direct stdio, mcp-proxy, supergateway,
 Pier's sidecar, Pier's router. Each is started fresh and stopped before the next.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -18,8 +22,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from bench import peers, report, scenarios, targets
 from bench.scenarios import Config
@@ -213,16 +220,63 @@ def _meta(cfg: Config) -> dict[str, Any]:
     }
 
 
-async def main(quick: bool, only: list[str]) -> int:
+async def main(quick: bool, only: list[str], traces: bool = False) -> int:
     cfg = Config.make(quick)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     logs = peers.PEERS / "logs" / stamp
     logs.mkdir(parents=True, exist_ok=True)
     meta = _meta(cfg)
-    log(f"Pier bench, {'quick' if quick else 'full'} mode; process logs in {logs}")
-    started = time.monotonic()
+    meta["traces"] = traces
+    log(f"Pier bench, {'quick' if quick else 'full'} mode{', traces on' if traces else ''}; process logs in {logs}")
     bench = Bench(cfg, logs)
-    budget = 600 if quick else 3600  # a wedged run ends; it never holds the machine
+    async with otlp_sink(traces, logs) as count_spans:
+        await _run_phases(bench, only, meta)
+        if traces:
+            meta["spans_exported"] = await count_spans()
+            log(f"spans the collector received: {meta['spans_exported']}")
+    text = report.write(bench.results(meta))
+    print("\n" + text, flush=True)
+    log(f"written: {report.RESULTS / 'latest.md'}, latest.json, latest.png")
+    # Logs of the last runs only: a few MiB each.
+    for old in sorted((peers.PEERS / "logs").iterdir())[:-5]:
+        shutil.rmtree(old, ignore_errors=True)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def otlp_sink(on: bool, logs: Path) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """With `on`: a collector process, and OTEL_EXPORTER_OTLP_ENDPOINT naming it for every Pier process the
+    bench starts (they inherit the bench's environment); yields how to ask it for its span count."""
+    if not on:
+
+        async def none() -> int:
+            return 0
+
+        yield none
+        return
+    from bench.processes import free_port, spawn, wait_http
+
+    port = free_port()
+    sink = await spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", str(port)], logs)
+    base = f"http://127.0.0.1:{port}"
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = base
+    try:
+        await wait_http(f"{base}/count", sink)
+
+        async def count() -> int:
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/count") as response:
+                spans: int = (await response.json())["spans"]
+                return spans
+
+        yield count
+    finally:
+        os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        await sink.stop()
+
+
+async def _run_phases(bench: Bench, only: list[str], meta: dict[str, Any]) -> None:
+    started = time.monotonic()
+    budget = 600 if bench.cfg.quick else 3600  # a wedged run ends; it never holds the machine
     failures: list[str] = []
     async with asyncio.timeout(budget):
         for phase in PHASES:
@@ -238,25 +292,19 @@ async def main(quick: bool, only: list[str]) -> int:
     meta["failures"] = failures
     meta["elapsed_s"] = time.monotonic() - started
     meta["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = report.write(bench.results(meta))
-    print("\n" + text, flush=True)
-    log(f"written: {report.RESULTS / 'latest.md'}, latest.json, latest.png")
-    # Logs of the last runs only: a few MiB each.
-    for old in sorted((peers.PEERS / "logs").iterdir())[:-5]:
-        shutil.rmtree(old, ignore_errors=True)
-    return 0
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (under two minutes in all)")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases of {', '.join(PHASES)}")
+    parser.add_argument("--traces", action="store_true", help="Pier's processes export traces to a local collector")
     args = parser.parse_args()
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(only) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
-    sys.exit(asyncio.run(main(args.quick, only)))
+    sys.exit(asyncio.run(main(args.quick, only, args.traces)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ command -v chromium >/dev/null || need+=(chromium)  # the dashboard's browser te
 command -v bwrap >/dev/null || need+=(bubblewrap)  # local sessions' sandbox (README: Local sessions: isolation)
 command -v setpriv >/dev/null || need+=(util-linux)  # a sandboxed session's own uid, when Pier runs as root
 [ -x /usr/bin/python3 ] || need+=(python3)  # the isolation tests' server runs on the system's Python
+command -v promtool >/dev/null || need+=(prometheus)  # the dashboards' and alerts' tests: a real Prometheus, promtool
 
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
@@ -27,6 +28,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The Debian package starts a system-wide Redis; Pier starts its own where it needs one.
-if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
-    systemctl disable --now redis-server >/dev/null 2>&1 || true
-fi
+# So does Prometheus's: the tests run their own.
+for service in redis-server prometheus; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+        systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+done

@@ -15,6 +15,7 @@ from pier.operator.config import OperatorSettings
 from pier.router.config import RouterSettings
 from pier.sidecar.config import ENV_PREFIX, SidecarSettings
 from tests.servers import ROOT
+from tools.observability import ALERTS
 
 README = (ROOT / "README.md").read_text()
 DOCS = ("README.md", "CONTRIBUTING.md", "docs/architecture.md")
@@ -88,3 +89,14 @@ def test_every_path_the_docs_name_exists(doc):
     assert paths, f"{doc} names no path: the pattern is wrong"
     gone = sorted({ref for ref in paths if not _resolves(ref)})
     assert not gone, f"{doc} names paths that do not exist: {gone}"
+
+
+def test_every_alert_has_its_runbook_in_the_readme():
+    """The chart's alerts link `README.md#<alert>`: a heading of that name, and a paragraph under it."""
+    section = README[README.index("### Alerts") :]
+    section = section[: section.index("\n## ")]
+    for alert in ALERTS:
+        heading = f"#### {alert.name}\n\n"
+        assert heading in section, f"no runbook for {alert.name} in the README's Alerts section"
+        paragraph = section[section.index(heading) + len(heading) :].split("\n\n")[0]
+        assert len(paragraph) > 200, f"{alert.name}: its runbook is a line, not a paragraph"

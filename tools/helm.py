@@ -229,13 +229,64 @@ class NetworkPolicy(Values):
 
 
 class ServiceMonitor(Values):
-    enabled: bool = Field(default=False, description="Prometheus Operator ServiceMonitors for router and job pool")
+    enabled: bool = Field(
+        default=False,
+        description="Prometheus Operator ServiceMonitors for router and job pool, a PodMonitor for the operator",
+    )
     interval: str = "30s"
     labels: dict[str, str] = Field(default_factory=dict, description="labels your Prometheus selects on")
 
 
+class SessionPodMonitor(Values):
+    enabled: bool = Field(
+        default=False,
+        description="a PodMonitor for the session pods' bridges (`pier_bridge_*`); the sessions' NetworkPolicy "
+        "then admits Prometheus",
+    )
+    interval: str = "30s"
+    labels: dict[str, str] = Field(default_factory=dict, description="labels your Prometheus selects on")
+    prometheus_namespace: str = Field(
+        default="monitoring", description="the namespace Prometheus scrapes from (admitted to the bridges' port)"
+    )
+
+
+class Dashboards(Values):
+    enabled: bool = Field(
+        default=False, description="Grafana dashboards (overview, operator) as ConfigMaps for Grafana's sidecar"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"grafana_dashboard": "1"}, description="what Grafana's dashboard sidecar selects"
+    )
+    annotations: dict[str, str] = Field(default_factory=dict, description="e.g. the sidecar's folder annotation")
+    namespace: str = Field(default="", description="where the ConfigMaps go (default: the release's namespace)")
+
+
+class PrometheusRule(Values):
+    enabled: bool = Field(default=False, description="a PrometheusRule with Pier's alerts (README: Alerts)")
+    labels: dict[str, str] = Field(default_factory=dict, description="labels your Prometheus selects rules on")
+
+
 class Metrics(Values):
     service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
+    session_pod_monitor: SessionPodMonitor = Field(default_factory=SessionPodMonitor)
+    dashboards: Dashboards = Field(default_factory=Dashboards)
+    prometheus_rule: PrometheusRule = Field(default_factory=PrometheusRule)
+
+
+class Tracing(Values):
+    """OpenTelemetry traces of router, job pool and operator (README: Traces)."""
+
+    otlp_endpoint: str = Field(
+        default="", description="OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://collector:4318;  = off"
+    )
+    headers_secret: str = Field(
+        default="", description="a Secret with key `headers` (OTEL_EXPORTER_OTLP_HEADERS: the collector's credentials)"
+    )
+    sampler: str = Field(default="parentbased_always_on", description="OTEL_TRACES_SAMPLER")
+    sampler_arg: str = Field(default="", description="OTEL_TRACES_SAMPLER_ARG, e.g. 0.1 for a ratio sampler")
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict, description="more resource attributes (k8s.namespace.name and k8s.pod.name are set)"
+    )
 
 
 class ServiceAccounts(Values):
@@ -274,6 +325,7 @@ class ChartValues(Values):
     external_redis: ExternalRedis = Field(default_factory=ExternalRedis)
     network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy)
     metrics: Metrics = Field(default_factory=Metrics)
+    tracing: Tracing = Field(default_factory=Tracing)
     service_accounts: ServiceAccounts = Field(default_factory=ServiceAccounts)
     pod_security_context: Manifest = Field(
         description="router, operator and job pool pods (Redis runs as its image's user, 999)",
@@ -445,7 +497,10 @@ def deploy_files() -> dict[str, str]:
 
 def chart_files() -> dict[Path, str]:
     """The chart's generated files and their expected content."""
+    from tools import observability
+
     files = {CHART / "values.yaml": values_yaml(), CHART / "values.schema.json": json.dumps(schema(), indent=2) + "\n"}
+    files |= observability.files(CHART)
     return files | {CHART / "crds" / name: text for name, text in crds().items()}
 
 

@@ -40,4 +40,19 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         },
         "defaultProfile": "everything",
     },
+    "observability": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "sessionPodMonitor": {"enabled": True},
+            "dashboards": {"enabled": True, "annotations": {"grafana_folder": "Pier"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        },
+        "tracing": {
+            "otlpEndpoint": "http://otel-collector.monitoring:4318",
+            "headersSecret": "otel-headers",
+            "sampler": "parentbased_traceidratio",
+            "samplerArg": "0.25",
+            "resourceAttributes": {"deployment.environment": "production"},
+        },
+    },
 }

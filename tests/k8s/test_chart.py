@@ -302,3 +302,40 @@ def test_sign_in_and_users_secrets_reach_the_router(monkeypatch):
     for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] != "pier-router"):
         for rule in role["rules"]:
             assert "secrets" not in rule["resources"] or rule["resourceNames"] == ["pier-bridge-token"]
+
+
+def test_dashboards_alerts_monitors_and_tracing_are_each_behind_their_switch():
+    from tools import observability
+
+    off = _render({})
+    assert not [o for o in off if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert not [o for o in off if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"].get("labels", {})]
+    for pod in _pods(off).values():
+        assert not [name for c in pod["containers"] for name in _env(c) if name.startswith("OTEL_")]
+
+    on = _render(VALUES_SETS["observability"])
+    boards = {
+        key: json.loads(text)
+        for o in on
+        if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"
+        for key, text in o["data"].items()
+    }
+    assert boards.keys() == {"pier-overview.json", "pier-operator.json"}
+    assert boards == {f"{name}.json": board for name, board in observability.dashboards().items()}
+    [rule] = [o for o in on if o["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert [r["alert"] for r in rule["spec"]["groups"][0]["rules"]] == [a.name for a in observability.ALERTS]
+    monitors = sorted((o["kind"], o["metadata"]["name"]) for o in on if o["kind"] in ("ServiceMonitor", "PodMonitor"))
+    assert monitors == [("PodMonitor", "pier-operator"), ("PodMonitor", "pier-sessions"),
+                        ("ServiceMonitor", "pier-jobs"), ("ServiceMonitor", "pier-router")]  # fmt: skip
+    pods = _pods(on)
+    for component in ("router", "jobs", "operator"):
+        env = _env(pods[f"pier-{component}"]["containers"][0])
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.monitoring:4318"
+        assert env["OTEL_SERVICE_NAME"] == f"pier-{component}"
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"] == {"secretKeyRef": {"name": "otel-headers", "key": "headers"}}
+        assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"]
+    sessions = _one(on, "NetworkPolicy", "pier-sessions")
+    admitted = [rule["from"] for rule in sessions["spec"]["ingress"]]
+    assert [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}] in admitted

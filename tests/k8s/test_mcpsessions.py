@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,11 +27,14 @@ import yaml
 from mcp import Client
 
 from pier.cli.redis_server import free_port
+from pier.core import tracing
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.mcpsession import parse_stamp, session_name
 from pier.router.usersecrets import secret_name
+from tests.hooks import Collector
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.realnode import RealCluster, pod_containers
+from tests.prometheus import alert_queries, dashboard_queries, empty_queries, scraping, shipped
 from tests.servers import ROOT, get_json, router_app, text_of, wait_until, worker_processes
 from tools import helm
 
@@ -363,6 +367,52 @@ async def test_a_new_user_is_bound_to_a_warm_pod_and_the_pool_refills(cluster, n
         at = parse_stamp(reaped["firstTimestamp"]).timestamp()
         assert 3 <= idle_s <= at - applied + 2  # + 2: the timestamps' whole seconds
     # Without the operator nobody keeps the pool: its pods go with the next test's cleanup.
+    cluster.kubectl("delete", "pods", "-n", NAMESPACE, "-l", "pier.dev/pool", "--wait=false", check=False)
+
+
+async def test_the_kubernetes_path_is_traced_and_the_operators_queries_return_series(
+    cluster, node, redis_server, http, tmp_path, monkeypatch
+):
+    """A new user's call through the router on this cluster, traced from the caller to the operator's reconcile
+    (the MCPSession's annotation carries the context), while a real Prometheus scrapes the operator: every query
+    of the operator's dashboard, and the alerts on its metrics, return series."""
+    caller = tracing.TraceContext(secrets.token_hex(16), secrets.token_hex(8))
+    pooled = yaml.safe_load(DEMO_PROFILE)
+    pooled["profiles"]["demo"]["warm_pool"] = 1
+    metrics_port = free_port()
+    async with Collector() as collector:
+        # The operator's process and this process's router export to the collector.
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        catalog = Catalog([demo_profile().model_copy(update={"warm_pool": 1})])
+        async with (
+            _operator(cluster, node, tmp_path / "operator.log", yaml.safe_dump(pooled), metrics_port),
+            router_app(redis_server.url, catalog=catalog, **_router_settings(cluster)) as running,
+            scraping(tmp_path / "prometheus", http, {"operator": f"127.0.0.1:{metrics_port}"}) as prometheus,
+        ):
+            url = f"{running.user_url('ivan')}/tools/echo/call"
+            headers = {"traceparent": caller.traceparent}
+            async with http.post(url, json={"arguments": {"message": "hi"}}, headers=headers) as response:
+                assert response.status == 200, await response.text()
+            await _warm(cluster, 1)  # the pool refilled: the next new user claims its pod
+            async with http.post(f"{running.user_url('judy')}/tools/echo/call", json={"arguments": {"message": "x"}}):
+                pass
+            await asyncio.to_thread(tracing.flush)
+            await wait_until(lambda: collector.named("reconcile MCPSession", caller.trace_id), timeout=60)
+            boards, spec = shipped()
+            queries = dashboard_queries(boards["pier-operator.json"]) + alert_queries(spec, operator=True)
+            empty = await empty_queries(prometheus, http, queries)
+    assert not empty, "queries that return no series (a metric renamed or mistyped?):\n" + "\n".join(empty)
+    spans = collector.trace(caller.trace_id)
+    by_name = {s.name: s for s in spans}
+    assert by_name["session acquire"].attributes["pier.session.acquired"] == "created"
+    create = by_name["MCPSession create"]
+    assert (create.kind, create.service) == ("client", "pier-router")
+    assert "MCPSession wait Ready" in by_name
+    reconciles = [s for s in spans if s.name == "reconcile MCPSession"]
+    assert reconciles
+    assert {(s.service, s.parent_id) for s in reconciles} == {("pier-operator", create.span_id)}
+    assert by_name["POST /v1/calls"].attributes["http.response.status_code"] == 200  # the call, to the pod's bridge
     cluster.kubectl("delete", "pods", "-n", NAMESPACE, "-l", "pier.dev/pool", "--wait=false", check=False)
 
 

@@ -5,6 +5,8 @@ Tools:
 - ``deep(levels)``    answers with a result nested `levels` deep (beyond what Pier passes on)
 - ``notify(method, params)``  sends that notification (a list change, a resource update), then answers
 - ``loose(x)``        answers like echo; its inputSchema is not a valid JSON Schema
+- ``meta(sleep_s)``   after `sleep_s` seconds, answers with the request's `params._meta` (JSON text): what a
+                      server that traces would read its caller's trace context from
 
 It also takes `resources/subscribe` and `resources/unsubscribe` (and records them for `subscribed`),
 refuses tools it does not have, and writes the name of every tool called to stderr.
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 TOOLS = [
     {"name": "echo", "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}}},
     {"name": "deep", "inputSchema": {"type": "object", "properties": {"levels": {"type": "integer"}}}},
     {"name": "notify", "inputSchema": {"type": "object", "properties": {"method": {"type": "string"}}}},
     {"name": "loose", "inputSchema": {"type": "object", "properties": {"x": {"type": "no-such-type"}}}},
+    {"name": "meta", "inputSchema": {"type": "object", "properties": {"sleep_s": {"type": "number"}}}},
 ]
 SUBSCRIBED: set[str] = set()
 
@@ -63,6 +67,9 @@ def answer(request: dict) -> dict | None:
         note = {"jsonrpc": "2.0", "method": arguments["method"], "params": arguments.get("params") or {}}
         sys.stdout.write(json.dumps(note) + "\n")
         result = {"content": [{"type": "text", "text": f"subscribed: {sorted(SUBSCRIBED)}"}]}
+    elif method == "tools/call" and params.get("name") == "meta":
+        time.sleep(float(params["arguments"].get("sleep_s") or 0))
+        result = {"content": [{"type": "text", "text": json.dumps(params.get("_meta") or {})}]}
     elif method == "tools/call":
         result = {"content": [{"type": "text", "text": f"Echo: {params['arguments'].get('message')}"}]}
     else:

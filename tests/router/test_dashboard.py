@@ -8,6 +8,7 @@ from tests.browser import chromium
 from tests.servers import ROOT, router_app, wait_until
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 async def test_dashboard_shows_sessions_and_calls_live(http, redis_server, tmp_path: Path):
@@ -26,9 +27,13 @@ async def test_dashboard_shows_sessions_and_calls_live(http, redis_server, tmp_p
             assert response.status == 200
         async with http.post(f"{running.user_url('bob')}/tools/fail/call", json={"arguments": {"message": "x"}}):
             pass
+        # A failed call of a traced caller: the recent errors show its trace id (what to look the call up by).
+        traced = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+        async with http.post(f"{running.user_url('bob')}/tools/nope/call", json={}, headers=traced) as response:
+            assert response.status == 404
 
         await wait_until(lambda: _equals(stat("sessions"), "2"))
-        await wait_until(lambda: _equals(stat("calls"), "2"))
+        await wait_until(lambda: _equals(stat("calls"), "3"))
         sessions = await page.evaluate("document.getElementById('sessions').innerText")
         calls = await page.evaluate("document.getElementById('calls').innerText")
         tools = await page.evaluate("document.getElementById('tools').innerText")
@@ -38,6 +43,9 @@ async def test_dashboard_shows_sessions_and_calls_live(http, redis_server, tmp_p
         assert "bob" in sessions
         assert "echo" in calls
         assert "counter" in tools
+        errors = await page.evaluate("document.getElementById('errors').innerText")
+        assert "UNKNOWN_TOOL" in errors
+        assert TRACE_ID in errors
         assert "live" in await page.evaluate("document.getElementById('live').textContent")
         await page.screenshot(ARTIFACTS / "dashboard.png")
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -148,3 +148,28 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* OpenTelemetry export (tracing.otlpEndpoint) of router, job pool or operator:
+call with (dict "ctx" $ "component" "router"). Nothing when no endpoint is set. */}}
+{{- define "pier.tracingEnv" -}}
+{{- $tracing := .ctx.Values.tracing }}
+{{- if $tracing.otlpEndpoint }}
+- {name: OTEL_EXPORTER_OTLP_ENDPOINT, value: {{ $tracing.otlpEndpoint | quote }}}
+- {name: OTEL_SERVICE_NAME, value: {{ printf "pier-%s" .component | quote }}}
+- {name: OTEL_TRACES_SAMPLER, value: {{ $tracing.sampler | quote }}}
+{{- with $tracing.samplerArg }}
+- {name: OTEL_TRACES_SAMPLER_ARG, value: {{ . | quote }}}
+{{- end }}
+- name: K8S_POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+{{- $attributes := list (printf "k8s.namespace.name=%s" .ctx.Release.Namespace) "k8s.pod.name=$(K8S_POD_NAME)" }}
+{{- range $key, $value := $tracing.resourceAttributes }}
+{{- $attributes = append $attributes (printf "%s=%s" $key $value) }}
+{{- end }}
+- {name: OTEL_RESOURCE_ATTRIBUTES, value: {{ join "," $attributes | quote }}}
+{{- with $tracing.headersSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: headers}}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -5,6 +5,7 @@ One process (plus Redis and the sessions it starts); Ctrl-C stops all of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pier.cli.redis_server import RedisServer
+from pier.core import tracing
 from pier.core.catalog import Catalog, demo_profile
 from pier.core.web import serve
 from pier.jobs.config import JobsSettings
@@ -59,11 +61,13 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
 
     app.cleanup_ctx.append(run_worker)
     try:
+        tracing.start("pier")  # router and worker in one process: one service (unless OTEL_SERVICE_NAME says)
         await serve(
             app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
             on_ready=lambda url: print(banner(url, shown_redis), flush=True),
         )  # fmt: skip
     finally:
+        await asyncio.to_thread(tracing.stop)
         if redis is not None:
             await redis.stop()
         print("Pier stopped.", file=sys.stderr)

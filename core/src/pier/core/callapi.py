@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from aiohttp import web
 
+from pier.core import tracing
 from pier.core.errors import PierError
 from pier.core.jsonrpc import Message, dumps, loads
 
@@ -300,13 +301,28 @@ class HttpBridge:
         self.ssl = ssl_context
         self.mcp: McpHandler | None = None  # reached over HTTP only
 
-    async def _request(self, method: str, path: str, timeout: float, body: Any = None) -> tuple[int, dict[str, Any]]:
+    async def _request(
+        self, method: str, path: str, timeout: float, body: Any = None, template: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """One request to the bridge, carrying the current trace context; with `template` (the route, as
+        the HTTP conventions name client spans) under a client span of its own."""
+        url = self.endpoint.url + path
+        if template is None or not tracing.enabled():
+            return await self._send(method, url, timeout, body)
+        with tracing.span(
+            tracing.http_client_name(method, template), "client", tracing.http_client_attributes(method, url, template)
+        ) as span:
+            status, answer = await self._send(method, url, timeout, body)
+            span.set("http.response.status_code", status)
+            return status, answer
+
+    async def _send(self, method: str, url: str, timeout: float, body: Any) -> tuple[int, dict[str, Any]]:
         try:
             async with self.http.request(
                 method,
-                self.endpoint.url + path,
+                url,
                 data=dumps(body) if body is not None else None,
-                headers={**self.endpoint.headers(), "Content-Type": "application/json"},
+                headers={**self.endpoint.headers(), "Content-Type": "application/json", **tracing.headers()},
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 ssl=self.ssl,
             ) as response:
@@ -315,8 +331,10 @@ class HttpBridge:
         except (aiohttp.ClientError, TimeoutError, ConnectionError, ValueError) as exc:  # ValueError: not a bridge
             raise BridgeUnreachable(self.endpoint, exc) from exc
 
-    async def _answer(self, method: str, path: str, timeout: float, body: Any = None) -> CallAnswer:
-        status, data = await self._request(method, path, timeout, body)
+    async def _answer(
+        self, method: str, path: str, timeout: float, body: Any = None, template: str | None = None
+    ) -> CallAnswer:
+        status, data = await self._request(method, path, timeout, body, template)
         if "call_id" not in data:  # refused: the call does not exist
             raise PierError.from_dict(data.get("error") or {"code": "INTERNAL", "message": f"HTTP {status}"})
         try:
@@ -325,7 +343,7 @@ class HttpBridge:
             raise BridgeUnreachable(self.endpoint, exc) from exc
 
     async def start_call(self, request: CallRequest) -> CallAnswer:
-        return await self._answer("POST", "/v1/calls", request.wait_s + SLACK_S, request.to_dict())
+        return await self._answer("POST", "/v1/calls", request.wait_s + SLACK_S, request.to_dict(), "/v1/calls")
 
     async def get_call(
         self, call_id: str, wait_s: float = 0, progress_after: int | None = None, input_after: int | None = None
@@ -338,13 +356,13 @@ class HttpBridge:
         return await self._answer("GET", f"/v1/calls/{call_id}{query}", wait_s + SLACK_S)
 
     async def cancel_call(self, call_id: str) -> CallAnswer:
-        return await self._answer("DELETE", f"/v1/calls/{call_id}", SLACK_S)
+        return await self._answer("DELETE", f"/v1/calls/{call_id}", SLACK_S, template="/v1/calls/{call_id}")
 
     async def answer_call(self, call_id: str, responses: dict[str, Any]) -> CallAnswer:
         return await self._answer("POST", f"/v1/calls/{call_id}/input", SLACK_S, {"responses": responses})
 
     async def tools(self, timeout: float) -> list[dict[str, Any]]:
-        status, body = await self._request("GET", "/v1/tools", timeout)
+        status, body = await self._request("GET", "/v1/tools", timeout, template="/v1/tools")
         if status != 200:
             raise PierError.from_dict(body.get("error") or {"code": "SESSION_START_FAILED"})
         tools: list[dict[str, Any]] = body["tools"]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pier.core import tracing
 from pier.core.errors import PierError
 from pier.core.policy import Caller
 
@@ -70,6 +71,8 @@ class JobRecord(BaseModel):
         default_factory=dict, description="what the server asked the caller and still waits for (an MCP task's input)"
     )
     input_version: int = Field(default=0, description="the bridge's count of changes to input_requests")
+    traceparent: str | None = Field(default=None, description="W3C trace context of its hand-off: workers join it")
+    tracestate: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -77,6 +80,15 @@ class JobRecord(BaseModel):
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    def trace(self) -> tracing.TraceContext | None:
+        """Where its hand-off stands in the caller's trace (None: not traced, or unreadable)."""
+        return tracing.parse(self.traceparent, self.tracestate)
+
+    def traced(self, context: tracing.TraceContext | None) -> None:
+        """Carry `context` (set before the job is saved: not a state change)."""
+        if context is not None:
+            self.traceparent, self.tracestate = context.traceparent, context.state or None
 
     def caller(self) -> Caller:
         """Who asked for this call, as the policy hook judges its result."""

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -32,6 +33,17 @@ STREAM_MAXLEN = 100_000
 RECENT_KEEP = 200
 RUNNING_TTL_S = 86_400
 USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int  # entries on the stream: jobs queued or followed by a worker
+    waiting: int  # entries no worker has taken yet
+    oldest_waiting_s: float  # how long the oldest of them has waited (0: none waits)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
@@ -291,6 +303,32 @@ class JobStore:
 
     async def queue_depth(self) -> int:
         return int(await self.redis.xlen(keys.STREAM))
+
+    async def queue_stats(self) -> QueueStats:
+        """The job stream as its metrics show it: entries on it (taken or not: an entry is deleted when its
+        job ends), those no worker has taken yet, and how long the oldest of those has waited."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(keys.STREAM)
+                pipe.xinfo_groups(keys.STREAM)
+                depth, groups = await pipe.execute()
+        except ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+            return QueueStats(0, 0, 0.0)  # no stream yet (a Redis emptied since): no job
+        group = next((g for g in groups if _text(g.get("name")) == keys.GROUP), None)
+        if group is None:  # no group yet: nothing was ever taken
+            last, taken = "0-0", 0
+        else:
+            last, taken = _text(group.get("last-delivered-id")) or "0-0", int(group.get("pending") or 0)
+        waiting = max(int(depth) - taken, 0)
+        oldest = 0.0
+        if waiting:
+            # Entry ids are milliseconds since the epoch: the first one after the last delivered is the oldest waiting.
+            first = await self.redis.xrange(keys.STREAM, min=f"({last}", count=1)
+            if first:
+                oldest = max(time.time() - int(_text(first[0][0]).split("-")[0]) / 1000, 0.0)
+        return QueueStats(int(depth), waiting, oldest)
 
     async def recent_jobs(self, count: int) -> list[JobRecord]:
         ids = cast(list[bytes], await self.redis.zrevrange(keys.RECENT_JOBS, 0, count - 1))

@@ -1,7 +1,8 @@
 """Structured (JSON) logging with per-request context.
 
 Context values (request id, user, profile, session, call id, job id) live in contextvars,
-so every log line written while serving a request carries them without passing them around.
+so every log line written while serving a request carries them without passing them around; so does
+the trace it belongs to (`trace_id`, `span_id`: `pier.core.tracing`), when the request is traced.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 import orjson
+
+from pier.core import tracing
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("pier_log_context", default={})  # noqa: B039
 
@@ -46,6 +49,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update(_context.get())
+        ids = tracing.log_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in record.__dict__.items():
             if key not in self._reserved and not key.startswith("_"):
                 entry[key] = value

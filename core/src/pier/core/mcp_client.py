@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from pier.core import tracing
 from pier.core.jsonrpc import Message, dumps, error_response, loads
 
 log = logging.getLogger("pier.core.mcp_client")
@@ -116,7 +117,7 @@ class HttpSession:
         async with self.http.post(
             self.url,
             data=dumps(message),
-            headers=self._headers(**{"Content-Type": "application/json", "Accept": _ACCEPT}),
+            headers=self._headers(**{"Content-Type": "application/json", "Accept": _ACCEPT}, **tracing.headers()),
             ssl=self.ssl,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         ) as response:
@@ -203,7 +204,7 @@ async def ask(
     init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "pier-router"}}
 
     async def post(message: Message, session_id: str | None) -> tuple[list[Message], str | None]:
-        extra = {"Mcp-Session-Id": session_id} if session_id else {}
+        extra = {"Mcp-Session-Id": session_id, **tracing.headers()} if session_id else tracing.headers()
         async with http.post(
             url, data=dumps(message), headers={**base, **extra}, ssl=ssl_context, timeout=timeout
         ) as r:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pier.core import defaults
 from pier.core.catalog import Profile
 from pier.core.names import PROFILE_NAME, USER_ID, anchored
+from pier.core.tracing import TraceContext
 
 GROUP = "pier.dev"
 VERSION = "v1alpha1"
@@ -28,6 +29,7 @@ SESSION_LABEL = "pier.dev/session"
 USER_LABEL = "pier.dev/user"
 PROFILE_LABEL = "pier.dev/profile"
 POOL_LABEL = "pier.dev/pool"  # a warm pod of that profile, bound to no session yet
+TRACE_ANNOTATION = "pier.dev/traceparent"  # the trace of the request that created it (W3C traceparent)
 
 Phase = Literal["Pending", "Starting", "Ready", "Failed", "Terminating"]
 
@@ -173,11 +175,14 @@ def label_value(text: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
-def new_session(user: str, profile: Profile, ttl_s: float, secrets: str | None = None) -> dict[str, Any]:
+def new_session(
+    user: str, profile: Profile, ttl_s: float, secrets: str | None = None, trace: TraceContext | None = None
+) -> dict[str, Any]:
     """The MCPSession the router creates for `user`'s first use of `profile`.
 
     `secrets`: the Secret holding the user's own secrets for it, referenced (never copied): its keys
-    become the server's environment.
+    become the server's environment. `trace`: the request that creates it, whose trace the operator's
+    reconciles join (`TRACE_ANNOTATION`).
     """
     env_from = [{"secretRef": {"name": secrets}}] if secrets else None
     spec = MCPSessionSpec(
@@ -186,16 +191,19 @@ def new_session(user: str, profile: Profile, ttl_s: float, secrets: str | None =
         ttl_seconds=int(ttl_s),
         max_concurrent_calls=profile.max_concurrent_calls,
     )
+    metadata: dict[str, Any] = {
+        "name": session_name(user, profile.name),
+        "labels": {
+            USER_LABEL: label_value(user),
+            PROFILE_LABEL: profile.name,
+            "app.kubernetes.io/managed-by": "pier-router",
+        },
+    }
+    if trace is not None:
+        metadata["annotations"] = {TRACE_ANNOTATION: trace.traceparent}
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {
-            "name": session_name(user, profile.name),
-            "labels": {
-                USER_LABEL: label_value(user),
-                PROFILE_LABEL: profile.name,
-                "app.kubernetes.io/managed-by": "pier-router",
-            },
-        },
+        "metadata": metadata,
         "spec": spec.model_dump(by_alias=True, exclude_none=True),
     }

@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
-from pier.core import audit
+from pier.core import audit, tracing
 from pier.core.errors import PierError
 from pier.core.jsonrpc import Message, dumps, loads
 
@@ -122,27 +122,40 @@ class Policer:
         if not url or not messages:
             return
         body = {"type": kind, "messages": [m if isinstance(m, str) else dumps(m).decode() for m in messages], **context}
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            async with self.http.post(
-                url, data=dumps(body), headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self.metrics.decisions.labels(kind, "unreachable").inc()
-            if self.fail_open:
-                log.warning("policy service unreachable; allowing (fail-open)", extra={"error": str(exc)})
-                return
-            raise PolicyDenied([f"policy service unreachable: {type(exc).__name__}"], "policy") from None
+        # The hook's address only: its URL may carry a credential.
+        attributes = {**tracing.http_client_attributes("POST", url), "pier.policy.type": kind}
+        with tracing.span("POST", "client", attributes) as span:
+            headers = {"Content-Type": "application/json", **tracing.headers()}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            answer = await self._ask(url, body, headers, kind, span)
+        if answer is None:
+            return  # unreachable, failing open
+        raw, status = answer
         decision, reasons = _parse(raw)
         if status == 200 and decision == "Allow":
             self.metrics.decisions.labels(kind, "allow").inc()
             return
         self.metrics.decisions.labels(kind, "deny").inc()
         raise PolicyDenied(reasons or [f"denied by the policy service (HTTP {status})"], "policy")
+
+    async def _ask(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], kind: Kind, span: tracing.Span
+    ) -> tuple[bytes, int] | None:
+        """The hook's answer (body, status); PolicyDenied when it cannot be reached (None when failing open)."""
+        try:
+            async with self.http.post(
+                url, data=dumps(body), headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            ) as response:
+                span.set("http.response.status_code", response.status)
+                return await response.read(), response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.metrics.decisions.labels(kind, "unreachable").inc()
+            span.fail(type(exc).__name__, str(exc))
+            if self.fail_open:
+                log.warning("policy service unreachable; allowing (fail-open)", extra={"error": str(exc)})
+                return None
+            raise PolicyDenied([f"policy service unreachable: {type(exc).__name__}"], "policy") from None
 
 
 def _parse(raw: bytes) -> tuple[str | None, list[str]]:
@@ -171,12 +184,13 @@ class Gate:
         `message` is the JSON-RPC request as the client sent it (the relay); built from the call,
         with `request_id`, otherwise. Raises PolicyDenied (its caller audits the denial).
         """
-        if caller.tool_rules is not None:
-            caller.tool_rules.check(tool, caller.user, caller.key_id, caller.groups)
-        if caller.policy_url:  # the message is built only for a hook that reads it
-            params = {"name": tool, "arguments": arguments}
-            request = message or {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
-            await self.policer.check(caller.policy_url, "Input", [request], caller.context())
+        with tracing.span("policy", attributes={"pier.policy.hook": bool(caller.policy_url)}):
+            if caller.tool_rules is not None:
+                caller.tool_rules.check(tool, caller.user, caller.key_id, caller.groups)
+            if caller.policy_url:  # the message is built only for a hook that reads it
+                params = {"name": tool, "arguments": arguments}
+                request = message or {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+                await self.policer.check(caller.policy_url, "Input", [request], caller.context())
 
     async def check_messages(self, caller: Caller, messages: list[Message]) -> None:
         """Messages other than tool calls, before they reach the server (hook `Input`)."""

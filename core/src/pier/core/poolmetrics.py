@@ -28,3 +28,9 @@ class PoolMetrics:
         self.refill_seconds = Histogram(
             f"{name}_refill_seconds", f"time to start a pooled {what}", ["profile"], buckets=LATENCY_BUCKETS, registry=r
         )
+
+    def pooled(self, profile: str, size: int) -> None:
+        """A pooled profile's series from the start (claims and misses at 0), and its size."""
+        self.size.labels(profile).set(size)
+        self.claims.labels(profile)
+        self.misses.labels(profile)

@@ -24,8 +24,9 @@ def die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def clean_env(drop_prefixes: tuple[str, ...] = ("PIER_",)) -> dict[str, str]:
-    """This process's environment without Pier's own settings (they may hold keys and tokens)."""
+def clean_env(drop_prefixes: tuple[str, ...] = ("PIER_", "OTEL_")) -> dict[str, str]:
+    """This process's environment without Pier's own settings (they may hold keys and tokens), nor its
+    trace export's (a collector's credentials, Pier's service name: a profile gives its servers their own)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)}
 
 

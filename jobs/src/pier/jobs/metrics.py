@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pier.core import tracing
+
 
 class JobMetrics:
     def __init__(self) -> None:
@@ -25,3 +27,7 @@ class JobMetrics:
             "pier_webhook_deliveries_total", "webhook attempts, by outcome", ["outcome"], registry=r
         )
         self.redis_errors = Counter("pier_jobs_redis_errors_total", "Redis operations that failed", registry=r)
+        self.redis_up = Gauge(
+            "pier_jobs_redis_up", "1 when Redis answered this worker's last look (at a scrape)", registry=r
+        )
+        r.register(tracing.span_metrics())

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
-from pier.core import logs
+from pier.core import logs, tracing
 from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
@@ -71,6 +71,7 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        tracing.start("pier-jobs")
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         s = self.settings
         if s.internal_tls_cert is not None:
@@ -107,6 +108,7 @@ class Worker:
         if self.http is not None:
             await self.http.close()
         await self.redis.aclose()
+        await asyncio.to_thread(tracing.stop)
 
     @property
     def healthy(self) -> bool:
@@ -189,7 +191,7 @@ class Worker:
             self.metrics.running.inc()
             token = logs.bind(job_id=job_id)
             try:
-                await self._follow(job_id)
+                await self._follow(job_id, entry_id)
                 await self._ack(entry_id)
             except (RedisError, OSError) as exc:
                 # Unacknowledged: this worker or another one takes it up again after the timeout.
@@ -213,22 +215,33 @@ class Worker:
         assert self.http is not None
         return HttpBridge(self.http, Endpoint(record.endpoint, record.endpoint_token), self.bridge_ssl)
 
-    async def _follow(self, job_id: str) -> None:
-        """Follow a job's call to its end (re-running it if its session lost it and that is safe)."""
-        record = await self._take(job_id)
-        if record is None:
-            return
-        following = _Following(record, record.progress_count)
-        while await self._follow_once(following):
-            pass
+    async def _follow(self, job_id: str, entry_id: str) -> None:
+        """Follow a job's call to its end (re-running it if its session lost it and that is safe).
 
-    async def _take(self, job_id: str) -> JobRecord | None:
-        """The job's record, taken (queued → running), its call started if its session was starting;
-        None when there is nothing to follow."""
+        Under a consumer span in the trace of the call's hand-off (the record carries its context), linked
+        to it: a worker that takes the job over joins the same trace."""
         record = await self.store.get(job_id)
         if record is None:
             log.warning("job record expired before it was followed")
-            return None
+            return
+        handoff = record.trace()
+        attributes = {
+            "messaging.system": "redis", "messaging.operation.type": "process", "messaging.destination.name": STREAM,
+            "messaging.consumer.group.name": GROUP, "messaging.message.id": entry_id, "pier.job.id": job_id,
+            "pier.profile": record.server, "pier.user": record.user, "gen_ai.tool.name": record.tool[:64],
+        }  # fmt: skip
+        with tracing.span(f"process {STREAM}", "consumer", attributes, parent=handoff, links=[handoff]):
+            taken = await self._take(record)
+            if taken is None:
+                return
+            following = _Following(taken, taken.progress_count)
+            while await self._follow_once(following):
+                pass
+
+    async def _take(self, record: JobRecord) -> JobRecord | None:
+        """The job's record, taken (queued → running), its call started if its session was starting;
+        None when there is nothing to follow."""
+        job_id = record.job_id
         if record.done:
             await self._after_finish(record)  # a reclaimed job whose webhook may not have gone out
             return None
@@ -366,6 +379,10 @@ class Worker:
             except PolicyDenied as denied:  # withheld
                 status, result, error = "failed", None, denied
         ended = await self.store.finish(record.job_id, status, result=result, error=error)
+        span = tracing.current_span()
+        span.set("pier.job.status", ended.status if ended is not None else "ended elsewhere")
+        if error is not None:
+            tracing.record_error(span, error)
         if ended is None:
             return  # ended by someone else (a cancel) first
         assert ended.finished_at is not None
@@ -391,6 +408,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
+    try:
+        await asyncio.wait_for(worker.redis.ping(), 2)
+        worker.metrics.redis_up.set(1)
+    except (RedisError, TimeoutError, OSError):
+        worker.metrics.redis_up.set(0)
     return web.Response(body=generate_latest(worker.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from pier.core import tracing
 from pier.core.callapi import BridgeStatus, Endpoint, HttpBridge
 from pier.core.catalog import Catalog, Profile
 from pier.core.errors import PierError
@@ -33,6 +34,7 @@ from pier.core.mcpsession import (
     GROUP,
     PLURAL,
     SESSION_LABEL,
+    TRACE_ANNOTATION,
     VERSION,
     Condition,
     MCPSessionSpec,
@@ -42,13 +44,14 @@ from pier.core.mcpsession import (
     stamp,
     status_patch,
 )  # fmt: skip
-from pier.core.poolmetrics import PoolMetrics
 from pier.core.web import tcp_site
 from pier.operator import pool
 from pier.operator.config import OperatorSettings
+from pier.operator.metrics import OperatorMetrics
 from pier.operator.pods import BRIDGE_PORT, GENERATION_ANNOTATION, SERVER_CONTAINER, build_pod
 
 log = logging.getLogger("pier.operator")
+MANAGED_BY = "app.kubernetes.io/managed-by=pier-operator"  # every pod it makes, sessions' and pooled
 
 
 def _now() -> dt.datetime:
@@ -76,16 +79,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.http = aiohttp.ClientSession()
     memo.bridge_token = await asyncio.to_thread(_bridge_token, memo.core, ours)
     await asyncio.to_thread(_ensure_peering, memo.custom, ours.namespace)
-    memo.pool_metrics = PoolMetrics(CollectorRegistry(), "operator", "pod")
+    memo.metrics = OperatorMetrics()
+    memo.pool_metrics = memo.metrics.pool
     memo.pool_lock = asyncio.Lock()
     memo.pool_created = {}  # pooled pod name → when it was created (for the refill time)
     host = memo.get("listen_host", "0.0.0.0")
-    memo.metrics_runner = await _serve_metrics(memo.pool_metrics.registry, host, ours.metrics_port)
+    memo.metrics_runner = await _serve_metrics(memo.metrics.registry, host, ours.metrics_port)
     memo.resync = asyncio.create_task(resync_forever(memo), name="pier-resync")
 
 
 async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner | None:
-    """`/metrics` of the operator (its warm pools), beside kopf's liveness endpoint; port 0: none."""
+    """`/metrics` of the operator (reconciles, sessions and pods, warm pools), beside kopf's liveness
+    endpoint; port 0: none."""
     if not port:
         return None
 
@@ -163,20 +168,71 @@ async def resync_forever(memo: kopf.Memo) -> None:
         except ApiException as exc:
             log.warning("cannot list MCPSessions", extra={"error": str(exc)})
             continue
+        phases = []
         for session in listing["items"]:
             try:
                 status = await reconcile(session, memo)
                 await reap_if_idle(session, status, memo)
+                phases.append(status.phase)
             except Exception:  # one session's trouble must not stop the others, nor the loop
                 log.exception("resync failed", extra={"session": session["metadata"]["name"]})
+                phases.append(_read_status(session).phase)
+        memo.metrics.count_sessions(phases)
+        await _count_pods(memo)
         try:
             await pool.maintain(memo)
         except Exception:  # the pools are a convenience: their trouble must not stop the loop
             log.exception("warm pools not maintained")
 
 
+async def _count_pods(memo: kopf.Memo) -> None:
+    """The operator's pods by phase (one listing per resync)."""
+    try:
+        pods = await asyncio.to_thread(
+            memo.core.list_namespaced_pod, memo.settings.namespace, label_selector=MANAGED_BY
+        )
+    except ApiException as exc:
+        log.warning("cannot list pods", extra={"error": str(exc)})
+        return
+    memo.metrics.count_pods(pod.status.phase for pod in pods.items if not pod.metadata.deletion_timestamp)
+
+
 async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatus:
-    """Make the world match the session; returns the status written."""
+    """Make the world match the session; returns the status written. Counted and timed; a session not
+    Ready yet is traced (its first start in the trace of the request that created it)."""
+    metrics: OperatorMetrics = memo.metrics
+    started = time.monotonic()
+    with _reconcile_span(session) as span:
+        try:
+            status = await _reconcile(session, memo)
+        except Exception:
+            metrics.reconciles.labels("error").inc()
+            raise
+        finally:
+            metrics.reconcile_duration.observe(time.monotonic() - started)
+        metrics.reconciles.labels("ok").inc()
+        span.set("pier.mcpsession.phase", status.phase or "")
+        return status
+
+
+def _reconcile_span(session: dict[str, Any]) -> tracing.Scope:
+    """A span for a reconcile with something to do: a session's start (its first one under the creating
+    request's span, from the annotation the router wrote; later ones linked to it). A Ready session's
+    periodic reconcile is left out (thousands every few seconds)."""
+    old = _read_status(session)
+    if old.phase == "Ready" or session["metadata"].get("deletionTimestamp"):
+        return tracing.nothing()
+    meta = session["metadata"]
+    created_by = tracing.parse((meta.get("annotations") or {}).get(TRACE_ANNOTATION))
+    first = not old.replacements
+    attributes = {"k8s.namespace.name": meta["namespace"], "pier.mcpsession": meta["name"]}
+    return tracing.span(
+        "reconcile MCPSession", attributes=attributes, parent=created_by if first else tracing.ROOT,
+        links=[] if first else [created_by],
+    )  # fmt: skip
+
+
+async def _reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatus:
     meta = session["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 1)
     old = _read_status(session)
@@ -208,6 +264,7 @@ async def reconcile(session: dict[str, Any], memo: kopf.Memo) -> MCPSessionStatu
     if current is None and status.pod_name is None and profile is not None and pool.poolable(spec, profile):
         current = await pool.claim(memo, session, spec, profile)  # a first pod: a warm one, if one is ready
         if current is not None:
+            tracing.add_event("warm pod claimed", {"k8s.pod.name": current.metadata.name})
             await _event(memo, session, "Claimed", f"pod {current.metadata.name} from the warm pool")
     if current is None:
         await _start_pod(session, spec, profile, status, memo)
@@ -238,11 +295,13 @@ async def _start_pod(
             return
         replacements += 1
     pod = build_pod(meta["name"], meta["uid"], meta.get("generation", 1), replacements, spec, profile, settings)
-    try:
-        await asyncio.to_thread(memo.core.create_namespaced_pod, meta["namespace"], pod)
-    except ApiException as exc:
-        if exc.status != 409:  # someone (another trigger) created it just now
-            raise
+    attributes = {"k8s.namespace.name": meta["namespace"], "k8s.pod.name": pod["metadata"]["name"]}
+    with tracing.span("Pod create", "client", attributes):
+        try:
+            await asyncio.to_thread(memo.core.create_namespaced_pod, meta["namespace"], pod)
+        except ApiException as exc:
+            if exc.status != 409:  # someone (another trigger) created it just now
+                raise
     reason = "Replaced" if replacements else "Started"
     await _event(memo, session, reason, f"pod {pod['metadata']['name']} created")
     status.phase = "Starting"

@@ -76,7 +76,7 @@ async def _maintain(memo: kopf.Memo) -> None:
         for pod in pods[profile.warm_pool :]:
             await _delete(memo, pod)
         pods = pods[: profile.warm_pool]
-        memo.pool_metrics.size.labels(name).set(profile.warm_pool)
+        memo.pool_metrics.pooled(name, profile.warm_pool)
         memo.pool_metrics.ready.labels(name).set(sum(_ready(p) for p in pods))
         _observe_refills(memo, name, pods)
         for _ in range(profile.warm_pool - len(pods)):

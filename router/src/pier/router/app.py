@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from pier.core import tracing
 from pier.core.catalog import Catalog
 from pier.core.errors import ConfigError
 from pier.core.jobstore import JobStore, connect
@@ -57,20 +58,42 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(router.redis.ping(), 2)
     except (RedisError, TimeoutError, OSError) as exc:
+        router.metrics.ready.set(0)
         return json_response({"ready": False, "redis": f"unavailable: {exc}"}, 503)
+    router.metrics.ready.set(1)
     return json_response({"ready": True, "redis": "ok", "backend": router.settings.backend})
 
 
 async def metrics(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
+    m = router.metrics
+    up = 0
     try:
-        router.metrics.queue_depth.set(await asyncio.wait_for(router.store.queue_depth(), 2))
+        async with asyncio.timeout(2):
+            stats = await router.store.queue_stats()
+            dead = await router.store.dead_letter_count()
     except (RedisError, TimeoutError, OSError):
-        router.metrics.redis_errors.labels("metrics").inc()
-    return web.Response(body=generate_latest(router.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        m.redis_errors.labels("metrics").inc()
+    else:
+        up = 1
+        m.queue_depth.set(stats.depth)
+        m.jobs_waiting.set(stats.waiting)
+        m.oldest_waiting.set(stats.oldest_waiting_s)
+        m.dead_letters.set(dead)
+    m.redis_up.set(up)
+    m.ready.set(up)  # ready is Redis answering, as /readyz says
+    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- resources, one cleanup context each ----------------------------------------------------------
+
+
+async def traces(app: web.Application) -> AsyncIterator[None]:
+    """Spans exported over OTLP when the `OTEL_*` variables name an endpoint (first in, last out: every
+    other resource's work is traced); what is queued is exported at shutdown, within a bound."""
+    tracing.start("pier-router")
+    yield
+    await asyncio.to_thread(tracing.stop)
 
 
 async def http_client(app: web.Application) -> AsyncIterator[None]:
@@ -188,10 +211,12 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
         handler_args={"keepalive_timeout": settings.header_timeout_s},
     )
     app[ROUTER] = Router(settings, catalog, keys)
+    app[ROUTER].metrics.registry.register(tracing.span_metrics())
+    app[ROUTER].metrics.known_profiles(catalog.profiles)
     if settings.tls_cert is not None:
         key = settings.tls_key or settings.tls_cert
         app[ROUTER].ssl_context = server_context(settings.tls_cert, key, settings.tls_client_ca)
-    app.cleanup_ctx.extend([http_client, job_store, session_backend, pipeline, certificates])
+    app.cleanup_ctx.extend([traces, http_client, job_store, session_backend, pipeline, certificates])
     app.on_shutdown.append(_end_streams)
 
     # Open to anyone: probes, metrics, the dashboard page (its data needs an app key).

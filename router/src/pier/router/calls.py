@@ -23,13 +23,14 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pier.core import audit, logs
+from pier.core import audit, logs, tracing
 from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.job import JobError, JobRecord
 from pier.core.jobstore import JobStore
 from pier.core.policy import Caller, PolicyDenied
+from pier.core.redis_keys import STREAM
 from pier.router.auth.ingress import Ingress
 from pier.router.backends.base import Session, SessionBackend, hold
 from pier.router.config import RouterSettings
@@ -86,6 +87,16 @@ class ToolCall:
     @property
     def user(self) -> str:
         return self.caller.user
+
+
+def _call_attributes(call: ToolCall) -> dict[str, str]:
+    attributes = {
+        "gen_ai.operation.name": "execute_tool", "pier.profile": call.profile.name, "pier.user": call.user,
+        "pier.via": call.caller.via, "pier.job.id": call.job_id,
+    }  # fmt: skip
+    if tracing.span_name("call", call.tool) != "call":
+        attributes["gen_ai.tool.name"] = call.tool
+    return attributes
 
 
 def queued_body(job_id: str) -> dict[str, Any]:
@@ -153,18 +164,29 @@ class CallService:
         if task is not None:
             call.job_id, call.capabilities = task.job_id, task.capabilities
         logs.bind(job_id=call.job_id)
+        attributes = _call_attributes(call) if tracing.enabled() else None
+        with tracing.span(tracing.span_name("call", tool), attributes=attributes) as span:
+            result = await self._call(call, timeout_s is not None, start)
+            if span.recording:
+                span.set("pier.call.status", result.body["status"])
+                if result.body["status"] == "completed" and result.body["result"].get("isError"):
+                    span.fail("tool_error")  # the tool's own answer, an error all the same (MCP conventions)
+            return result
+
+    async def _call(self, call: ToolCall, timeout_given: bool, start: float) -> CallResult:
+        caller, tool, arguments = call.caller, call.tool, call.arguments
         started = time.monotonic()
         outcome, denied = "error", None
         claimed = False  # this call's idempotency key is bound to it
         try:
             await self.ingress.gate.check_call(caller, tool, arguments, request_id=call.job_id)
-            if idempotency_key:
+            if call.idempotency_key:
                 replayed = await self._claim(call)
                 if replayed is not None:
                     outcome = "replayed"
                     return replayed
                 claimed = True
-            result = await self._run(call, timeout_s is not None, start)
+            result = await self._run(call, timeout_given, start)
             outcome = result.body["status"]
             if outcome == "completed" and result.body["result"].get("isError"):
                 outcome = "tool_error"
@@ -229,6 +251,7 @@ class CallService:
             raise error
         attempt += 1
         self.metrics.retries.labels(call.profile.name).inc()
+        tracing.add_event("retry", {"pier.attempt": attempt, "pier.error.code": error.code})
         log.warning("retrying call", extra={"tool": call.tool, "attempt": attempt, "why": error.code})
         await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (attempt - 1))
         return attempt
@@ -251,7 +274,7 @@ class CallService:
         record.status = "queued"
         record.started = False
         record.session_deadline = time.time() + self.session_start_budget_s()
-        await self.store.enqueue(record)
+        await self._enqueue(record)
         self.metrics.handoffs.labels(call.profile.name).inc()
         log.info("session still starting at the deadline: call handed to the job pool", extra={"tool": call.tool})
         self._spawn(self._report_session(call), f"pier-session-for-{call.job_id}")
@@ -329,7 +352,7 @@ class CallService:
             record.progress = running.progress[-1]
             record.progress_count = running.progress_count
         try:
-            await self.store.enqueue(record)
+            await self._enqueue(record)
         except RedisError as exc:
             log.warning("Redis unavailable at hand-off; holding the call", extra={"error": str(exc)})
             answer = await self._hand_off_when_redis_returns(call, session, record)
@@ -338,6 +361,17 @@ class CallService:
         self.metrics.handoffs.labels(call.profile.name).inc()
         log.info("call handed to the job pool", extra={"tool": call.tool})
         return CallResult(202, queued_body(call.job_id))
+
+    async def _enqueue(self, record: JobRecord) -> None:
+        """Save a job with its stream entry, under the producer span whose context the job carries: the
+        worker that takes it joins the caller's trace."""
+        attributes = {
+            "messaging.system": "redis", "messaging.operation.type": "send", "messaging.destination.name": STREAM,
+            "pier.job.id": record.job_id,
+        }  # fmt: skip
+        with tracing.span(f"send {STREAM}", "producer", attributes):
+            record.traced(tracing.current())
+            await self.store.enqueue(record)
 
     async def _hand_off_when_redis_returns(
         self, call: ToolCall, session: Session, record: JobRecord
@@ -352,7 +386,7 @@ class CallService:
                     if answer.done:
                         return await self._answered(call, answer)
                     try:
-                        await self.store.enqueue(record)
+                        await self._enqueue(record)
                         return None
                     except RedisError:
                         continue

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pier.core.defaults import LATENCY_BUCKETS
 from pier.core.poolmetrics import PoolMetrics
+
+# What the router does with Redis, as `pier_router_redis_errors_total` labels them.
+REDIS_OPS = ("request", "ratelimit", "handoff", "settle", "metrics")
 
 
 class RouterMetrics:
@@ -61,7 +66,28 @@ class RouterMetrics:
             "pier_router_rate_limited_total", "requests refused by the rate limit", ["key_class"], registry=r
         )
         self.queue_depth = Gauge("pier_jobs_queue_depth", "entries on the job stream", registry=r)
+        # Read from Redis when scraped, as is the depth above.
+        self.jobs_waiting = Gauge("pier_jobs_waiting", "jobs no worker has taken yet", registry=r)
+        self.oldest_waiting = Gauge(
+            "pier_jobs_oldest_waiting_seconds", "how long the oldest job no worker has taken has waited", registry=r
+        )
+        self.dead_letters = Gauge(
+            "pier_webhooks_dead_letters", "webhook deliveries given up on (kept in Redis)", registry=r
+        )
+        self.redis_up = Gauge(
+            "pier_router_redis_up", "1 when Redis answered the router's last look (at a scrape)", registry=r
+        )
+        self.ready = Gauge("pier_router_ready", "1 when the router is ready (what /readyz answers)", registry=r)
         self.redis_errors = Counter(
             "pier_router_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op)
         self.pool = PoolMetrics(r, "router", "session")
+
+    def known_profiles(self, names: Iterable[str]) -> None:
+        """Series of every profile from the start, at 0: a ratio of starts that failed has a denominator
+        before the first start, and a profile that never started at all still shows."""
+        for name in names:
+            for counter in (self.sessions_started, self.sessions_failed, self.retries, self.handoffs):
+                counter.labels(name)

@@ -1,5 +1,6 @@
-"""The router's middleware: request ids and metrics (every route), and, for the API's routes, error
-rendering and identity (the first step of the ingress pipeline: `auth.ingress`).
+"""The router's middleware: request ids, metrics and the HTTP server span (every route but the probes),
+and, for the API's routes, error rendering and identity (the first step of the ingress pipeline:
+`auth.ingress`).
 
 Errors are rendered by whoever owns the routes: the v1 API in Pier's shape
 (`{"error": {"code", "message", "details"}}`), bridgekit's routes in bridgekit's (`rest.bridgekit`);
@@ -18,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
-from pier.core import logs
+from pier.core import logs, tracing
 from pier.core.errors import PierError
 from pier.core.web import too_large
 from pier.router.auth.protected_resource import with_challenge
@@ -28,30 +29,65 @@ log = logging.getLogger("pier.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RECEIVED = web.RequestKey("received", float)  # time.monotonic() when the request arrived: deadlines count from it
+ERROR_CODE = web.RequestKey("error_code", str)  # the PierError its answer carries, for the request's span
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: many, and nothing to follow
 Render = Callable[[web.Request, PierError], web.Response]
 
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id in and out, log context, per-route metrics; the moment the request arrived."""
+    """Request id in and out, log context, per-route metrics, the request's span (its parent the caller's
+    `traceparent`); the moment the request arrived."""
     request[RECEIVED] = time.monotonic()
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     token = logs.bind(request_id=request_id)
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
     status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        router_of(request).metrics.requests.labels(label, request.method, str(status)).inc()
-        logs.unbind(token)
+    with _server_span(request, label, request_id) as span:
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:
+                response.headers["X-Request-Id"] = request_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            router_of(request).metrics.requests.labels(label, request.method, str(status)).inc()
+            if span.recording:
+                _answered(span, status, request.get(ERROR_CODE))
+            logs.unbind(token)
+
+
+def _server_span(request: web.Request, route: str, request_id: str) -> tracing.Scope:
+    """The HTTP server span of a request (semantic conventions: `{method} {route}`)."""
+    if request.path in _UNTRACED:
+        return tracing.nothing()
+    if not tracing.enabled():  # nothing recorded: only the caller's context, for logs and what is sent on
+        return tracing.span("", parent=tracing.from_headers(request.headers))
+    attributes: dict[str, str | int] = {
+        "http.request.method": request.method, "url.path": request.path, "url.scheme": request.scheme,
+        "server.address": request.host.rsplit(":", 1)[0], "pier.request_id": request_id,
+    }  # fmt: skip
+    if route != "unmatched":
+        attributes["http.route"] = route
+    if request.remote:
+        attributes["client.address"] = request.remote
+    agent = request.headers.get("User-Agent")
+    if agent:
+        attributes["user_agent.original"] = agent[:200]
+    name = f"{request.method} {route}" if route != "unmatched" else request.method
+    return tracing.span(name, "server", attributes, parent=tracing.from_headers(request.headers))
+
+
+def _answered(span: tracing.Span, status: int, code: str | None) -> None:
+    span.set("http.response.status_code", status)
+    if code is not None:
+        span.set("pier.error.code", code)
+    if status >= 500:  # a 4xx is the caller's error, not the server's (HTTP conventions)
+        span.fail(code or str(status))
 
 
 def errors(render: Render) -> Middleware:
@@ -59,6 +95,7 @@ def errors(render: Render) -> Middleware:
     leaks a traceback, nothing is a bare 500."""
 
     def answer(request: web.Request, err: PierError) -> web.Response:
+        request[ERROR_CODE] = err.code
         return with_challenge(request, err, render(request, err))
 
     @web.middleware

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from pier.core import tracing
 from pier.core.callapi import BridgeStatus, CallAnswer, CallRequest, ClientState
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, Message, TooDeep, dumps, parse
@@ -179,9 +180,35 @@ def make_guard(settings: SidecarSettings) -> Middleware:
             supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
             if not hmac.compare_digest(supplied, token):
                 return error_response(PierError("UNAUTHENTICATED", "a valid bearer token is required"))
-        return await handler(request)
+        route = _traced_route(request)
+        if route is None:
+            return await handler(request)
+        # The caller's trace context: this bridge's spans join it (tracing on, in the router's process),
+        # or it passes on to the server as it came (off: a bridge process records nothing).
+        with tracing.span(
+            f"{request.method} {route}", "server", {"http.request.method": request.method, "http.route": route},
+            parent=tracing.from_headers(request.headers),
+        ) as span:  # fmt: skip
+            response = await handler(request)
+            span.set("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.fail(str(response.status))
+            return response
 
     return guard
+
+
+def _traced_route(request: web.Request) -> str | None:
+    """The route of a request that starts work on the server (calls, MCP posts), or None: probes, status,
+    streams and long polls are not worth a span each."""
+    path, method = request.path, request.method
+    if path == "/mcp":
+        return path if method != "GET" else None
+    if path in ("/v1/calls", "/v1/tools"):
+        return path
+    if method == "DELETE" and path.startswith("/v1/calls/"):
+        return "/v1/calls/{call_id}"
+    return None
 
 
 # -- the call API ----------------------------------------------------------------------------

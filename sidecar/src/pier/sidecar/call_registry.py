@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pier.core import tracing
 from pier.core.callapi import CallAnswer
 from pier.core.errors import PierError
 from pier.core.jsonrpc import INVALID_PARAMS, REQUEST_CANCELLED, Message, is_request
@@ -39,8 +40,8 @@ class Call:
     # Up to `max_retained_calls` of these stay in memory: no per-instance dict.
     __slots__ = (
         "_changed", "answers", "arguments", "asked", "capabilities", "created_at", "error", "finished_at", "id",
-        "input_version", "on_finish", "pending", "progress", "progress_count", "result", "resumed", "status", "task",
-        "tool",
+        "input_version", "on_finish", "pending", "progress", "progress_count", "result", "resumed", "span", "status",
+        "task", "tool",
     )  # fmt: skip
 
     def __init__(
@@ -66,6 +67,7 @@ class Call:
         # every key has one, then the call is sent again with them (`resumed` then resolves).
         self.answers: dict[str, Any] = {}
         self.resumed: asyncio.Future[dict[str, Any]] | None = None
+        self.span: tracing.Span = tracing.NULL  # the call on the bridge, from its start to its end
         self._changed = asyncio.Event()
 
     @property
@@ -107,6 +109,7 @@ class Call:
             return
         self.status, self.result, self.error = status, result, error
         self.finished_at = time.time()
+        self._end_span()
         # A retained call only answers reads: drop what it no longer needs (the request, the
         # multiplexer's record of it), so thousands of retained calls stay small.
         self.arguments = {}
@@ -115,6 +118,16 @@ class Call:
         self._notify()
         if self.on_finish is not None:
             self.on_finish(self)
+
+    def _end_span(self) -> None:
+        if self.span.recording:
+            self.span.set("pier.call.status", self.status)
+            if self.error is not None:
+                tracing.record_error(self.span, self.error)
+            elif self.result is not None and self.result.get("isError") is True:
+                self.span.fail("tool_error")
+            self.span.end()
+            self.span = tracing.NULL
 
     def _notify(self) -> None:
         # Wake every waiter, then arm a fresh event for the next change.
@@ -252,7 +265,13 @@ class CallRegistry:
         self._make_room()
         call.on_finish = self._finished_call
         self.calls[call.id] = call
-        call.task = asyncio.create_task(self._run(call), name=f"pier-call-{call.id}")
+        if tracing.enabled():
+            attributes = {"pier.call.id": call.id, "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool}
+            call.span = tracing.begin(tracing.span_name("bridge call", tool), attributes=attributes)
+        # The call's work runs under its span: the request to the server is its child.
+        call.task = asyncio.create_task(
+            self._run(call), name=f"pier-call-{call.id}", context=tracing.task_context(call.span)
+        )
         return call
 
     def _finished_call(self, call: Call) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pier.core import __version__
+from pier.core import __version__, tracing
 from pier.core.errors import PierError
 from pier.core.jsonrpc import MAX_DEPTH, Message, dumps, gateway_error_response, loads, too_deep, validate_message
 from pier.core.protocol import (
@@ -54,6 +54,19 @@ HANDSHAKE_VERSION = "2025-11-25"
 BRIDGE_CAPABILITIES = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
 BRIDGE_INFO = {"name": "pier-bridge", "version": __version__}
 WARM_UP_TOOL = "pier.warm-up.no-such-tool"  # what a warming bridge calls (settings.warm_up)
+
+
+def _stdio_span(message: Message) -> tracing.Span:
+    """The MCP client span of a request to the server, over its pipe (ended when its answer comes)."""
+    if not tracing.enabled():
+        return tracing.NULL
+    return tracing.begin(tracing.mcp_span_name(message), "client", tracing.mcp_attributes(message, "pipe"))
+
+
+def _answered(span: tracing.Span, future: asyncio.Future[Message]) -> None:
+    if not future.cancelled():
+        tracing.record_answer(span, future.result())
+    span.end()
 
 
 class Upstream:
@@ -106,7 +119,10 @@ class Upstream:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._supervisor = asyncio.create_task(self._supervise(), name="pier-upstream")
+        # The first run's start belongs to whatever starts the bridge (a session's start, in the router's
+        # process); the supervisor, and all the server's runs do later, to no request's trace.
+        first = tracing.current()
+        self._supervisor = asyncio.create_task(self._supervise(first), name="pier-upstream", context=tracing.untraced())
 
     @property
     def ready(self) -> bool:
@@ -142,11 +158,13 @@ class Upstream:
                 await asyncio.gather(task, return_exceptions=True)
         self.state = "stopped"
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, first: tracing.TraceContext | None) -> None:
         backoff = self.settings.restart_backoff_initial_s
         consecutive_failures = 0
+        parent: tracing.Parent = first
         while not self._stopping:
-            ready_since = await self._run_once()
+            ready_since = await self._run_once(parent)
+            parent = tracing.ROOT  # a restart is a trace of its own
             if self._stopping:
                 return
             if self.refused:
@@ -171,37 +189,24 @@ class Upstream:
             await asyncio.sleep(backoff)
             backoff = min(max(backoff * 2, 0.05), self.settings.restart_backoff_max_s)
 
-    async def _run_once(self) -> float | None:
-        """One run of the server, from spawn to exit. Returns when it became ready (or None)."""
+    async def _run_once(self, parent: tracing.Parent) -> float | None:
+        """One run of the server, from spawn to exit. Returns when it became ready (or None).
+
+        Its start (spawn to ready) is a span: the first run's under `parent`, a restart's a trace of its own.
+        """
         self.state = "starting"
         transport = self._make_transport()
         transport.on_line = self._on_line
         transport.on_oversize = self._on_oversize
         ready_since = None
         died_probing = False
+        name = "server restart" if self.restarts else "server start"
+        span = tracing.begin(name, parent=parent, attributes={"pier.restarts": self.restarts})
         try:
             await transport.open()
             self.transport = transport
             closed = asyncio.ensure_future(transport.wait_closed())
-            handshake = asyncio.ensure_future(self._handshake())
-            await asyncio.wait({closed, handshake}, return_when=asyncio.FIRST_COMPLETED)
-            died_probing = self._probing and closed.done()
-            if handshake.done() and handshake.exception() is None:
-                ready_since = time.monotonic()
-                self.state = "ready"
-                self._ready.set()
-                self._ever_ready = True
-                self._notify()
-                self.metrics.server_up.set(1)
-                log.info("server ready", extra={"server": (self.init_result or {}).get("serverInfo")})
-            else:
-                handshake.cancel()
-                with contextlib.suppress(BaseException):
-                    await handshake
-                if not closed.done():
-                    error = handshake.exception() if not handshake.cancelled() else None
-                    log.error("server failed to initialize", extra={"error": str(error)})
-                    await transport.close()
+            ready_since, died_probing = await self._until_ready(transport, closed, span)
             exit_info = await closed
             if died_probing:
                 # It ended at (or rather than answering) server/discover: next time, the handshake alone.
@@ -209,9 +214,12 @@ class Upstream:
                 self._probe_failed = True
         except OSError as exc:
             exit_info = ServerExit(reason=f"could not start the server: {exc}")
+            span.fail("SERVER_EXITED", exit_info.reason)
         except asyncio.CancelledError:
             await transport.close()
             raise
+        finally:
+            span.end()
         self._ready.clear()
         self.metrics.server_up.set(0)
         if not died_probing:  # an exit at the probe is no failure to report: the handshake comes next
@@ -223,6 +231,39 @@ class Upstream:
         if not self._stopping:
             log.warning("server exited", extra=exit_info.details())
         return ready_since
+
+    async def _until_ready(
+        self, transport: Transport, closed: asyncio.Future[ServerExit], span: tracing.Span
+    ) -> tuple[float | None, bool]:
+        """The handshake, until the server is ready (returns when) or exits first (None; stopped if it hangs);
+        and whether it exited while probed with server/discover."""
+        with tracing.use(span):
+            handshake = asyncio.ensure_future(self._handshake())
+        waits: set[asyncio.Future[Any]] = {closed, handshake}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        died_probing = self._probing and closed.done()
+        if handshake.done() and handshake.exception() is None:
+            self.state = "ready"
+            self._ready.set()
+            self._ever_ready = True
+            self._notify()
+            self.metrics.server_up.set(1)
+            log.info("server ready", extra={"server": (self.init_result or {}).get("serverInfo")})
+            span.end()
+            return time.monotonic(), False
+        handshake.cancel()
+        with contextlib.suppress(BaseException):
+            await handshake
+        error = handshake.exception() if not handshake.cancelled() else None
+        if not closed.done():
+            log.error("server failed to initialize", extra={"error": str(error)})
+            await transport.close()
+        if error is not None:
+            tracing.record_error(span, error)
+        else:
+            span.fail("SERVER_EXITED", "the server exited before it was ready")
+        span.end()
+        return None, died_probing
 
     async def _handshake(self) -> None:
         timeout = self.settings.start_timeout_s
@@ -347,15 +388,22 @@ class Upstream:
             log.warning("could not refresh the tool list", extra={"error": str(exc)})
 
     async def _internal_request(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
-        request = {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}
-        pending, outgoing = self.mux.register(self.for_server(request), None, NO_SINK)
+        request: Message = {"jsonrpc": "2.0", "id": 0, "method": method, "params": params}
+        span = _stdio_span(request)
+        pending, outgoing = self.mux.register(
+            self.for_server(tracing.into_meta(request, span.context())), None, NO_SINK
+        )
         try:
             await self._send(outgoing)
             response = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-        except BaseException:
+        except BaseException as exc:
             self.mux.discard(pending)
+            tracing.record_error(span, exc)
+            span.end()
             raise
         self._answered_error = "error" in response
+        tracing.record_answer(span, response)
+        span.end()
         if "error" in response:
             error = response["error"]
             raise PierError("SERVER_ERROR", f"{method} failed: {error.get('message')}", {"error": error})
@@ -376,10 +424,28 @@ class Upstream:
         """Send a request to the server once a slot is free and the server is ready.
 
         The slot is held until the request's future resolves (answer, failure or cancel).
-        `capabilities` and `log_level` say what the caller may be asked and which logs it wants.
+        `capabilities` and `log_level` say what the caller may be asked and which logs it wants. The
+        request carries the trace context of the span that sends it (`params._meta.traceparent`), so a
+        server that traces joins the caller's trace; its other `_meta` keys are the caller's.
         """
         if self._stopping:
             raise PierError("SHUTTING_DOWN", "the bridge is shutting down")
+        span = _stdio_span(message)
+        message = tracing.into_meta(message, span.context() or tracing.current())
+        try:
+            pending = await self._begin(message, client, sink, track_progress, capabilities, log_level)
+        except BaseException as exc:
+            tracing.record_error(span, exc)
+            span.end()
+            raise
+        if span.recording:
+            pending.future.add_done_callback(lambda future: _answered(span, future))
+        return pending
+
+    async def _begin(
+        self, message: Message, client: ClientSession | None, sink: Sink, track_progress: bool,
+        capabilities: dict[str, Any] | None, log_level: str | None,
+    ) -> Pending:  # fmt: skip
         await self._acquire_slot()
         try:
             await self.wait_ready()

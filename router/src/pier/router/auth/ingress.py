@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pier.core import logs
+from pier.core import logs, tracing
 from pier.core.catalog import Catalog, Profile
 from pier.core.errors import PierError
 from pier.core.names import DISCOVERY_USER, USER_ID_RULE, is_user_id
@@ -66,11 +66,13 @@ class Ingress:
 
     async def identify(self, request: web.Request) -> Principal:
         """Who is calling (UNAUTHENTICATED when credentials are configured and none fits). Kept on the request."""
-        key = presented_key(request)
-        if key is not None and self.verifier is not None and looks_like_jwt(key):
-            principal = await self.verifier.verify(key, router_url(request, self.settings.public_url))
-        else:
-            principal = self.keys.authenticate(key, peer_subject(request), self.settings.cert_user_auth)
+        with tracing.span("identify") as span:
+            key = presented_key(request)
+            if key is not None and self.verifier is not None and looks_like_jwt(key):
+                principal = await self.verifier.verify(key, router_url(request, self.settings.public_url))
+            else:
+                principal = self.keys.authenticate(key, peer_subject(request), self.settings.cert_user_auth)
+            span.set("pier.key_class", principal.key_class)  # what kind of credential: never the credential
         request[PRINCIPAL] = principal
         return principal
 
@@ -87,7 +89,8 @@ class Ingress:
         principal.check_user(user)
         profile = self.catalog.get(server)
         logs.bind(user=user, profile=server)  # for the rest of this request's log lines
-        await self.limiter.check(principal, user)
+        with tracing.span("rate limit", attributes={"pier.user": user, "pier.profile": server, "pier.via": via}):
+            await self.limiter.check(principal, user)
         return self.caller(principal, user, profile, via), profile
 
     def caller(self, principal: Principal, user: str, profile: Profile, via: str) -> Caller:
@@ -121,6 +124,7 @@ class Ingress:
         self.metrics.calls.labels(caller.profile, outcome).inc()
         self.total += 1
         self.errors += not success
+        trace = tracing.current()
         self.recent.appendleft(
             {
                 "at": time.time(),
@@ -130,6 +134,7 @@ class Ingress:
                 "outcome": outcome,
                 "via": caller.via,
                 "duration_ms": round(elapsed * 1000, 1),
+                "trace_id": trace.trace_id if trace is not None else None,  # to find the call in the traces
             }
         )
 

@@ -19,6 +19,7 @@ import aiohttp
 from kubernetes import client, config
 from pydantic import ValidationError
 
+from pier.core import tracing
 from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
@@ -171,6 +172,12 @@ class KubernetesBackend(SessionBackend):
         return result
 
     async def acquire(self, user: str, profile: Profile) -> Session:
+        with tracing.span("session acquire", attributes={"pier.user": user, "pier.profile": profile.name}) as span:
+            return await self._acquire(user, profile, span)
+
+    async def _acquire(self, user: str, profile: Profile, span: tracing.Span) -> Session:
+        """The session; `span` learns how it was had: existing (Ready), created (by this request), or
+        waited (for a Ready another request asked for)."""
         try:
             await asyncio.wait_for(self._synced.wait(), self.settings.kube_ready_timeout_s)
         except TimeoutError:
@@ -181,31 +188,57 @@ class KubernetesBackend(SessionBackend):
         if profile.user_secrets:
             assert self.secrets is not None
             await self.secrets.require(user, profile)
-        if name not in self.objects:
+        created = name not in self.objects
+        if created:
             await self._create(name, user, profile)
+        obj = self.objects.get(name)
+        if obj is not None and _status(obj).serving:
+            span.set("pier.session.acquired", "created" if created else "existing")
+        else:
+            span.set("pier.session.acquired", "created" if created else "waited")
+            attributes = {"k8s.namespace.name": self.namespace, "pier.mcpsession": name}
+            with tracing.span("MCPSession wait Ready", attributes=attributes):
+                obj = await self._wait_ready(name, user, profile, created)
+        return await self._ready(name, user, profile, obj)
+
+    async def _wait_ready(self, name: str, user: str, profile: Profile, created: bool) -> dict[str, Any]:
+        """The MCPSession once the operator reports it Ready; SESSION_START_FAILED when it fails or takes too
+        long (counted as a failed start by the request that created it)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.kube_ready_timeout_s
         while True:
             obj = self.objects.get(name)
             status = _status(obj)
             if status.serving and obj is not None:
-                return await self._ready(name, user, profile, obj)
+                return obj
             if status.phase == "Failed":
+                self._failed(profile, created)
                 raise PierError("SESSION_START_FAILED", status.not_ready_reason(), {"session": name, **_shown(obj)})
             if obj is None and name not in self.objects:
                 await self._create(name, user, profile)  # deleted meanwhile: ask again
             remaining = deadline - loop.time()
             if remaining <= 0:
+                self._failed(profile, created)
                 limit = self.settings.kube_ready_timeout_s
                 why = f"session {name} was not Ready within {limit:.0f} s: {status.not_ready_reason()}"
                 raise PierError("SESSION_START_FAILED", why, {"session": name, **_shown(obj)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
+    def _failed(self, profile: Profile, created: bool) -> None:
+        if created:
+            self.metrics.sessions_failed.labels(profile.name).inc()
+
     async def _create(self, name: str, user: str, profile: Profile) -> None:
         secrets = secret_name(user, profile.name) if profile.user_secrets else None
-        body = new_session(user, profile, profile.idle_ttl_s(self.settings.session_ttl_s), secrets)
-        status, answer = await self._request("POST", self._base, body)
+        attributes = {"k8s.namespace.name": self.namespace, "pier.mcpsession": name, "http.request.method": "POST"}
+        with tracing.span("MCPSession create", "client", attributes) as span:
+            # The operator's first reconcile of it joins this trace (an annotation carries the context).
+            body = new_session(
+                user, profile, profile.idle_ttl_s(self.settings.session_ttl_s), secrets, tracing.current()
+            )
+            status, answer = await self._request("POST", self._base, body)
+            span.set("http.response.status_code", status)
         if status == 409:
             return  # another router replica (or request) created it first: same session
         if status not in (200, 201):

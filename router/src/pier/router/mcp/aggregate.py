@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pier.core import __version__
+from pier.core import __version__, tracing
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import (
@@ -129,6 +129,13 @@ async def mcp(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, router: Router, user: str, message: Message) -> Message:
+    with tracing.mcp_server_span(message) as span:
+        answer = await _answer_one(request, router, user, message)
+        tracing.record_answer(span, answer)
+        return answer
+
+
+async def _answer_one(request: web.Request, router: Router, user: str, message: Message) -> Message:
     method, params, request_id = message["method"], message.get("params") or {}, message["id"]
     try:
         if method == "initialize":

@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from pier.core import tracing
 from pier.core.callapi import BridgeUnreachable, Output
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
@@ -243,6 +244,26 @@ async def relay(request: web.Request) -> web.StreamResponse:
         relayed = await Relayed.read(request)
     except TooDeep as exc:
         return too_deep_response(exc)
+    with _mcp_span(request, relayed) as span:
+        response = await _relayed(request, router, caller, profile, relayed)
+        if response.status >= 400:
+            span.fail(str(response.status))
+        return response
+
+
+def _mcp_span(request: web.Request, relayed: Relayed) -> tracing.Scope:
+    """The MCP server span of a one-request body (its parent the caller's `params._meta.traceparent` when
+    it sends one, the HTTP request's span linked)."""
+    if relayed.single is None:
+        return tracing.nothing()
+    version = request.headers.get(VERSION_HEADER)
+    return tracing.mcp_server_span(relayed.single, {"mcp.protocol.version": version[:32]} if version else None)
+
+
+async def _relayed(
+    request: web.Request, router: Router, caller: Caller, profile: Profile, relayed: Relayed
+) -> web.StreamResponse:
+    """A relayed request, read and admitted: answered here, or through the user's session."""
     answered = await _answer_here(request, router, caller, profile, relayed)
     if answered is not None:
         return answered
@@ -559,17 +580,21 @@ async def _send(
     router: Router, request: web.Request, session: Session, relayed: Relayed
 ) -> tuple[aiohttp.ClientResponse, bytes | None]:
     """The bridge's answer: its response, and its body when it is JSON (None: a stream, to relay as it comes)."""
-    try:
-        upstream = await router.http.request(
-            request.method,
-            session.endpoint.url + "/mcp",
-            headers={**relayed.headers, **session.endpoint.headers()},
-            data=relayed.body,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            ssl=router.bridge_ssl,
-        )
-    except (aiohttp.ClientError, OSError) as exc:
-        raise BridgeUnreachable(session.endpoint, exc) from exc
+    url = session.endpoint.url + "/mcp"
+    attributes = tracing.http_client_attributes(request.method, url, "/mcp") if tracing.enabled() else None
+    with tracing.span(tracing.http_client_name(request.method, "/mcp"), "client", attributes) as span:
+        try:
+            upstream = await router.http.request(
+                request.method,
+                url,
+                headers={**relayed.headers, **session.endpoint.headers(), **tracing.headers()},
+                data=relayed.body,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                ssl=router.bridge_ssl,
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BridgeUnreachable(session.endpoint, exc) from exc
+        span.set("http.response.status_code", upstream.status)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     if (is_sse or request.method == "GET") and upstream.status != 404:
         return upstream, None

@@ -20,6 +20,7 @@ import contextlib
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from pier.core import tracing
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, dumps, error_response, gateway_error_response
@@ -138,8 +139,9 @@ class Socket:
                 self.start_request(message)
 
     async def send(self, message: Message) -> None:
-        async with self.router.backend.use(self.user, self.profile):
-            await self.upstream.send(message)
+        with _mcp_span(message):
+            async with self.router.backend.use(self.user, self.profile):
+                await self.upstream.send(message)
 
     def start_request(self, message: Message) -> None:
         task = asyncio.create_task(self.send(message))
@@ -158,6 +160,13 @@ class Socket:
         with contextlib.suppress(Exception):
             await self.upstream.close()
         await self.http.close()
+
+
+def _mcp_span(message: Message) -> tracing.Scope:
+    """A request's MCP server span (its parent the caller's `params._meta.traceparent`, else the socket's)."""
+    if "id" not in message or "method" not in message:
+        return tracing.nothing()
+    return tracing.mcp_server_span(message, {"network.protocol.name": "websocket"})
 
 
 def _queue_full(per_socket: int, per_user: int) -> PierError:

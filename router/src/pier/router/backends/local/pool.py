@@ -24,7 +24,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from pier.core import logs
+from pier.core import logs, tracing
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.router.backends.base import Session, SessionBackend, SessionKey
@@ -91,7 +91,7 @@ class LocalBackend(SessionBackend):
         await self.runtime.isolation.start(self.profiles)  # may refuse: ConfigError
         self._reaper = asyncio.create_task(self._reap_forever(), name="pier-local-reaper")
         for pool in self.pools.values():
-            self.metrics.pool.size.labels(pool.profile.name).set(pool.size)
+            self.metrics.pool.pooled(pool.profile.name, pool.size)
             self._refill(pool)
 
     async def close(self) -> None:
@@ -116,25 +116,36 @@ class LocalBackend(SessionBackend):
         return [s for s in self.sessions.values() if user is None or s.key.user == user]
 
     async def acquire(self, user: str, profile: Profile) -> Session:
+        with tracing.span("session acquire", attributes={"pier.user": user, "pier.profile": profile.name}) as span:
+            return await self._acquire(user, profile, span)
+
+    async def _acquire(self, user: str, profile: Profile, span: tracing.Span) -> Session:
+        """The session; `span` learns how it was had: existing, pooled (a warm one claimed), started, or
+        joined (another request's start, under way)."""
         key = SessionKey(user, profile.name)
         session = self.sessions.get(key)
         if session is not None:
             if session.alive:
+                span.set("pier.session.acquired", "existing")
                 return session
             await self.forget(session, "exited")
         task = self._starting.get(key)
+        how = "joined"
         if task is None:
             claimed = self._claim(key, profile)
             if claimed is not None:
+                span.set("pier.session.acquired", "pooled")
                 return claimed
             # One start per key: concurrent first requests all wait for the same task.
             # A fresh context: an in-process bridge's tasks inherit it, and must not log with the
-            # request id of whichever request happened to start the session.
+            # request id of whichever request happened to start the session (its trace goes on).
             task = asyncio.create_task(
-                self._start(key, profile), name=f"pier-start-{user}-{profile.name}", context=contextvars.Context()
+                self._start(key, profile), name=f"pier-start-{user}-{profile.name}", context=tracing.detached()
             )
             self._starting[key] = task
             task.add_done_callback(lambda _: self._starting.pop(key, None))
+            how = "started"
+        span.set("pier.session.acquired", how)  # now: a caller's deadline may end the wait
         return await asyncio.shield(task)
 
     async def end(self, user: str, profile_name: str) -> bool:
@@ -170,10 +181,17 @@ class LocalBackend(SessionBackend):
         return await self._user_secrets.values(key.user, profile.name)
 
     async def _start_bridge(self, key: SessionKey, profile: Profile, env: dict[str, str]) -> LocalSession:
+        pooled = key.user == POOLED
+        attributes: tracing.Attributes = {
+            "pier.profile": profile.name,
+            "pier.session.pooled": pooled,
+            "pier.local_bridges": self.settings.local_bridges,
+        }
         try:
             # A pooled session is warmed up: nobody waits for its start, its first user's call will.
             async with self._start_slots:
-                session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, key.user == POOLED)
+                with tracing.span("session start", attributes=attributes):
+                    session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, pooled)
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
         self.metrics.sessions_started.labels(profile.name).inc()
