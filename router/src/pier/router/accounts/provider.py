@@ -92,8 +92,12 @@ class ProviderRefused(PierError):
 def pkce_pair() -> tuple[str, str]:
     """A PKCE code verifier and its S256 challenge (RFC 7636 §4.1, §4.2)."""
     verifier = secrets.token_urlsafe(48)  # 64 characters of [A-Za-z0-9_-]
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
+    return verifier, s256(verifier)
+
+
+def s256(verifier: str) -> str:
+    """BASE64URL(SHA256(ASCII(code_verifier))), unpadded (RFC 7636 §4.2)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
 def host_of(url: str) -> str:
