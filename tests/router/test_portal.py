@@ -88,7 +88,7 @@ async def sign_in_at_provider(page: Page, account: str) -> None:
     await page.fill("input[name=login]", account)
     await page.fill("input[name=password]", "any")
     await page.click("button[type=submit]")
-    await page.loaded("button[type=submit]")  # consent
+    await page.loaded("input[name=prompt][value=consent]")
     await page.click("button[type=submit]")
 
 

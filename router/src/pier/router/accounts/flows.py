@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from typing import Literal
@@ -24,6 +25,7 @@ from pier.core import redis_keys as keys
 from pier.core.errors import PierError
 from pier.router.usersecrets import Sealer
 
+_STATE = re.compile(r"[A-Za-z0-9_-]{16,128}")  # what `start` makes (43 characters), with room
 BROWSER_COOKIE = "pier_browser"  # binds flows to the browser that started them (HttpOnly, SameSite=Lax)
 
 
@@ -78,7 +80,7 @@ class Flows:
 
     async def take(self, state: str | None) -> Flow:
         """The flow of `state`, forgotten at once; BAD_REQUEST (400) for a forged, replayed or expired one."""
-        if not state or len(state) > 128 or not state.replace("-", "").replace("_", "").isalnum():
+        if not state or not _STATE.fullmatch(state):
             raise bad_state("the state is missing or malformed")
         key = keys.oauth_flow(state)
         sealed = await self.redis.getdel(key)
