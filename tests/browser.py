@@ -1,4 +1,5 @@
-"""Headless Chromium driven over the DevTools protocol (aiohttp WebSocket; no extra packages)."""
+"""Headless Chromium driven over the DevTools protocol (aiohttp WebSocket; no extra packages): navigate,
+read the page, fill forms and click as a user would, take screenshots."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import json
 import re
 import shutil
 import subprocess
@@ -42,6 +44,54 @@ class Page:
     async def evaluate(self, expression: str) -> Any:
         result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
+
+    async def navigate(self, url: str) -> None:
+        await self.send("Page.navigate", url=url)
+
+    async def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        """The value of `expression` once it is truthy (the page may be loading meanwhile)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                value = await asyncio.wait_for(self.evaluate(expression), 10)
+            except (RuntimeError, TimeoutError):
+                value = None  # (between two pages: no context to evaluate in yet)
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the page never had {expression}: it is at {await self.location()}")
+            await asyncio.sleep(0.1)
+
+    async def location(self) -> str:
+        try:
+            return str(await asyncio.wait_for(self.evaluate("location.href"), 10))
+        except (RuntimeError, TimeoutError):
+            return "(loading)"
+
+    async def loaded(self, selector: str, timeout: float = 30.0) -> None:
+        """Wait until the page has loaded and holds `selector`."""
+        query = json.dumps(selector)
+        await self.wait_for(f"document.readyState === 'complete' && !!document.querySelector({query})", timeout)
+
+    async def text(self, selector: str) -> str:
+        return str(await self.evaluate(f"document.querySelector({json.dumps(selector)})?.innerText ?? ''"))
+
+    async def fill(self, selector: str, value: str) -> None:
+        """Type `value` into the field `selector` (as its value, with the input events a user's typing fires)."""
+        field = f"document.querySelector({json.dumps(selector)})"
+        script = (
+            f"(() => {{ const field = {field}; field.value = {json.dumps(value)};"
+            " field.dispatchEvent(new Event('input', {bubbles: true})); return true; })()"
+        )
+        assert await self.evaluate(script), selector
+
+    async def click(self, selector: str) -> None:
+        assert await self.evaluate(
+            f"(() => {{ document.querySelector({json.dumps(selector)}).click(); return true; }})()"
+        )
+
+    async def html(self) -> str:
+        return str(await self.evaluate("document.documentElement.outerHTML"))
 
     async def screenshot(self, path: Path) -> None:
         data = await self.send("Page.captureScreenshot", format="png")

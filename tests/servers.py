@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "deps" / "npm" / "node_modules"
 DEMO = [sys.executable, "-m", "pier.examples.demo_server"]
 ROGUE = [sys.executable, str(ROOT / "tests" / "mcp_servers" / "rogue_server.py")]  # misbehaves on request
+PEEK = [sys.executable, str(ROOT / "tests" / "mcp_servers" / "peek_server.py")]  # looks around its machine
 EVERYTHING = [
     "node",
     str(NODE_MODULES / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"),

@@ -178,6 +178,11 @@ def test_each_name_is_written_as_its_template_says() -> None:
         redis_keys.rate_limit("alice", 29_000_000): "pier:rl:{user}:{minute}",
         redis_keys.user_secrets("alice", "github"): "pier:secrets:{user}:{profile}",
         redis_keys.mcp_session("9b1f0c2e4d6a8b0c"): "pier:mcp:{session_id}",
+        redis_keys.oauth_flow("Zr2_Q8tA-7xvP0qLmN3bC5dE9fG1hJ4kW6sYuT0oIaB"): "pier:oauth:flow:{state}",
+        redis_keys.connection("alice", "github"): "pier:oauth:conn:{user}:{profile}",
+        redis_keys.connection_lock("alice", "github"): "pier:oauth:lock:{user}:{profile}",
+        redis_keys.exchanged("alice", "github"): "pier:oauth:exchanged:{user}:{profile}",
+        redis_keys.portal_session("0" * 64): "pier:portal:{digest}",
     }
     for key, template in written.items():
         found = redis_keys.name_of(key)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pier.core.catalog import Profile
-from pier.core.mcpsession import MCPSessionSpec, MCPSessionStatus, label_value
+from pier.core.mcpsession import MCPSessionSpec, MCPSessionStatus, connection_secret_name, label_value
 from pier.operator.config import OperatorSettings
 from pier.operator.pods import IO_DIR, build_pod
 from tests.servers import ROOT
@@ -96,6 +96,30 @@ def test_image_mode_pod_wires_the_server_container_through_fifos():
     assert server["command"] == ["/bin/sh", f"{IO_DIR}/fifo-wrapper.sh", IO_DIR, "python", "/app/server.py"]
     assert server["resources"] == {"limits": {"memory": "512Mi"}}
     assert {"name": "io", "emptyDir": {}} in pod["spec"]["volumes"]
+
+
+@pytest.mark.parametrize("image", [None, "node:22-slim"])
+def test_a_users_upstream_token_reaches_the_server_from_their_connection_secret_alone(image):
+    oauth = {"issuer": "https://auth.example.com", "client_id": "pier", "env": "GITHUB_TOKEN",
+             "file": "/run/pier/github/token"}  # fmt: skip
+    profile = Profile(name="github", command=["github-mcp"], image=image, upstream_oauth=oauth)
+    spec = MCPSessionSpec.model_validate({"userId": "alice", "server": {"profile": "github"}})
+    pod = build_pod("s4", "uid-4", 1, 0, spec, profile, OperatorSettings())
+    server = pod["spec"]["containers"][-1]  # the bridge (its child is the server), or the server's own
+    secret = connection_secret_name("alice", "github")
+    assert {"name": "GITHUB_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}} in server["env"]
+    [volume] = [v for v in pod["spec"]["volumes"] if "secret" in v]
+    # Only the token key is projected: the refresh token beside it never reaches the pod.
+    assert volume["secret"] == {
+        "secretName": secret,
+        "items": [{"key": "token", "path": "token"}],
+        "defaultMode": 0o440,
+    }
+    assert {"name": volume["name"], "mountPath": "/run/pier/github", "readOnly": True} in server["volumeMounts"]
+    assert secret != connection_secret_name("bob", "github")
+    # Without a token in the profile, nothing of it.
+    plain = build_pod("s5", "uid-5", 1, 0, spec, Profile(name="github", command=["x"]), OperatorSettings())
+    assert not [v for v in plain["spec"]["volumes"] if "secret" in v]
 
 
 def test_session_pods_run_where_the_platform_says():

@@ -14,59 +14,19 @@ import aiohttp
 import httpx2
 import pytest
 from mcp import Client
-from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
 from pier.cli.redis_server import free_port
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.errors import ConfigError
-from tests.identity import OpenIdProvider, new_key, sign_in
+from tests.identity import OpenIdProvider, new_key, signed_in_client
 from tests.servers import EVERYTHING, get_json, router_app, scrape, text_of
 
 SECRETS_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
-class MemoryStorage:
-    """The MCP client's token storage, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def signed_in_client(url: str, user: str) -> tuple[OAuthClientProvider, MemoryStorage]:
-    """The MCP SDK's own OAuth client, with `user` signing in headlessly when the provider asks."""
-    codes: list[AuthorizationCodeResult] = []
-
-    async def redirect(authorization_url: str) -> None:
-        codes.append(AuthorizationCodeResult.model_validate(await sign_in(authorization_url, user)))
-
-    async def callback() -> AuthorizationCodeResult:
-        return codes.pop()
-
-    storage = MemoryStorage()
-    metadata = OAuthClientMetadata(
-        client_name="pier-test", redirect_uris=["http://127.0.0.1:9/callback"],
-        grant_types=["authorization_code"], response_types=["code"], token_endpoint_auth_method="none",
-    )  # fmt: skip
-    return OAuthClientProvider(url, metadata, storage, redirect, callback), storage
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,6 +32,7 @@ from pier.cli.redis_server import free_port
 from pier.core.errors import PierError
 from pier.router.backends.local.isolation import Isolation
 from pier.router.config import RouterSettings
+from tests.identity import UPSTREAM_SECRET_ENV, OpenIdProvider, authorize, upstream_client, upstream_oauth
 from tests.servers import PIER, ROOT, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs sessions under uids of their own: needs root")
@@ -71,21 +73,18 @@ def world() -> Iterator[Path]:
 
 @contextlib.asynccontextmanager
 async def pier_router(
-    http: aiohttp.ClientSession, redis_url: str, world: Path, bridges: str, isolation: str, **env: str
-) -> AsyncIterator[Pier]:
-    """`pier router` as its own process, with a profile whose sessions take a user secret."""
-    port = free_port()
+    http: aiohttp.ClientSession, redis_url: str, world: Path, bridges: str, isolation: str,
+    peek: dict[str, Any] | None = None, port: int | None = None, **env: str,
+) -> AsyncIterator[Pier]:  # fmt: skip
+    """`pier router` as its own process, with a profile whose sessions take a user secret (or, given, `peek`:
+    the peek profile's other fields)."""
+    port = port or free_port()
     app_key, secrets_key = f"app-{secrets.token_hex(8)}", base64.b64encode(os.urandom(32)).decode()
-    catalog = {
-        "profiles": {
-            "peek": {
-                "command": [SYSTEM_PYTHON, str(world / "bin" / "peek_server.py")],
-                "user_secrets": {"PEEK_SECRET": {"description": "whose session this is"}},
-            }
-        }
-    }
+    takes = peek or {"user_secrets": {"PEEK_SECRET": {"description": "whose session this is"}}}
+    catalog = {"profiles": {"peek": {"command": [SYSTEM_PYTHON, str(world / "bin" / "peek_server.py")], **takes}}}
     settings = {
-        "PIER_PORT": str(port), "PIER_REDIS_URL": redis_url, "PIER_PROFILES_INLINE": json.dumps(catalog),
+        "PIER_PORT": str(port), "PIER_PUBLIC_URL": f"http://127.0.0.1:{port}", "PIER_REDIS_URL": redis_url,
+        "PIER_PROFILES_INLINE": json.dumps(catalog),
         "PIER_APP_KEYS": json.dumps([app_key]), "PIER_SECRETS_KEY": secrets_key, "PIER_LOCAL_BRIDGES": bridges,
         "PIER_LOCAL_ISOLATION": isolation, "PIER_LOCAL_SESSIONS_DIR": str(world / "sessions"),
         "PIER_LOCAL_SANDBOX_PATHS": json.dumps([str(world / "bin")]), "PIER_SESSION_TTL_S": "0", **env,
@@ -367,3 +366,39 @@ async def test_asking_for_an_isolation_this_machine_cannot_give_is_one_clear_lin
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert "pier router: PIER_LOCAL_ISOLATION=sandbox, but bubblewrap cannot run here" in err.decode()
+
+
+async def test_one_users_server_cannot_read_another_users_upstream_token(http, redis_server, world, tmp_path):
+    """Connected accounts' tokens (a variable and a file, as the profile says) are as private as secrets:
+    bob's server finds neither alice's token nor the router's client secret anywhere it can look."""
+    port, client_secret = free_port(), f"client-secret-{secrets.token_hex(8)}"
+    client = upstream_client(f"http://127.0.0.1:{port}/v1/oauth/callback", client_secret)
+    async with OpenIdProvider(tmp_path / "upstream", clients=[client]) as upstream:
+        oauth = upstream_oauth(upstream.issuer, env="PEEK_TOKEN", file="/run/pier/upstream/token")
+        async with pier_router(
+            http, redis_server.url, world, "inprocess", "sandbox", {"upstream_oauth": oauth}, port,
+            **{UPSTREAM_SECRET_ENV: client_secret},
+        ) as pier:  # fmt: skip
+            tokens = {}
+            for user in ("alice", "bob"):
+                link = f"{pier.url}/v1/users/{user}/servers/peek/connect"
+                async with http.get(link, headers=pier.headers) as response:
+                    authorization_url = (await response.json())["authorization_url"]
+                async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+                    assert (await authorize(browser, authorization_url, f"{user}-gh")).status == 200
+                mine = await peek(http, pier, user, "read", path="/run/pier/upstream/token")
+                assert mine["ok"]
+                tokens[user] = mine["value"]
+            assert tokens["alice"] != tokens["bob"]
+            alice = (await peek(http, pier, "alice", "whoami"))["value"]
+
+            # Every readable environment and command line: bob's own token (the control), nothing else.
+            needles = [tokens["alice"], client_secret, pier.secrets_key, pier.app_key, tokens["bob"]]
+            scan = await peek(http, pier, "bob", "scan", needles=needles)
+            assert {hit["needle"] for hit in scan["found"]} == {tokens["bob"]}, scan
+            # Alice's token file, where the router keeps it on the host, and her home: out of reach.
+            host_file = Path(alice["home"]).with_name(Path(alice["home"]).name + ".run") / "token"
+            assert host_file.exists()  # (it is there: the host sees it)
+            assert not (await peek(http, pier, "bob", "read", path=str(host_file)))["ok"]
+            assert not (await peek(http, pier, "bob", "listdir", path=str(host_file.parent)))["ok"]
+            assert pier.proc.pid not in host_pids_holding(tokens["alice"])  # the router's environment never has it

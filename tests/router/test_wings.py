@@ -45,8 +45,11 @@ def test_the_route_modules_are_the_wings_own() -> None:
         "pier.router.mcp.aggregate",
         "pier.router.mcp.relay",
         "pier.router.mcp.websocket",
+        "pier.router.rest.accounts",
         "pier.router.rest.bridgekit",
         "pier.router.rest.dashboard",
+        "pier.router.rest.portal",
+        "pier.router.rest.registry",
         "pier.router.rest.v1",
     ]
 

@@ -74,6 +74,12 @@ def _run_connect(args: argparse.Namespace) -> int:
     return asyncio.run(connect(args.url, token, args.ca, args.cert, args.key))
 
 
+def _run_catalog(args: argparse.Namespace) -> int:
+    from pier.cli import catalog
+
+    return catalog.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pier", description="Per-tenant MCP stdio servers over HTTP.")
     parser.add_argument("--version", action="version", version=f"pier {__version__}")
@@ -100,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     connect.add_argument("--ca", type=Path, help="CA bundle for the router's certificate")
     connect.add_argument("--cert", type=Path, help="client certificate (mTLS)")
     connect.add_argument("--key", type=Path, help="its private key")
+    from pier.cli import catalog
+
+    catalog.add_arguments(sub.add_parser("catalog", help="the profile catalog: import MCP registry server.json"))
     args = parser.parse_args(argv)
     runners = {
         "sidecar": sidecar_main.run, "router": _run_router, "jobs": _run_jobs, "up": _run_up, "connect": _run_connect,
-        "operator": _run_operator,
+        "operator": _run_operator, "catalog": _run_catalog,
     }  # fmt: skip
     try:
         return runners[args.component](args)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pier.core import defaults
 from pier.core.errors import PierError
@@ -26,6 +27,104 @@ class UserSecret(BaseModel):
 
     description: str = ""
     required: bool = True
+
+
+def _env_name(name: str) -> str:
+    if not SECRET_NAME.fullmatch(name) or name.upper().startswith("PIER_"):
+        raise ValueError(f"{name!r} is not a usable environment variable name (nor may it start with PIER_)")
+    return name
+
+
+class TokenDelivery(BaseModel):
+    """Where a user's upstream access token reaches their server: an environment variable, a file, or both.
+
+    The file is rewritten in place when the token is refreshed (the server reads it when it needs it);
+    a server that only takes the variable is restarted, once idle, to take a new token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: str | None = Field(default=None, description="the server's environment variable that receives the token")
+    file: str | None = Field(
+        default=None, description="an absolute path where the server reads the token (rewritten in place on refresh)"
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: str | None) -> str | None:
+        return None if env is None else _env_name(env)
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, file: str | None) -> str | None:
+        if file is None:
+            return None
+        clean = posixpath.normpath(file)
+        if not file.startswith("/") or clean != file or clean.count("/") < 2 or "\0" in file:
+            raise ValueError(
+                f"{file!r}: the token file is a clean absolute path below a directory, e.g. /run/pier/token"
+            )
+        return file
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> TokenDelivery:
+        if self.env is None and self.file is None:
+            raise ValueError("say where the token goes: `env` (a variable of the server), `file` (a path), or both")
+        return self
+
+
+class UpstreamOAuth(TokenDelivery):
+    """Each user connects their own account at a third-party OAuth provider (authorization code + PKCE).
+
+    The provider is an issuer found by discovery (RFC 8414 / OpenID), or its endpoints given here. The
+    client secret is never in the catalog: `client_secret_env` names the router's environment variable
+    holding it (the Helm chart fills it from a Secret); a public client has none.
+    """
+
+    issuer: str | None = Field(default=None, description="the provider's issuer URL (its metadata is discovered)")
+    authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+    revocation_endpoint: str | None = Field(default=None, description="RFC 7009; discovered with the issuer")
+    client_id: str = Field(min_length=1)
+    client_secret_env: str | None = Field(
+        default=None, description="the router's environment variable that holds the client secret"
+    )
+    scopes: list[str] = Field(default_factory=list)
+    resource: str | None = Field(default=None, description="RFC 8707 resource indicator of the upstream API")
+    authorization_params: dict[str, str] = Field(
+        default_factory=dict,
+        description="more parameters of the authorization request (e.g. prompt: consent, access_type: offline)",
+    )
+
+    @field_validator("client_secret_env")
+    @classmethod
+    def _secret_env(cls, name: str | None) -> str | None:
+        return None if name is None else _env_name(name)
+
+    @model_validator(mode="after")
+    def _provider(self) -> UpstreamOAuth:
+        endpoints = self.authorization_endpoint is not None and self.token_endpoint is not None
+        if self.issuer is None and not endpoints:
+            raise ValueError(
+                "name the provider: `issuer` (discovery), or `authorization_endpoint` and `token_endpoint`"
+            )
+        for name in ("issuer", "authorization_endpoint", "token_endpoint", "revocation_endpoint", "resource"):
+            url = getattr(self, name)
+            if url is not None and not re.match(r"^https?://[^\s/?#]+", url):
+                raise ValueError(f"{name} must be an http(s) URL, not {url!r}")
+        reserved = {"response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"}
+        clash = sorted(reserved & set(self.authorization_params))
+        if clash:
+            raise ValueError(f"authorization_params may not set {', '.join(clash)}: Pier sets them")
+        return self
+
+
+class TokenExchange(TokenDelivery):
+    """RFC 8693: the caller's own token from the company's identity provider is exchanged there for one
+    aimed at the upstream (for upstreams that trust that provider), cached until it expires."""
+
+    audience: str = Field(min_length=1, description="the upstream the exchanged token is for")
+    scope: str | None = Field(default=None, description="the scope asked for (space-separated)")
 
 
 class Profile(BaseModel):
@@ -51,6 +150,22 @@ class Profile(BaseModel):
     user_secrets: dict[str, UserSecret] = Field(
         default_factory=dict,
         description="secrets each user supplies, given to that user's server as environment variables",
+    )
+    upstream_oauth: UpstreamOAuth | None = Field(
+        default=None,
+        description="each user connects their own account at an OAuth provider (README: Connected accounts)",
+    )
+    token_exchange: TokenExchange | None = Field(
+        default=None,
+        description="the caller's identity-provider token exchanged for one aimed at the upstream (RFC 8693)",
+    )
+    allowed_groups: list[str] = Field(
+        default_factory=list,
+        description="identity-provider groups whose members may use it (app keys always may); empty: everyone",
+    )
+    version: str | None = Field(default=None, description="the server's version (the registry API shows it)")
+    registry_name: str | None = Field(
+        default=None, description="its name in the MCP registry (reverse DNS), when it was imported from there"
     )
     trust_annotations: bool = Field(
         default=False, description="treat the server's readOnlyHint/idempotentHint tools as retry-safe"
@@ -78,20 +193,38 @@ class Profile(BaseModel):
 
         Never when users supply secrets: a session started before its user asked cannot carry them.
         """
-        return self.warm_pool > 0 and not self.user_secrets
+        return self.warm_pool > 0 and not self.carries_user_credentials
 
     @property
     def carries_user_credentials(self) -> bool:
-        """Whether its sessions hold something of one user's own (their secrets) that others must not read."""
-        return bool(self.user_secrets)
+        """Whether its sessions hold something of one user's own (their secrets, their upstream token)
+        that others must not read."""
+        return bool(self.user_secrets) or self.token_delivery is not None
+
+    @property
+    def token_delivery(self) -> TokenDelivery | None:
+        """Where a user's upstream token goes, when the profile gives its sessions one."""
+        return self.upstream_oauth or self.token_exchange
+
+    def usable_by(self, groups: tuple[str, ...] | None) -> bool:
+        """May a caller in `groups` use it? None: a caller whose groups do not matter (an app key, an open router)."""
+        return groups is None or not self.allowed_groups or bool(set(self.allowed_groups) & set(groups))
 
     @field_validator("user_secrets")
     @classmethod
     def _secret_names(cls, secrets: dict[str, UserSecret]) -> dict[str, UserSecret]:
         for name in secrets:
-            if not SECRET_NAME.fullmatch(name) or name.upper().startswith("PIER_"):
-                raise ValueError(f"{name!r} is not a usable environment variable name (nor may it start with PIER_)")
+            _env_name(name)
         return secrets
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Profile:
+        if self.upstream_oauth is not None and self.token_exchange is not None:
+            raise ValueError("a profile's upstream token comes from `upstream_oauth` or `token_exchange`, not both")
+        delivery = self.token_delivery
+        if delivery is not None and delivery.env is not None and delivery.env in self.user_secrets:
+            raise ValueError(f"{delivery.env} is both a user secret and where the upstream token goes")
+        return self
 
     def idle_ttl_s(self, default: float) -> float:
         """How long an idle session of this profile lives (0: forever); `default` when it sets none."""
@@ -118,7 +251,15 @@ class Profile(BaseModel):
             "call_timeout_s": self.call_timeout_s,
             "ttl_s": self.ttl_s,
             "max_concurrent_calls": self.max_concurrent_calls,
+            "connection": self.connection_kind,
         }
+
+    @property
+    def connection_kind(self) -> str | None:
+        """How a user's upstream token is had: `oauth` (they connect their account), `token_exchange`, or None."""
+        if self.upstream_oauth is not None:
+            return "oauth"
+        return "token_exchange" if self.token_exchange is not None else None
 
 
 class CatalogFile(BaseModel):

@@ -165,6 +165,15 @@ def session_name(user: str, profile: str) -> str:
     return f"{readable}-{digest}" if readable else f"s-{digest}"
 
 
+CONNECTION_TOKEN_KEY = "token"  # the key of a connection Secret that sessions receive (nothing else of it)
+
+
+def connection_secret_name(user: str, profile: str) -> str:
+    """The Secret of a user's upstream token for a profile (connected account or token exchange): the router
+    writes it, the session's pod takes its `token` key. Deterministic, valid, and no user id in clear."""
+    return f"pier-conn-{profile}-" + hashlib.sha256(f"{user}\0{profile}".encode()).hexdigest()[:16]
+
+
 def label_value(text: str) -> str:
     """A valid label value (≤ 63 characters of [A-Za-z0-9._-]) that still tells who it is."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._-")

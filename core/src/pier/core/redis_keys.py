@@ -71,6 +71,34 @@ def mcp_session(session_id: str) -> str:
     return f"pier:mcp:{session_id}"
 
 
+# -- connected accounts and the portal (router/…/accounts, router/…/auth/signin) -------------------
+
+
+def oauth_flow(state: str) -> str:
+    """One authorization in progress (upstream OAuth or the portal's sign-in): single use, short-lived."""
+    return f"pier:oauth:flow:{state}"
+
+
+def connection(user: str, profile: str) -> str:
+    """A user's connected account for a profile: its tokens, sealed (local backend)."""
+    return f"pier:oauth:conn:{user}:{profile}"
+
+
+def connection_lock(user: str, profile: str) -> str:
+    """Held by the one router replica refreshing (or exchanging) a user's token for a profile."""
+    return f"pier:oauth:lock:{user}:{profile}"
+
+
+def exchanged(user: str, profile: str) -> str:
+    """A token obtained by token exchange (RFC 8693) for a user and profile, sealed, until it expires."""
+    return f"pier:oauth:exchanged:{user}:{profile}"
+
+
+def portal_session(digest: str) -> str:
+    """A signed-in portal user's session (its id is the cookie's value, hashed)."""
+    return f"pier:portal:{digest}"
+
+
 # -- what the names look like ---------------------------------------------------------------------
 
 # What each placeholder of a name stands for, as a pattern (user ids and profile names never hold ":").
@@ -82,6 +110,8 @@ _FIELDS = {
     "key": r".{1,200}",
     "minute": r"[0-9]+",
     "session_id": r"[A-Za-z0-9_-]{1,128}",
+    "state": r"[A-Za-z0-9_-]{16,128}",
+    "digest": r"[0-9a-f]{64}",
 }
 
 
@@ -114,6 +144,11 @@ NAMES: tuple[Name, ...] = (
     Name("pier:secrets:{user}:{profile}", "hash", "a user's secrets for a profile, each sealed (AES-GCM)"),
     Name("pier:mcp:{session_id}", "hash", "an MCP client session: user, profile, initialize, log level, subscriptions"),
     Name("pier:job:{job_id}:events", "channel", "pub/sub: a job's progress events, then its completion"),
+    Name("pier:oauth:flow:{state}", "string", "an authorization in progress (sealed; single use, minutes)"),
+    Name("pier:oauth:conn:{user}:{profile}", "string", "a user's connected account for a profile (sealed tokens)"),
+    Name("pier:oauth:lock:{user}:{profile}", "string", "held while one replica refreshes that token (seconds)"),
+    Name("pier:oauth:exchanged:{user}:{profile}", "string", "an exchanged token (RFC 8693), sealed, until it expires"),
+    Name("pier:portal:{digest}", "string", "a signed-in portal session (sealed), by the digest of its cookie"),
 )
 
 

@@ -81,12 +81,20 @@ class Confinement:
     uid: int | None = None  # None: the bridge's own (sandbox mode as a user other than root)
     gid: int | None = None
     paths: tuple[str, ...] = ()  # read-only, besides the system's and Pier's runtime
+    # (host directory, where the server sees it), read-only: e.g. the directory of a user's token file,
+    # which the router rewrites in place (sandbox mode only)
+    binds: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("sandbox", "uid"):
             raise ValueError(f"unknown confinement mode {self.mode!r}")
         if self.mode == "uid" and (self.uid is None or self.gid is None):
             raise ValueError("uid mode needs a uid and a gid")
+        if self.binds and self.mode != "sandbox":
+            raise ValueError("only a sandbox can show a directory elsewhere than where it is")
+        for source, dest in self.binds:
+            if not (os.path.isabs(source) and os.path.isabs(dest)) or os.path.normpath(dest) in ("/", *SYSTEM_PATHS):
+                raise ValueError(f"a bind is an absolute directory onto an absolute path, not {source}:{dest}")
 
     @property
     def tmp(self) -> Path:
@@ -152,8 +160,10 @@ class Confinement:
         for source, dest in _binds(extra):
             argv += [*_parents(dest, made), "--ro-bind", source, dest]
         home = str(self.home)
-        argv += [*_parents(home, made), "--bind", home, home, "--chdir", str(cwd)]
-        return argv
+        argv += [*_parents(home, made), "--bind", home, home]
+        for source, dest in self.binds:
+            argv += [*_parents(dest, made), "--ro-bind", source, dest]
+        return [*argv, "--chdir", str(cwd)]
 
 
 def _parents(path: str, made: set[str]) -> list[str]:

@@ -3,11 +3,13 @@ and the pods of a warm pool, which are the same pods bound to no session yet."""
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from pier.core.catalog import Profile
 from pier.core.mcpsession import (
     API_VERSION,
+    CONNECTION_TOKEN_KEY,
     KIND,
     POOL_LABEL,
     PROFILE_LABEL,
@@ -15,6 +17,7 @@ from pier.core.mcpsession import (
     USER_LABEL,
     MCPSessionSpec,
     ServerSpec,
+    connection_secret_name,
     label_value,
 )
 from pier.operator.config import OperatorSettings
@@ -22,6 +25,7 @@ from pier.operator.config import OperatorSettings
 BRIDGE_PORT = 8080
 BRIDGE_CONTAINER = "bridge"
 SERVER_CONTAINER = "server"  # attach mode: the server's own container
+TOKEN_VOLUME = "pier-token"  # the user's upstream token, from their connection Secret
 IO_DIR = "/pier/io"  # the emptyDir shared by the bridge and the server container (attach mode)
 TMP_DIR = "/tmp"
 GENERATION_ANNOTATION = "pier.dev/generation"
@@ -66,6 +70,8 @@ def build_pod(
     env_from = list(server.env_from or [])
     resources = server.resources or (profile.resources if profile else None)
     pier = settings.bridge_command
+    token_env, token_mounts, token_volumes = _token(spec, profile)
+    env += token_env
 
     bridge_env: list[dict[str, Any]] = [
         {"name": "PIER_SIDECAR_HOST", "value": "0.0.0.0"},
@@ -81,6 +87,7 @@ def build_pod(
             }
         )
     mounts = [{"name": "tmp", "mountPath": TMP_DIR}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, *token_volumes]
     bridge: dict[str, Any] = {
         "name": BRIDGE_CONTAINER,
         "image": settings.bridge_image,
@@ -92,13 +99,13 @@ def build_pod(
     }
     containers = [bridge]
     init_containers: list[dict[str, Any]] = []
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     if image is None:
         # Child mode: the server is the bridge's child, in the bridge's image, with the server's env.
         bridge["command"] = [*pier, "sidecar", "--", *command]
         bridge["env"] = bridge_env + env
         bridge["envFrom"] = env_from
         bridge["resources"] = resources or _DEFAULT_BRIDGE_RESOURCES
+        bridge["volumeMounts"] = [*mounts, *token_mounts]
     else:
         io_mount = {"name": "io", "mountPath": IO_DIR}
         volumes.append({"name": "io", "emptyDir": {}})
@@ -127,7 +134,7 @@ def build_pod(
                 "resources": resources or {},
                 # Arbitrary server images often write outside /tmp: root FS stays writable there.
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [io_mount, {"name": "tmp", "mountPath": TMP_DIR}],
+                "volumeMounts": [io_mount, {"name": "tmp", "mountPath": TMP_DIR}, *token_mounts],
             }
         )
     return {
@@ -157,6 +164,26 @@ def build_pod(
             **_placement(settings),
         },
     }
+
+
+def _token(spec: MCPSessionSpec, profile: Profile | None) -> tuple[list[Any], list[Any], list[Any]]:
+    """The user's upstream token for the server, from their connection Secret (written by the router): a
+    variable and/or a file (the kubelet rewrites a mounted Secret's file in place when it changes). Only its
+    `token` key reaches the pod, never the refresh token beside it."""
+    delivery = profile.token_delivery if profile is not None else None
+    if delivery is None or profile is None:
+        return [], [], []
+    secret = connection_secret_name(spec.user_id, profile.name)
+    env, mounts, volumes = [], [], []
+    if delivery.env is not None:
+        ref = {"name": secret, "key": CONNECTION_TOKEN_KEY}
+        env.append({"name": delivery.env, "valueFrom": {"secretKeyRef": ref}})
+    if delivery.file is not None:
+        directory, name = posixpath.split(delivery.file)
+        items = [{"key": CONNECTION_TOKEN_KEY, "path": name}]
+        volumes.append({"name": TOKEN_VOLUME, "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}})
+        mounts.append({"name": TOKEN_VOLUME, "mountPath": directory, "readOnly": True})
+    return env, mounts, volumes
 
 
 def session_labels(session: str, user: str, profile: str) -> dict[str, str]:

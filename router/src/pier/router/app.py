@@ -27,18 +27,21 @@ from pier.core.jobstore import JobStore, connect
 from pier.core.policy import Gate, Policer, PolicyMetrics
 from pier.core.tls import CertReloader, client_context, server_context
 from pier.core.web import error_response, json_response
+from pier.router.accounts.service import Accounts
+from pier.router.accounts.store import RedisConnectionStore
 from pier.router.auth import protected_resource
 from pier.router.auth.ingress import Ingress
 from pier.router.auth.keys import KeyRing
 from pier.router.auth.oidc import TokenVerifier
 from pier.router.auth.ratelimit import RateLimiter
+from pier.router.auth.signin import PortalSessions, SignIn, signin_configured
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
 from pier.router.mcp import aggregate, relay, websocket
 from pier.router.mcp.sessions import McpSessions
-from pier.router.middleware import authenticate, errors, observe
-from pier.router.rest import bridgekit, dashboard
+from pier.router.middleware import ACCESS_LOG, authenticate, errors, observe
+from pier.router.rest import accounts, bridgekit, dashboard, portal, registry
 from pier.router.rest import v1 as rest_v1
 from pier.router.state import ROUTER, Router
 from pier.router.usersecrets import RedisSecretStore, Sealer
@@ -126,12 +129,43 @@ async def job_store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def session_backend(app: web.Application) -> AsyncIterator[None]:
-    """Local sessions (processes, or bridges in this process) or Kubernetes MCPSessions."""
+    """Local sessions (processes, or bridges in this process) or Kubernetes MCPSessions; and users'
+    connected accounts, whose tokens those sessions take."""
     router = app[ROUTER]
+    router.accounts = make_accounts(router)
     router.backend = make_backend(router)
     await router.backend.start()
+    if router.accounts is not None and router.backend.connections is not None:
+        router.accounts.store = router.backend.connections  # (Kubernetes: Secrets, reachable once started)
     yield
     await router.backend.close()
+
+
+def _sealer(router: Router, why: str) -> Sealer:
+    key = router.settings.secrets_key
+    if key is None:
+        raise ConfigError(f"{why}: set PIER_SECRETS_KEY (base64 of 32 random bytes)")
+    try:
+        return Sealer(key.get_secret_value())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def make_accounts(router: Router) -> Accounts | None:
+    """Connected accounts and exchanged tokens, when a profile has them or the portal signs users in."""
+    s, profiles = router.settings, list(router.catalog.profiles.values())
+    named = [p.name for p in profiles if p.token_delivery is not None]
+    if not named and not signin_configured(s):
+        return None
+    why = f"profiles {', '.join(named)} keep users' tokens" if named else "the portal keeps signed-in sessions"
+    sealer = _sealer(router, why)
+    if any(p.token_exchange for p in profiles) and not (s.oidc_client_id and s.issuers()):
+        raise ConfigError(
+            "token exchange needs the router's client at the identity provider: "
+            "set PIER_OIDC_ISSUER and PIER_OIDC_CLIENT_ID"
+        )
+    store = RedisConnectionStore(router.redis, sealer)  # (Kubernetes: replaced by its Secrets once started)
+    return Accounts(s, router.catalog, router.http, router.redis, sealer, store, router.metrics)
 
 
 def make_backend(router: Router) -> SessionBackend:
@@ -139,11 +173,11 @@ def make_backend(router: Router) -> SessionBackend:
     if s.backend == "kubernetes":
         from pier.router.backends.kubernetes import KubernetesBackend  # loads the kubernetes client
 
-        return KubernetesBackend(s, router.metrics, router.http, router.bridge_ssl)
+        return KubernetesBackend(s, router.metrics, router.http, router.bridge_ssl, router.accounts)
     profiles = list(router.catalog.profiles.values())
     secrets = None
     if s.secrets_key is not None:
-        secrets = RedisSecretStore(router.redis, Sealer(s.secrets_key.get_secret_value()))
+        secrets = RedisSecretStore(router.redis, _sealer(router, "users' secrets"))
     elif any(p.user_secrets for p in profiles):
         names = ", ".join(p.name for p in profiles if p.user_secrets)
         raise ConfigError(f"profiles {names} take users' secrets: set PIER_SECRETS_KEY (base64 of 32 random bytes)")
@@ -156,7 +190,11 @@ def make_backend(router: Router) -> SessionBackend:
         runtime = InProcessRuntime(s, Isolation(s))
     else:
         runtime = ProcessRuntime(s, Isolation(s), router.http, router.bridge_ssl)
-    return LocalBackend(s, runtime, router.metrics, profiles, secrets)
+    # Connected accounts' client secrets are the router's alone: no server inherits them.
+    runtime.private_env = frozenset(
+        p.upstream_oauth.client_secret_env for p in profiles if p.upstream_oauth and p.upstream_oauth.client_secret_env
+    )
+    return LocalBackend(s, runtime, router.metrics, profiles, secrets, router.accounts)
 
 
 async def pipeline(app: web.Application) -> AsyncIterator[None]:
@@ -173,6 +211,10 @@ async def pipeline(app: web.Application) -> AsyncIterator[None]:
         Gate(policer, s.audit_log), router.metrics, verifier,
     )  # fmt: skip
     router.calls = CallService(s, router.backend, router.store, router.ingress, router.metrics)
+    if router.accounts is not None and verifier is not None and signin_configured(s):
+        sessions = PortalSessions(router.redis, router.accounts.sealer, s.portal_session_ttl_s)
+        router.ingress.portal = sessions
+        router.signin = SignIn(s, router.accounts, verifier, sessions)
     if router.keys.open:
         log.warning("NO API KEYS CONFIGURED: the router is open to anyone who can reach it")
     yield
@@ -208,7 +250,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
         middlewares=[observe],
         # aiohttp's keep-alive timer also closes a connection still waiting for a whole request
         # head: slow-header clients are dropped after it, as are idle keep-alive connections.
-        handler_args={"keepalive_timeout": settings.header_timeout_s},
+        handler_args={"keepalive_timeout": settings.header_timeout_s, "access_log_class": ACCESS_LOG},
     )
     app[ROUTER] = Router(settings, catalog, keys)
     app[ROUTER].metrics.registry.register(tracing.span_metrics())
@@ -224,16 +266,24 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     dashboard.add_page(app)
+    portal.add_routes(app)  # (its own sign-in: the cookie, CSRF tokens on every form)
     protected_resource.add_routes(app)
 
     render = errors(lambda request, err: error_response(err))
     v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[render, authenticate])
     rest_v1.add_routes(v1)
+    accounts.add_routes(v1)
     relay.add_routes(v1)
     websocket.add_routes(v1, settings)
     aggregate.add_routes(v1)
     dashboard.add_routes(v1)
     app.add_subapp("/v1", v1)
+    # The MCP registry API (v0.1): the catalog as server.json documents, for whoever may use them.
+    v0 = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[errors(registry.render_error), authenticate]
+    )
+    registry.add_routes(v0)
+    app.add_subapp("/v0.1", v0)
 
     bridgekit.add_routes(app)
     return app

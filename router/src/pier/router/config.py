@@ -50,7 +50,25 @@ class RouterSettings(BaseSettings):
         default_factory=list, description="more trusted issuers: objects with issuer, audience, user_claim, scopes"
     )
     secrets_key: SecretStr | None = Field(
-        default=None, description="base64 of 32 random bytes: encrypts users' secrets in Redis (local backend)"
+        default=None,
+        description="base64 of 32 random bytes: encrypts users' secrets and connected accounts' tokens in Redis",
+    )
+    oidc_client_id: str | None = Field(
+        default=None, description="the router's client id at PIER_OIDC_ISSUER: the portal's sign-in, token exchange"
+    )
+    oidc_client_secret: SecretStr | None = Field(default=None, description="its client secret (none: a public client)")
+    portal_session_ttl_s: int = Field(default=28800, ge=60, description="how long a portal sign-in lasts")
+    oauth_flow_ttl_s: int = Field(
+        default=600, ge=30, le=3600, description="how long an authorization in progress (its `state`) stays usable"
+    )
+    oauth_timeout_s: float = Field(default=10.0, gt=0, description="timeout of each request to an authorization server")
+    oauth_refresh_margin_s: float = Field(
+        default=300.0, ge=0, description="refresh a token this long before it expires (at most half its lifetime)"
+    )
+    registry_namespace: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z0-9.-]+$",
+        description="reverse-DNS namespace of the catalog's names in the registry API (default: from the public URL)",
     )
     keys_file: Path | None = Field(default=None, description="YAML/JSON file: app_keys, user_keys")
     app_keys: list[SecretStr] = Field(default_factory=list, description="keys that may act for any user")

@@ -84,6 +84,31 @@ class RouterMetrics:
         for op in REDIS_OPS:
             self.redis_errors.labels(op)
         self.pool = PoolMetrics(r, "router", "session")
+        # Connected accounts (outcomes are a fixed set; profiles come from the catalog).
+        self.oauth_connections = Counter(
+            "pier_router_oauth_connections_total",
+            "account connections completed or refused (connected, denied, refused, failed, bad_state)",
+            ["profile", "outcome"],
+            registry=r,
+        )
+        self.oauth_refreshes = Counter(
+            "pier_router_oauth_refreshes_total",
+            "upstream token refreshes (refreshed, refused, failed)",
+            ["profile", "outcome"],
+            registry=r,
+        )
+        self.oauth_revocations = Counter(
+            "pier_router_oauth_revocations_total",
+            "disconnections, by whether the provider revoked the tokens",
+            ["profile", "outcome"],
+            registry=r,
+        )
+        self.token_exchanges = Counter(
+            "pier_router_token_exchanges_total",
+            "token exchanges at the identity provider (exchanged, refused, failed)",
+            ["profile", "outcome"],
+            registry=r,
+        )
 
     def known_profiles(self, names: Iterable[str]) -> None:
         """Series of every profile from the start, at 0: a ratio of starts that failed has a denominator

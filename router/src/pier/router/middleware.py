@@ -14,15 +14,21 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
 from redis.exceptions import RedisError
 
 from pier.core import logs, tracing
 from pier.core.errors import PierError
 from pier.core.web import too_large
+from pier.router.auth.keys import presented_key
 from pier.router.auth.protected_resource import with_challenge
+from pier.router.shared import with_connect_url
 from pier.router.state import router_of
 
 log = logging.getLogger("pier.router")
@@ -32,6 +38,25 @@ RECEIVED = web.RequestKey("received", float)  # time.monotonic() when the reques
 ERROR_CODE = web.RequestKey("error_code", str)  # the PierError its answer carries, for the request's span
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: many, and nothing to follow
 Render = Callable[[web.Request, PierError], web.Response]
+
+
+# Where an authorization server sends a browser back: its query holds an authorization code.
+CALLBACK_PATHS = frozenset({"/v1/oauth/callback", "/portal/callback"})
+
+
+class AccessLog(AccessLogger):
+    """aiohttp's access log (when a platform turns it on), without what a log must not hold: the query of
+    an OAuth callback (its authorization code) and a Referer that carries one."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        referer = request.headers.get("Referer", "")
+        if request.path in CALLBACK_PATHS or "code=" in referer:
+            headers = {**request.headers, "Referer": referer.split("?", 1)[0]} if referer else request.headers
+            request = request.clone(rel_url=request.rel_url.with_query(None), headers=headers)
+        super().log(request, response, time)
+
+
+ACCESS_LOG: type[AbstractAccessLogger] = AccessLog
 
 
 @web.middleware
@@ -96,7 +121,7 @@ def errors(render: Render) -> Middleware:
 
     def answer(request: web.Request, err: PierError) -> web.Response:
         request[ERROR_CODE] = err.code
-        return with_challenge(request, err, render(request, err))
+        return with_challenge(request, err, render(request, with_connect_url(request, err)))
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -127,8 +152,41 @@ def errors(render: Render) -> Middleware:
     return middleware
 
 
+OPEN = "open"  # a route anyone may reach (the OAuth callback: the browser brings no credential)
+COOKIE = "cookie"  # a route a browser opens: the portal's sign-in cookie identifies its user too
+
+
+def access(kind: str) -> Callable[[Handler], Handler]:
+    """Mark a route's handler as `OPEN` or `COOKIE` (see `authenticate`)."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.pier_access = kind  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Identity first: no handler runs for a caller the ingress pipeline does not know."""
-    await router_of(request).ingress.identify(request)
+    """Identity first: no handler runs for a caller the ingress pipeline does not know. A browser that
+    opens a cookie route unsigned is sent to sign in, then back."""
+    kind = getattr(request.match_info.handler, "pier_access", None)
+    if kind == OPEN:
+        return await handler(request)
+    router = router_of(request)
+    try:
+        await router.ingress.identify(request, cookie=kind == COOKIE)
+    except PierError as err:
+        if kind == COOKIE and err.code == "UNAUTHENTICATED" and _signs_in(request):
+            raise web.HTTPFound("/portal/login?" + urlencode({"next": request.path_qs})) from None
+        raise
     return await handler(request)
+
+
+def _signs_in(request: web.Request) -> bool:
+    """A browser (it asks for HTML) with no credential of its own, where the portal can sign it in."""
+    router = router_of(request)
+    return (
+        request.method == "GET" and router.ingress.portal is not None
+        and "text/html" in request.headers.get("Accept", "") and presented_key(request) is None
+    )  # fmt: skip

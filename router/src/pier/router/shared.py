@@ -21,6 +21,7 @@ from pier.core.job import JobRecord
 from pier.core.jsonrpc import MAX_DEPTH, TooDeep, parse
 from pier.core.web import SSE_HEADERS, read_body
 from pier.router.auth.ingress import principal_of
+from pier.router.auth.oidc import router_url
 from pier.router.state import Router, router_of
 
 M = TypeVar("M", bound=BaseModel)
@@ -41,6 +42,24 @@ def user_of(request: web.Request) -> str:
             "FORBIDDEN", "/v1/me/… acts for the signed-in user (a token or a user key); an app key names the user"
         )
     return principal.user_id
+
+
+def base_url(request: web.Request) -> str:
+    """The router's URL as its callers reach it (PIER_PUBLIC_URL, else as this request did)."""
+    return router_url(request, router_of(request).settings.public_url)
+
+
+def connect_url(request: web.Request, server: str) -> str:
+    """Where a user's browser goes to connect their account for `server` (they sign in there if need be)."""
+    return f"{base_url(request)}/v1/me/servers/{server}/connect"
+
+
+def with_connect_url(request: web.Request, err: PierError) -> PierError:
+    """A CONNECTION_REQUIRED error with the URL its user opens to connect (`details.connect_url`)."""
+    server = err.details.get("server")
+    if err.code == "CONNECTION_REQUIRED" and isinstance(server, str) and "connect_url" not in err.details:
+        err.details["connect_url"] = connect_url(request, server)
+    return err
 
 
 # -- bodies ---------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from aiohttp import web
 from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Catalog
 from pier.core.jobstore import JobStore
+from pier.router.accounts.service import Accounts
 from pier.router.auth.ingress import Ingress
 from pier.router.auth.keys import KeyRing
+from pier.router.auth.signin import SignIn
 from pier.router.backends.base import SessionBackend
 from pier.router.calls import CallService
 from pier.router.config import RouterSettings
@@ -39,8 +41,10 @@ class Router:
     redis: aioredis.Redis = field(init=False)
     store: JobStore = field(init=False)
     mcp_sessions: McpSessions = field(init=False)  # MCP client sessions' records (with the job store)
+    accounts: Accounts | None = None  # connected accounts and exchanged tokens, when a profile has them
     backend: SessionBackend = field(init=False)
     ingress: Ingress = field(init=False)
+    signin: SignIn | None = None  # the portal's sign-in, when an identity provider and a client id are set
     calls: CallService = field(init=False)
     # Long-lived responses (SSE, relayed streams), ended at shutdown rather than waited for.
     streams: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -85,7 +85,7 @@ class Sealer:
         nonce = os.urandom(12)
         return base64.b64encode(nonce + self._aead.encrypt(nonce, value.encode(), slot.encode())).decode()
 
-    def open(self, sealed: str, slot: str) -> str:
+    def open(self, sealed: str | bytes, slot: str) -> str:
         raw = base64.b64decode(sealed)
         try:
             return self._aead.decrypt(raw[:12], raw[12:], slot.encode()).decode()
@@ -123,6 +123,24 @@ class RedisSecretStore(SecretStore):
         return {name: self.sealer.open(item["v"], f"{user}\0{profile}\0{name}") for name, item in stored.items()}
 
 
+def check_values(profile: Profile, values: Any) -> dict[str, str]:
+    """`values` as secrets of `profile` may be set: INVALID_ARGUMENTS (422) naming what is wrong (never a value)."""
+    if not isinstance(values, dict) or not values:
+        raise PierError("INVALID_ARGUMENTS", 'the body is an object of secrets: {"NAME": "value", …}')
+    unknown = sorted(set(values) - set(profile.user_secrets))
+    if unknown:
+        raise PierError(
+            "INVALID_ARGUMENTS", f"{profile.name} takes no secret named " + ", ".join(unknown),
+            {"unknown": unknown, "secrets": sorted(profile.user_secrets)},
+        )  # fmt: skip
+    bad = sorted(name for name, value in values.items() if not isinstance(value, str) or len(value) > MAX_VALUE_BYTES)
+    if bad:
+        raise PierError(
+            "INVALID_ARGUMENTS", f"secret values are strings of at most {MAX_VALUE_BYTES} bytes", {"names": bad}
+        )
+    return values
+
+
 Request = Callable[..., Awaitable[tuple[int, Any]]]
 
 
@@ -146,30 +164,12 @@ class KubernetesSecretStore(SecretStore):
         return body if isinstance(body, dict) else None
 
     async def put(self, user: str, profile: str, values: dict[str, str]) -> None:
-        name = secret_name(user, profile)
-        now = time.time()
         current = await self._read(user, profile)
         set_at = loads(((current or {}).get("metadata", {}).get("annotations") or {}).get(SET_AT_ANNOTATION, "{}"))
-        set_at.update({key: now for key in values})
-        body: dict[str, Any] = {
-            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {
-                "name": name,
-                "labels": {USER_LABEL: label_value(user), PROFILE_LABEL: profile,
-                           "app.kubernetes.io/managed-by": "pier-router"},
-                "annotations": {SET_AT_ANNOTATION: dumps(set_at).decode()},
-            },
-            "data": {
-                **((current or {}).get("data") or {}),
-                **{key: base64.b64encode(value.encode()).decode() for key, value in values.items()},
-            },
-        }  # fmt: skip
-        if current is None:
-            status, answer = await self._request("POST", self._base, body)
-        else:
-            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            status, answer = await self._request("PUT", f"{self._base}/{name}", body)
-        _check(status, answer, "write")
+        set_at.update({key: time.time() for key in values})
+        annotations = {SET_AT_ANNOTATION: dumps(set_at).decode()}
+        await write_secret(self._request, self._base, secret_name(user, profile), user, profile, values, current,
+                           annotations)  # fmt: skip
 
     async def listing(self, user: str, profile: str) -> list[dict[str, Any]]:
         current = await self._read(user, profile)
@@ -190,6 +190,27 @@ class KubernetesSecretStore(SecretStore):
         status, answer = await self._request("PUT", f"{self._base}/{current['metadata']['name']}", current)
         _check(status, answer, "write")
         return True
+
+
+async def write_secret(
+    request: Request, base: str, name: str, user: str, profile: str, values: dict[str, str],
+    current: dict[str, Any] | None, annotations: dict[str, str] | None = None,
+) -> None:  # fmt: skip
+    """Create or update (with `current`'s resourceVersion) Secret `name` of (user, profile), labelled as the
+    router's, `values` replacing the keys they name."""
+    data = {**((current or {}).get("data") or {}),
+            **{key: base64.b64encode(value.encode()).decode() for key, value in values.items()}}  # fmt: skip
+    labels = {USER_LABEL: label_value(user), PROFILE_LABEL: profile, "app.kubernetes.io/managed-by": "pier-router"}
+    metadata: dict[str, Any] = {"name": name, "labels": labels}
+    if annotations:
+        metadata["annotations"] = annotations
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata, "data": data}
+    if current is None:
+        status, answer = await request("POST", base, body)
+    else:
+        metadata["resourceVersion"] = current["metadata"]["resourceVersion"]
+        status, answer = await request("PUT", f"{base}/{name}", body)
+    _check(status, answer, "write")
 
 
 def _check(status: int, body: Any, what: str) -> None:

@@ -99,6 +99,7 @@ class SidecarSettings:
     run_as: str = ""
     home: Path | None = None
     sandbox_paths: list[str] = field(default_factory=list)  # read-only in the sandbox, besides the system's
+    sandbox_binds: list[str] = field(default_factory=list)  # "HOST_DIR:PATH": read-only where the server sees it
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -125,7 +126,13 @@ class SidecarSettings:
             except ValueError:
                 raise ValueError(f"{ENV_PREFIX}RUN_AS must be UID:GID, not {self.run_as!r}") from None
         mode: Mode = "uid" if self.isolation == "uid" else "sandbox"
-        return Confinement(mode, self.home, uid, gid, tuple(self.sandbox_paths))
+        binds = []
+        for bind in self.sandbox_binds:
+            source, sep, dest = bind.partition(":")
+            if not sep:
+                raise ValueError(f"{ENV_PREFIX}SANDBOX_BINDS items are HOST_DIR:PATH, not {bind!r}")
+            binds.append((source, dest))
+        return Confinement(mode, self.home, uid, gid, tuple(self.sandbox_paths), tuple(binds))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SidecarSettings:

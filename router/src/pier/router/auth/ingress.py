@@ -1,8 +1,9 @@
 """The one way in. Every entry point — REST, bridgekit's `/chat`, the MCP relay, WebSocket — takes a
 request through the same steps, in this order:
 
-1. **identity** (`identify`): who is calling — an app key, a user key, a client certificate, or a
-   token from the company's identity provider (`oidc`);
+1. **identity** (`identify`): who is calling — an app key, a user key, a client certificate, a
+   token from the company's identity provider (`oidc`), or, on the few routes a browser opens, the
+   portal's sign-in cookie (`signin`);
 2. **admission** (`admit`): may that caller act for this user, is the user id valid, does the
    profile exist, is the user within their rate limit → a `Caller`;
 3. **tool rules and policy hook** (`gate`, `pier.core.policy.Gate`): the profile's built-in allow
@@ -28,15 +29,18 @@ from pier.core.errors import PierError
 from pier.core.names import DISCOVERY_USER, USER_ID_RULE, is_user_id
 from pier.core.policy import Caller, Gate, PolicyDenied
 from pier.core.tls import peer_subject
+from pier.router.accounts.service import SUBJECT_TOKEN
 from pier.router.auth.keys import KeyRing, Principal, presented_key
 from pier.router.auth.oidc import TokenVerifier, looks_like_jwt, router_url
 from pier.router.auth.ratelimit import RateLimiter
+from pier.router.auth.signin import SESSION_COOKIE, PortalSession, PortalSessions, same_origin
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
 
 # Outcomes that are not errors of the call (a tool's own error result counts as an answer).
 SUCCESS = frozenset({"completed", "queued", "replayed", "tool_error"})
 PRINCIPAL = web.RequestKey("principal", Principal)
+PORTAL_SESSION = web.RequestKey("portal_session", PortalSession)
 
 
 class Ingress:
@@ -52,6 +56,7 @@ class Ingress:
     ) -> None:
         self.settings = settings
         self.verifier = verifier
+        self.portal: PortalSessions | None = None  # signed-in portal sessions, when the portal signs users in
         self.catalog = catalog
         self.keys = keys
         self.limiter = limiter
@@ -64,17 +69,36 @@ class Ingress:
 
     # -- 1. identity ---------------------------------------------------------------------------
 
-    async def identify(self, request: web.Request) -> Principal:
-        """Who is calling (UNAUTHENTICATED when credentials are configured and none fits). Kept on the request."""
+    async def identify(self, request: web.Request, cookie: bool = False) -> Principal:
+        """Who is calling (UNAUTHENTICATED when credentials are configured and none fits). Kept on the request.
+
+        `cookie`: the route is one a browser opens, where the portal's sign-in cookie identifies too.
+        """
         with tracing.span("identify") as span:
-            key = presented_key(request)
-            if key is not None and self.verifier is not None and looks_like_jwt(key):
-                principal = await self.verifier.verify(key, router_url(request, self.settings.public_url))
-            else:
-                principal = self.keys.authenticate(key, peer_subject(request), self.settings.cert_user_auth)
+            principal = await self._identify(request, cookie)
             span.set("pier.key_class", principal.key_class)  # what kind of credential: never the credential
         request[PRINCIPAL] = principal
         return principal
+
+    async def _identify(self, request: web.Request, cookie: bool) -> Principal:
+        key = presented_key(request)
+        base_url = router_url(request, self.settings.public_url)
+        if key is None and cookie and self.portal is not None and SESSION_COOKIE in request.cookies:
+            session = await self.portal.get(request.cookies[SESSION_COOKIE])
+            if session is not None:
+                if request.method not in ("GET", "HEAD") and not same_origin(request, base_url):
+                    raise PierError("FORBIDDEN", "a signed-in browser may change this only from the router's own pages")
+                request[PORTAL_SESSION] = session
+                if session.subject_token is not None:
+                    SUBJECT_TOKEN.set((session.issuer, session.subject_token))
+                return session.principal()
+        if key is not None and self.verifier is not None and looks_like_jwt(key):
+            principal = await self.verifier.verify(key, base_url)
+            issuer = (principal.claims or {}).get("iss")
+            if isinstance(issuer, str):
+                SUBJECT_TOKEN.set((issuer, key))  # for this request only: a token exchange starts from it
+            return principal
+        return self.keys.authenticate(key, peer_subject(request), self.settings.cert_user_auth)
 
     # -- 2. admission --------------------------------------------------------------------------
 
@@ -88,6 +112,8 @@ class Ingress:
         principal = principal_of(request)
         principal.check_user(user)
         profile = self.catalog.get(server)
+        if not profile.usable_by(groups_of(principal)):
+            raise PierError("FORBIDDEN", f"{server} is for members of " + ", ".join(profile.allowed_groups))
         logs.bind(user=user, profile=server)  # for the rest of this request's log lines
         with tracing.span("rate limit", attributes={"pier.user": user, "pier.profile": server, "pier.via": via}):
             await self.limiter.check(principal, user)
@@ -137,6 +163,12 @@ class Ingress:
                 "trace_id": trace.trace_id if trace is not None else None,  # to find the call in the traces
             }
         )
+
+
+def groups_of(principal: Principal) -> tuple[str, ...] | None:
+    """The groups that decide which profiles a caller may use (None: an app key or an open router, for
+    which groups do not matter)."""
+    return None if principal.key_class in ("app", "open") else principal.groups
 
 
 def principal_of(request: web.Request) -> Principal:

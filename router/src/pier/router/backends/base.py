@@ -13,6 +13,7 @@ from typing import Any
 from pier.core.callapi import BridgeHandle, BridgeStatus, Endpoint
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
+from pier.router.accounts.store import ConnectionStore
 from pier.router.usersecrets import SecretStore
 
 
@@ -72,6 +73,7 @@ class SessionBackend(abc.ABC):
     """Local processes or Kubernetes pods: the router does not care which."""
 
     secrets: SecretStore | None = None  # where users' secrets live, for profiles that take them
+    connections: ConnectionStore | None = None  # where connected accounts live, when not in Redis (Kubernetes)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin background work (reaping, watching)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +27,8 @@ from pier.core.catalog import Profile
 from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, loads
 from pier.core.mcpsession import GROUP, PLURAL, VERSION, MCPSessionStatus, new_session, session_name
+from pier.router.accounts.service import Accounts, Credential
+from pier.router.accounts.store import KubernetesConnectionStore
 from pier.router.backends.base import Session, SessionBackend, SessionKey
 from pier.router.config import RouterSettings
 from pier.router.metrics import RouterMetrics
@@ -70,9 +74,15 @@ class ApiAccess:
 
 class KubernetesBackend(SessionBackend):
     def __init__(
-        self, settings: RouterSettings, metrics: RouterMetrics, http: aiohttp.ClientSession, bridge_ssl: Any
-    ) -> None:
+        self, settings: RouterSettings, metrics: RouterMetrics, http: aiohttp.ClientSession, bridge_ssl: Any,
+        accounts: Accounts | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.accounts = accounts
+        # The upstream token each session's pod was given (its Secret's `token`), by session name.
+        self.credentials: dict[str, Credential] = {}
+        self.retiring: set[str] = set()  # sessions whose pod has an outdated token variable: replaced once idle
+        self._renewer: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.http = http
         self.bridge_ssl = bridge_ssl
@@ -91,12 +101,16 @@ class KubernetesBackend(SessionBackend):
     async def start(self) -> None:
         self.api = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
         self.secrets = KubernetesSecretStore(self._request, self.api.cfg.host, self.namespace)
+        self.connections = KubernetesConnectionStore(self._request, self.api.cfg.host, self.namespace)
         self._watcher = asyncio.create_task(self._watch_forever(), name="pier-k8s-watch")
+        if self.accounts is not None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="pier-k8s-tokens")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     # -- the cache -------------------------------------------------------------------------
 
@@ -188,6 +202,8 @@ class KubernetesBackend(SessionBackend):
         if profile.user_secrets:
             assert self.secrets is not None
             await self.secrets.require(user, profile)
+        if profile.token_delivery is not None and self.accounts is not None:
+            await self._ensure_credential(name, user, profile)
         created = name not in self.objects
         if created:
             await self._create(name, user, profile)
@@ -268,13 +284,91 @@ class KubernetesBackend(SessionBackend):
         name = session_name(user, profile_name)
         status, _ = await self._request("DELETE", f"{self._base}/{name}")
         self.sessions.pop(name, None)
+        self.credentials.pop(name, None)
+        self.retiring.discard(name)
         return status in (200, 202)
+
+    # -- users' upstream tokens (the session's pod takes its Secret's `token`: operator/…/pods.py) --
+
+    async def _ensure_credential(self, name: str, user: str, profile: Profile) -> None:
+        """The session's Secret holds a valid token before its pod is made (or while it runs); a pod that
+        only takes it as a variable is replaced, once idle, to take a new one."""
+        assert self.accounts is not None
+        held = self.credentials.get(name)
+        if held is not None and not held.stale(time.time()):
+            return
+        credential = await self.accounts.credential(user, profile)  # CONNECTION_REQUIRED without one
+        await self._deliver(name, user, profile, held, credential)
+
+    async def _deliver(
+        self, name: str, user: str, profile: Profile, held: Credential | None, fresh: Credential
+    ) -> None:
+        assert self.connections is not None
+        if profile.token_exchange is not None and (held is None or held.token != fresh.token):
+            await self.connections.deliver(user, profile.name, fresh.token)  # (a connection's store wrote it)
+        self.credentials[name] = fresh
+        delivery = profile.token_delivery
+        if held is not None and held.token != fresh.token and delivery is not None and delivery.file is None:
+            self.retiring.add(name)  # (a mounted file is rewritten in place by the kubelet)
+
+    async def _retire_idle(self) -> None:
+        """Replace the pods whose token variable is outdated, once nothing runs there."""
+        for name in list(self.retiring):
+            obj, session = self.objects.get(name), self.sessions.get(name)
+            spec = (obj or {}).get("spec") or {}
+            if obj is None or not spec.get("userId"):
+                self.retiring.discard(name)
+                continue
+            if session is not None and session.in_flight == 0 and not (await session.bridge.status()).busy:
+                self.retiring.discard(name)
+                log.info("session restarted for a new token", extra={"session": name})
+                await self.end(spec["userId"], (spec.get("server") or {}).get("profile") or "")
+
+    async def _renew_forever(self) -> None:
+        """Renew the tokens of the sessions this replica serves before they expire (one replica refreshes
+        each: the accounts' lock)."""
+        assert self.accounts is not None
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            for name, held in list(self.credentials.items()):
+                if not held.stale(time.time()):
+                    continue
+                try:
+                    await self._renew_one(name, held)
+                except Exception:  # one session's trouble must not stop the others' renewals
+                    log.exception("token renewal failed", extra={"session": name})
+            try:
+                await self._retire_idle()
+            except Exception:
+                log.exception("replacing sessions for new tokens failed")
+
+    async def _renew_one(self, name: str, held: Credential) -> None:
+        assert self.accounts is not None
+        spec = (self.objects.get(name) or {}).get("spec") or {}
+        profile_name = (spec.get("server") or {}).get("profile")
+        user = spec.get("userId")
+        if not user or not profile_name:
+            self.credentials.pop(name, None)  # the session is gone
+            return
+        profile = self.accounts.catalog.get(profile_name)
+        try:
+            fresh = await self.accounts.renew(user, profile, held)
+        except PierError as err:
+            if err.code == "CONNECTION_REQUIRED":
+                await self.end(user, profile_name)  # its token is dead
+                return
+            fresh = None
+        if fresh is None:
+            self.credentials[name] = dataclasses.replace(held, renew_at=time.time() + self.settings.reap_interval_s)
+            return
+        await self._deliver(name, user, profile, held, fresh)
 
     async def forget(self, session: Session, reason: str) -> None:
         # The operator replaces failed pods; the router only stops trusting this endpoint.
         for name, known in list(self.sessions.items()):
             if known is session:
                 del self.sessions[name]
+                self.credentials.pop(name, None)
 
 
 def _status(obj: dict[str, Any] | None) -> MCPSessionStatus:

@@ -38,9 +38,11 @@ from pier.core.jsonrpc import (
 )  # fmt: skip
 from pier.core.mcp_client import ask
 from pier.core.names import DISCOVERY_USER
+from pier.core.protocol import VERSION_HEADER
 from pier.core.web import json_response
+from pier.router.mcp.messages import connection_answer
 from pier.router.middleware import RECEIVED
-from pier.router.shared import read_request_body, user_of
+from pier.router.shared import read_request_body, user_of, with_connect_url
 from pier.router.state import Router, router_of
 
 log = logging.getLogger("pier.router.mcp.aggregate")
@@ -77,7 +79,7 @@ OFFERS = web.AppKey("aggregate_offers", Offers)
 
 async def _discover(router: Router, profile: Profile, user: str) -> dict[str, list[dict[str, Any]]]:
     # A server that needs a user's secrets cannot start for nobody: it is asked in this user's session.
-    owner = user if profile.user_secrets else DISCOVERY_USER
+    owner = user if profile.carries_user_credentials else DISCOVERY_USER
     session = await router.backend.acquire(owner, profile)
     answers = await ask(
         router.http, session.endpoint.url + "/mcp", [(method, {}) for method in _LISTS],
@@ -157,6 +159,9 @@ async def _answer_one(request: web.Request, router: Router, user: str, message: 
         else:
             return error_response(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
     except PierError as err:
+        if err.code == "CONNECTION_REQUIRED":  # a way to connect, as the client's revision can show it
+            version = request.headers.get(VERSION_HEADER)
+            return connection_answer(message, with_connect_url(request, err), version, modern=False)
         return gateway_error_response(request_id, err)
     except (KeyError, TypeError, AttributeError):
         return error_response(request_id, INVALID_PARAMS, f"Invalid params for {method}")

@@ -4,15 +4,22 @@ WebSocket alike."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 from aiohttp import web
 
+from pier.core.errors import PierError
 from pier.core.jsonrpc import PARSE_ERROR, Message, TooDeep, error_response, gateway_error_response, parse
 from pier.core.policy import Caller, PolicyDenied
+from pier.core.protocol import CLIENT_CAPABILITIES_KEY, meta_of
 from pier.core.web import json_response
 from pier.router.auth.ingress import Ingress
+
+URL_ELICITATION_REQUIRED = -32042  # 2025-11-25: the request needs a URL-mode elicitation completed first
+ELICITATION_REVISION = "2025-11-25"  # the revision that has it (2026-07-28 asks through input_required)
+CONNECT_STATE = "pier-connect:"  # the requestState of Pier's own connect elicitation (2026-07-28)
 
 
 class Checkpoint:
@@ -70,6 +77,44 @@ class Checkpoint:
         else:
             outcome = "tool_error" if (result or {}).get("isError") else "completed"
         self.ingress.finish(self.caller, tool, arguments, outcome, started, denied)
+
+
+def connection_answer(message: Message, err: PierError, version: str | None, modern: bool) -> Message:
+    """The answer to a request that needs the user's connected account first (`err`: CONNECTION_REQUIRED
+    with its `connect_url`), as the client's revision can show its user the link:
+
+    - 2025-11-25: the URL-elicitation-required error (-32042) naming the connect URL;
+    - 2026-07-28, from a client that declared URL-mode elicitation: an `input_required` result asking
+      `elicitation/create` in URL mode; its retry (after the user connected) is the same request;
+    - otherwise: Pier's error (`data.code: CONNECTION_REQUIRED`, `data.connect_url`).
+    """
+    url = err.details.get("connect_url")
+    text = f"Connect your account for {err.details.get('server')} to use it: open the link, sign in, and retry."
+    elicitation = {"mode": "url", "message": text, "url": url, "elicitationId": secrets.token_urlsafe(12)}
+    if modern:
+        capabilities = meta_of(message).get(CLIENT_CAPABILITIES_KEY) or {}
+        elicit = capabilities.get("elicitation") if isinstance(capabilities, dict) else None
+        if isinstance(elicit, dict) and isinstance(elicit.get("url"), dict) and url:
+            request = {"method": "elicitation/create", "params": elicitation}
+            result = {"resultType": "input_required", "inputRequests": {"connect": request},
+                      "requestState": CONNECT_STATE + str(elicitation["elicitationId"])}  # fmt: skip
+            return {"jsonrpc": "2.0", "id": message["id"], "result": result}
+    elif version == ELICITATION_REVISION and url:
+        return error_response(message["id"], URL_ELICITATION_REQUIRED, err.message, {"elicitations": [elicitation]})
+    return gateway_error_response(message["id"], err)
+
+
+def without_connect_state(message: Message) -> Message | None:
+    """A 2026-07-28 retry of a request Pier answered with its connect elicitation, without the
+    `requestState` and `inputResponses` that were Pier's own (the server never asked); None when it is
+    no such retry."""
+    params = message.get("params")
+    state = params.get("requestState") if isinstance(params, dict) else None
+    if not isinstance(state, str) or not state.startswith(CONNECT_STATE):
+        return None
+    assert isinstance(params, dict)
+    kept = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
+    return {**message, "params": kept}
 
 
 def parse_messages(body: bytes | None) -> list[Message] | None:

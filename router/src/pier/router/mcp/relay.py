@@ -65,11 +65,19 @@ from pier.core.protocol import (
 )
 from pier.core.web import PEER_POLL_S, CoalescedSSE, json_response, origin_allowed, peer_gone
 from pier.router.backends.base import Hold, Session, hold
-from pier.router.mcp.messages import Checkpoint, is_batch, messages_in, parse_body, too_deep_response
+from pier.router.mcp.messages import (
+    Checkpoint,
+    connection_answer,
+    is_batch,
+    messages_in,
+    parse_body,
+    too_deep_response,
+    without_connect_state,
+)
 from pier.router.mcp.sessions import NOTED, well_formed
 from pier.router.mcp.tasks import Tasks, declares_tasks, missing_extension, wants_tasks
 from pier.router.middleware import RECEIVED
-from pier.router.shared import USERS, read_request_body, user_of
+from pier.router.shared import USERS, read_request_body, user_of, with_connect_url
 from pier.router.state import Router, router_of
 
 log = logging.getLogger("pier.router.mcp.relay")
@@ -203,7 +211,13 @@ class Relayed:
         headers = {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
         headers.update({k: v for k, v in request.headers.items() if k.lower().startswith(_PARAM_PREFIX)})
         modern = is_modern_request(request.headers.get(VERSION_HEADER))
-        return cls(request.method, body, parse_body(body), headers, modern)
+        payload = parse_body(body)
+        if modern and isinstance(payload, dict):
+            # The retry of a request Pier asked to connect an account first: what Pier asked is not the server's.
+            retried = without_connect_state(payload)
+            if retried is not None:
+                payload, body = retried, dumps(retried)
+        return cls(request.method, body, payload, headers, modern)
 
     @property
     def batch(self) -> bool:
@@ -279,7 +293,31 @@ async def _relayed(
     output = _output_filter(request, checkpoint, Advertiser(relayed.messages, relayed.modern, profile))
     if request.method == "DELETE" and relayed.client_session is not None:
         return await _end_client(request, router, profile, relayed, output)
-    return await _serve(request, router, profile, relayed, output)
+    try:
+        return await _serve(request, router, profile, relayed, output)
+    except PierError as err:
+        if err.code != "CONNECTION_REQUIRED" or request.method != "POST" or not relayed.messages:
+            raise
+        return _connection_required(request, relayed, with_connect_url(request, err))
+
+
+def _connection_required(request: web.Request, relayed: Relayed, err: PierError) -> web.Response:
+    """The session cannot start before the user connects their account: each request is answered with a
+    way to connect that its client can show (`connection_answer`)."""
+    requests = [m for m in relayed.messages if "id" in m and "method" in m]
+    if not requests:
+        return web.Response(status=202)
+    answers = [connection_answer(m, err, _revision(request, m), relayed.modern) for m in requests]
+    status = err.http_status if relayed.modern and "error" in answers[0] else 200
+    return json_response(answers if relayed.batch else answers[0], status)
+
+
+def _revision(request: web.Request, message: Message) -> str | None:
+    """The revision a handshake-era request speaks: its header, or what an `initialize` asks for."""
+    if message.get("method") == "initialize":
+        version = (message.get("params") or {}).get("protocolVersion")
+        return version if isinstance(version, str) else None
+    return request.headers.get(VERSION_HEADER)
 
 
 async def _answer_here(
@@ -524,6 +562,12 @@ async def _task_call(request: web.Request, tasks: Tasks, message: Message, at_on
         if not work.done():
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
+    error = answer.get("error")
+    data = error.get("data") if isinstance(error, dict) else None
+    if isinstance(error, dict) and isinstance(data, dict) and data.get("code") == "CONNECTION_REQUIRED":
+        err = with_connect_url(request, PierError("CONNECTION_REQUIRED", str(error.get("message")), dict(data)))
+        err.details.pop("code", None)
+        answer = connection_answer(message, err, request.headers.get(VERSION_HEADER), tasks.modern)
     return _json_answer(answer, tasks.modern)
 
 

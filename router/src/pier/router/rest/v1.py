@@ -15,11 +15,11 @@ from pier.core.errors import PierError
 from pier.core.jsonrpc import dumps, parse
 from pier.core.web import json_response
 from pier.router import shared
-from pier.router.auth.ingress import principal_of
+from pier.router.auth.ingress import groups_of, principal_of
 from pier.router.middleware import RECEIVED
 from pier.router.shared import USERS, load_job, read_model, read_request_body, stream_job, user_of
 from pier.router.state import router_of
-from pier.router.usersecrets import MAX_VALUE_BYTES, SecretStore
+from pier.router.usersecrets import SecretStore, check_values
 
 log = logging.getLogger("pier.router.rest.v1")
 
@@ -35,7 +35,8 @@ class ToolCallBody(BaseModel):
 
 async def list_servers(request: web.Request) -> web.Response:
     router = router_of(request)
-    return json_response({"servers": [p.public() for p in router.catalog.profiles.values()]})
+    groups = groups_of(principal_of(request))
+    return json_response({"servers": [p.public() for p in router.catalog.profiles.values() if p.usable_by(groups)]})
 
 
 async def list_tools(request: web.Request) -> web.Response:
@@ -104,19 +105,7 @@ async def put_secrets(request: web.Request) -> web.Response:
         values = parse(raw) if raw else None
     except ValueError:
         raise PierError("BAD_REQUEST", "the body is not valid JSON") from None
-    if not isinstance(values, dict) or not values:
-        raise PierError("INVALID_ARGUMENTS", 'the body is an object of secrets: {"NAME": "value", …}')
-    unknown = sorted(set(values) - set(profile.user_secrets))
-    if unknown:
-        raise PierError(
-            "INVALID_ARGUMENTS", f"{profile.name} takes no secret named " + ", ".join(unknown),
-            {"unknown": unknown, "secrets": sorted(profile.user_secrets)},
-        )  # fmt: skip
-    bad = sorted(name for name, value in values.items() if not isinstance(value, str) or len(value) > MAX_VALUE_BYTES)
-    if bad:
-        raise PierError(
-            "INVALID_ARGUMENTS", f"secret values are strings of at most {MAX_VALUE_BYTES} bytes", {"names": bad}
-        )
+    values = check_values(profile, values)
     await store.put(user, profile.name, values)
     await _restart(request, user, profile.name)
     log.info("user secrets set", extra={"user": user, "profile": profile.name, "names": sorted(values)})

@@ -41,6 +41,12 @@ def default_sessions_dir() -> Path:
     return Path(state) / "pier" / "sessions"
 
 
+def run_dir(home: Path) -> Path:
+    """Where the router keeps files for a slot's server (its token file): beside its home, owned by the
+    router (the server cannot swap it for a link), shown to the server read-only (`sandbox_binds`)."""
+    return home.with_name(f"{home.name}.run")
+
+
 @dataclass(eq=False)
 class Lease:
     """One session's slot: its confinement, held until `release`."""
@@ -50,12 +56,27 @@ class Lease:
     _lock_fd: int
     _owner: Isolation
     _released: bool = field(default=False)
+    _binds: dict[str, str] = field(default_factory=dict)  # where the server sees it → host directory
 
     def sidecar_settings(self) -> dict[str, object]:
         """What the session's bridge needs to confine its server (`SidecarSettings` fields)."""
         jail = self.confinement
         run_as = f"{jail.uid}:{jail.gid}" if jail.uid is not None else ""
-        return {"isolation": jail.mode, "home": jail.home, "run_as": run_as, "sandbox_paths": list(jail.paths)}
+        binds = [f"{source}:{dest}" for dest, source in self._binds.items()]
+        return {"isolation": jail.mode, "home": jail.home, "run_as": run_as, "sandbox_paths": list(jail.paths),
+                "sandbox_binds": binds}  # fmt: skip
+
+    async def write_file(self, path: str, content: str) -> None:
+        """Put `content` where the server reads `path` (its directory is shown from the slot's own), readable
+        by the server alone, replaced whole (a reader sees the old file or the new, never half of one)."""
+        if self.confinement.mode != "sandbox":
+            raise PierError("SESSION_START_FAILED", "a token file needs a sandboxed session (PIER_LOCAL_ISOLATION)")
+        host = run_dir(self.confinement.home)
+        dest = os.path.dirname(path)
+        if self._binds.setdefault(dest, str(host)) != str(host):
+            raise PierError("SESSION_START_FAILED", f"{dest} is already shown from elsewhere")
+        jail = self.confinement
+        await asyncio.to_thread(_write_private, host, os.path.basename(path), content, jail.uid, jail.gid)
 
     async def release(self) -> None:
         """Kill what is left under the slot's uid, remove its home, free the slot (once; never raises)."""
@@ -85,6 +106,12 @@ class Isolation:
     async def start(self, profiles: list[Profile]) -> None:
         """Choose the mode; refuse (ConfigError) what would be unsafe; clean slots dead routers left."""
         self.mode = await self._choose()
+        filed = [p.name for p in profiles if p.token_delivery is not None and p.token_delivery.file is not None]
+        if filed and self.mode != "sandbox":
+            raise ConfigError(
+                f"refusing to start: profile(s) {', '.join(filed)} give users' tokens as files, which local sessions "
+                f"get only in a sandbox (this router's isolation: {self.mode}; install bubblewrap)"
+            )
         carrying = [p.name for p in profiles if p.carries_user_credentials]
         if self.mode == "none" and carrying and not self.settings.local_single_user:
             raise ConfigError(
@@ -189,10 +216,11 @@ class Isolation:
             os.close(fd)  # closing the only descriptor releases the flock
 
     async def wipe(self, jail: Confinement) -> None:
-        """Kill every process left under the slot's uid, then remove its home."""
+        """Kill every process left under the slot's uid, then remove its home and its files."""
         if jail.uid is not None:
             await kill_all(jail.uid, jail.gid if jail.gid is not None else jail.uid)
         await asyncio.to_thread(_remove, jail.home)
+        await asyncio.to_thread(_remove, run_dir(jail.home))
 
     async def _sweep(self) -> None:
         """Clean the slots no live router holds (their router died)."""
@@ -207,6 +235,23 @@ class Isolation:
                     await self.wipe(self._confinement(slot))
                 finally:
                     self.free(slot, fd)
+
+
+def _write_private(directory: Path, name: str, content: str, uid: int | None, gid: int | None) -> None:
+    """Write `directory/name` whole (a new file renamed over the old), mode 0400, owned by `uid`."""
+    directory.mkdir(mode=0o755, exist_ok=True)  # the router's; the server may enter it, not write to it
+    temporary = directory / f".{name}.{os.getpid()}.{random.randrange(1 << 32):08x}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(content)
+        if uid is not None:
+            os.chown(temporary, uid, gid if gid is not None else uid)
+        os.replace(temporary, directory / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def _remove(path: Path) -> None:

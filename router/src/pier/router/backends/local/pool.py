@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextvars
+import dataclasses
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pier.core import logs, tracing
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
+from pier.router.accounts.service import Accounts, Credential
 from pier.router.backends.base import Session, SessionBackend, SessionKey
 from pier.router.backends.local.runtimes import LocalSession, Runtime
 from pier.router.config import RouterSettings
@@ -40,6 +42,7 @@ POOLED = ""  # the user of a pooled session: nobody (no user id is empty)
 # A claim's replacement starts a little later: spawning a server blocks the event loop for ~10 ms
 # (fork and exec), which the claimant's first call, under way on that loop, should not wait for.
 REFILL_AFTER_CLAIM_S = 0.25
+RENEW_RETRY_S = 5.0  # a token that could not be renewed (no newer one yet, the provider away) is tried again after
 
 
 @dataclass
@@ -71,10 +74,12 @@ class LocalBackend(SessionBackend):
         metrics: RouterMetrics,
         profiles: list[Profile],
         secrets: RedisSecretStore | None = None,
+        accounts: Accounts | None = None,
     ) -> None:
         self.settings = settings
         self.secrets = secrets
         self._user_secrets = secrets
+        self.accounts = accounts
         self.runtime = runtime
         self.metrics = metrics
         self.sessions: dict[SessionKey, LocalSession] = {}
@@ -126,22 +131,31 @@ class LocalBackend(SessionBackend):
         session = self.sessions.get(key)
         if session is not None:
             if session.alive:
-                span.set("pier.session.acquired", "existing")
-                return session
-            await self.forget(session, "exited")
+                current = await self._current(session)
+                if current is not None:
+                    span.set("pier.session.acquired", "existing")
+                    return current
+            else:
+                await self.forget(session, "exited")
         task = self._starting.get(key)
         how = "joined"
+        credential = None
         if task is None:
             claimed = self._claim(key, profile)
             if claimed is not None:
                 span.set("pier.session.acquired", "pooled")
                 return claimed
+            # In this request's context: a token exchange needs the caller's own token.
+            credential = await self._credential(user, profile)
+            task = self._starting.get(key)  # (another request may have begun the start meanwhile)
+        if task is None:
             # One start per key: concurrent first requests all wait for the same task.
             # A fresh context: an in-process bridge's tasks inherit it, and must not log with the
             # request id of whichever request happened to start the session (its trace goes on).
             task = asyncio.create_task(
-                self._start(key, profile), name=f"pier-start-{user}-{profile.name}", context=tracing.detached()
-            )
+                self._start(key, profile, credential), name=f"pier-start-{user}-{profile.name}",
+                context=tracing.detached(),
+            )  # fmt: skip
             self._starting[key] = task
             task.add_done_callback(lambda _: self._starting.pop(key, None))
             how = "started"
@@ -163,11 +177,19 @@ class LocalBackend(SessionBackend):
 
     # -- starting and stopping -------------------------------------------------------------
 
-    async def _start(self, key: SessionKey, profile: Profile) -> LocalSession:
+    async def _start(self, key: SessionKey, profile: Profile, credential: Credential | None) -> LocalSession:
         logs.bind(user=key.user, profile=key.profile)
         env = await self._secret_env(key, profile)
+        files: dict[str, str] = {}
+        delivery = profile.token_delivery
+        if credential is not None and delivery is not None:
+            if delivery.env is not None:
+                env[delivery.env] = credential.token
+            if delivery.file is not None:
+                files[delivery.file] = credential.token
         await self._make_room()
-        session = await self._start_bridge(key, profile, env)
+        session = await self._start_bridge(key, profile, env, files)
+        session.credential = credential
         self._bind(session, key)
         log.info("session started", extra={"user": key.user, "profile": key.profile, "url": session.endpoint.url})
         return session
@@ -180,7 +202,9 @@ class LocalBackend(SessionBackend):
         await self._user_secrets.require(key.user, profile)
         return await self._user_secrets.values(key.user, profile.name)
 
-    async def _start_bridge(self, key: SessionKey, profile: Profile, env: dict[str, str]) -> LocalSession:
+    async def _start_bridge(
+        self, key: SessionKey, profile: Profile, env: dict[str, str], files: dict[str, str] | None = None
+    ) -> LocalSession:
         pooled = key.user == POOLED
         attributes: tracing.Attributes = {
             "pier.profile": profile.name,
@@ -191,10 +215,60 @@ class LocalBackend(SessionBackend):
             # A pooled session is warmed up: nobody waits for its start, its first user's call will.
             async with self._start_slots:
                 with tracing.span("session start", attributes=attributes):
-                    session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, pooled)
+                    session = await self.runtime.start(key, profile, secrets.token_urlsafe(24), env, pooled, files)
         except (PierError, TimeoutError, ValueError, KeyError, OSError) as exc:
             raise self._failed(key, exc) from None
         self.metrics.sessions_started.labels(profile.name).inc()
+        return session
+
+    # -- users' upstream tokens ------------------------------------------------------------
+
+    async def _credential(self, user: str, profile: Profile) -> Credential | None:
+        """The upstream token a new session of the profile starts with (CONNECTION_REQUIRED without one)."""
+        if profile.token_delivery is None or self.accounts is None:
+            return None
+        return await self.accounts.credential(user, profile)
+
+    async def _current(self, session: LocalSession) -> LocalSession | None:
+        """The session, its token renewed if due; None when it must start again (its new token is for a
+        server started afresh, and it is idle)."""
+        if session.retiring and session.in_flight == 0:
+            await self._stop(session, "token")
+            return None
+        held = session.credential
+        if held is None or not held.stale(time.time()):
+            return session
+        return await self._renew(session, held, in_request=True)
+
+    async def _renew(self, session: LocalSession, held: Credential, in_request: bool) -> LocalSession | None:
+        """Give a live session a newer token: its file rewritten in place, or (a variable only) the session
+        retired to start again once idle. A connection that is gone ends the session."""
+        assert self.accounts is not None
+        delivery = session.profile.token_delivery
+        assert delivery is not None
+        try:
+            fresh = await self.accounts.renew(session.key.user, session.profile, held)
+        except PierError as err:
+            if err.code != "CONNECTION_REQUIRED":
+                log.warning("token not renewed; the session keeps its own", extra={"why": err.message})
+                session.credential = dataclasses.replace(held, renew_at=time.time() + RENEW_RETRY_S)
+                return session
+            await self._stop(session, "disconnected")
+            if in_request:
+                raise
+            return None
+        if fresh is None:
+            session.credential = dataclasses.replace(held, renew_at=time.time() + RENEW_RETRY_S)
+            return session
+        if delivery.file is not None and session.lease is not None:
+            await session.lease.write_file(delivery.file, fresh.token)
+            session.credential = fresh
+            return session
+        session.credential = dataclasses.replace(held, renew_at=None)  # only a restart takes the new one
+        session.retiring = True
+        if session.in_flight == 0 and (in_request or await self._idle_on_bridge(session, 0)):
+            await self._stop(session, "token")
+            return None
         return session
 
     def _bind(self, session: LocalSession, key: SessionKey) -> None:
@@ -324,6 +398,12 @@ class LocalBackend(SessionBackend):
     async def _reap_one(self, session: LocalSession) -> None:
         if not session.alive:
             await self.forget(session, "exited")
+            return
+        held = session.credential
+        if held is not None and held.stale(time.time()) and await self._renew(session, held, False) is None:
+            return
+        if session.retiring and session.in_flight == 0 and await self._idle_on_bridge(session, 0):
+            await self._stop(session, "token")
             return
         ttl = session.profile.idle_ttl_s(self.settings.session_ttl_s)
         if await self._idle_on_bridge(session, ttl) and ttl and session.in_flight == 0:

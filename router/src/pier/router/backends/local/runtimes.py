@@ -37,6 +37,7 @@ from pier.core.jsonrpc import loads
 from pier.core.process import clean_env, die_with_parent
 from pier.core.tls import server_context
 from pier.core.web import tcp_site
+from pier.router.accounts.service import Credential
 from pier.router.backends.base import Session, SessionKey
 from pier.router.backends.local.isolation import Isolation, Lease
 from pier.router.config import RouterSettings
@@ -57,6 +58,8 @@ class LocalSession(Session):
 
     profile: Profile
     lease: Lease | None = None  # its isolation slot, released once its server is gone
+    credential: Credential | None = None  # the user's upstream token its server has (profiles with one)
+    retiring: bool = False  # its server's token is outdated and only a restart gives it the new one: once idle
 
     @property
     def alive(self) -> bool:
@@ -140,18 +143,30 @@ class Runtime(abc.ABC):
     def __init__(self, settings: RouterSettings, isolation: Isolation) -> None:
         self.settings = settings
         self.isolation = isolation
+        # The router's own environment variables no server may inherit besides PIER_* (client secrets).
+        self.private_env: frozenset[str] = frozenset()
+
+    def server_base_env(self) -> dict[str, str]:
+        """The router's environment as a server inherits it: without Pier's settings nor its secrets."""
+        return {k: v for k, v in clean_env().items() if k not in self.private_env}
 
     async def start(
-        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False
-    ) -> LocalSession:
+        self, key: SessionKey, profile: Profile, token: str, env: dict[str, str], warm_up: bool = False,
+        files: dict[str, str] | None = None,
+    ) -> LocalSession:  # fmt: skip
         """A started session (its server initialized, its tools listed); PierError when it cannot start.
 
-        `env`: more environment for the server alone (the user's own secrets). `warm_up`: the bridge
-        runs the server once through its call path before it is ready (pooled sessions). The session
-        holds its isolation lease, if any: stopping it releases the lease.
+        `env`: more environment for the server alone (the user's own secrets). `files`: path → content,
+        files the server alone reads (the user's token file; sandboxed sessions only). `warm_up`: the
+        bridge runs the server once through its call path before it is ready (pooled sessions). The
+        session holds its isolation lease, if any: stopping it releases the lease.
         """
         lease = await self.isolation.lease()
         try:
+            for path, content in (files or {}).items():
+                if lease is None:
+                    raise PierError("SESSION_START_FAILED", "a token file needs a sandboxed session")
+                await lease.write_file(path, content)
             return await self._start(key, profile, token, env, warm_up, lease)
         except BaseException:
             if lease is not None:
@@ -208,7 +223,7 @@ class InProcessRuntime(Runtime):
             **(lease.sidecar_settings() if lease else {}),
         )  # fmt: skip
         server_env = {
-            **clean_env(),
+            **self.server_base_env(),
             **{k: v for k, v in profile.env.items() if not k.upper().startswith(ENV_PREFIX)},
             **env,
         }
@@ -262,7 +277,7 @@ class ProcessRuntime(Runtime):
             **(lease.sidecar_settings() if lease else {}),
         }
         env = {
-            **clean_env(),  # the router's own settings (keys!) never reach a session
+            **self.server_base_env(),  # the router's own settings (keys!) never reach a session
             **profile.env,
             **env,
             **{ENV_PREFIX + name.upper(): _env_value(value) for name, value in bridge_settings.items()},

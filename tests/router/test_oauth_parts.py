@@ -1,0 +1,105 @@
+"""The pieces of the router's OAuth client and sign-in, one at a time: PKCE, discovery URLs, client
+authentication, when a token is renewed, where a browser may be sent, which posts count as the router's own."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from pier.router.accounts.flows import Flow, browser_digest
+from pier.router.accounts.provider import AuthorizationServer, Metadata, discovery_urls, pkce_pair, s256
+from pier.router.accounts.store import Connection, renew_at
+from pier.router.auth.signin import local_path, same_origin
+
+pytestmark = pytest.mark.unit
+
+
+def test_pkce_s256_is_rfc_7636s():
+    # RFC 7636, appendix B.
+    assert s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    verifier, challenge = pkce_pair()
+    assert 43 <= len(verifier) <= 128
+    assert set(verifier) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+    assert challenge == s256(verifier)
+    assert pkce_pair()[0] != verifier
+
+
+def test_discovery_urls_follow_rfc_8414_then_openid():
+    assert discovery_urls("https://as.example.com") == [
+        "https://as.example.com/.well-known/oauth-authorization-server",
+        "https://as.example.com/.well-known/openid-configuration",
+    ]
+    assert discovery_urls("https://as.example.com/tenant1/") == [
+        "https://as.example.com/.well-known/oauth-authorization-server/tenant1",
+        "https://as.example.com/tenant1/.well-known/openid-configuration",
+        "https://as.example.com/.well-known/openid-configuration/tenant1",
+    ]
+
+
+async def test_client_authentication_is_rfc_6749s():
+    async with aiohttp.ClientSession() as http:
+        confidential = AuthorizationServer(http, 5, "my client", "p@ss:w/rd", "https://as.example.com")
+        headers, form = confidential._authenticate(Metadata(token_endpoint="https://as.example.com/token"), {"a": "1"})
+        # §2.3.1: the id and secret form-urlencoded, then Basic.
+        assert headers == {"Authorization": "Basic " + base64.b64encode(b"my%20client:p%40ss%3Aw%2Frd").decode()}
+        assert form == {"a": "1"}
+        post_only = Metadata(
+            token_endpoint="https://x/token", token_endpoint_auth_methods_supported=["client_secret_post"]
+        )
+        headers, form = confidential._authenticate(post_only, {})
+        assert (headers, form) == ({}, {"client_id": "my client", "client_secret": "p@ss:w/rd"})
+        public = AuthorizationServer(http, 5, "spa", None, "https://as.example.com")
+        assert public._authenticate(post_only, {}) == ({}, {"client_id": "spa"})
+
+
+def test_a_token_is_renewed_before_it_expires_but_not_all_the_time():
+    now = time.time()
+    assert renew_at(None, now, 300) is None
+    assert renew_at(now + 3600, now, 300) == now + 3300  # the margin
+    assert renew_at(now + 60, now, 300) == now + 30  # a short-lived token: half its lifetime
+    fresh = Connection(access_token="t", obtained_at=now, connected_at=now, expires_at=now + 3600)
+    assert not fresh.due(now, 300)
+    assert fresh.due(now + 3301, 300)
+    view = fresh.view()
+    assert "t" not in view.values()
+    assert set(view) == {"connected", "status", "reason", "scopes", "expires_at", "connected_at", "refreshed_at",
+                         "refreshable"}  # fmt: skip
+
+
+def test_a_flow_binds_to_the_browser_that_started_it():
+    flow = Flow(kind="connect", user="alice", profile="demo", verifier="v", redirect_uri="r",
+                browser=browser_digest("cookie-a"), created_at=time.time())  # fmt: skip
+    assert flow.bound_to("cookie-a")
+    assert not flow.bound_to("cookie-b")
+    assert not flow.bound_to(None)
+    assert flow.model_copy(update={"browser": None}).bound_to(None)  # an app's flow: bound to its user only
+
+
+def test_a_browser_is_only_ever_sent_to_this_router():
+    assert local_path("/portal?x=1", "/d") == "/portal?x=1"
+    for elsewhere in (None, "", "https://evil.example", "//evil.example/x", "/\\evil.example", "portal"):
+        assert local_path(elsewhere, "/d") == "/d"
+
+
+@pytest.mark.parametrize(
+    ("headers", "own"),
+    [
+        ({"Origin": "https://pier.example.com", "Sec-Fetch-Site": "same-origin"}, True),
+        ({"Origin": "https://pier.example.com"}, True),
+        ({"Referer": "https://pier.example.com/portal"}, True),
+        ({"Sec-Fetch-Site": "same-origin"}, True),
+        ({"Origin": "https://evil.example"}, False),
+        ({"Origin": "https://pier.example.com", "Sec-Fetch-Site": "same-site"}, False),
+        ({"Origin": "https://pier.example.com:444"}, False),
+        ({"Referer": "https://evil.example/page"}, False),
+        ({"Origin": "null"}, False),
+        ({}, False),
+    ],
+)
+def test_which_posts_come_from_the_routers_own_pages(headers: dict[str, str], own: bool):
+    request = make_mocked_request("POST", "/portal/logout", headers=headers)
+    assert same_origin(request, "https://pier.example.com") is own
