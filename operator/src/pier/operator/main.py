@@ -1,23 +1,22 @@
-"""`pier operator`: runs the kopf handlers for the MCPSessions of one namespace."""
+"""`pier operator`: runs the MCPSession operator of one namespace (kopf runs the process)."""
 
 from __future__ import annotations
 
 import kopf
 
-from pier.operator import handlers  # noqa: F401 - registers the handlers with kopf
+from pier.operator import handlers  # noqa: F401 - registers the start-up, probe and clean-up handlers with kopf
 from pier.operator.config import OperatorSettings
 
 
 def run(settings: OperatorSettings, health_port: int = 8081, health_host: str = "0.0.0.0") -> int:
-    """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier").
+    """Serve until SIGTERM/SIGINT. Replicas elect one worker through a Lease (`settings.lease_name`).
 
     `health_port` 0 serves no liveness endpoint.
     """
     kopf.run(
         namespace=settings.namespace,
-        peering_name="pier",
-        standalone=False,
+        standalone=True,  # no kopf peering: the Lease decides who works (leader.py)
         liveness_endpoint=f"http://{health_host}:{health_port}/healthz" if health_port else None,
-        memo=kopf.Memo(listen_host=health_host),  # `/metrics` listens beside the liveness endpoint
+        memo=kopf.Memo(listen_host=health_host, settings=settings),  # `/metrics` listens beside the liveness endpoint
     )
     return 0
