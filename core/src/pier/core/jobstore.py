@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -132,6 +133,18 @@ class EventHub:
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    length: int  # entries in the stream: queued and being followed
+    queued: int  # handed off, no worker has taken them yet (the consumer group's lag)
+    following: int  # taken by a worker, not done
+    oldest_queued_s: float  # age of the oldest queued job (0 when none)
 
 
 class JobStore:
@@ -291,6 +304,31 @@ class JobStore:
 
     async def queue_depth(self) -> int:
         return int(await self.redis.xlen(keys.STREAM))
+
+    async def queue_stats(self) -> QueueStats:
+        """The stream's backlog: jobs no worker has taken yet (the group's lag) and the oldest one's age.
+
+        Entries are deleted once done, so the stream holds the jobs queued and the jobs being followed; the
+        queued ones come after the group's last delivered entry.
+        """
+        length = int(await self.redis.xlen(keys.STREAM))
+        group: dict[str, Any] = {}
+        with contextlib.suppress(ResponseError):  # no group yet: no worker ever started
+            for info in await self.redis.xinfo_groups(keys.STREAM):
+                if _text(info.get("name")) == keys.GROUP:
+                    group = info
+        pending = int(group.get("pending") or 0)
+        lag = group.get("lag")  # Redis 7+; older: what is neither done nor taken
+        queued = int(lag) if lag is not None else max(length - pending, 0)
+        start = f"({_text(group['last-delivered-id'])}" if group else "-"
+        oldest = cast(list[tuple[bytes, Any]], await self.redis.xrange(keys.STREAM, start, "+", count=1))
+        age = max(time.time() - int(_text(oldest[0][0]).split("-")[0]) / 1000, 0.0) if oldest and queued else 0.0
+        return QueueStats(length, queued, pending, age)
+
+    async def want_session(self, record: JobRecord, lost: str) -> None:
+        """Ask the routers to find `record`'s session again (its bridge at `lost` is gone)."""
+        fields: dict[Any, Any] = {"job_id": record.job_id, "user": record.user, "server": record.server, "lost": lost}
+        await self.redis.xadd(keys.SESSIONS_WANTED, fields, maxlen=STREAM_MAXLEN, approximate=True)
 
     async def recent_jobs(self, count: int) -> list[JobRecord]:
         ids = cast(list[bytes], await self.redis.zrevrange(keys.RECENT_JOBS, 0, count - 1))

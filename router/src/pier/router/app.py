@@ -40,6 +40,7 @@ from pier.router.rest import bridgekit, dashboard
 from pier.router.rest import v1 as rest_v1
 from pier.router.state import ROUTER, Router
 from pier.router.usersecrets import RedisSecretStore, Sealer
+from pier.router.wanted import SessionFinder
 
 log = logging.getLogger("pier.router")
 
@@ -153,6 +154,14 @@ async def pipeline(app: web.Application) -> AsyncIterator[None]:
     await router.calls.close()
 
 
+async def wanted_sessions(app: web.Application) -> AsyncIterator[None]:
+    """Sessions the job pool wants found again (re-runs of jobs whose session moved): any replica serves them."""
+    finder = SessionFinder(app[ROUTER])
+    finder.start()
+    yield
+    await finder.close()
+
+
 async def certificates(app: web.Application) -> AsyncIterator[None]:
     """HTTPS certificates, reloaded in place when their files change."""
     router, s = app[ROUTER], app[ROUTER].settings
@@ -188,7 +197,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     if settings.tls_cert is not None:
         key = settings.tls_key or settings.tls_cert
         app[ROUTER].ssl_context = server_context(settings.tls_cert, key, settings.tls_client_ca)
-    app.cleanup_ctx.extend([http_client, job_store, session_backend, pipeline, certificates])
+    app.cleanup_ctx.extend([http_client, job_store, session_backend, pipeline, wanted_sessions, certificates])
     app.on_shutdown.append(_end_streams)
 
     # Open to anyone: probes, metrics, the dashboard page (its data needs an app key).
