@@ -76,6 +76,14 @@ k8s-up: install
 k8s-down: install
 	$(PY) -m tests.k8s.up --down
 
+# The simulated cluster (bench/k8s_scale.py): the real control plane, 100 kubemark hollow nodes (built once, ~6 min),
+# the operator and a router; 10,000 MCPSessions. bench/results/k8s-scale.{md,json}; README: Sizing. Not in `make test`.
+# `make k8s-scale SCALE_ARGS=--quick`: 10 nodes, 500 sessions (the harness, in a few minutes).
+.PHONY: k8s-scale
+k8s-scale: install
+	./tests/k8s/build-k8s.sh kube-apiserver kube-controller-manager kubectl kube-scheduler kubemark
+	$(PY) -m bench.k8s_scale $(SCALE_ARGS)
+
 # Benchmarks (bench/README.md): peers from PyPI and npm into bench/.peers (pinned in bench/pins.toml), then
 # every scenario on loopback; bench/results/latest.{md,json,png}. `bench-quick` takes under two minutes.
 BENCH_PY := bench/.peers/venv/bin/python

@@ -6,6 +6,8 @@
 #                                           in-cluster API address need it), and pause: Kubernetes' own
 #                                           build/pause C program, static, the sandbox image's one file
 #                                           (tests/k8s/build-images.sh packages it)
+#   simulated nodes (tests/k8s/hollow.py): kubemark, Kubernetes' own hollow node (a real kubelet on a fake
+#                                           container runtime), only when asked for: `build-k8s.sh kubemark`
 #
 # Why this way: no package registry ships these binaries, and the machine has no internet except the
 # registries. Debian's source package is the complete upstream v1.20.2 tree with every dependency vendored,
@@ -23,10 +25,15 @@
 #   1. vendored github.com/modern-go/reflect2 1.0.1 is replaced by Debian's 1.0.2 (1.0.1 crashes on Go >= 1.18)
 #   2. pkg/generated/openapi/zz_generated.openapi.go is not in the tarball: generated with `make gen_openapi`
 #   3. rsync must be installed: hack/lib/golang.sh copies built binaries with it (without it: empty files)
+# and one for many hollow nodes on one host (upstream runs each in a pod of its own):
+#   4. tests/k8s/kubemark-on-one-host.patch gives cmd/kubemark flags for what would otherwise be shared: the fake
+#      runtime's socket, the kubelet's root, certificate and plugin directories, its healthz port and bind address,
+#      and the address the fake runtime gives pods (upstream: 192.168.192.168 for every pod, routed off the host).
 set -euo pipefail
 SCRIPT=build-k8s
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/k8s/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$HERE/lib.sh"
 
 K8S_VERSION=1.20.2
 # The Debian source version to fetch; override if the mirror has moved on to a newer Debian revision.
@@ -35,6 +42,7 @@ CACHE="$PIER_CACHE/k8s-${K8S_VERSION}"
 BIN="$CACHE/bin"
 WORK="$CACHE/work"
 GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
+ON_REQUEST=(kubemark)  # built only when named (make k8s-scale): the test suite does not need it
 ALL=("${GO_BINARIES[@]}" pause)
 WANTED=("$@")
 ((${#WANTED[@]})) || WANTED=("${ALL[@]}")
@@ -61,6 +69,9 @@ fi
 # Build every Go binary that is missing, not only the wanted ones: one Go pass shares the compiled packages, and
 # the test suite needs all of them anyway.
 mapfile -t BINARIES < <(missing_binaries "${GO_BINARIES[@]}")
+for b in "${ON_REQUEST[@]}"; do
+    if [[ " ${WANTED[*]} " == *" $b "* && ! -x "$BIN/$b" ]]; then BINARIES+=("$b"); fi
+done
 START=$SECONDS
 
 # --- 1. System packages ------------------------------------------------------------------------------------
@@ -127,6 +138,13 @@ if [[ ! -f .pier-reflect2 ]]; then
     rm -rf vendor/github.com/modern-go/reflect2
     cp -rL "$REFLECT2" vendor/github.com/modern-go/reflect2
     touch .pier-reflect2
+fi
+
+# Fix 4: kubemark's hollow nodes side by side on one host (see the patch's flags).
+if [[ ! -f .pier-kubemark ]]; then
+    log "patching cmd/kubemark for many hollow nodes on one host"
+    patch -p1 --forward <"$HERE/kubemark-on-one-host.patch" >/dev/null || die "kubemark-on-one-host.patch does not apply"
+    touch .pier-kubemark
 fi
 
 # The build: GOPATH mode, nothing from the network, the user's GOFLAGS ignored. hack/lib/init.sh forces
