@@ -7,7 +7,7 @@
 #                                           build/pause C program, static, the sandbox image's one file
 #                                           (tests/k8s/build-images.sh packages it)
 #   simulated nodes (tests/k8s/hollow.py): kubemark, Kubernetes' own hollow node (a real kubelet on a fake
-#                                           container runtime), only when asked for: `build-k8s.sh kubemark`
+#                                           container runtime), for tests/k8s/test_hollow_nodes.py and make k8s-scale
 #
 # Why this way: no package registry ships these binaries, and the machine has no internet except the
 # registries. Debian's source package is the complete upstream v1.20.2 tree with every dependency vendored,
@@ -19,7 +19,7 @@
 # The source (patched, with the generated files) and private apt lists stay in .../k8s-1.20.2/work (safe to delete).
 # Runs as root when apt packages are missing (it installs them); otherwise any user who owns the cache can run it.
 # Idempotent: with the binaries present it only prints the bin dir. Whatever is missing of the Go binaries is built
-# in one pass (they share most packages): ~5 minutes for the control plane alone, ~11 for all six, on 2 cores.
+# in one pass (they share most packages): ~5 minutes for the control plane alone, ~14 for all seven, on 2 cores.
 #
 # Fixes needed for Go 1.19 / a bare machine (each is explained where it is applied below):
 #   1. vendored github.com/modern-go/reflect2 1.0.1 is replaced by Debian's 1.0.2 (1.0.1 crashes on Go >= 1.18)
@@ -41,8 +41,7 @@ DEB_VERSION="${PIER_K8S_DEB_VERSION:-1.20.5+really1.20.2-1.1+deb12u1}"
 CACHE="$PIER_CACHE/k8s-${K8S_VERSION}"
 BIN="$CACHE/bin"
 WORK="$CACHE/work"
-GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
-ON_REQUEST=(kubemark)  # built only when named (make k8s-scale): the test suite does not need it
+GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy kubemark)
 ALL=("${GO_BINARIES[@]}" pause)
 WANTED=("$@")
 ((${#WANTED[@]})) || WANTED=("${ALL[@]}")
@@ -69,9 +68,6 @@ fi
 # Build every Go binary that is missing, not only the wanted ones: one Go pass shares the compiled packages, and
 # the test suite needs all of them anyway.
 mapfile -t BINARIES < <(missing_binaries "${GO_BINARIES[@]}")
-for b in "${ON_REQUEST[@]}"; do
-    if [[ " ${WANTED[*]} " == *" $b "* && ! -x "$BIN/$b" ]]; then BINARIES+=("$b"); fi
-done
 START=$SECONDS
 
 # --- 1. System packages ------------------------------------------------------------------------------------
@@ -185,7 +181,7 @@ if ((${#BINARIES[@]})); then
     # hack/make-rules/build.sh is what `make WHAT=...` runs after `generated_files`: static (CGO_ENABLED=0)
     # binaries (kubelet alone is built with cgo, as upstream does), version stamped v1.20.2 from the git-archive
     # data in hack/lib/version.sh. Go's default parallelism (-p = cores).
-    log "building ${BINARIES[*]} (5-11 minutes on 2 cores)"
+    log "building ${BINARIES[*]} (5-14 minutes on 2 cores)"
     run_logged "$WORK/build.log" hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}"
     for b in "${BINARIES[@]}"; do
         [[ -s "_output/bin/$b" ]] || die "build produced no _output/bin/$b"

@@ -61,7 +61,10 @@ NODE_LINK = "piernode0"  # a veth whose peer (piernode1) stays down: sending int
 CLUSTER_DOMAIN = "cluster.local"
 STORAGE_CLASS = "pier-local"
 PROVISIONER = "pier.dev/hostpath"
-NODE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy")
+NODE_BINARIES = (
+    "kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy",
+    "kubemark",  # the simulated nodes beside the real one (tests/k8s/test_hollow_nodes.py)
+)  # fmt: skip
 IMAGES_SCRIPT = Path(__file__).resolve().parent / "build-images.sh"
 PACKAGES_SCRIPT = Path(__file__).resolve().parent / "install-packages.sh"
 
