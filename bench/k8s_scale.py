@@ -60,8 +60,11 @@ RESULTS = ROOT / "bench" / "results"
 NAMESPACE = "pier"
 PROFILE = "demo"
 # Session pods' probes: every hollow pod's probe reaches the one shared bridge (a real cluster spreads them over
-# its kubelets), so they are lengthened here; the first probe still comes as the pod starts.
-PROBES = {"PIER_SESSION_READINESS_PERIOD_S": "60", "PIER_SESSION_LIVENESS_PERIOD_S": "120"}
+# its kubelets), so they are lengthened here. A kubelet's first readiness probe of a new pod comes one period after
+# it took the pod (its container did not exist yet at the period's start): "Ready" includes up to this period,
+# which the default (2 s) does not; "Running" (its containers started) does not include it.
+READINESS_PERIOD_S = 10
+PROBES = {"PIER_SESSION_READINESS_PERIOD_S": str(READINESS_PERIOD_S), "PIER_SESSION_LIVENESS_PERIOD_S": "60"}
 _ACCESS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 _T0 = time.monotonic()
 
@@ -90,6 +93,7 @@ class Seen:
     applied: float = 0.0  # the create request sent
     pod: float = 0.0  # a pod of the session first seen (created, or a warm one claimed)
     bound: float = 0.0  # that pod bound to a node
+    running: float = 0.0  # that pod's containers started (the kubelet says Running)
     ready: float = 0.0  # the session first Ready
     deleted: float = 0.0
     claimed: bool = False
@@ -150,6 +154,8 @@ class Observer:
             seen.nodes[name] = node
             if not seen.bound:
                 seen.bound = now
+        if (after.get("status") or {}).get("phase") == "Running" and not seen.running:
+            seen.running = now
 
     def ready(self, names: list[str]) -> int:
         return sum(1 for n in names if self.of(n).ready)
@@ -162,6 +168,7 @@ class Observer:
             "ready": len(done),
             "apply_to_pod_s": summary([s.pod - s.applied for s in done if s.pod]),
             "apply_to_bound_s": summary([s.bound - s.applied for s in done if s.bound]),
+            "apply_to_running_s": summary([s.running - s.applied for s in done if s.running]),
             "apply_to_ready_s": summary([s.ready - s.applied for s in done]),
             "claimed_warm": sum(s.claimed for s in items),
         }
@@ -238,6 +245,8 @@ class ScaleBench:
         self.nodes = HollowNodes(self.cp, self.work / "nodes", self.cfg.nodes, start_timeout=600)
         await asyncio.to_thread(self.nodes.start)
         self.results["hollow_nodes"] = {"count": self.cfg.nodes, "ready_after_s": round(time.monotonic() - started, 1)}
+        await asyncio.sleep(10)
+        self.results["idle"] = await self.sample(30)  # no session yet: what the cluster costs by itself
         self.admin = KubeClient(self.http, ApiAccess(self.cp.kubeconfig), retry_for_s=30)
         self.observer = Observer(self.admin)
         self.observer.start()
@@ -245,6 +254,9 @@ class ScaleBench:
         await self.redis.__aenter__()
         await self.start_operator()
         await self.start_router()
+        await asyncio.sleep(5)
+        self.results["operator_empty_rss_mib"] = round(rss([self.procs["operator"].pid]), 1)
+        self.results["router_empty_rss_mib"] = round(rss([self.procs["router"].pid]), 1)
         # A kubelet probes pods it finds in its first probe period at a random point of that period: the pods of
         # the bench come after that.
         await asyncio.sleep(max(0.0, float(PROBES["PIER_SESSION_READINESS_PERIOD_S"]) - (time.monotonic() - started)))
@@ -352,6 +364,20 @@ class ScaleBench:
             await asyncio.sleep(1)
         return time.monotonic() - started
 
+    async def sample(self, seconds: float) -> dict[str, float]:
+        """CPU (% of one core) of the cluster's parts over `seconds`, and their memory."""
+        parts = {"hollow_kubelets": self.nodes.pids(), "kube_apiserver": [self.cp.pids["kube-apiserver"]],
+                 "etcd": [self.cp.pids["etcd"]], "controller_manager": [self.cp.pids["kube-controller-manager"]],
+                 "scheduler": [self.scheduler.popen.pid], "shared_bridge": self.bridge.pids()}  # fmt: skip
+        parts.update({name: [proc.pid] for name, proc in self.procs.items()})
+        before = {name: cpu_s(pids) for name, pids in parts.items()}
+        await asyncio.sleep(seconds)
+        result: dict[str, float] = {}
+        for name, pids in parts.items():
+            result[f"{name}_cpu_percent"] = round((cpu_s(pids) - before[name]) / seconds * 100, 1)
+            result[f"{name}_rss_mib"] = round(rss(pids), 0)
+        return result
+
     def _check_alive(self) -> None:
         for proc in self.procs.values():
             if proc.proc.returncode is not None:
@@ -406,6 +432,7 @@ class ScaleBench:
         seconds = self.cfg.steady_s
         log(f"steady: {sessions} sessions, nothing happening, {seconds:.0f} s")
         await asyncio.sleep(15)  # the last writes of the burst settle
+        self.results["steady_parts"] = await self.sample(60)
         op, router = self.procs["operator"].pid, self.procs["router"].pid
         api0, ours0, cpu0 = await self.apiserver_metrics(), await self.operator_metrics_now(), cpu_s([op])
         router_cpu0, nodes_cpu0, t0 = cpu_s([router]), cpu_s(self.nodes.pids()), time.monotonic()
@@ -695,18 +722,23 @@ def _pp(stats: dict[str, Any]) -> str:
 
 def _latency_rows(r: dict[str, Any]) -> list[str]:
     rows = [
-        "| phase | sessions | apply→pod | apply→bound | apply→Ready | max | warm pods claimed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| phase | sessions | apply→pod | apply→bound | apply→Running | apply→Ready | Ready max | warm pods claimed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for phase in ("fill", "burst"):
         p = r[phase]
         rows.append(
             f"| {phase} | {p['sessions']} | {_pp(p['apply_to_pod_s'])} | {_pp(p['apply_to_bound_s'])} | "
-            f"{_pp(p['apply_to_ready_s'])} | {p['apply_to_ready_s'].get('max')} | {p['claimed_warm']} |"
+            f"{_pp(p['apply_to_running_s'])} | {_pp(p['apply_to_ready_s'])} | {p['apply_to_ready_s'].get('max')} | "
+            f"{p['claimed_warm']} |"
         )
     b = r["burst"]
     per_1000 = b["operator_cpu_s"] / b["sessions"] * 1000
     rows += [
+        "",
+        f"apply→pod: the operator made (or bound a warm) pod; →bound: the scheduler placed it; →Running: the kubelet "
+        f"started it; →Ready: the kubelet's readiness probe passed and the operator wrote Ready (it includes up to "
+        f"one probe period, {READINESS_PERIOD_S} s here, 2 s by default: see PROBES in bench/k8s_scale.py).",
         "",
         f"Burst: {b['sessions']} applied within {b['applied_within_s']} s; all Ready after "
         f"{b['all_ready_after_s']} s; warm pool claims {b['warm_pool_claims']:.0f}, misses "
@@ -761,6 +793,23 @@ def _fault_rows(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _parts_rows(r: dict[str, Any]) -> list[str]:
+    idle, steady = r.get("idle", {}), r.get("steady_parts", {})
+    names = sorted({k.removesuffix("_cpu_percent") for k in {**idle, **steady} if k.endswith("_cpu_percent")})
+    rows = [
+        f"## What each part costs: idle cluster, and {r['steady']['sessions']} sessions at rest",
+        "",
+        "| part | CPU % idle | CPU % at rest | memory MiB idle | memory MiB at rest |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        rows.append(
+            f"| {name} | {idle.get(f'{name}_cpu_percent', '-')} | {steady.get(f'{name}_cpu_percent', '-')} | "
+            f"{idle.get(f'{name}_rss_mib', '-')} | {steady.get(f'{name}_rss_mib', '-')} |"
+        )
+    return rows
+
+
 def report(r: dict[str, Any]) -> str:
     meta, reap, loss = r["meta"], r["reaping"], r["node_loss"]
     lines = [
@@ -778,6 +827,11 @@ def report(r: dict[str, Any]) -> str:
         *_latency_rows(r),
         "",
         *_steady_rows(r["steady"]),
+        "",
+        f"Operator memory with no session: {r.get('operator_empty_rss_mib')} MiB; router: "
+        f"{r.get('router_empty_rss_mib')} MiB.",
+        "",
+        *_parts_rows(r),
         "",
         "## The router with every session in its watch",
         "",

@@ -198,6 +198,14 @@ class SharedBridge:
         except (OSError, urllib.error.URLError):
             return False
 
+    def pids(self) -> list[int]:
+        """The bridge and its server."""
+        if self.process is None:
+            return []
+        pid = self.process.popen.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()

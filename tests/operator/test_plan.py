@@ -140,6 +140,42 @@ def test_a_ready_pod_and_a_settled_status_mean_nothing_to_do():
     assert planned.track == ("http://10.1.2.3:8080", 3600.0, NOW - 100)
 
 
+def test_a_session_becoming_ready_says_so_in_one_write_with_its_servers_name():
+    """The pod is Ready: the status waits a moment for the bridge's first answer, so one write carries Ready, the
+    server's name and its tools (each write is an API request: a burst of sessions makes thousands)."""
+    starting = _session({"phase": "Starting", "podName": "s-g1-0", "observedGeneration": 1, "restarts": 1,
+                         "conditions": [{"type": "Ready", "status": "False", "reason": "PodCreated",
+                                         "message": "waiting", "lastTransitionTime": _at(5)}]})  # fmt: skip
+    waiting = _plan(starting, [_pod()])
+    assert waiting.changes() == {}  # not yet asked: nothing written, the bridge asked now
+    assert waiting.track == ("http://10.1.2.3:8080", 3600.0, 0.0)
+    assert waiting.look_again_s == pytest.approx(3)  # and the session looked at again, answer or not
+    bridge = Known("http://10.1.2.3:8080", 3600, 0.0, since=NOW - 0.1, asked_at=NOW)
+    bridge.status = BridgeStatus(state="ready", ready=True, mode="child", tools=7, server_info={"name": "demo"})
+    answered = _plan(starting, [_pod()], World(nodes={"n1": _node()}, bridges={"s": bridge})).changes()
+    assert (answered["phase"], answered["tools"], answered["serverInfo"]["name"]) == ("Ready", 7, "demo")
+    assert answered["endpoint"] == "http://10.1.2.3:8080"
+    # A bridge that does not answer does not hold the session back.
+    bridge.status, bridge.failures = None, 1
+    silent = _plan(starting, [_pod()], World(nodes={"n1": _node()}, bridges={"s": bridge})).changes()
+    assert silent["phase"] == "Ready"
+    assert "serverInfo" not in silent
+
+
+def test_an_ordinary_start_is_not_rewritten_step_by_step_but_trouble_is_shown():
+    starting = _session({"phase": "Starting", "podName": "s-g1-0", "observedGeneration": 1, "restarts": 1,
+                         "conditions": [{"type": "Ready", "status": "False", "reason": "PodCreated",
+                                         "message": "waiting for the bridge", "lastTransitionTime": _at(5)},
+                                        {"type": "ServerRunning", "status": "False", "reason": "PodCreated",
+                                         "message": "waiting for the bridge", "lastTransitionTime": _at(5)}]})  # fmt: skip
+    pending = _pod(ready=False, phase="Pending")
+    assert _plan(starting, [pending]).changes() == {}
+    pulling = _pod(ready=False, phase="Pending")
+    pulling["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}
+    ready = _plan(starting, [pulling]).changes()["conditions"][0]
+    assert (ready["reason"], ready["message"]) == ("ImagePullBackOff", "bridge: no")
+
+
 def test_what_the_bridge_says_reaches_the_status_and_activity_only_coarsely():
     bridge = Known("http://10.1.2.3:8080", 3600, NOW - 100, asked_at=NOW)
     bridge.status = BridgeStatus(state="ready", ready=True, mode="child", restarts=2, tools=7,

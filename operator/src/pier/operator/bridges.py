@@ -37,6 +37,7 @@ class Known:
     endpoint: str
     ttl_s: float
     ready_since: float
+    since: float = field(default_factory=time.time)  # POSIX time this endpoint was first tracked
     status: BridgeStatus | None = None
     asked_at: float = 0.0  # POSIX time of the last answer
     failures: int = 0
@@ -89,7 +90,8 @@ class BridgeMonitor:
             self._schedule(name, known, time.monotonic())
         elif (known.ttl_s, known.ready_since) != (ttl_s, ready_since):
             known.ttl_s, known.ready_since = ttl_s, ready_since
-            self._reschedule(name, known)
+            if known.status is not None:  # answered: its next ask may come sooner now (not yet: it is due anyway)
+                self._reschedule(name, known)
         return known
 
     def forget(self, name: str) -> None:

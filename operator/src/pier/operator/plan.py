@@ -202,12 +202,23 @@ def _refused(old: MCPSessionStatus, generation: int) -> bool:
     return any(c.type == "Ready" and c.reason == "PodInvalid" for c in old.conditions or [])
 
 
+# How long a session whose pod just became Ready waits for its bridge's first answer, so that one status write
+# says Ready with the server's name and tools (rather than two writes a few milliseconds apart).
+FIRST_ANSWER_WAIT_S = 3.0
+# Why a pod is not Ready yet when all is well: the status keeps saying the pod was created, rather than being
+# rewritten at every step of an ordinary start (each an API write).
+_ORDINARY_START = frozenset({"Starting", "ContainerCreating", "PodInitializing"})
+
+
 def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Plan) -> None:
     """The status a serving (or starting) pod gives its session, and whether the session is idle for its TTL."""
     old, status = result.old, result.status
     ready = pod_ready(pod)
     ip = pod["status"].get("podIP")
     endpoint = f"http://{ip}:{BRIDGE_PORT}" if ip else None
+    if ready and endpoint and _first_answer_pending(name, endpoint, world, result):
+        result.track = (endpoint, float(spec.ttl_seconds), 0.0)
+        return  # the status as it was, for a moment: the bridge's first answer comes with it
     restarts = sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses") or []
                    if c.get("name") != SERVER_CONTAINER)  # fmt: skip
     status.pod_name = _name(pod)
@@ -234,6 +245,9 @@ def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Pl
         reason, message = "BridgeReady", "the bridge answers /readyz"
     else:
         reason, message = _why_not_ready(pod)
+        previous = next((c for c in old.conditions or [] if c.type == "Ready"), None)
+        if reason in _ORDINARY_START and old.phase == "Starting" and old.pod_name == _name(pod) and previous:
+            reason, message = previous.reason or reason, previous.message or message
     running: bool | None = answered or ready
     if ready and known is not None and known.unreachable:
         running = None  # Ready to the kubelet, but no answer to the operator: unknown
@@ -242,6 +256,22 @@ def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Pl
     if ready and endpoint:
         result.track = (endpoint, float(spec.ttl_seconds), status.ready_since())
         _reap_if_idle(spec, known, world, result)
+
+
+def _first_answer_pending(name: str, endpoint: str, world: World, result: Plan) -> bool:
+    """Whether a session becoming Ready (or Ready at a new endpoint) still waits for its bridge's first answer."""
+    old = result.old
+    if old.phase == "Ready" and old.endpoint == endpoint:
+        return False  # Ready already (an operator that restarted asks again, but changes nothing meanwhile)
+    known = world.bridge(name)
+    if known is None or known.endpoint != endpoint:
+        result.look_again_s = _sooner(result.look_again_s, FIRST_ANSWER_WAIT_S)
+        return True
+    waited = world.now - known.since
+    if known.status is None and not known.failures and waited < FIRST_ANSWER_WAIT_S:
+        result.look_again_s = _sooner(result.look_again_s, FIRST_ANSWER_WAIT_S - waited)
+        return True
+    return False
 
 
 def _from_bridge(known: Known, status: MCPSessionStatus, old: MCPSessionStatus, world: World) -> None:
