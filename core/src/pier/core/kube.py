@@ -322,7 +322,7 @@ class Informer:
                 if isinstance(exc, ApiError) and exc.status in (429, 503):
                     pause = max(pause, 1.0)
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 10.0)  # back within seconds of an API server's recovery
 
     def _params(self) -> dict[str, Any]:
         return {"labelSelector": self.label_selector} if self.label_selector else {}

@@ -3,7 +3,7 @@
 The holder renews the Lease every third of its duration; a standby takes it once it has seen the Lease
 unchanged for a whole duration (its own clock, never a comparison with the holder's: clocks may differ).
 Every change is a PUT conditional on the resource version read, so two replicas never both win. A holder
-that cannot renew within the duration stops working before anyone else may start. On shutdown the holder
+that cannot renew within two thirds of the duration stops working before anyone else may start. On shutdown the holder
 gives the Lease up, so a standby (a rolling update's new replica) takes over at once.
 
 Standby replicas keep their caches warm (their informers run): taking over costs no relisting.
@@ -59,7 +59,8 @@ class LeaderElection:
                     await self._round()
                 except ApiError as exc:
                     log.warning("leader election: the API server refused", extra={"error": exc.message})
-                if self.leading.is_set() and time.monotonic() - self._renewed > self.duration_s:
+                # Stop working well before a standby may start (it waits a whole duration after the last renewal).
+                if self.leading.is_set() and time.monotonic() - self._renewed > self.duration_s * 2 / 3:
                     self._lose("could not renew the Lease in time")
                 await asyncio.sleep(self.duration_s / 3 if self.leading.is_set() else self.duration_s / 5)
         finally:

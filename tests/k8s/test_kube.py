@@ -1,13 +1,16 @@
-"""The informers router and operator keep the cluster in memory with (pier.core.kube), against the real API server."""
+"""Against the real API server: the informers router and operator keep the cluster in memory with
+(pier.core.kube), and the Lease operator replicas elect their leader with (pier.operator.leader)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import pytest
 
 from pier.core.kube import ApiAccess, Informer, KubeClient
+from pier.operator.leader import LeaderElection
 from tests.servers import wait_until
 
 pytestmark = pytest.mark.k8s
@@ -49,3 +52,37 @@ async def test_an_informer_lists_in_pages_watches_and_relists_with_what_it_misse
             await task
     finally:
         cp.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+async def test_one_replica_leads_and_a_standby_takes_over_when_it_gives_up(real_cluster, http):
+    cp = real_cluster.cp
+    namespace = "lease-test"
+    cp.kubectl("create", "namespace", namespace)
+    try:
+        client = KubeClient(http, ApiAccess(cp.kubeconfig))
+        changes: list[tuple[str, bool]] = []
+
+        def elector(name: str) -> LeaderElection:
+            return LeaderElection(client, namespace, "pier-operator", name, 3.0, lambda up: changes.append((name, up)))
+
+        one, two = elector("one"), elector("two")
+        first = asyncio.create_task(one.elect())
+        await asyncio.wait_for(one.leading.wait(), 10)
+        second = asyncio.create_task(two.elect())
+        await asyncio.sleep(4)  # more than a lease duration: the holder renews, the standby stays one
+        assert one.leading.is_set()
+        assert not two.leading.is_set()
+        lease = json.loads(cp.kubectl("get", "lease", "pier-operator", "-n", namespace, "-o", "json").stdout)
+        assert lease["spec"]["holderIdentity"] == "one"
+        first.cancel()  # a leader that shuts down gives the Lease up...
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(two.leading.wait(), 5)  # ...and the standby takes it at its next look
+        assert changes == [("one", True), ("two", True)]
+        lease = json.loads(cp.kubectl("get", "lease", "pier-operator", "-n", namespace, "-o", "json").stdout)
+        assert (lease["spec"]["holderIdentity"], lease["spec"]["leaseTransitions"]) == ("two", 1)
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+    finally:
+        cp.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
