@@ -215,6 +215,7 @@ class Config:
     reap_ttl_s: int
     faults: bool
     fault_burst: int
+    steps: int
 
 
 class ScaleBench:
@@ -394,16 +395,24 @@ class ScaleBench:
     # -- phases ---------------------------------------------------------------------------------------------
 
     async def fill(self) -> list[str]:
-        count = self.cfg.sessions - self.cfg.burst
-        log(f"fill: {count} sessions at 40/s")
+        """`sessions - burst` sessions in `steps` equal steps; after each, a minute at rest is measured: how the
+        operator's cost and the API server's load grow (or do not) with the sessions."""
+        count, steps = self.cfg.sessions - self.cfg.burst, self.cfg.steps
+        names: list[str] = []
         cpu0, started = cpu_s([self.procs["operator"].pid]), time.monotonic()
-        names = await self.apply(self._bodies(count), per_s=40)
-        waited = await self.wait_ready(names, timeout=max(900, count / 5), what="fill")
+        self.results["ladder"] = []
+        for step in range(steps):
+            size = count // steps + (1 if step < count % steps else 0)
+            log(f"fill {step + 1}/{steps}: {size} sessions at 40/s ({len(names) + size} in all)")
+            batch = await self.apply(self._bodies(size), per_s=40)
+            await self.wait_ready(batch, timeout=max(900, size / 5), what="fill")
+            names += batch
+            rest = await self.measure_rest(len(names), 60)
+            self.results["ladder"].append(rest)
+            log(f"at rest with {len(names)}: {json.dumps(rest)}")
         elapsed = time.monotonic() - started
         self.results["fill"] = {**self.observer.latencies(names), "seconds": round(elapsed, 1),
-                                "ready_after_last_apply_s": round(waited, 1),
                                 "operator_cpu_s": round(cpu_s([self.procs["operator"].pid]) - cpu0, 1)}  # fmt: skip
-        log(f"fill: all Ready after {elapsed:.0f} s")
         return names
 
     async def burst(self) -> list[str]:
@@ -431,8 +440,13 @@ class ScaleBench:
     async def steady(self, sessions: int) -> None:
         seconds = self.cfg.steady_s
         log(f"steady: {sessions} sessions, nothing happening, {seconds:.0f} s")
-        await asyncio.sleep(15)  # the last writes of the burst settle
         self.results["steady_parts"] = await self.sample(60)
+        self.results["steady"] = await self.measure_rest(sessions, seconds)
+        log(f"steady: {json.dumps(self.results['steady'])}")
+
+    async def measure_rest(self, sessions: int, seconds: float) -> dict[str, Any]:
+        """`seconds` with nothing happening: the operator's and router's cost and the API server's count."""
+        await asyncio.sleep(15)  # the last writes settle
         op, router = self.procs["operator"].pid, self.procs["router"].pid
         api0, ours0, cpu0 = await self.apiserver_metrics(), await self.operator_metrics_now(), cpu_s([op])
         router_cpu0, nodes_cpu0, t0 = cpu_s([router]), cpu_s(self.nodes.pids()), time.monotonic()
@@ -455,7 +469,7 @@ class ScaleBench:
         asks = total(ours1, "pier_operator_bridge_status_requests_total") - \
             total(ours0, "pier_operator_bridge_status_requests_total")  # fmt: skip
         all_requests = total(api1, "apiserver_request_total") - total(api0, "apiserver_request_total")
-        self.results["steady"] = {
+        return {
             "sessions": sessions,
             "minutes": round(minutes, 2),
             "apiserver_requests_by_flow_schema": flows,
@@ -473,7 +487,6 @@ class ScaleBench:
             "apiserver_rss_mib": round(rss([self.cp.pids["kube-apiserver"]]), 0),
             "etcd_rss_mib": round(rss([self.cp.pids["etcd"]]), 0),
         }
-        log(f"steady: {json.dumps(self.results['steady'])}")
 
     async def router_calls(self, names: list[str], users: int = 50, calls: int = 500) -> None:
         log("router: warm calls with every session in its watch")
@@ -810,6 +823,31 @@ def _parts_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _ladder_rows(r: dict[str, Any]) -> list[str]:
+    rows = [
+        "## At rest, as sessions are added (a minute each, nothing happening)",
+        "",
+        "| sessions | operator API req/min (API server) | operator CPU % | operator RSS MiB | pass mean s | "
+        "bridge status req/s | router RSS MiB | all API req/min | hollow kubelets CPU % |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rest in [*r.get("ladder", []), r["steady"]]:
+        op = rest["apiserver_requests_by_flow_schema"]["operator"]["per_min"]
+        rows.append(
+            f"| {rest['sessions']} | {op} | {rest['operator_cpu_percent']} | {rest['operator_rss_mib']} | "
+            f"{rest['operator_pass_mean_s']} | {rest['bridge_status_requests_per_s']} | {rest['router_rss_mib']} | "
+            f"{rest['apiserver_requests_all_per_min']} | {rest['hollow_nodes_cpu_percent']} |"
+        )
+    for synthetic in r.get("operator_pass", []):
+        rows += [
+            "",
+            f"In-process (bench/operator_pass.py), {synthetic['sessions']} cached sessions with Ready pods: one pass "
+            f"{synthetic['pass_seconds']['median']} s (median of 5; the first {synthetic['pass_seconds']['first']} "
+            f"s), caches {synthetic['cache_mib']} MiB ({synthetic['per_session_kib']} KiB a session).",
+        ]
+    return rows
+
+
 def report(r: dict[str, Any]) -> str:
     meta, reap, loss = r["meta"], r["reaping"], r["node_loss"]
     lines = [
@@ -827,6 +865,8 @@ def report(r: dict[str, Any]) -> str:
         *_latency_rows(r),
         "",
         *_steady_rows(r["steady"]),
+        "",
+        *_ladder_rows(r),
         "",
         f"Operator memory with no session: {r.get('operator_empty_rss_mib')} MiB; router: "
         f"{r.get('router_empty_rss_mib')} MiB.",
@@ -862,22 +902,30 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--warm-pool", type=int, default=50)
     parser.add_argument("--steady-s", type=float, default=180)
+    parser.add_argument("--steps", type=int, default=4, help="the fill's steps, each followed by a minute at rest")
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--quick", action="store_true", help="10 nodes, 500 sessions: the harness, checked")
     parser.add_argument("--results", default="", help="results' file name (default k8s-scale, k8s-scale-quick)")
     args = parser.parse_args()
     if args.quick:
-        args.sessions, args.nodes, args.burst, args.steady_s, args.warm_pool = 500, 10, 200, 60, 10
+        args.sessions, args.nodes, args.burst, args.steady_s, args.warm_pool, args.steps = 500, 10, 200, 60, 10, 2
     cfg = Config(
         sessions=args.sessions, nodes=args.nodes, burst=args.burst, warm_pool=args.warm_pool, steady_s=args.steady_s,
         reap_count=100, reap_ttl_s=60, faults=not args.no_faults, fault_burst=max(100, min(500, args.burst // 2)),
+        steps=args.steps,
     )  # fmt: skip
     work = ROOT / ".pier" / "k8s-scale"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
+    log("the operator's pass and caches at 10,000 and 50,000 sessions, in-process (bench/operator_pass.py)")
+    synthetic = subprocess.run(
+        [sys.executable, "-m", "bench.operator_pass", "--sessions", "10000", "50000"], cwd=ROOT, check=True,
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
     results = asyncio.run(ScaleBench(cfg, work).run())
+    results["operator_pass"] = [json.loads(line) for line in synthetic.splitlines() if line.startswith("{")]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout
