@@ -470,8 +470,8 @@ async def test_a_node_whose_kubelet_stops_loses_its_pods_to_new_ones_and_their_j
         before = (await _found(cluster, "mcps", name))["status"]
         old_pod = await _found(cluster, "pod", before["podName"])
         # Two calls handed off (a 1 s timeout), both running in the pod when its node dies.
-        safe = await _job(http, url, "slow", {"seconds": 4})  # read-only: retry-safe
-        unsafe = await _job(http, url, "counter", {"delay_s": 4})  # neither read-only nor keyed: not retry-safe
+        safe = await _job(http, url, "slow", {"seconds": 10})  # read-only: retry-safe
+        unsafe = await _job(http, url, "counter", {"delay_s": 10})  # neither read-only nor keyed: not retry-safe
         lost_at = time.monotonic()
         node.real_node.stop_kubelet()
         try:
@@ -494,7 +494,7 @@ async def test_a_node_whose_kubelet_stops_loses_its_pods_to_new_ones_and_their_j
         # Back: the old pod is confirmed gone, the new one runs, the router follows, and the retry-safe call ran again.
         rerun = await _job_ended(http, running.url, safe)
         assert (rerun["status"], rerun["attempts"]) == ("completed", 2), rerun
-        assert rerun["result"]["content"][0]["text"] == "Slept 4.0 seconds"
+        assert rerun["result"]["content"][0]["text"] == "Slept 10.0 seconds"
         async with http.post(f"{url}/tools/echo/call", json={"arguments": {"message": "after"}}) as response:
             assert (await response.json())["result"]["content"][0]["text"] == "Echo: after"
         after = (await _found(cluster, "mcps", name))["status"]

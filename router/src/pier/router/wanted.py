@@ -113,6 +113,12 @@ class SessionFinder:
                 session = await asyncio.wait_for(router.backend.acquire(user, profile), remaining)
             except TimeoutError:
                 return
+            except (
+                PierError
+            ) as exc:  # not startable yet (its pod gone, the new one not Ready): again, until the deadline
+                log.info("a job's session is not back yet", extra={"job_id": job_id, "error": exc.message})
+                await asyncio.sleep(1.0)
+                continue
             endpoint = session.endpoint
             if endpoint.url != lost or await self._answers(session.bridge):
                 await router.store.update(job_id, functools.partial(_report, endpoint=endpoint))
