@@ -163,11 +163,16 @@ def test_a_session_becoming_ready_says_so_in_one_write_with_its_servers_name():
 
 
 def test_an_ordinary_start_is_not_rewritten_step_by_step_but_trouble_is_shown():
-    starting = _session({"phase": "Starting", "podName": "s-g1-0", "observedGeneration": 1, "restarts": 1,
-                         "conditions": [{"type": "Ready", "status": "False", "reason": "PodCreated",
-                                         "message": "waiting for the bridge", "lastTransitionTime": _at(5)},
-                                        {"type": "ServerRunning", "status": "False", "reason": "PodCreated",
-                                         "message": "waiting for the bridge", "lastTransitionTime": _at(5)}]})  # fmt: skip
+    created = {"status": "False", "reason": "PodCreated", "message": "waiting", "lastTransitionTime": _at(5)}
+    starting = _session(
+        {
+            "phase": "Starting",
+            "podName": "s-g1-0",
+            "observedGeneration": 1,
+            "restarts": 1,
+            "conditions": [{"type": "Ready", **created}, {"type": "ServerRunning", **created}],
+        }
+    )
     pending = _pod(ready=False, phase="Pending")
     assert _plan(starting, [pending]).changes() == {}
     pulling = _pod(ready=False, phase="Pending")
