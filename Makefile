@@ -58,8 +58,8 @@ clean:
 	rm -rf $(VENV) $(NPM_DIR)/node_modules .pytest_cache .ruff_cache
 
 # The test cluster's Kubernetes v1.20.2 (kube-apiserver, kube-controller-manager, kubectl; kubelet, kube-scheduler,
-# kube-proxy, pause), built from Debian's source package into ${PIER_K8S_CACHE:-~/.cache/pier}/k8s-1.20.2/bin:
-# ~11 minutes once on 2 cores, instant afterwards. The images its node runs (the Dockerfile's among them, built with
+# kube-proxy, pause; kubemark's hollow node), built from Debian's source package into
+# ${PIER_K8S_CACHE:-~/.cache/pier}/k8s-1.20.2/bin: ~14 minutes once on 2 cores, instant afterwards. The images its node runs (the Dockerfile's among them, built with
 # buildah from a debootstrap base): ~3 minutes the first time, seconds when nothing changed.
 .PHONY: k8s-binaries k8s-images k8s-up k8s-down
 k8s-binaries:
@@ -75,6 +75,14 @@ k8s-up: install
 
 k8s-down: install
 	$(PY) -m tests.k8s.up --down
+
+# The simulated cluster (bench/k8s_scale.py): the real control plane, 100 kubemark hollow nodes (make k8s-binaries),
+# the operator and a router; 10,000 MCPSessions. bench/results/k8s-scale.{md,json}; README: Sizing. Not in `make test`.
+# `make k8s-scale SCALE_ARGS=--quick`: 10 nodes, 500 sessions (the harness, in a few minutes).
+.PHONY: k8s-scale
+k8s-scale: install
+	./tests/k8s/build-k8s.sh
+	$(PY) -m bench.k8s_scale $(SCALE_ARGS)
 
 # Benchmarks (bench/README.md): peers from PyPI and npm into bench/.peers (pinned in bench/pins.toml), then
 # every scenario on loopback; bench/results/latest.{md,json,png}. `bench-quick` takes under two minutes.

@@ -49,7 +49,12 @@ class Scheduling(Values):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Manifest] = Field(default_factory=list)
     affinity: Manifest = Field(default_factory=dict)
-    topology_spread_constraints: list[Manifest] = Field(default_factory=list)
+    topology_spread_constraints: list[Manifest] = Field(
+        default_factory=list, description="replaces the default spread (`spread`) when given"
+    )
+    spread: bool = Field(
+        default=True, description="spread replicas over nodes and zones when it can (ScheduleAnyway), by default"
+    )
     priority_class_name: str = ""
 
 
@@ -126,10 +131,13 @@ class Router(Scheduling):
 
 class Operator(Scheduling):
     replica_count: int = Field(
-        default=1, ge=1, description="more replicas stand by (kopf peering: one works, the others take over)"
-    )
+        default=2, ge=1,
+        description="replicas elect one worker through a Lease; the others keep their caches warm and take over",
+    )  # fmt: skip
     resources: Manifest = Field(
-        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+        # Sized from `make k8s-scale` (README: Sizing): enough for ~5,000 sessions; add per 1,000 what it says.
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "192Mi"}, "limits": {"memory": "512Mi"}},
+        description="container resources (README: Sizing gives them per 1,000 sessions)",
     )
     pdb: Disruption = Field(default_factory=Disruption)
 
@@ -140,11 +148,34 @@ class Webhook(Values):
     existing_secret: str = Field(default="", description="a Secret with key `secret` instead")
 
 
+class JobsAutoscaling(Values):
+    enabled: bool = Field(
+        default=False, description="scale workers on the job stream's backlog (a KEDA ScaledObject, or an HPA)"
+    )
+    min_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=10, ge=1)
+    queued_per_worker: int = Field(
+        default=20, ge=1, description="jobs no worker has taken yet, per worker, above which workers are added"
+    )
+    oldest_queued_seconds: int = Field(
+        default=10, ge=1, description="age of the oldest job no worker has taken yet above which workers are added"
+    )
+    keda: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="a KEDA ScaledObject when KEDA's CRD is installed (auto), always (rendering without a cluster), "
+        "or never (an HPA on the external metrics pier_jobs_queue_lag and pier_jobs_oldest_queued_age_seconds)",
+    )
+    polling_interval_seconds: int = Field(default=15, ge=1, description="how often KEDA reads the backlog")
+
+
 class Jobs(Scheduling):
-    replica_count: int = Field(default=2, ge=1, description="workers; a stopped one's jobs are reclaimed by the others")
+    replica_count: int = Field(
+        default=2, ge=1, description="workers (ignored when autoscaling is on); a stopped one's jobs are reclaimed"
+    )
     resources: Manifest = Field(
         default_factory=lambda: {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}}
     )
+    autoscaling: JobsAutoscaling = Field(default_factory=JobsAutoscaling)
     pdb: Disruption = Field(default_factory=Disruption)
     webhook: Webhook = Field(default_factory=Webhook)
 
@@ -209,12 +240,36 @@ _DEFAULT_EGRESS: list[Manifest] = [
 ]
 
 
+class PriorityClass(Values):
+    create: bool = Field(
+        default=True, description="a PriorityClass for session pods (`<namespace>-<release>-pier-sessions`)"
+    )
+    name: str = Field(default="", description="use this existing PriorityClass instead (with create: false)")
+    value: int = Field(
+        default=100, ge=-2147483648, le=1000000000,
+        description="above ordinary workloads (0): a full cluster makes room for users' sessions; keep Pier's own "
+        "components above it (their priorityClassName)",
+    )  # fmt: skip
+    preemption_policy: Literal["PreemptLowerPriority", "Never"] = "PreemptLowerPriority"
+
+
 class Sessions(Values):
-    """Where the operator puts session pods (each runs one tenant's server)."""
+    """Where the operator puts session pods (each runs one tenant's server), and how they face a lost node."""
 
     node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. a node pool for tenant code")
     tolerations: list[Manifest] = Field(default_factory=list)
     runtime_class_name: str = Field(default="", description="e.g. gvisor: sandbox untrusted servers")
+    priority_class: PriorityClass = Field(default_factory=PriorityClass)
+    node_lost_after_seconds: int = Field(
+        default=10, ge=0, description="a node NotReady or unreachable this long: its sessions get new pods elsewhere"
+    )
+    node_loss_toleration_seconds: int = Field(
+        default=30, ge=0,
+        description="session pods tolerate a lost node's taints this long (Kubernetes' default: 300 s)",
+    )  # fmt: skip
+    readiness_period_seconds: int = Field(
+        default=2, ge=1, le=300, description="how often kubelets probe session bridges (raise it at 100+ per node)"
+    )
 
 
 class NetworkPolicy(Values):
@@ -472,9 +527,7 @@ def crds() -> dict[str, str]:
     """The chart's CRDs (file name → YAML), generated from `pier.core.mcpsession`."""
     from tools import crd as mcpsession_crd
 
-    # kopf's peering CRD is kopf's, not ours: written by hand in the chart, copied to deploy/.
-    peering = (CHART / "crds" / "kopfpeerings.yaml").read_text()
-    return {"mcpsessions.yaml": mcpsession_crd.render(), "kopfpeerings.yaml": peering}
+    return {"mcpsessions.yaml": mcpsession_crd.render()}
 
 
 def deploy_files() -> dict[str, str]:

@@ -90,7 +90,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "PierJobsWaitingTooLong",
-        "max by (namespace) (pier_jobs_oldest_waiting_seconds)",
+        "max by (namespace) (pier_jobs_oldest_queued_age_seconds)",
         ">", 120, "5m", "warning",
         "Handed-off jobs are waiting for a worker",
         "The oldest job no worker has taken has waited {{ $value | humanizeDuration }}.",
@@ -225,10 +225,10 @@ OVERVIEW: list[Row] = [
     Row("Jobs", [
         Panel("Jobs queued, waiting for a worker, running", [
             (f"max(pier_jobs_queue_depth{{{NS}}})", "on the stream"),
-            (f"max(pier_jobs_waiting{{{NS}}})", "waiting"),
+            (f"max(pier_jobs_queue_lag{{{NS}}})", "waiting"),
             (f"sum(pier_jobs_running{{{NS}}})", "running"),
         ]),
-        Panel("Oldest waiting job", [(f"max(pier_jobs_oldest_waiting_seconds{{{NS}}})", "age")], "s", "stat"),
+        Panel("Oldest waiting job", [(f"max(pier_jobs_oldest_queued_age_seconds{{{NS}}})", "age")], "s", "stat"),
         Panel("Jobs finished, by status", [(_rate("pier_jobs_finished_total", "status"), "{{status}}")], "ops"),
         Panel("Job duration p50 / p99", [
             (_quantile(0.5, "pier_job_duration_seconds", ""), "p50"),

@@ -175,6 +175,7 @@ def test_each_name_is_written_as_its_template_says() -> None:
         redis_keys.user_jobs("alice@example.com", "github"): "pier:jobs:user:{user}:{server}",
         redis_keys.idempotency("alice", "demo", "any key: even with colons"): "pier:idem:{user}:{server}:{key}",
         redis_keys.DEAD_LETTERS: "pier:webhooks:dead",
+        redis_keys.SESSIONS_WANTED: "pier:sessions:wanted",
         redis_keys.rate_limit("alice", 29_000_000): "pier:rl:{user}:{minute}",
         redis_keys.user_secrets("alice", "github"): "pier:secrets:{user}:{profile}",
         redis_keys.mcp_session("9b1f0c2e4d6a8b0c"): "pier:mcp:{session_id}",

@@ -10,7 +10,7 @@ import signal
 import pytest
 from standardwebhooks import Webhook
 
-from pier.cli.redis_server import RedisServer
+from pier.cli.redis_server import RedisServer, free_port
 from pier.core.redis_keys import DEAD_LETTERS, GROUP, STREAM
 from tests.hooks import Receiver
 from tests.servers import get_json, router_app, sse_events, wait_job, wait_until, worker_processes
@@ -187,6 +187,63 @@ async def test_a_lost_session_fails_unsafe_jobs_and_reruns_safe_ones(http, redis
         rerun = await wait_job(http, running.url, safe)
         assert (rerun["status"], rerun["attempts"]) == ("completed", 2)
         assert await _count(http, alice) == 0  # the unsafe call never ran twice (nor completed once)
+
+
+@pytest.mark.slow  # a fault test
+async def test_a_safe_job_whose_bridge_is_gone_runs_again_where_its_session_runs_next(http, redis_server):
+    """The session's bridge itself is gone (as a pod on a lost node): a retry-safe job is re-run where a router
+    finds the session next (here the local backend starts a new bridge); an unsafe one fails SESSION_LOST."""
+    async with router_app(redis_server.url, local_bridges="process") as running, worker_processes(redis_server.url):
+        alice = running.user_url("alice")
+        await _count(http, alice)
+        [session] = running.router.backend.sessions.values()  # type: ignore[attr-defined]
+        gone = session.endpoint.url
+        unsafe = (await _hand_off(http, alice, "counter", delay_s=30))["job_id"]
+        safe = (await _hand_off(http, alice, "slow", seconds=2))["job_id"]
+        await wait_until(lambda: _status(http, running.url, unsafe, "running"))
+        await wait_until(lambda: _status(http, running.url, safe, "running"))
+        session.proc.kill()  # the bridge process, its server with it
+
+        lost = await wait_job(http, running.url, unsafe)
+        assert (lost["status"], lost["error"]["code"]) == ("failed", "SESSION_LOST")
+        rerun = await wait_job(http, running.url, safe)
+        assert (rerun["status"], rerun["attempts"]) == ("completed", 2), rerun
+        assert rerun["result"]["content"][0]["text"] == "Slept 2.0 seconds"
+        [now] = running.router.backend.list("alice")
+        assert now.endpoint.url != gone  # it ran in the session's new bridge
+        assert await _count(http, alice) == 0  # the unsafe call never ran twice
+
+
+async def test_the_backlog_autoscalers_read_is_measured(http, redis_server):
+    """Jobs no worker has taken yet: how many, and the oldest one's age (pier_jobs_queue_lag and
+    pier_jobs_oldest_queued_age_seconds; /v1/queue for KEDA)."""
+    from pier.core.jobstore import JobStore, connect
+
+    async with router_app(redis_server.url) as running:
+        alice = running.user_url("alice")
+        await _count(http, alice)
+        for _ in range(3):
+            await _hand_off(http, alice, "slow", seconds=1)
+        store = JobStore(connect(redis_server.url), 3600)
+        await asyncio.sleep(0.5)
+        stats = await store.queue_stats()
+        assert (stats.queued, stats.following, stats.length) == (3, 0, 3)
+        assert stats.oldest_queued_s >= 0.5
+        port = free_port()
+        async with worker_processes(redis_server.url, PIER_JOBS_PORT=str(port)):
+            await wait_until(lambda: _queue_empty(store), timeout=30)
+            async with http.get(f"http://127.0.0.1:{port}/v1/queue") as response:
+                queue = await response.json()
+            assert set(queue) == {"queued", "oldest_queued_seconds", "following", "length"}
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                metrics = await response.text()
+            assert "pier_jobs_queue_lag " in metrics
+            assert "pier_jobs_oldest_queued_age_seconds " in metrics
+        await store.redis.aclose()
+
+
+async def _queue_empty(store) -> bool:
+    return (await store.queue_stats()).queued == 0
 
 
 async def get_json_auth(http, url: str, headers: dict) -> dict:

@@ -6,6 +6,8 @@
 #                                           in-cluster API address need it), and pause: Kubernetes' own
 #                                           build/pause C program, static, the sandbox image's one file
 #                                           (tests/k8s/build-images.sh packages it)
+#   simulated nodes (tests/k8s/hollow.py): kubemark, Kubernetes' own hollow node (a real kubelet on a fake
+#                                           container runtime), for tests/k8s/test_hollow_nodes.py and make k8s-scale
 #
 # Why this way: no package registry ships these binaries, and the machine has no internet except the
 # registries. Debian's source package is the complete upstream v1.20.2 tree with every dependency vendored,
@@ -17,16 +19,21 @@
 # The source (patched, with the generated files) and private apt lists stay in .../k8s-1.20.2/work (safe to delete).
 # Runs as root when apt packages are missing (it installs them); otherwise any user who owns the cache can run it.
 # Idempotent: with the binaries present it only prints the bin dir. Whatever is missing of the Go binaries is built
-# in one pass (they share most packages): ~5 minutes for the control plane alone, ~11 for all six, on 2 cores.
+# in one pass (they share most packages): ~5 minutes for the control plane alone, ~14 for all seven, on 2 cores.
 #
 # Fixes needed for Go 1.19 / a bare machine (each is explained where it is applied below):
 #   1. vendored github.com/modern-go/reflect2 1.0.1 is replaced by Debian's 1.0.2 (1.0.1 crashes on Go >= 1.18)
 #   2. pkg/generated/openapi/zz_generated.openapi.go is not in the tarball: generated with `make gen_openapi`
 #   3. rsync must be installed: hack/lib/golang.sh copies built binaries with it (without it: empty files)
+# and one for many hollow nodes on one host (upstream runs each in a pod of its own):
+#   4. tests/k8s/kubemark-on-one-host.patch gives cmd/kubemark flags for what would otherwise be shared: the fake
+#      runtime's socket, the kubelet's root, certificate and plugin directories, its healthz port and bind address,
+#      and the address the fake runtime gives pods (upstream: 192.168.192.168 for every pod, routed off the host).
 set -euo pipefail
 SCRIPT=build-k8s
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/k8s/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$HERE/lib.sh"
 
 K8S_VERSION=1.20.2
 # The Debian source version to fetch; override if the mirror has moved on to a newer Debian revision.
@@ -34,7 +41,7 @@ DEB_VERSION="${PIER_K8S_DEB_VERSION:-1.20.5+really1.20.2-1.1+deb12u1}"
 CACHE="$PIER_CACHE/k8s-${K8S_VERSION}"
 BIN="$CACHE/bin"
 WORK="$CACHE/work"
-GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy)
+GO_BINARIES=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy kubemark)
 ALL=("${GO_BINARIES[@]}" pause)
 WANTED=("$@")
 ((${#WANTED[@]})) || WANTED=("${ALL[@]}")
@@ -129,6 +136,13 @@ if [[ ! -f .pier-reflect2 ]]; then
     touch .pier-reflect2
 fi
 
+# Fix 4: kubemark's hollow nodes side by side on one host (see the patch's flags).
+if [[ ! -f .pier-kubemark ]]; then
+    log "patching cmd/kubemark for many hollow nodes on one host"
+    patch -p1 --forward <"$HERE/kubemark-on-one-host.patch" >/dev/null || die "kubemark-on-one-host.patch does not apply"
+    touch .pier-kubemark
+fi
+
 # The build: GOPATH mode, nothing from the network, the user's GOFLAGS ignored. hack/lib/init.sh forces
 # GO111MODULE=off itself; hack/lib/golang.sh lays out the GOPATH (_output/local/go/src/k8s.io/kubernetes -> the tree)
 # and puts GOCACHE under _output, so the build touches nothing outside the work dir.
@@ -167,7 +181,7 @@ if ((${#BINARIES[@]})); then
     # hack/make-rules/build.sh is what `make WHAT=...` runs after `generated_files`: static (CGO_ENABLED=0)
     # binaries (kubelet alone is built with cgo, as upstream does), version stamped v1.20.2 from the git-archive
     # data in hack/lib/version.sh. Go's default parallelism (-p = cores).
-    log "building ${BINARIES[*]} (5-11 minutes on 2 cores)"
+    log "building ${BINARIES[*]} (5-14 minutes on 2 cores)"
     run_logged "$WORK/build.log" hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}"
     for b in "${BINARIES[@]}"; do
         [[ -s "_output/bin/$b" ]] || die "build produced no _output/bin/$b"

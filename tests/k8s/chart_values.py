@@ -20,6 +20,23 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
             "runtimeClassName": "gvisor",
         },
     },
+    "autoscaled": {
+        "router": {"autoscaling": {"enabled": True}},
+        "jobs": {"autoscaling": {"enabled": True, "keda": "never", "minReplicas": 3, "queuedPerWorker": 50}},
+        "sessions": {"priorityClass": {"create": False, "name": "tenants-high"}, "nodeLostAfterSeconds": 20},
+        "operator": {
+            "replicaCount": 1,
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "DoNotSchedule",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}},
+                }
+            ],
+        },
+    },
+    "keda": {"jobs": {"autoscaling": {"enabled": True, "keda": "always", "maxReplicas": 20}}},
     "ingress": {
         "router": {
             "ingress": {

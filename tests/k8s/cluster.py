@@ -515,6 +515,22 @@ class ControlPlane:
             ],
         )
 
+    def start_scheduler(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> Process:
+        """kube-scheduler for this control plane (its own identity; no fixed ports: several may run side by side).
+
+        The caller stops it (`Process.stop`) before the control plane."""
+        kubeconfig = self.client_kubeconfig("kube-scheduler", "system:kube-scheduler")
+        argv = [
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={kubeconfig}",
+            # Its fixed ports (10251, 10259) off: nothing here needs its health or metrics endpoints.
+            "--port=0",
+            "--secure-port=0",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+        return Process.spawn("kube-scheduler", argv, log_dir or self.logs, self.work_dir, env=env)
+
     def _check_alive(self) -> None:
         for proc in self._processes:
             proc.check_alive()

@@ -61,7 +61,10 @@ NODE_LINK = "piernode0"  # a veth whose peer (piernode1) stays down: sending int
 CLUSTER_DOMAIN = "cluster.local"
 STORAGE_CLASS = "pier-local"
 PROVISIONER = "pier.dev/hostpath"
-NODE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy")
+NODE_BINARIES = (
+    "kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy",
+    "kubemark",  # the simulated nodes beside the real one (tests/k8s/test_hollow_nodes.py)
+)  # fmt: skip
 IMAGES_SCRIPT = Path(__file__).resolve().parent / "build-images.sh"
 PACKAGES_SCRIPT = Path(__file__).resolve().parent / "install-packages.sh"
 
@@ -752,6 +755,28 @@ class RealNode:
         if problems:
             raise RuntimeError("the node left the host changed: " + "; ".join(problems))
 
+    # -- node failures, for tests -----------------------------------------------------------------------------------
+
+    def stop_kubelet(self) -> None:
+        """Stop the kubelet alone, as when a node's agent dies: its containers go on running, nobody reports on
+        them, and after the node controller's grace the node is NotReady (unknown) to the cluster."""
+        kubelet = next(p for p in self.processes if p.name == "kubelet")
+        kubelet.stop()
+        self.processes.remove(kubelet)
+
+    def start_kubelet(self, timeout: float = 120) -> None:
+        """Start the kubelet again (the same configuration) and wait until the node is Ready."""
+        assert not any(p.name == "kubelet" for p in self.processes), "the kubelet runs already"
+        self._start_kubelet()
+        self._wait(self._node_ready, timeout, "node Ready again")
+
+    def kill_pod(self, pod_uid: str) -> None:
+        """SIGKILL every process of a pod, its sandbox included, as a machine that dies takes them: its address
+        goes with its network namespace. (With the kubelet stopped, nothing starts them again.)"""
+        for container in self.pod_container_ids(pod_uid):
+            with contextlib.suppress(LookupError, ProcessLookupError):  # not running
+                os.kill(self.task_pid(container), signal.SIGKILL)
+
     # -- the runtime, for tests -------------------------------------------------------------------------------------
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -1010,19 +1035,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     def _start_scheduler(self) -> None:
         assert self.cp is not None
-        kubeconfig = self.cp.client_kubeconfig("kube-scheduler", "system:kube-scheduler")
-        self._spawn(
-            "kube-scheduler",
-            [
-                str(self.bin_dir / "kube-scheduler"),
-                f"--kubeconfig={kubeconfig}",
-                # Its fixed ports (10251, 10259) off: nothing here needs its health or metrics endpoints.
-                "--port=0",
-                "--secure-port=0",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-        )
+        self.processes.append(self.cp.start_scheduler(self.logs, env=DAEMON_ENV))
 
     def _start_storage(self) -> None:
         assert self.cp is not None

@@ -79,8 +79,8 @@ def test_helm_lint_is_clean(name):
 def test_every_object_is_valid_kubernetes(name, version):
     objects = _render(VALUES_SETS[name])
     for obj in objects:
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # Prometheus Operator's CRD: not in the Kubernetes schemas
+        if obj["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
+            continue  # Prometheus Operator's and KEDA's CRDs: not in the Kubernetes schemas
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -109,7 +109,7 @@ def test_defaults_are_safe_to_install_as_is():
     kinds = sorted({o["kind"] for o in objects})
     assert kinds == sorted(
         ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget",
-         "Role", "RoleBinding", "Secret", "Service", "ServiceAccount", "StatefulSet"]
+         "PriorityClass", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount", "StatefulSet"]
     )  # fmt: skip
     for name, pod in _pods(objects).items():
         assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -152,11 +152,24 @@ def test_defaults_are_safe_to_install_as_is():
     assert sessions["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
     egress = _one(objects, "NetworkPolicy", "pier-sessions-egress")["spec"]["egress"]
     assert "10.0.0.0/8" in egress[1]["to"][0]["ipBlock"]["except"]
-    # Two routers and two workers survive a node drain; a single operator gets no PDB (it would block drains).
+    operator = _env(_pods(objects)["pier-operator"]["containers"][0])
+    assert operator["PIER_BRIDGE_IMAGE"] == "ghcr.io/pier-dev/pier:0.1.0"
+    assert operator["PIER_BRIDGE_TOKEN_SECRET"] == "pier-bridge-token"
+
+
+def test_defaults_spread_replicas_elect_an_operator_and_prioritise_sessions():
+    objects = _render({})
+    # Two routers, two workers and two operators (a leader and a warm standby) survive a node drain.
     assert {o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"} == {
-        "pier-router",
-        "pier-jobs",
-    }
+        "pier-router", "pier-jobs", "pier-operator"
+    }  # fmt: skip
+    # And spread over zones and nodes, softly (a small cluster still schedules them all).
+    for component in ("router", "jobs", "operator"):
+        spread = _pods(objects)[f"pier-{component}"]["topologySpreadConstraints"]
+        assert [(c["topologyKey"], c["whenUnsatisfiable"]) for c in spread] == [
+            ("topology.kubernetes.io/zone", "ScheduleAnyway"), ("kubernetes.io/hostname", "ScheduleAnyway")
+        ]  # fmt: skip
+        assert spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
     router = _pods(objects)["pier-router"]["containers"][0]
     env = _env(router)
     assert env["PIER_BACKEND"] == "kubernetes"
@@ -164,8 +177,19 @@ def test_defaults_are_safe_to_install_as_is():
     assert env["PIER_BRIDGE_TOKEN"] == {"secretKeyRef": {"name": "pier-bridge-token", "key": "token"}}
     assert router["readinessProbe"]["httpGet"]["path"] == "/readyz"
     operator = _env(_pods(objects)["pier-operator"]["containers"][0])
-    assert operator["PIER_BRIDGE_IMAGE"] == "ghcr.io/pier-dev/pier:0.1.0"
-    assert operator["PIER_BRIDGE_TOKEN_SECRET"] == "pier-bridge-token"
+    assert operator["PIER_IDENTITY"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # Session pods: the chart's PriorityClass, and a lost node's taints tolerated briefly.
+    priority = _one(objects, "PriorityClass", f"{NAMESPACE}-pier-sessions")
+    assert (priority["value"], priority["globalDefault"]) == (100, False)
+    assert operator["PIER_SESSION_PRIORITY_CLASS"] == f"{NAMESPACE}-pier-sessions"
+    assert (operator["PIER_NODE_LOST_AFTER_S"], operator["PIER_NODE_LOSS_TOLERATION_S"]) == ("10", "30")
+    # The operator may read nodes and hold a Lease, nothing more cluster-wide.
+    cluster_rules = _one(objects, "ClusterRole", f"{NAMESPACE}-pier-operator")["rules"]
+    assert {"apiGroups": [""], "resources": ["namespaces", "nodes"], "verbs": ["get", "list", "watch"]} in cluster_rules
+    leases = [r for r in _one(objects, "Role", "pier-operator")["rules"] if r["resources"] == ["leases"]]
+    assert leases == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]
 
 
 def _b64(text: str) -> str:
@@ -213,6 +237,57 @@ def test_ha():
     old = _render({**VALUES_SETS["ha"], "kubeVersion": "1.20.2"})
     assert _one(old, "HorizontalPodAutoscaler", "pier-router")["apiVersion"] == "autoscaling/v2beta2"
     assert {o["apiVersion"] for o in old if o["kind"] == "PodDisruptionBudget"} == {"policy/v1beta1"}
+
+
+def _settings_from(env: dict[str, Any]) -> OperatorSettings:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            if isinstance(value, str) and name.startswith("PIER_"):
+                patch.setenv(name, value)
+        return OperatorSettings()
+
+
+def test_job_workers_scale_on_the_backlog_with_an_hpa_or_keda():
+    objects = _render(VALUES_SETS["autoscaled"])
+    assert "replicas" not in _one(objects, "Deployment", "pier-jobs")["spec"]  # the HPA owns it
+    hpa = _one(objects, "HorizontalPodAutoscaler", "pier-jobs")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 10)
+    metrics = {m["external"]["metric"]["name"]: m["external"]["target"] for m in hpa["spec"]["metrics"]}
+    # The names the workers export (jobs/…/metrics.py), with targets from the values.
+    assert metrics == {
+        "pier_jobs_queue_lag": {"type": "AverageValue", "averageValue": "50"},
+        "pier_jobs_oldest_queued_age_seconds": {"type": "Value", "value": "10"},
+    }
+    from pier.jobs.metrics import JobMetrics
+
+    exported = {m.name for m in JobMetrics().registry.collect()}
+    assert set(metrics) <= exported
+    assert not [o for o in objects if o["kind"] == "ScaledObject"]
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"} == {
+        "pier-router",
+        "pier-jobs",
+    }
+    # An existing PriorityClass named instead of the chart's; the platform's own spread replaces the default.
+    assert not [o for o in objects if o["kind"] == "PriorityClass"]
+    operator_pod = _pods(objects)["pier-operator"]
+    settings = _settings_from(_env(operator_pod["containers"][0]))
+    assert (settings.session_priority_class, settings.node_lost_after_s) == ("tenants-high", 20)
+    assert [c["whenUnsatisfiable"] for c in operator_pod["topologySpreadConstraints"]] == ["DoNotSchedule"]
+
+    keda = _render(VALUES_SETS["keda"])
+    assert not [o for o in keda if o["kind"] == "HorizontalPodAutoscaler"]
+    scaled = _one(keda, "ScaledObject", "pier-jobs")
+    assert scaled["spec"]["scaleTargetRef"] == {"name": "pier-jobs"}
+    assert scaled["spec"]["maxReplicaCount"] == 20
+    triggers = {t["metadata"]["valueLocation"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"queued", "oldest_queued_seconds"}  # the fields of the workers' /v1/queue
+    assert triggers["queued"]["metadata"]["url"] == f"http://pier-jobs.{NAMESPACE}.svc:8001/v1/queue"
+    # "auto" without a cluster to ask: KEDA's CRD is not known to be there, so an HPA.
+    auto = _render({"jobs": {"autoscaling": {"enabled": True}}})
+    scalers = {"HorizontalPodAutoscaler", "ScaledObject"}
+    assert [o["kind"] for o in auto if o["metadata"]["name"] == "pier-jobs" and o["kind"] in scalers] == [
+        "HorizontalPodAutoscaler"
+    ]
 
 
 def test_ingress_tls_webhooks_monitoring_and_profile_egress():

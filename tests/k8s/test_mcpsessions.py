@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,6 +32,8 @@ from pier.core.mcpsession import parse_stamp, session_name
 from pier.router.usersecrets import secret_name
 from tests.hooks import Collector
 from tests.k8s.cluster import ControlPlane
+from tests.k8s.faulty_api import FaultyApi
+from tests.k8s.operators import deploy_access, operator_process
 from tests.k8s.realnode import RealCluster, pod_containers
 from tests.prometheus import alert_queries, dashboard_queries, empty_queries, scraping, shipped
 from tests.servers import ROOT, get_json, router_app, text_of, wait_until, worker_processes
@@ -40,7 +41,6 @@ from tools import helm
 
 pytestmark = pytest.mark.k8s
 NAMESPACE = "pier"
-_ACCESS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 # The demo server as the image runs it (its `python` is the image's venv).
 DEMO_PROFILE = yaml.safe_dump({"profiles": {"demo": {"command": ["python", "-m", "pier.examples.demo_server"]}}})
 
@@ -50,7 +50,7 @@ def cluster(real_cluster: RealCluster) -> Iterator[ControlPlane]:
     plane = real_cluster.cp
     # deploy/'s CRDs, namespace and RBAC; not its workloads: these tests run operator and router themselves.
     plane.apply_crds(ROOT / "deploy" / "crds")
-    access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
+    access = deploy_access()
     plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))
     try:
         yield plane
@@ -72,13 +72,13 @@ def node(real_cluster: RealCluster, cluster: ControlPlane) -> Iterator[RealClust
 
 @contextlib.asynccontextmanager
 async def _operator(
-    cluster: ControlPlane, node: RealCluster, log_path: Path, profiles: str = DEMO_PROFILE, metrics_port: int = 0
-) -> AsyncIterator[asyncio.subprocess.Process]:
+    cluster: ControlPlane, node: RealCluster, log_path: Path, profiles: str = DEMO_PROFILE, metrics_port: int = 0,
+    kubeconfig: Path | None = None,
+) -> AsyncIterator[asyncio.subprocess.Process]:  # fmt: skip
     """`pier operator` as its own process, with the operator ServiceAccount's token; its pods run the image built
     from the Dockerfile."""
     env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster.token_kubeconfig(NAMESPACE, "pier-operator")),
+        "KUBECONFIG": str(kubeconfig or cluster.token_kubeconfig(NAMESPACE, "pier-operator")),
         "PIER_NAMESPACE": NAMESPACE,
         "PIER_PROFILES_INLINE": profiles,
         "PIER_BRIDGE_IMAGE": node.images["pier"].ref,
@@ -86,20 +86,8 @@ async def _operator(
         "PIER_REPLACE_BACKOFF_S": "0.5",
         "PIER_METRICS_PORT": str(metrics_port),
     }
-    log = log_path.open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pier.cli", "operator", "--health-port", "0", env=env, stdout=log, stderr=log
-    )
-    try:
+    async with operator_process(env, log_path) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -489,5 +477,158 @@ async def test_a_users_own_secret_reaches_only_their_pod(cluster, node, redis_se
     finally:
         cluster.kubectl("delete", "secrets", "-n", NAMESPACE, "-l", "app.kubernetes.io/managed-by=pier-router",
                         check=False)  # fmt: skip
-        access = [o for o in yaml.safe_load_all((ROOT / "deploy" / "pier.yaml").read_text()) if o["kind"] in _ACCESS]
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(access))  # deploy/'s Role again
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(deploy_access()))  # deploy/'s Role again
+
+
+# -- a node lost, bad input, faults ------------------------------------------------------------------------------
+
+
+async def _job(http, url: str, tool: str, arguments: dict, headers: dict | None = None) -> str:
+    async with http.post(f"{url}/tools/{tool}/call", json={"arguments": arguments, "timeout_s": 1},
+                         headers=headers or {}) as response:  # fmt: skip
+        body = await response.json()
+        assert response.status == 202, body
+        return str(body["job_id"])
+
+
+async def _job_ended(http, router_url: str, job_id: str) -> dict:
+    record: dict = {}
+
+    async def ended() -> bool:
+        record.update(await get_json(http, f"{router_url}/v1/jobs/{job_id}"))
+        return record["status"] not in ("queued", "running")
+
+    await wait_until(ended, timeout=300, interval=0.5)
+    return record
+
+
+async def test_a_node_whose_kubelet_stops_loses_its_pods_to_new_ones_and_their_jobs_follow(
+    cluster, node, redis_server, http, tmp_path
+):
+    """The node's agent dies and its pods' processes with it (the kubelet stopped, the pod killed from the host):
+    after the node controller's grace the node is NotReady, and the operator replaces the pod at once rather than
+    waiting out the default five-minute eviction. With one node, the new pod waits for the kubelet to come back.
+    A handed-off retry-safe call is re-run in the new pod; one that is not fails SESSION_LOST."""
+    async with (
+        _operator(cluster, node, tmp_path / "operator.log"),
+        router_app(redis_server.url, catalog=Catalog([demo_profile()]), **_router_settings(cluster)) as running,
+        worker_processes(redis_server.url),
+    ):
+        url, name = running.user_url("nadia"), session_name("nadia", "demo")
+        async with http.post(f"{url}/tools/echo/call", json={"arguments": {"message": "before"}}) as response:
+            assert response.status == 200, await response.text()
+        before = (await _found(cluster, "mcps", name))["status"]
+        old_pod = await _found(cluster, "pod", before["podName"])
+        # Two calls handed off (a 1 s timeout), both running in the pod when its node dies.
+        safe = await _job(http, url, "slow", {"seconds": 10})  # read-only: retry-safe
+        unsafe = await _job(http, url, "counter", {"delay_s": 10})  # neither read-only nor keyed: not retry-safe
+        lost_at = time.monotonic()
+        node.real_node.stop_kubelet()
+        try:
+            node.real_node.kill_pod(old_pod["metadata"]["uid"])
+            failed = await _job_ended(http, running.url, unsafe)
+            assert (failed["status"], failed["error"]["code"]) == ("failed", "SESSION_LOST"), failed
+
+            async def replaced() -> bool:
+                status = ((await asyncio.to_thread(_get, cluster, "mcps", name)) or {}).get("status") or {}
+                return status.get("podName") not in (None, before["podName"])
+
+            await wait_until(replaced, timeout=180, interval=0.5)
+            replaced_after = time.monotonic() - lost_at
+            events = _events(cluster, name)
+            assert "NodeLost" in events, events
+            assert events["NodeLost"]["type"] == "Warning"
+            assert before["podName"] in events["NodeLost"]["message"]
+        finally:
+            await asyncio.to_thread(node.real_node.start_kubelet)
+        # Back: the old pod is confirmed gone, the new one runs, the router follows, and the retry-safe call ran again.
+        rerun = await _job_ended(http, running.url, safe)
+        assert (rerun["status"], rerun["attempts"]) == ("completed", 2), rerun
+        assert rerun["result"]["content"][0]["text"] == "Slept 10.0 seconds"
+        async with http.post(f"{url}/tools/echo/call", json={"arguments": {"message": "after"}}) as response:
+            assert (await response.json())["result"]["content"][0]["text"] == "Echo: after"
+        after = (await _found(cluster, "mcps", name))["status"]
+        assert after["endpoint"] != before["endpoint"]
+        assert after["replacements"] == 1
+        gone = old_pod["metadata"]["name"]
+        await wait_until(lambda: asyncio.to_thread(lambda: _get(cluster, "pod", gone) is None), timeout=120)
+    print(f"\nnode lost -> replacement pod created: {replaced_after:.0f} s (the node controller's grace is 40 s)")
+
+
+async def test_sessions_the_operator_cannot_serve_fail_with_a_reason_and_hold_up_no_one(cluster, operator, node):
+    """An unknown profile, and resources the API server refuses in a pod: each session fails once, with why; the
+    good sessions applied with them get Ready."""
+    bad = _session("nope", "x1")
+    bad["spec"]["server"] = {"profile": "no-such-profile"}
+    invalid = _session("lots", "x2")
+    invalid["spec"]["server"]["resources"] = {"limits": {"cpu": "lots"}}  # valid to the CRD, not in a pod
+    good = [_session(f"fine-{i}", f"fine{i}") for i in range(2)]
+    assert _apply(cluster, {"apiVersion": "v1", "kind": "List", "items": [bad, invalid, *good]}).returncode == 0
+    for manifest in good:
+        await _ready(cluster, manifest["metadata"]["name"])
+
+    async def failed(name: str) -> dict:
+        async def is_failed() -> bool:
+            return ((await asyncio.to_thread(_get, cluster, "mcps", name)) or {}).get("status", {}).get(
+                "phase"
+            ) == "Failed"
+
+        await wait_until(is_failed, timeout=60, interval=0.3)
+        return (await _found(cluster, "mcps", name))["status"]
+
+    unknown = await failed("nope")
+    ready = {c["type"]: c for c in unknown["conditions"]}["Ready"]
+    assert (ready["reason"], ready["message"]) == ("InvalidSpec", "no server profile 'no-such-profile'")
+    refused = await failed("lots")
+    ready = {c["type"]: c for c in refused["conditions"]}["Ready"]
+    assert ready["reason"] == "PodInvalid"
+    assert "quantities must match the regular expression" in ready["message"]
+    assert _events(cluster, "lots")["PodInvalid"]["type"] == "Warning"
+    await asyncio.sleep(3)  # three passes more: nothing is tried again, nothing is written again
+    assert (await _found(cluster, "mcps", "lots"))["status"] == refused
+    assert not _pods(cluster, "pier.dev/session in (nope,lots)")
+
+
+async def test_the_operator_killed_in_the_middle_of_a_burst_loses_nothing_and_doubles_nothing(cluster, node, tmp_path):
+    names = [f"burst-{i}" for i in range(6)]
+    burst = {"apiVersion": "v1", "kind": "List", "items": [_session(n, f"b{i}") for i, n in enumerate(names)]}
+    async with _operator(cluster, node, tmp_path / "operator.log") as first:
+        assert _apply(cluster, burst).returncode == 0
+
+        async def some_pods() -> bool:
+            return bool(await asyncio.to_thread(_pods, cluster, "pier.dev/session"))
+
+        await wait_until(some_pods, timeout=30, interval=0.05)
+        first.kill()  # mid-burst: some sessions have pods and a status, some a pod and no status, some nothing
+        await first.wait()
+    async with _operator(cluster, node, tmp_path / "operator.log"):
+        for name in names:
+            status = (await _ready(cluster, name))["status"]
+            assert status["podName"] == f"{name}-g1-0"
+            assert status["replacements"] == 0
+        pods = await asyncio.to_thread(_pods, cluster, "pier.dev/session")
+        assert sorted(p["metadata"]["name"] for p in pods) == sorted(f"{n}-g1-0" for n in names)
+
+
+async def test_an_api_server_refusing_for_30_s_delays_the_operator_but_loses_nothing(cluster, node, tmp_path):
+    """The one fault the real API server cannot be asked for: tests/k8s/faulty_api.py stands in front of it."""
+    async with FaultyApi(cluster) as proxy:
+        kubeconfig = proxy.kubeconfig(cluster.token_kubeconfig(NAMESPACE, "pier-operator"))
+        async with _operator(cluster, node, tmp_path / "operator.log", kubeconfig=kubeconfig):
+            _apply(cluster, _session("calm", "calm"))
+            await _ready(cluster, "calm")
+            proxy.fail_for(30)
+            names = [f"storm-{i}" for i in range(3)]
+            for i, name in enumerate(names):  # applied straight to the API server, while the operator gets refusals
+                assert _apply(cluster, _session(name, f"storm{i}")).returncode == 0
+            await asyncio.sleep(5)
+            assert all((_get(cluster, "mcps", n) or {}).get("status") in (None, {}) for n in names)  # not yet
+            await wait_until(lambda: not proxy.failing, timeout=40, interval=0.5)
+            for name in names:
+                status = (await _ready(cluster, name))["status"]
+                assert (status["podName"], status["replacements"]) == (f"{name}-g1-0", 0)
+            assert (await _found(cluster, "mcps", "calm"))["status"]["phase"] == "Ready"
+            assert proxy.answered.get(429)
+            assert proxy.answered.get(500)
+        pods = await asyncio.to_thread(_pods, cluster, "pier.dev/session")
+        assert sorted(p["metadata"]["name"] for p in pods) == sorted(f"{n}-g1-0" for n in ["calm", *names])

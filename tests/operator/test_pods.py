@@ -124,19 +124,33 @@ def test_a_users_upstream_token_reaches_the_server_from_their_connection_secret_
 
 def test_session_pods_run_where_the_platform_says():
     spec = MCPSessionSpec.model_validate({"userId": "carol", "server": {"command": ["srv"]}})
-    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "runtimeClassName"} & set(
-        build_pod("s3", "uid-3", 1, 0, spec, None, OperatorSettings())["spec"]
-    )
+    default = build_pod("s3", "uid-3", 1, 0, spec, None, OperatorSettings())["spec"]
+    assert not {"imagePullSecrets", "nodeSelector", "runtimeClassName", "priorityClassName"} & set(default)
+    # A lost node's taints are tolerated briefly (Kubernetes would add 300 s), never for good.
+    assert default["tolerations"] == [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}
+        for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    ]
     settings = OperatorSettings(
         image_pull_secrets=["registry"], session_node_selector={"pool": "tenants"},
-        session_tolerations=[{"key": "tenants", "operator": "Exists", "effect": "NoSchedule"}],
-        session_runtime_class="gvisor",
+        session_tolerations=[{"key": "tenants", "operator": "Exists", "effect": "NoSchedule"},
+                             {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+                              "tolerationSeconds": 120}],
+        session_runtime_class="gvisor", session_priority_class="pier-sessions", node_loss_toleration_s=20,
+        session_readiness_period_s=10,
     )  # fmt: skip
     pod = build_pod("s3", "uid-3", 1, 0, spec, None, settings)["spec"]
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
     assert pod["nodeSelector"] == {"pool": "tenants"}
-    assert pod["tolerations"][0]["key"] == "tenants"
+    # The platform's own toleration of a taint wins; the other lost-node taint gets the brief one.
+    assert [(t["key"], t.get("tolerationSeconds")) for t in pod["tolerations"]] == [
+        ("tenants", None),
+        ("node.kubernetes.io/unreachable", 120),
+        ("node.kubernetes.io/not-ready", 20),
+    ]
     assert pod["runtimeClassName"] == "gvisor"
+    assert pod["priorityClassName"] == "pier-sessions"
+    assert pod["containers"][0]["readinessProbe"]["periodSeconds"] == 10
 
 
 def test_label_values_are_always_valid():

@@ -142,6 +142,32 @@ priorityClassName: {{ . }}
 {{- end }}
 {{- end }}
 
+{{/* By default, a component's replicas spread over zones and nodes when they can (never blocking scheduling):
+one zone or node lost takes few of them. Call with (dict "ctx" $ "component" "router" "values" $router). */}}
+{{- define "pier.spread" -}}
+{{- if and .values.spread (not .values.topologySpreadConstraints) }}
+topologySpreadConstraints:
+  {{- range $key := list "topology.kubernetes.io/zone" "kubernetes.io/hostname" }}
+  - maxSkew: 1
+    topologyKey: {{ $key }}
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "pier.selectorLabels" (dict "ctx" $.ctx "component" $.component) | nindent 8 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The PriorityClass of session pods: the chart's own, or the one named. */}}
+{{- define "pier.sessionPriorityClass" -}}
+{{- $class := .Values.sessions.priorityClass }}
+{{- if $class.create }}
+{{- printf "%s-%s-sessions" .Release.Namespace (include "pier.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $class.name }}
+{{- end }}
+{{- end }}
+
 {{- define "pier.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:

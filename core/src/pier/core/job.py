@@ -6,7 +6,9 @@ runs itself under an Idempotency-Key starts here) → ``completed`` | ``failed``
 handed off while its session was still starting has no call yet (`started` false): the router that
 starts the session reports its endpoint (`session_ready`), and a worker starts the call (`call_started`). A
 running job may be re-run (a new call id, one more attempt) when its session lost it, if it is
-retry-safe and was not the suspect of its server's crash. An ended job never changes again (but for
+retry-safe and was not the suspect of its server's crash; when the session's bridge itself is gone (its pod
+was replaced, its node lost), the re-run waits for the session's new endpoint (`relocate`), which a router
+reports as for a starting session. An ended job never changes again (but for
 its webhook's delivery state). Every change goes through a method below, which says whether it
 applied; `JobStore.update` applies one atomically.
 """
@@ -146,6 +148,15 @@ class JobRecord(BaseModel):
         if self.done:
             return False
         self.call_id, self.attempts = call_id, self.attempts + 1
+        return True
+
+    def relocate(self, call_id: str, deadline: float) -> bool:
+        """The session lost the call and its bridge is gone (a new pod, another node): the re-run, `call_id`,
+        starts once a router reports where the session runs now (`session_ready`), if before `deadline`."""
+        if self.done:
+            return False
+        self.call_id, self.attempts = call_id, self.attempts + 1
+        self.started, self.endpoint, self.endpoint_token, self.session_deadline = False, "", None, deadline
         return True
 
     def finish(

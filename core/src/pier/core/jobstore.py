@@ -35,13 +35,6 @@ RUNNING_TTL_S = 86_400
 USER_KEEP = 1000  # job ids kept per user and profile for tasks/list
 
 
-@dataclass(frozen=True)
-class QueueStats:
-    depth: int  # entries on the stream: jobs queued or followed by a worker
-    waiting: int  # entries no worker has taken yet
-    oldest_waiting_s: float  # how long the oldest of them has waited (0: none waits)
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
 
@@ -144,6 +137,14 @@ class EventHub:
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    length: int  # entries in the stream: queued and being followed
+    queued: int  # handed off, no worker has taken them yet (the consumer group's lag)
+    following: int  # taken by a worker, not done
+    oldest_queued_s: float  # age of the oldest queued job (0 when none)
 
 
 class JobStore:
@@ -305,30 +306,29 @@ class JobStore:
         return int(await self.redis.xlen(keys.STREAM))
 
     async def queue_stats(self) -> QueueStats:
-        """The job stream as its metrics show it: entries on it (taken or not: an entry is deleted when its
-        job ends), those no worker has taken yet, and how long the oldest of those has waited."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xlen(keys.STREAM)
-                pipe.xinfo_groups(keys.STREAM)
-                depth, groups = await pipe.execute()
-        except ResponseError as exc:
-            if "no such key" not in str(exc).lower():
-                raise
-            return QueueStats(0, 0, 0.0)  # no stream yet (a Redis emptied since): no job
-        group = next((g for g in groups if _text(g.get("name")) == keys.GROUP), None)
-        if group is None:  # no group yet: nothing was ever taken
-            last, taken = "0-0", 0
-        else:
-            last, taken = _text(group.get("last-delivered-id")) or "0-0", int(group.get("pending") or 0)
-        waiting = max(int(depth) - taken, 0)
-        oldest = 0.0
-        if waiting:
-            # Entry ids are milliseconds since the epoch: the first one after the last delivered is the oldest waiting.
-            first = await self.redis.xrange(keys.STREAM, min=f"({last}", count=1)
-            if first:
-                oldest = max(time.time() - int(_text(first[0][0]).split("-")[0]) / 1000, 0.0)
-        return QueueStats(int(depth), waiting, oldest)
+        """The stream's backlog: jobs no worker has taken yet (the group's lag) and the oldest one's age.
+
+        Entries are deleted once done, so the stream holds the jobs queued and the jobs being followed; the
+        queued ones come after the group's last delivered entry.
+        """
+        length = int(await self.redis.xlen(keys.STREAM))
+        group: dict[str, Any] = {}
+        with contextlib.suppress(ResponseError):  # no group yet: no worker ever started
+            for info in await self.redis.xinfo_groups(keys.STREAM):
+                if _text(info.get("name")) == keys.GROUP:
+                    group = info
+        pending = int(group.get("pending") or 0)
+        lag = group.get("lag")  # Redis 7+; older: what is neither done nor taken
+        queued = int(lag) if lag is not None else max(length - pending, 0)
+        start = f"({_text(group['last-delivered-id'])}" if group else "-"
+        oldest = cast(list[tuple[bytes, Any]], await self.redis.xrange(keys.STREAM, start, "+", count=1))
+        age = max(time.time() - int(_text(oldest[0][0]).split("-")[0]) / 1000, 0.0) if oldest and queued else 0.0
+        return QueueStats(length, queued, pending, age)
+
+    async def want_session(self, record: JobRecord, lost: str) -> None:
+        """Ask the routers to find `record`'s session again (its bridge at `lost` is gone)."""
+        fields: dict[Any, Any] = {"job_id": record.job_id, "user": record.user, "server": record.server, "lost": lost}
+        await self.redis.xadd(keys.SESSIONS_WANTED, fields, maxlen=STREAM_MAXLEN, approximate=True)
 
     async def recent_jobs(self, count: int) -> list[JobRecord]:
         ids = cast(list[bytes], await self.redis.zrevrange(keys.RECENT_JOBS, 0, count - 1))

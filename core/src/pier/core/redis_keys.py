@@ -25,6 +25,10 @@ RECENT_JOBS = "pier:jobs:recent"
 DEAD_LETTERS = "pier:webhooks:dead"
 
 
+SESSIONS_WANTED = "pier:sessions:wanted"  # jobs whose session moved, for a router to find it again
+ROUTERS = "pier-routers"  # that stream's consumer group
+
+
 def job(job_id: str) -> str:
     """A job's record (JSON)."""
     return JOB_PREFIX + job_id
@@ -139,6 +143,7 @@ NAMES: tuple[Name, ...] = (
     Name("pier:jobs:recent", "sorted set", "the latest job ids, by creation time (the dashboard)"),
     Name("pier:jobs:user:{user}:{server}", "sorted set", "a user's latest job ids of one profile (tasks/list)"),
     Name("pier:idem:{user}:{server}:{key}", "string", "the job an Idempotency-Key started; expires with its record"),
+    Name("pier:sessions:wanted", "stream", "jobs waiting for their session's new endpoint (group pier-routers)"),
     Name("pier:webhooks:dead", "list", "webhook deliveries that failed every attempt (the latest 1000)"),
     Name("pier:rl:{user}:{minute}", "string", "a user's requests in one minute (expires after it)"),
     Name("pier:secrets:{user}:{profile}", "hash", "a user's secrets for a profile, each sealed (AES-GCM)"),

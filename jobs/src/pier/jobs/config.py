@@ -22,6 +22,9 @@ class JobsSettings(BaseSettings):
     poll_wait_s: float = Field(default=20.0, gt=0, description="long-poll of a bridge call")
     result_ttl_s: int = Field(default=3600, ge=60)
     max_reruns: int = Field(default=2, ge=0, description="re-runs of a retry-safe job whose session lost it")
+    relocate_timeout_s: float = Field(
+        default=300.0, gt=0, description="how long such a re-run waits for its session to run again elsewhere"
+    )
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = Field(default=None, description="Standard Webhooks secret (whsec_…)")
     webhook_timeout_s: float = Field(default=10.0, gt=0)

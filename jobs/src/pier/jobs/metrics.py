@@ -26,6 +26,14 @@ class JobMetrics:
         self.webhooks = Counter(
             "pier_webhook_deliveries_total", "webhook attempts, by outcome", ["outcome"], registry=r
         )
+        # The backlog autoscalers scale workers on (the same value from every worker: it is the stream's).
+        self.queue_lag = Gauge(
+            "pier_jobs_queue_lag", "jobs handed off that no worker has taken yet (the consumer group's lag)", registry=r
+        )
+        self.oldest_queued = Gauge(
+            "pier_jobs_oldest_queued_age_seconds", "age of the oldest job no worker has taken yet (0: none)", registry=r
+        )
+        self.stream_length = Gauge("pier_jobs_stream_length", "jobs queued or being followed", registry=r)
         self.redis_errors = Counter("pier_jobs_redis_errors_total", "Redis operations that failed", registry=r)
         self.redis_up = Gauge(
             "pier_jobs_redis_up", "1 when Redis answered this worker's last look (at a scrape)", registry=r

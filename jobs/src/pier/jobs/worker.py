@@ -3,7 +3,9 @@
 A worker never executes a tool itself: it follows the call that is already running in the
 user's session (long-polling the bridge by call id), so a job whose worker dies is simply
 followed again by another worker (XAUTOCLAIM) and the tool still runs exactly once. Only when
-the session lost the call is it run again, and only if that is safe.
+the session lost the call is it run again, and only if that is safe: in the same bridge when its
+server crashed, or, when the bridge itself is gone (its pod replaced, its node lost), wherever the
+session runs next — a router finds it and reports its endpoint (`pier.router.wanted`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pier.core import logs, tracing
 from pier.core.callapi import BridgeUnreachable, CallAnswer, CallRequest, Endpoint, HttpBridge
 from pier.core.errors import PierError
 from pier.core.job import JobRecord
-from pier.core.jobstore import JobStore, connect
+from pier.core.jobstore import JobStore, QueueStats, connect
 from pier.core.policy import Gate, Policer, PolicyDenied, PolicyMetrics
 from pier.core.redis_keys import GROUP, STREAM
 from pier.core.tls import client_context
@@ -39,6 +41,7 @@ log = logging.getLogger("pier.jobs.worker")
 _PROGRESS_SAVE_S = 0.5  # progress is published at once but saved to the record at most this often
 _UNREACHABLE_TRIES = 3  # a bridge that does not answer this many times running has lost the call
 _SESSION_POLL_S = 0.25  # how often a job waiting for its session looks for the endpoint
+_MEASURE_S = 5.0  # how often the stream's backlog is measured
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.max_jobs)
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False  # the loops end on it too: redis-py can swallow a cancellation
+        self.queue = QueueStats(0, 0, 0, 0.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class Worker:
             asyncio.create_task(self._read_forever(), name="pier-jobs-read"),
             asyncio.create_task(self._reclaim_forever(), name="pier-jobs-reclaim"),
             asyncio.create_task(self._heartbeat_forever(), name="pier-jobs-heartbeat"),
+            asyncio.create_task(self._measure_forever(), name="pier-jobs-queue"),
         ]
         log.info("job worker started", extra={"worker": self.name})
 
@@ -174,6 +179,19 @@ class Worker:
                 await self.redis.xclaim(STREAM, GROUP, self.name, 0, list(self.following), justid=True)
             except (RedisError, OSError) as exc:
                 await self._redis_trouble(exc, 0)
+
+    async def _measure_forever(self) -> None:
+        """The stream's backlog as gauges (what autoscalers scale workers on), every few seconds."""
+        while not self._stopping:
+            try:
+                self.queue = await self.store.queue_stats()
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble(exc, 0)
+            else:
+                self.metrics.queue_lag.set(self.queue.queued)
+                self.metrics.oldest_queued.set(self.queue.oldest_queued_s)
+                self.metrics.stream_length.set(self.queue.length)
+            await asyncio.sleep(_MEASURE_S)
 
     async def _redis_trouble(self, exc: BaseException, pause: float) -> None:
         self.metrics.redis_errors.inc()
@@ -313,18 +331,24 @@ class Worker:
         rerun = await self._session_lost(following.record, why, suspect)
         if rerun is None:
             return False
-        following.record = rerun
+        following.record, following.seen, following.unreachable = rerun, 0, 0  # a new call: its own progress
         return True
 
-    async def _start_when_the_session_is_up(self, record: JobRecord) -> JobRecord | None:
-        """A job handed off while its session was starting: wait for the router to report the
-        session's endpoint, then start the call there (under the job's id, so a worker that takes
-        this job over joins the same call). None when the job ended instead."""
+    async def _start_when_the_session_is_up(self, record: JobRecord, lost: str = "") -> JobRecord | None:
+        """A job handed off while its session was starting (or whose session was `lost` and is being found
+        again): wait for a router to report the session's endpoint, then start the call there (under the
+        job's call id, so a worker that takes this job over joins the same call). None when the job ended."""
         while not record.endpoint:
             if record.done:
                 return None
             if time.time() > (record.session_deadline or 0):
-                error = PierError("SESSION_START_FAILED", "the session did not start in time (or its router went away)")
+                if lost:
+                    details = {"reason": lost, "retry_safe": record.retry_safe, "attempts": record.attempts}
+                    error = PierError("SESSION_LOST", f"{lost}; it did not come back in time", details)
+                else:
+                    error = PierError(
+                        "SESSION_START_FAILED", "the session did not start in time (or its router went away)"
+                    )
                 await self._finish(record, "failed", error=error)
                 return None
             await asyncio.sleep(_SESSION_POLL_S)
@@ -355,7 +379,9 @@ class Worker:
             call_id = f"{record.job_id}.{record.attempts}"
             try:
                 await self._bridge(record).start_call(CallRequest(record.tool, record.arguments, call_id, 0))
-            except PierError as refused:  # unreachable, or refused: it cannot run there again
+            except BridgeUnreachable:  # the bridge itself is gone: the session runs elsewhere now, or will
+                return await self._relocate(record, call_id, why)
+            except PierError as refused:  # refused: it cannot run there again
                 why = f"{why}; the re-run was refused: {refused.message}"
             else:
                 self.metrics.reruns.labels(record.server).inc()
@@ -365,6 +391,18 @@ class Worker:
         details = {"reason": why, "retry_safe": record.retry_safe, "attempts": record.attempts, "suspect": suspect}
         await self._finish(record, "failed", error=PierError("SESSION_LOST", why, details))
         return None
+
+    async def _relocate(self, record: JobRecord, call_id: str, why: str) -> JobRecord | None:
+        """Re-run a retry-safe job wherever its session runs now: a router finds it (starting it again if it
+        must) and reports its endpoint; the call starts there once. None once the job has ended."""
+        deadline = time.time() + self.settings.relocate_timeout_s
+        updated, _ = await self.store.update(record.job_id, lambda r: r.relocate(call_id, deadline))
+        if updated is None or updated.done:
+            return None
+        await self.store.want_session(updated, record.endpoint)
+        self.metrics.reruns.labels(record.server).inc()
+        log.warning("re-running a retry-safe job where its session runs now", extra={"why": why, "call_id": call_id})
+        return await self._start_when_the_session_is_up(updated, lost=why)
 
     async def _finish(
         self,
@@ -416,6 +454,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(worker.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def queue(request: web.Request) -> web.Response:
+    """The stream's backlog as JSON (KEDA's metrics-api scaler reads it: no Prometheus needed)."""
+    stats = request.app[WORKER].queue
+    return json_response({"queued": stats.queued, "oldest_queued_seconds": round(stats.oldest_queued_s, 3),
+                          "following": stats.following, "length": stats.length})  # fmt: skip
+
+
 WORKER = web.AppKey("worker", Worker)
 
 
@@ -426,6 +471,7 @@ async def run(settings: JobsSettings) -> None:
     app[WORKER] = worker
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/queue", queue)
 
     async def lifespan(_: web.Application) -> Any:
         await worker.start()

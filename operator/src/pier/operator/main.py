@@ -1,16 +1,16 @@
-"""`pier operator`: runs the kopf handlers for the MCPSessions of one namespace."""
+"""`pier operator`: runs the MCPSession operator of one namespace (kopf runs the process)."""
 
 from __future__ import annotations
 
 import kopf
 
 from pier.core import tracing
-from pier.operator import handlers  # noqa: F401 - registers the handlers with kopf
+from pier.operator import handlers  # noqa: F401 - registers the start-up, probe and clean-up handlers with kopf
 from pier.operator.config import OperatorSettings
 
 
 def run(settings: OperatorSettings, health_port: int = 8081, health_host: str = "0.0.0.0") -> int:
-    """Serve until SIGTERM/SIGINT. Replicas coordinate through kopf peering (`KopfPeering` "pier").
+    """Serve until SIGTERM/SIGINT. Replicas elect one worker through a Lease (`settings.lease_name`).
 
     `health_port` 0 serves no liveness endpoint.
     """
@@ -18,10 +18,9 @@ def run(settings: OperatorSettings, health_port: int = 8081, health_host: str = 
     try:
         kopf.run(
             namespace=settings.namespace,
-            peering_name="pier",
-            standalone=False,
+            standalone=True,  # no kopf peering: the Lease decides who works (leader.py)
             liveness_endpoint=f"http://{health_host}:{health_port}/healthz" if health_port else None,
-            memo=kopf.Memo(listen_host=health_host),  # `/metrics` listens beside the liveness endpoint
+            memo=kopf.Memo(listen_host=health_host, settings=settings),  # `/metrics` beside the liveness endpoint
         )
     finally:
         tracing.stop()

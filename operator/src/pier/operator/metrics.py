@@ -1,9 +1,7 @@
-"""Prometheus metrics of the operator: its reconciles, the sessions and pods it keeps, its warm pools."""
+"""The operator's Prometheus metrics (`/metrics` on `PIER_METRICS_PORT`): its API requests, caches, passes and
+reconciles, the sessions and pods it keeps, its warm pools, its spans."""
 
 from __future__ import annotations
-
-import collections
-from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -12,41 +10,54 @@ from pier.core.poolmetrics import PoolMetrics
 
 SESSION_PHASES = ("Pending", "Starting", "Ready", "Failed", "Terminating")
 POD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
-# A reconcile talks to the API server a few times: most take tens of milliseconds, a slow API seconds.
-RECONCILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A reconcile from the caches: most take milliseconds; one that writes to a slow API server, seconds.
+_RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.reconciles = Counter(
-            "pier_operator_reconciles_total", "reconciles of MCPSessions, by outcome (ok, error)", ["outcome"],
+        self.pools = PoolMetrics(r, "operator", "pod")
+        self.api_requests = Counter(
+            "pier_operator_api_requests", "requests to the Kubernetes API, by verb and HTTP status (0: no answer)",
+            ["verb", "code"], registry=r,
+        )  # fmt: skip
+        self.sessions = Gauge("pier_operator_sessions", "MCPSessions in the cache, by phase", ["phase"], registry=r)
+        self.cached = Gauge(
+            "pier_operator_cached_objects", "objects in the caches, by resource", ["resource"], registry=r
+        )
+        self.relists = Gauge("pier_operator_relists", "lists taken (watches started afresh), by resource",
+                             ["resource"], registry=r)  # fmt: skip
+        self.pass_seconds = Histogram(
+            "pier_operator_pass_seconds", "one periodic pass over every cached session", buckets=_PASS_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.pass_queued = Counter(
+            "pier_operator_pass_queued", "sessions the periodic pass found something to do for", registry=r
+        )
+        self.reconciles = Counter(
+            "pier_operator_reconciles", "reconciles of one session, by outcome (ok, error)", ["outcome"], registry=r
+        )
         self.reconcile_duration = Histogram(
             "pier_operator_reconcile_duration_seconds", "how long a reconcile of one MCPSession took",
-            buckets=RECONCILE_BUCKETS, registry=r,
+            buckets=_RECONCILE_BUCKETS, registry=r,
         )  # fmt: skip
-        self.sessions = Gauge(
-            "pier_operator_sessions", "MCPSessions by phase (at the last resync)", ["phase"], registry=r
-        )
         self.pods = Gauge(
-            "pier_operator_pods", "the operator's pods (sessions' and pooled) by phase", ["phase"], registry=r
-        )
-        self.pool = PoolMetrics(r, "operator", "pod")
+            "pier_operator_pods", "the operator's pods (sessions' and pooled) in the cache, by phase", ["phase"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("pier_operator_queue_depth", "sessions waiting for a worker", registry=r)
+        self.bridge_asks = Counter(
+            "pier_operator_bridge_status_requests", "bridges asked for their status, by outcome", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.replaced = Counter(
+            "pier_operator_pods_deleted", "session pods deleted, by reason (Replaced, PodFailed, NodeLost, Duplicate)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.reaped = Counter("pier_operator_sessions_reaped", "idle sessions deleted after their TTL", registry=r)
+        self.leading = Gauge("pier_operator_leading", "1 while this replica holds the Lease and works", registry=r)
         for outcome in ("ok", "error"):
             self.reconciles.labels(outcome)
         r.register(tracing.span_metrics())
-
-    def count_sessions(self, phases: Iterable[str | None]) -> None:
-        """The sessions of the last listing, by phase (one without a status yet is Pending)."""
-        self._count(self.sessions, SESSION_PHASES, (phase or "Pending" for phase in phases))
-
-    def count_pods(self, phases: Iterable[str | None]) -> None:
-        self._count(self.pods, POD_PHASES, (phase or "Unknown" for phase in phases))
-
-    @staticmethod
-    def _count(gauge: Gauge, known: tuple[str, ...], phases: Iterable[str]) -> None:
-        counts = collections.Counter(phases)
-        for phase in {*known, *counts}:
-            gauge.labels(phase).set(counts.get(phase, 0))

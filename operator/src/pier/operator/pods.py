@@ -92,8 +92,8 @@ def build_pod(
         "name": BRIDGE_CONTAINER,
         "image": settings.bridge_image,
         "ports": [{"name": "http", "containerPort": BRIDGE_PORT}],
-        "readinessProbe": _probe("/readyz", 2, 3),
-        "livenessProbe": _probe("/healthz", 10, 3),
+        "readinessProbe": _probe("/readyz", settings.session_readiness_period_s, 3),
+        "livenessProbe": _probe("/healthz", settings.session_liveness_period_s, 3),
         "securityContext": _hardened(),
         "volumeMounts": mounts,
     }
@@ -244,15 +244,33 @@ def claim_patch(
     }
 
 
+NODE_LOSS_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def tolerations(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The platform's tolerations, and a brief one of a lost node's taints (unless the platform set its own).
+
+    Without them Kubernetes adds 300 s ones: a session on a dead node would wait five minutes for eviction.
+    The operator usually replaces such a pod sooner (`node_lost_after_s`); this is the cluster's own backstop.
+    """
+    own = list(settings.session_tolerations)
+    given = {t.get("key") for t in own if t.get("effect") in (None, "", "NoExecute")}
+    for key in NODE_LOSS_TAINTS:
+        if key not in given:
+            own.append({"key": key, "operator": "Exists", "effect": "NoExecute",
+                        "tolerationSeconds": settings.node_loss_toleration_s})  # fmt: skip
+    return own
+
+
 def _placement(settings: OperatorSettings) -> dict[str, Any]:
     """Where session pods run and what they pull with: the platform's choice, never the caller's."""
-    placement: dict[str, Any] = {}
+    placement: dict[str, Any] = {"tolerations": tolerations(settings)}
     if settings.image_pull_secrets:
         placement["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     if settings.session_node_selector:
         placement["nodeSelector"] = settings.session_node_selector
-    if settings.session_tolerations:
-        placement["tolerations"] = settings.session_tolerations
     if settings.session_runtime_class:
         placement["runtimeClassName"] = settings.session_runtime_class
+    if settings.session_priority_class:
+        placement["priorityClassName"] = settings.session_priority_class
     return placement

@@ -45,6 +45,7 @@ from pier.router.rest import accounts, bridgekit, dashboard, portal, registry
 from pier.router.rest import v1 as rest_v1
 from pier.router.state import ROUTER, Router
 from pier.router.usersecrets import RedisSecretStore, Sealer
+from pier.router.wanted import SessionFinder
 
 log = logging.getLogger("pier.router")
 
@@ -79,9 +80,9 @@ async def metrics(request: web.Request) -> web.Response:
         m.redis_errors.labels("metrics").inc()
     else:
         up = 1
-        m.queue_depth.set(stats.depth)
-        m.jobs_waiting.set(stats.waiting)
-        m.oldest_waiting.set(stats.oldest_waiting_s)
+        m.queue_depth.set(stats.length)
+        m.queue_lag.set(stats.queued)
+        m.oldest_queued.set(stats.oldest_queued_s)
         m.dead_letters.set(dead)
     m.redis_up.set(up)
     m.ready.set(up)  # ready is Redis answering, as /readyz says
@@ -221,6 +222,14 @@ async def pipeline(app: web.Application) -> AsyncIterator[None]:
     await router.calls.close()
 
 
+async def wanted_sessions(app: web.Application) -> AsyncIterator[None]:
+    """Sessions the job pool wants found again (re-runs of jobs whose session moved): any replica serves them."""
+    finder = SessionFinder(app[ROUTER])
+    finder.start()
+    yield
+    await finder.close()
+
+
 async def certificates(app: web.Application) -> AsyncIterator[None]:
     """HTTPS certificates, reloaded in place when their files change."""
     router, s = app[ROUTER], app[ROUTER].settings
@@ -258,7 +267,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     if settings.tls_cert is not None:
         key = settings.tls_key or settings.tls_cert
         app[ROUTER].ssl_context = server_context(settings.tls_cert, key, settings.tls_client_ca)
-    app.cleanup_ctx.extend([traces, http_client, job_store, session_backend, pipeline, certificates])
+    app.cleanup_ctx.extend([traces, http_client, job_store, session_backend, pipeline, wanted_sessions, certificates])
     app.on_shutdown.append(_end_streams)
 
     # Open to anyone: probes, metrics, the dashboard page (its data needs an app key).

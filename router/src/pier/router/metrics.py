@@ -67,9 +67,11 @@ class RouterMetrics:
         )
         self.queue_depth = Gauge("pier_jobs_queue_depth", "entries on the job stream", registry=r)
         # Read from Redis when scraped, as is the depth above.
-        self.jobs_waiting = Gauge("pier_jobs_waiting", "jobs no worker has taken yet", registry=r)
-        self.oldest_waiting = Gauge(
-            "pier_jobs_oldest_waiting_seconds", "how long the oldest job no worker has taken has waited", registry=r
+        self.queue_lag = Gauge(
+            "pier_jobs_queue_lag", "jobs handed off that no worker has taken yet (the consumer group's lag)", registry=r
+        )
+        self.oldest_queued = Gauge(
+            "pier_jobs_oldest_queued_age_seconds", "age of the oldest job no worker has taken yet (0: none)", registry=r
         )
         self.dead_letters = Gauge(
             "pier_webhooks_dead_letters", "webhook deliveries given up on (kept in Redis)", registry=r

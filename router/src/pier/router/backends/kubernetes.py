@@ -12,20 +12,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import ssl
 import time
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-from kubernetes import client, config
 from pydantic import ValidationError
 
 from pier.core import tracing
 from pier.core.callapi import Endpoint, HttpBridge
 from pier.core.catalog import Profile
 from pier.core.errors import PierError
-from pier.core.jsonrpc import dumps, loads
+from pier.core.kube import ApiAccess, ApiError, Informer, KubeClient, Obj
 from pier.core.mcpsession import GROUP, PLURAL, VERSION, MCPSessionStatus, new_session, session_name
 from pier.router.accounts.service import Accounts, Credential
 from pier.router.accounts.store import KubernetesConnectionStore
@@ -35,41 +32,6 @@ from pier.router.metrics import RouterMetrics
 from pier.router.usersecrets import KubernetesSecretStore, secret_name
 
 log = logging.getLogger("pier.router.kubernetes")
-
-
-class ApiAccess:
-    """Where the API server is and how to authenticate (in-cluster, or a kubeconfig)."""
-
-    def __init__(self, kubeconfig: Path | None = None) -> None:
-        self.cfg = client.Configuration()
-        if kubeconfig is not None:
-            config.load_kube_config(config_file=str(kubeconfig), client_configuration=self.cfg)
-            self._tls()
-            return
-        try:
-            config.load_incluster_config(client_configuration=self.cfg)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=self.cfg)
-        self._tls()
-
-    def _tls(self) -> None:
-        self.ssl = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert)
-        if self.cfg.cert_file:
-            self.ssl.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
-        if not self.cfg.verify_ssl:
-            self.ssl.check_hostname = False
-            self.ssl.verify_mode = ssl.CERT_NONE
-
-    def headers(self) -> dict[str, str]:
-        if self.cfg.refresh_api_key_hook is not None:
-            self.cfg.refresh_api_key_hook(self.cfg)  # in-cluster tokens rotate
-        # The router's HTTP client does not decompress (it relays bodies as they are): ask for plain ones.
-        headers = {"Accept-Encoding": "identity"}
-        settings = cast(dict[str, dict[str, Any]], self.cfg.auth_settings())
-        for setting in settings.values():  # the bearer token, however the client stores it
-            if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
-        return headers
 
 
 class KubernetesBackend(SessionBackend):
@@ -87,22 +49,29 @@ class KubernetesBackend(SessionBackend):
         self.http = http
         self.bridge_ssl = bridge_ssl
         self.namespace = settings.namespace
-        self.objects: dict[str, dict[str, Any]] = {}  # name → MCPSession, kept by the watch
         self.sessions: dict[str, Session] = {}  # name → the router's view of a Ready session
         self._changed = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        self._synced = asyncio.Event()
-        self.api: ApiAccess
+        self.client: KubeClient
+        self.informer: Informer
+
+    @property
+    def objects(self) -> dict[str, Obj]:
+        """Every MCPSession of the namespace by name, as the watch keeps them (slimmed)."""
+        return self.informer.items
 
     @property
     def _base(self) -> str:
-        return f"{self.api.cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
 
     async def start(self) -> None:
-        self.api = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
-        self.secrets = KubernetesSecretStore(self._request, self.api.cfg.host, self.namespace)
-        self.connections = KubernetesConnectionStore(self._request, self.api.cfg.host, self.namespace)
-        self._watcher = asyncio.create_task(self._watch_forever(), name="pier-k8s-watch")
+        access = await asyncio.to_thread(ApiAccess, self.settings.kubeconfig)
+        self.client = KubeClient(self.http, access, retry_for_s=5.0)
+        self.secrets = KubernetesSecretStore(self._request, access.host, self.namespace)
+        self.connections = KubernetesConnectionStore(self._request, access.host, self.namespace)
+        self.informer = Informer(self.client, self._base, name="mcpsessions")
+        self.informer.subscribe(self._seen)
+        self._watcher = asyncio.create_task(self.informer.run(), name="pier-k8s-watch")
         if self.accounts is not None:
             self._renewer = asyncio.create_task(self._renew_forever(), name="pier-k8s-tokens")
 
@@ -115,57 +84,11 @@ class KubernetesBackend(SessionBackend):
     # -- the cache -------------------------------------------------------------------------
 
     async def _request(self, method: str, url: str, body: Any = None, timeout: float = 15) -> tuple[int, Any]:
-        headers = {**self.api.headers(), "Content-Type": "application/json"}
-        async with self.http.request(
-            method, url, data=dumps(body) if body is not None else None, headers=headers, ssl=self.api.ssl,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:  # fmt: skip
-            raw = await response.read()
-            return response.status, loads(raw) if raw else None
+        return await self.client.request(method, url, body, timeout=timeout)  # ApiError when no answer came
 
-    async def _watch_forever(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                version = await self._relist()
-                backoff = 0.2
-                await self._watch(version)
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, PierError) as exc:
-                log.warning("MCPSession watch interrupted; relisting", extra={"error": str(exc)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    async def _relist(self) -> str:
-        status, listing = await self._request("GET", self._base)
-        if status != 200:
-            raise PierError("INTERNAL", f"cannot list MCPSessions (HTTP {status}): {listing}")
-        self.objects = {item["metadata"]["name"]: item for item in listing["items"]}
-        self._notify()
-        self._synced.set()
-        version: str = listing["metadata"]["resourceVersion"]
-        return version
-
-    async def _watch(self, version: str) -> None:
-        url = f"{self._base}?watch=1&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={version}"
-        async with self.http.get(
-            url, headers=self.api.headers(), ssl=self.api.ssl, timeout=aiohttp.ClientTimeout(total=None, sock_read=330)
-        ) as response:
-            if response.status != 200:
-                raise PierError("INTERNAL", f"cannot watch MCPSessions (HTTP {response.status})")
-            async for line in response.content:
-                event = loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    return  # e.g. 410 Gone: relist
-                name = obj.get("metadata", {}).get("name")
-                if kind == "DELETED":
-                    self.objects.pop(name, None)
-                    self.sessions.pop(name, None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    self.objects[name] = obj
-                self._notify()
-
-    def _notify(self) -> None:
+    def _seen(self, name: str, before: Obj | None, after: Obj | None) -> None:
+        if after is None:
+            self.sessions.pop(name, None)
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -193,7 +116,7 @@ class KubernetesBackend(SessionBackend):
         """The session; `span` learns how it was had: existing (Ready), created (by this request), or
         waited (for a Ready another request asked for)."""
         try:
-            await asyncio.wait_for(self._synced.wait(), self.settings.kube_ready_timeout_s)
+            await asyncio.wait_for(self.informer.synced.wait(), self.settings.kube_ready_timeout_s)
         except TimeoutError:
             raise PierError(
                 "SESSION_START_FAILED", "the Kubernetes API has not answered (see the router's log)"
@@ -253,7 +176,11 @@ class KubernetesBackend(SessionBackend):
             body = new_session(
                 user, profile, profile.idle_ttl_s(self.settings.session_ttl_s), secrets, tracing.current()
             )
-            status, answer = await self._request("POST", self._base, body)
+            try:
+                status, answer = await self._request("POST", self._base, body)
+            except ApiError as exc:
+                self.metrics.sessions_failed.labels(profile.name).inc()
+                raise PierError("SESSION_START_FAILED", f"cannot create MCPSession {name}: {exc.message}") from exc
             span.set("http.response.status_code", status)
         if status == 409:
             return  # another router replica (or request) created it first: same session
@@ -262,7 +189,7 @@ class KubernetesBackend(SessionBackend):
             raise PierError("SESSION_START_FAILED", f"cannot create MCPSession {name} (HTTP {status})",
                             {"answer": answer})  # fmt: skip
         self.metrics.sessions_started.labels(profile.name).inc()
-        self.objects.setdefault(name, answer)
+        self.informer.put(answer)
         log.info("MCPSession created", extra={"session": name})
 
     async def _ready(self, name: str, user: str, profile: Profile, obj: dict[str, Any]) -> Session:
