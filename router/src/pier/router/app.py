@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
 from pier.core.catalog import Catalog
@@ -27,7 +28,7 @@ from pier.core.policy import Gate, Policer, PolicyMetrics
 from pier.core.tls import CertReloader, client_context, server_context
 from pier.core.web import error_response, json_response
 from pier.router.auth import protected_resource
-from pier.router.auth.ingress import Ingress
+from pier.router.auth.ingress import Ingress, principal_of
 from pier.router.auth.keys import KeyRing
 from pier.router.auth.oidc import TokenVerifier
 from pier.router.auth.ratelimit import RateLimiter
@@ -36,6 +37,7 @@ from pier.router.calls import CallService
 from pier.router.config import RouterSettings
 from pier.router.mcp import aggregate, relay, websocket
 from pier.router.middleware import authenticate, errors, observe
+from pier.router.processes import Peers, steering
 from pier.router.rest import bridgekit, dashboard
 from pier.router.rest import v1 as rest_v1
 from pier.router.state import ROUTER, Router
@@ -66,7 +68,11 @@ async def metrics(request: web.Request) -> web.Response:
         router.metrics.queue_depth.set(await asyncio.wait_for(router.store.queue_depth(), 2))
     except (RedisError, TimeoutError, OSError):
         router.metrics.redis_errors.labels("metrics").inc()
-    return web.Response(body=generate_latest(router.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    registry = router.metrics.registry
+    if router.peers is not None:  # every process's metrics, added up (their files in the run directory)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- resources, one cleanup context each ----------------------------------------------------------
@@ -115,6 +121,10 @@ def make_backend(router: Router) -> SessionBackend:
 
         return KubernetesBackend(s, router.metrics, router.http, router.bridge_ssl)
     profiles = list(router.catalog.profiles.values())
+    if router.peers is not None:  # each process holds its share of the sessions, and of every warm pool
+        n = router.peers.count
+        s = s.model_copy(update={"max_sessions": -(-s.max_sessions // n)})
+        profiles = [p.model_copy(update={"warm_pool": -(-p.warm_pool // n)}) for p in profiles]
     secrets = None
     if s.secrets_key is not None:
         secrets = RedisSecretStore(router.redis, Sealer(s.secrets_key.get_secret_value()))
@@ -172,8 +182,9 @@ async def _end_streams(app: web.Application) -> None:
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.Application:
-    """The router app. `catalog` defaults to the one `settings` names."""
+def create_app(settings: RouterSettings, catalog: Catalog | None = None, peers: Peers | None = None) -> web.Application:
+    """The router app. `catalog` defaults to the one `settings` names; `peers`: the router's other
+    processes, when it runs several (`processes`)."""
     catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
     app_keys = [k.get_secret_value() for k in settings.app_keys]
     keys = KeyRing.load(app_keys, settings.user_keys, settings.keys_file, closed=bool(settings.issuers()))
@@ -184,7 +195,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
         # head: slow-header clients are dropped after it, as are idle keep-alive connections.
         handler_args={"keepalive_timeout": settings.header_timeout_s},
     )
-    app[ROUTER] = Router(settings, catalog, keys)
+    app[ROUTER] = Router(settings, catalog, keys, peers=peers)
     if settings.tls_cert is not None:
         key = settings.tls_key or settings.tls_cert
         app[ROUTER].ssl_context = server_context(settings.tls_cert, key, settings.tls_client_ca)
@@ -199,7 +210,10 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     protected_resource.add_routes(app)
 
     render = errors(lambda request, err: error_response(err))
-    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[render, authenticate])
+    middlewares = [render, authenticate]
+    if peers is not None:  # after identity: `/v1/me/…` names its user by the caller's token or key
+        middlewares.append(steering(peers, lambda request: principal_of(request).user_id))
+    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     rest_v1.add_routes(v1)
     relay.add_routes(v1)
     websocket.add_routes(v1, settings)

@@ -38,7 +38,10 @@ class RouterMetrics:
             registry=r,
         )
         self.handoffs = Counter("pier_router_handoffs_total", "calls handed to the job pool", ["profile"], registry=r)
-        self.sessions_active = Gauge("pier_router_sessions_active", "live sessions", ["profile"], registry=r)
+        # Gauges say how to add up several router processes (PIER_PROCESSES: Prometheus' multiprocess mode).
+        self.sessions_active = Gauge(
+            "pier_router_sessions_active", "live sessions", ["profile"], registry=r, multiprocess_mode="livesum"
+        )
         self.sessions_started = Counter(
             "pier_router_sessions_started_total", "sessions started", ["profile"], registry=r
         )
@@ -54,8 +57,16 @@ class RouterMetrics:
         self.rate_limited = Counter(
             "pier_router_rate_limited_total", "requests refused by the rate limit", ["key_class"], registry=r
         )
-        self.queue_depth = Gauge("pier_jobs_queue_depth", "entries on the job stream", registry=r)
+        self.queue_depth = Gauge(
+            "pier_jobs_queue_depth", "entries on the job stream", registry=r, multiprocess_mode="livemax"
+        )
         self.redis_errors = Counter(
             "pier_router_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
         self.pool = PoolMetrics(r, "router", "session")
+        self.handovers = Counter(
+            "pier_router_handovers_total",
+            "connections handed to the router process of their user (PIER_PROCESSES), by outcome",
+            ["outcome"],
+            registry=r,
+        )

@@ -115,6 +115,10 @@ class LocalBackend(SessionBackend):
     def list(self, user: str | None = None) -> list[Session]:
         return [s for s in self.sessions.values() if user is None or s.key.user == user]
 
+    def ready(self, user: str, profile: Profile) -> Session | None:
+        session = self.sessions.get(SessionKey(user, profile.name))
+        return session if session is not None and session.alive else None
+
     async def acquire(self, user: str, profile: Profile) -> Session:
         key = SessionKey(user, profile.name)
         session = self.sessions.get(key)
