@@ -1,14 +1,15 @@
 """Measured effects of proposed changes, without touching Pier's code.
 
-    python -m bench.experiments [--seconds 6] [--rounds 3] [--only paths] [--variants names] [--zygote]
+    python -m bench.experiments [--seconds 6] [--rounds 3] [--only paths] [--variants names] [--callers N]
+                                [--zygote]
 
 Each variant runs the sidecar and the router (`pier up`) under the bench venv's Python with
 bench/patches on PYTHONPATH (the baseline too, so every variant runs the same interpreter), and
-measures sequential echo calls on each Pier path with the lean client: throughput, latency and
-CPU per call by process. Variants are prototypes of proposals (bench/patches/sitecustomize.py)
-or plain settings. `--zygote` measures the fork-server proposal for bridge start-up and memory:
-bridges forked from a process that has already imported Pier (bench/zygote.py) against bridges
-started as `pier sidecar` processes.
+measures echo calls on each Pier path with the lean client (one at a time, or `--callers N` at
+once, one user and session each): throughput, latency and CPU per call by process. Variants are
+prototypes of proposals (bench/patches/sitecustomize.py) or plain settings. `--zygote` measures
+the fork-server proposal for bridge start-up and memory: bridges forked from a process that has
+already imported Pier (bench/zygote.py) against bridges started as `pier sidecar` processes.
 
 Results: bench/results/experiments.md and experiments.json.
 """
@@ -35,6 +36,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str], str]] = {
     "baseline": ("", {}, "Pier as it is (run by the bench venv's Python, like every variant)"),
     "no-audit-log": ("", {"PIER_AUDIT_LOG": "false"}, "router: PIER_AUDIT_LOG=false (one JSON log line less per call)"),
     "uvloop": ("uvloop", {}, "asyncio on uvloop"),
+    "two-processes": ("", {"PIER_PROCESSES": "2"}, "router: two processes on one port (PIER_PROCESSES=2)"),
     "process-bridges": (
         "",
         {"PIER_LOCAL_BRIDGES": "process"},
@@ -51,17 +53,23 @@ def variant_env(patches: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(PATCHES_DIR), "BENCH_PATCHES": patches}
 
 
-async def measure(target: targets.Target, seconds: float) -> dict[str, Any]:
-    caller = await target.client("bench")
+async def measure(target: targets.Target, seconds: float, callers: int = 1) -> dict[str, Any]:
+    clients = (
+        await scenarios.open_clients(target, [f"x{n}" for n in range(callers)])
+        if callers > 1
+        else [await target.client("bench")]
+    )
     try:
-        await prime([caller])
-        run = await drive([caller], seconds, 1.0, Run(target.key, "lean"))
+        await prime(clients)
+        run = await drive(clients, seconds, 1.0, Run(target.key, "lean", callers, "many" if callers > 1 else "one"))
     finally:
-        await caller.close()
+        await scenarios.close_all(clients)
     return run.summary()
 
 
-async def run_variant(name: str, paths: list[str], seconds: float, logs: Path) -> list[dict[str, Any]]:
+async def run_variant(
+    name: str, paths: list[str], seconds: float, logs: Path, callers: int = 1
+) -> list[dict[str, Any]]:
     patches, settings, _ = VARIANTS[name]
     out = []
     env = {**variant_env(patches), **settings}
@@ -69,7 +77,7 @@ async def run_variant(name: str, paths: list[str], seconds: float, logs: Path) -
         async with targets.sidecar(logs, env, pier_command()) as started:
             for target in started.targets:
                 if target.key in paths:
-                    out.append({"variant": name, **await measure(target, seconds)})
+                    out.append({"variant": name, **await measure(target, seconds, callers)})
                     _show(out[-1])
     if any(p.startswith("router") for p in paths):
         # `pier up` drops PIER_* from what it passes on, not PYTHONPATH/BENCH_PATCHES: bridges are patched too.
@@ -77,7 +85,7 @@ async def run_variant(name: str, paths: list[str], seconds: float, logs: Path) -
         async with targets.router(logs, logs / f"router-{name}", extra, pier_command()) as started:
             for target in started.targets:
                 if target.key in paths:
-                    out.append({"variant": name, **await measure(target, seconds)})
+                    out.append({"variant": name, **await measure(target, seconds, callers)})
                     _show(out[-1])
             first = await scenarios.router_cold(started.info["url"], COLD_SAMPLES, name)
             out.append({"variant": name, "target": "router-first-call", "first_call_ms": describe(first)})
@@ -130,7 +138,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-async def main(seconds: float, paths: list[str], variants: list[str], rounds: int, with_zygote: bool) -> None:
+async def main(
+    seconds: float, paths: list[str], variants: list[str], rounds: int, with_zygote: bool, callers: int
+) -> None:
     logs = peers.PEERS / "logs" / ("experiments-" + time.strftime("%Y%m%d-%H%M%S"))
     runs: list[dict[str, Any]] = []
     # Rounds interleave the variants, so a busy spell of the machine does not land on one variant only.
@@ -139,7 +149,7 @@ async def main(seconds: float, paths: list[str], variants: list[str], rounds: in
         for name in variants:
             print(f"round {n + 1}/{rounds}: {name}", flush=True)
             try:
-                runs += await run_variant(name, paths, seconds, logs)
+                runs += await run_variant(name, paths, seconds, logs, callers)
             except Exception as exc:  # one broken run costs its figures only; the rounds go on
                 extra["failures"].append(f"round {n + 1}, {name}: {type(exc).__name__}: {exc}")
                 print(f"  FAILED: {extra['failures'][-1]}", flush=True)
@@ -207,12 +217,13 @@ def cli() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--zygote", action="store_true")
+    parser.add_argument("--callers", type=int, default=1, help="callers at once, one user each (default: sequential)")
     args = parser.parse_args()
     paths = [p for p in args.only.split(",") if p]
     variants = [v for v in args.variants.split(",") if v]
     if set(paths) - set(PATHS) or set(variants) - set(VARIANTS):
         parser.error(f"paths: {', '.join(PATHS)}; variants: {', '.join(VARIANTS)}")
-    asyncio.run(main(args.seconds, paths, variants, args.rounds, args.zygote))
+    asyncio.run(main(args.seconds, paths, variants, args.rounds, args.zygote, args.callers))
 
 
 if __name__ == "__main__":

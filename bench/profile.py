@@ -1,9 +1,10 @@
 """Where the time goes: py-spy (sampling, from outside) on the sidecar and the router under load.
 
     python -m bench.profile [--seconds 10] [--only sidecar-mcp,sidecar-calls,router-rest,router-mcp]
-                            [--pyinstrument]
+                            [--callers N [--many]] [--pyinstrument]
 
-Each path is started fresh and driven by one lean client making sequential echo calls while
+Each path is started fresh and driven by one lean client making sequential echo calls (or by
+`--callers N` of them at once: on one user's session, or with `--many` one user and session each) while
 py-spy samples the process (the router with its bridges, `--subprocesses`) without pausing it
 (`--nonblocking`). Only samples that hold the GIL are kept (`--gil`): the shares are of the time
 spent running Python code. Syscalls release the GIL, so their cost is not in these shares; it
@@ -32,7 +33,7 @@ from pathlib import Path
 from bench import peers, targets
 from bench.processes import running
 from bench.report import RESULTS
-from bench.scenarios import drive, prime
+from bench.scenarios import close_all, drive, open_clients, prime
 from bench.stats import Run
 
 PATHS = ("sidecar-mcp", "sidecar-calls", "router-rest", "router-mcp")
@@ -180,12 +181,18 @@ async def system(path: str, logs: Path) -> AsyncIterator[tuple[targets.Target, i
             yield target, started.procs["router"].pid
 
 
-async def profile_path(path: str, seconds: float, logs: Path) -> tuple[dict[str, Profile], Run]:
-    raw_file = RESULTS / f"profile-{path}.txt"
+async def profile_path(
+    path: str, seconds: float, logs: Path, callers: int = 1, many: bool = False
+) -> tuple[dict[str, Profile], Run]:
+    load = f"-c{callers}-{'many' if many else 'one'}" if callers > 1 else ""
+    raw_file = RESULTS / f"profile-{path}{load}.txt"
     async with system(path, logs) as (target, pid):
-        caller = await target.client("bench")
+        if many:
+            clients = await open_clients(target, [f"profiled-{n}" for n in range(callers)])
+        else:
+            clients = await target.clients_one_user(callers)
         try:
-            await prime([caller])
+            await prime(clients)
             cmd = [
                 py_spy(), "record", "--pid", str(pid), "--rate", "500", "--nonblocking", "--format", "raw",
                 "--full-filenames", "--gil", "--duration", str(int(seconds)), "--output", str(raw_file),
@@ -194,10 +201,10 @@ async def profile_path(path: str, seconds: float, logs: Path) -> tuple[dict[str,
                 cmd.append("--subprocesses")  # the bridges too
             async with running(f"py-spy-{path}", cmd, logs) as spy:
                 await asyncio.sleep(1.0)  # py-spy attaches
-                run = await drive([caller], seconds, 0.5, Run(path, "lean"))
+                run = await drive(clients, seconds, 0.5, Run(path, "lean", callers, "many" if many else "one"))
                 await asyncio.wait_for(spy.proc.wait(), seconds + 30)
         finally:
-            await caller.close()
+            await close_all(clients)
     return parse(raw_file.read_text()), run
 
 
@@ -223,11 +230,12 @@ async def pyinstrument_sidecar(seconds: float, logs: Path) -> Path:
     return out
 
 
-async def main(seconds: float, only: list[str], with_pyinstrument: bool) -> None:
+async def main(seconds: float, only: list[str], with_pyinstrument: bool, callers: int, many: bool) -> None:
     logs = peers.PEERS / "logs" / ("profile-" + time.strftime("%Y%m%d-%H%M%S"))
     RESULTS.mkdir(exist_ok=True)
     lines = [
-        "# Where the time goes (py-spy, samples holding the GIL, sequential echo calls, lean client)",
+        f"# Where the time goes (py-spy, samples holding the GIL, echo calls, {callers} lean caller(s)"
+        f"{', one user each' if many else ''})",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · load average {os.getloadavg()[0]:.1f} · {seconds:.0f} s per path · "
         "self = the function itself was running; inclusive = it was on the stack. Syscalls are not "
@@ -236,7 +244,7 @@ async def main(seconds: float, only: list[str], with_pyinstrument: bool) -> None
     ]
     for path in only:
         print(f"profiling {path}", flush=True)
-        profiles, run = await profile_path(path, seconds, logs)
+        profiles, run = await profile_path(path, seconds, logs, callers, many)
         s = run.summary()
         cpu = ", ".join(f"{role} {t['user'] + t['system']:.3f}" for role, t in sorted(run.cpu_ms.items()))
         lines += [
@@ -252,7 +260,8 @@ async def main(seconds: float, only: list[str], with_pyinstrument: bool) -> None
     if with_pyinstrument:
         out = await pyinstrument_sidecar(seconds, logs)
         lines += [f"pyinstrument call tree of the sidecar (/mcp): `{out.name}`", ""]
-    (RESULTS / "profile.md").write_text("\n".join(lines))
+    name = f"profile-c{callers}-{'many' if many else 'one'}.md" if callers > 1 else "profile.md"
+    (RESULTS / name).write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -261,11 +270,13 @@ def cli() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default=",".join(PATHS))
     parser.add_argument("--pyinstrument", action="store_true")
+    parser.add_argument("--callers", type=int, default=1, help="callers at once (default: one, sequential)")
+    parser.add_argument("--many", action="store_true", help="one user, hence one session, per caller")
     args = parser.parse_args()
     only = [p for p in args.only.split(",") if p]
     if set(only) - set(PATHS):
         parser.error(f"paths are {', '.join(PATHS)}")
-    asyncio.run(main(args.seconds, only, args.pyinstrument))
+    asyncio.run(main(args.seconds, only, args.pyinstrument, args.callers, args.many))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ LABELS = {
     "sidecar-calls": "Pier sidecar POST /v1/calls",
     "router-rest": "Pier router REST",
     "router-rest-unisolated": "Pier router REST, sessions unisolated",
+    "router-rest-2p": "Pier router REST, two processes",
+    "router-mcp-2p": "Pier router MCP relay, two processes",
     "router-mcp": "Pier router MCP relay",
     "router-mcp:json": "Pier router MCP relay, Accept JSON only",
     "router-mcp-2026": "Pier router MCP relay, 2026-07-28",

@@ -32,7 +32,7 @@ from bench import peers, report, scenarios, targets
 from bench.scenarios import Config
 from bench.stats import Run, describe
 
-PHASES = ("direct", "peers", "sidecar", "router", "isolation")
+PHASES = ("direct", "peers", "sidecar", "router", "processes", "isolation")
 
 
 _T0 = time.monotonic()
@@ -132,6 +132,20 @@ class Bench:
                 f"  hand-off: SSE median {self.handoff['sse_ms']['median']:.1f} ms, "
                 f"poller median {self.handoff['poll_ms']['median']:.1f} ms after the tool finished"
             )
+
+    async def processes(self) -> None:
+        """The router as two processes on one port (PIER_PROCESSES=2): what the second core adds."""
+        log("Pier router (pier up), two processes")
+        extra = {"PIER_PROCESSES": "2"}
+        async with targets.router(self.logs, self.logs / "router-2p-data", extra) as running:
+            base = running.info["url"]
+            rest = targets.Rest(base, "router-rest-2p", "Pier router REST, two processes")
+            url = base + "/v1/users/{user}/servers/" + targets.PROFILE + "/mcp"
+            relay = targets.McpHttp("router-mcp-2p", "Pier router MCP relay, two processes", url, targets.AUTH)
+            for target in (rest, relay):
+                runs = await scenarios.sequential(target, self.cfg, log)
+                self.runs += runs
+                self.sweeps += await scenarios.sweep(target, self.cfg, "many", log, runs[0], user_prefix="p")
 
     async def isolation(self) -> None:
         """The router again with local sessions unisolated: what isolation costs a call and a new user."""

@@ -115,6 +115,10 @@ class Oidc(Values):
 
 class Router(Scheduling):
     replica_count: int = Field(default=2, ge=1, description="ignored when autoscaling is on")
+    processes: int = Field(
+        default=1, ge=1, le=64,
+        description="router processes per pod on its port (scale is by replicas; more for big nodes; no router.tls)",
+    )  # fmt: skip
     public_url: str = Field(
         default="", description="the router's URL as callers reach it: token audience, OAuth resource metadata"
     )

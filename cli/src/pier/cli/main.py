@@ -15,16 +15,17 @@ from pier.sidecar import main as sidecar_main
 
 
 def _run_router(args: argparse.Namespace) -> int:
-    from pier.core.web import serve
-    from pier.router.app import create_app
+    from pier.cli import routers
     from pier.router.config import RouterSettings
-    from pier.router.state import ROUTER
 
     settings = RouterSettings()
     logs.configure(settings.log_level)
-    app = create_app(settings)
-    context = app[ROUTER].ssl_context
-    asyncio.run(serve(app, settings.host, settings.port, on_ready=_announce("router"), ssl_context=context))
+    if args.process is not None:  # one of several, started by the supervisor
+        asyncio.run(routers.serve_process(settings, args.process, args.run_dir, args.demo))
+    elif settings.processes > 1:
+        asyncio.run(routers.supervise(settings, on_ready=_announce("router")))
+    else:
+        asyncio.run(routers.serve_alone(settings, on_ready=_announce("router")))
     return 0
 
 
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         "sidecar", help="bridge one stdio MCP server to HTTP", description=sidecar_main.DESCRIPTION
     )
     sidecar_main.add_arguments(sidecar)
-    sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
+    router = sub.add_parser("router", help="the HTTP front door (configured by PIER_* variables)")
+    # Set by the supervisor for each of several router processes (PIER_PROCESSES > 1), not by people.
+    router.add_argument("--process", type=int, help=argparse.SUPPRESS)
+    router.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    router.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("jobs", help="a job-pool worker (configured by PIER_* variables)")
     operator = sub.add_parser("operator", help="the MCPSession operator (configured by PIER_* variables)")
     operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: none)")

@@ -1,6 +1,7 @@
 """`pier up`: the embedded default: Redis, the router (local sessions), a job worker, the demo profile.
 
-One process (plus Redis and the sessions it starts); Ctrl-C stops all of it.
+One process (plus Redis and the sessions it starts), or with `PIER_PROCESSES` > 1 this one (Redis, the
+worker) and the router's processes; Ctrl-C stops all of it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pier.cli import routers
 from pier.cli.redis_server import RedisServer
 from pier.core import tracing
-from pier.core.catalog import Catalog, demo_profile
 from pier.core.web import serve
 from pier.jobs.config import JobsSettings
 from pier.jobs.worker import Worker
@@ -49,10 +50,30 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
         await redis.start()
         settings = settings.model_copy(update={"redis_url": redis.url})
         shown_redis = redis.shown_url
-    catalog = Catalog.load(settings.profiles, settings.profiles_inline)
-    catalog.add(demo_profile())
-    app = create_app(settings, catalog)
     worker = Worker(JobsSettings(redis_url=settings.redis_url, worker_name="pier-up"))
+    try:
+        tracing.start("pier")  # router and worker in one process: one service (unless OTEL_SERVICE_NAME says)
+        if settings.processes > 1:  # the router as several processes; the worker stays here
+            await worker.start()
+            try:
+                await routers.supervise(
+                    settings, lambda url: print(banner(url, shown_redis), flush=True), demo=True,
+                    env={"PIER_REDIS_URL": settings.redis_url},
+                )  # fmt: skip
+            finally:
+                await worker.stop()
+        else:
+            await _serve_with_worker(settings, worker, shown_redis)
+    finally:
+        await asyncio.to_thread(tracing.stop)
+        if redis is not None:
+            await redis.stop()
+        print("Pier stopped.", file=sys.stderr)
+
+
+async def _serve_with_worker(settings: RouterSettings, worker: Worker, shown_redis: str) -> None:
+    """The router and the worker in this process (one cleanup context starts and stops the worker)."""
+    app = create_app(settings, routers.catalog_of(settings, demo=True))
 
     async def run_worker(_: web.Application) -> AsyncIterator[None]:
         await worker.start()
@@ -60,14 +81,7 @@ async def up(settings: RouterSettings, data_dir: Path) -> None:
         await worker.stop()
 
     app.cleanup_ctx.append(run_worker)
-    try:
-        tracing.start("pier")  # router and worker in one process: one service (unless OTEL_SERVICE_NAME says)
-        await serve(
-            app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
-            on_ready=lambda url: print(banner(url, shown_redis), flush=True),
-        )  # fmt: skip
-    finally:
-        await asyncio.to_thread(tracing.stop)
-        if redis is not None:
-            await redis.stop()
-        print("Pier stopped.", file=sys.stderr)
+    await serve(
+        app, settings.host, settings.port, ssl_context=app[ROUTER].ssl_context,
+        on_ready=lambda url: print(banner(url, shown_redis), flush=True),
+    )  # fmt: skip

@@ -16,8 +16,14 @@ class PoolMetrics:
     def __init__(self, registry: CollectorRegistry, component: str, what: str) -> None:
         name = f"pier_{component}_pool"
         self.registry = r = registry
-        self.size = Gauge(f"{name}_size", "warm pool size, by profile", ["profile"], registry=r)
-        self.ready = Gauge(f"{name}_ready", f"pooled {what} ready to be claimed, by profile", ["profile"], registry=r)
+        # (several router processes: each keeps its share of the pool; they add up)
+        self.size = Gauge(
+            f"{name}_size", "warm pool size, by profile", ["profile"], registry=r, multiprocess_mode="livesum"
+        )
+        self.ready = Gauge(
+            f"{name}_ready", f"pooled {what} ready to be claimed, by profile", ["profile"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.claims = Counter(
             f"{name}_claims", f"new users' sessions bound to a pooled {what}", ["profile"], registry=r
         )

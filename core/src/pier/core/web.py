@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,9 +32,14 @@ class CoalescedSSE(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def tcp_site(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> web.TCPSite:
-    """A listening site for `runner`, with room for bursts of connections (`LISTEN_BACKLOG`)."""
-    return web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
+def tcp_site(
+    runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False
+) -> web.TCPSite:
+    """A listening site for `runner`, with room for bursts of connections (`LISTEN_BACKLOG`).
+
+    `reuse_port`: several processes listen on the same port, the kernel spreading connections over them.
+    """
+    return web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
 
 
 def peer_gone(request: web.Request) -> bool:
@@ -83,6 +89,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
     try:
+        if request.content.is_eof():  # all of it came with the head (the usual small body): nothing to wait for
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -104,7 +112,7 @@ def origin_allowed(origin: str, allowed: list[str]) -> bool:
     return urlsplit(origin).hostname in _LOCAL_HOSTS
 
 
-async def serve(
+async def serve(  # noqa: PLR0913 - keyword-only options of one listening site
     app: web.Application,
     host: str,
     port: int,
@@ -113,17 +121,23 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     stop_when: Awaitable[object] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
+    attach: Callable[[web.AppRunner], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> None:
     """Serve `app` until SIGTERM/SIGINT (or `stop_when` completes), then shut it down cleanly.
 
-    `on_ready` gets the URL actually bound (useful with port 0).
+    `on_ready` gets the URL actually bound (useful with port 0). `attach`: more ways in to the same
+    app, open while it serves (the router's processes: a Unix socket, connections handed over).
     """
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
-    try:
-        # Inside the try: a start that fails half-way still closes what its cleanup contexts opened.
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(runner.cleanup)
+        # Inside the stack: a start that fails half-way still closes what its cleanup contexts opened.
         await runner.setup()
-        site = tcp_site(runner, host, port, ssl_context)
+        site = tcp_site(runner, host, port, ssl_context, reuse_port)
         await site.start()
+        if attach is not None:
+            await stack.enter_async_context(attach(runner))
         bound_host, bound_port = runner.addresses[0][:2]
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
         if on_ready is not None:
@@ -142,5 +156,3 @@ async def serve(
                 task.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-    finally:
-        await runner.cleanup()

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
 from pier.core import tracing
@@ -30,7 +31,7 @@ from pier.core.web import error_response, json_response
 from pier.router.accounts.service import Accounts
 from pier.router.accounts.store import RedisConnectionStore
 from pier.router.auth import protected_resource
-from pier.router.auth.ingress import Ingress
+from pier.router.auth.ingress import Ingress, principal_of
 from pier.router.auth.keys import KeyRing
 from pier.router.auth.oidc import TokenVerifier
 from pier.router.auth.ratelimit import RateLimiter
@@ -41,6 +42,7 @@ from pier.router.config import RouterSettings
 from pier.router.mcp import aggregate, relay, websocket
 from pier.router.mcp.sessions import McpSessions
 from pier.router.middleware import ACCESS_LOG, authenticate, errors, observe
+from pier.router.processes import Peers, steering
 from pier.router.rest import accounts, bridgekit, dashboard, portal, registry
 from pier.router.rest import v1 as rest_v1
 from pier.router.state import ROUTER, Router
@@ -86,7 +88,11 @@ async def metrics(request: web.Request) -> web.Response:
         m.dead_letters.set(dead)
     m.redis_up.set(up)
     m.ready.set(up)  # ready is Redis answering, as /readyz says
-    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    registry = m.registry
+    if router.peers is not None:  # every process's metrics, added up (their files in the run directory)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- resources, one cleanup context each ----------------------------------------------------------
@@ -176,6 +182,10 @@ def make_backend(router: Router) -> SessionBackend:
 
         return KubernetesBackend(s, router.metrics, router.http, router.bridge_ssl, router.accounts)
     profiles = list(router.catalog.profiles.values())
+    if router.peers is not None:  # each process holds its share of the sessions, and of every warm pool
+        n = router.peers.count
+        s = s.model_copy(update={"max_sessions": -(-s.max_sessions // n)})
+        profiles = [p.model_copy(update={"warm_pool": -(-p.warm_pool // n)}) for p in profiles]
     secrets = None
     if s.secrets_key is not None:
         secrets = RedisSecretStore(router.redis, _sealer(router, "users' secrets"))
@@ -249,8 +259,9 @@ async def _end_streams(app: web.Application) -> None:
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.Application:
-    """The router app. `catalog` defaults to the one `settings` names."""
+def create_app(settings: RouterSettings, catalog: Catalog | None = None, peers: Peers | None = None) -> web.Application:
+    """The router app. `catalog` defaults to the one `settings` names; `peers`: the router's other
+    processes, when it runs several (`processes`)."""
     catalog = catalog or Catalog.load(settings.profiles, settings.profiles_inline)
     app_keys = [k.get_secret_value() for k in settings.app_keys]
     keys = KeyRing.load(app_keys, settings.user_keys, settings.keys_file, closed=bool(settings.issuers()))
@@ -261,7 +272,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
         # head: slow-header clients are dropped after it, as are idle keep-alive connections.
         handler_args={"keepalive_timeout": settings.header_timeout_s, "access_log_class": ACCESS_LOG},
     )
-    app[ROUTER] = Router(settings, catalog, keys)
+    app[ROUTER] = Router(settings, catalog, keys, peers=peers)
     app[ROUTER].metrics.registry.register(tracing.span_metrics())
     app[ROUTER].metrics.known_profiles(catalog.profiles)
     if settings.tls_cert is not None:
@@ -279,7 +290,10 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None) -> web.
     protected_resource.add_routes(app)
 
     render = errors(lambda request, err: error_response(err))
-    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=[render, authenticate])
+    middlewares = [render, authenticate]
+    if peers is not None:  # after identity: `/v1/me/…` names its user by the caller's token or key
+        middlewares.append(steering(peers, lambda request: principal_of(request).user_id))
+    v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     rest_v1.add_routes(v1)
     accounts.add_routes(v1)
     relay.add_routes(v1)

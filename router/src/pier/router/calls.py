@@ -262,6 +262,9 @@ class CallService:
         The start goes on regardless (the backend runs it on its own): whoever asks next, or the
         hand-off below, gets the same session.
         """
+        session = self.backend.ready(call.user, call.profile)
+        if session is not None:  # the usual case: no deadline to arm
+            return session
         try:
             async with asyncio.timeout(call.remaining()):
                 return await self.backend.acquire(call.user, call.profile)

@@ -18,6 +18,9 @@ class RouterSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    processes: int = Field(
+        default=1, ge=1, le=64, description="router processes sharing the port; each user's local sessions in one"
+    )
     backend: Literal["local", "kubernetes"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
     profiles: Path | None = Field(default=None, description="YAML profile catalog")

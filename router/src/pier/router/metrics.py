@@ -43,7 +43,10 @@ class RouterMetrics:
             registry=r,
         )
         self.handoffs = Counter("pier_router_handoffs_total", "calls handed to the job pool", ["profile"], registry=r)
-        self.sessions_active = Gauge("pier_router_sessions_active", "live sessions", ["profile"], registry=r)
+        # Gauges say how to add up several router processes (PIER_PROCESSES: Prometheus' multiprocess mode).
+        self.sessions_active = Gauge(
+            "pier_router_sessions_active", "live sessions", ["profile"], registry=r, multiprocess_mode="livesum"
+        )
         self.sessions_started = Counter(
             "pier_router_sessions_started_total", "sessions started", ["profile"], registry=r
         )
@@ -65,27 +68,52 @@ class RouterMetrics:
         self.rate_limited = Counter(
             "pier_router_rate_limited_total", "requests refused by the rate limit", ["key_class"], registry=r
         )
-        self.queue_depth = Gauge("pier_jobs_queue_depth", "entries on the job stream", registry=r)
+        self.queue_depth = Gauge(
+            "pier_jobs_queue_depth", "entries on the job stream", registry=r, multiprocess_mode="livemostrecent"
+        )
         # Read from Redis when scraped, as is the depth above.
         self.queue_lag = Gauge(
-            "pier_jobs_queue_lag", "jobs handed off that no worker has taken yet (the consumer group's lag)", registry=r
+            "pier_jobs_queue_lag",
+            "jobs handed off that no worker has taken yet (the consumer group's lag)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.oldest_queued = Gauge(
-            "pier_jobs_oldest_queued_age_seconds", "age of the oldest job no worker has taken yet (0: none)", registry=r
+            "pier_jobs_oldest_queued_age_seconds",
+            "age of the oldest job no worker has taken yet (0: none)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.dead_letters = Gauge(
-            "pier_webhooks_dead_letters", "webhook deliveries given up on (kept in Redis)", registry=r
+            "pier_webhooks_dead_letters",
+            "webhook deliveries given up on (kept in Redis)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.redis_up = Gauge(
-            "pier_router_redis_up", "1 when Redis answered the router's last look (at a scrape)", registry=r
+            "pier_router_redis_up",
+            "1 when Redis answered the router's last look (at a scrape)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
-        self.ready = Gauge("pier_router_ready", "1 when the router is ready (what /readyz answers)", registry=r)
+        self.ready = Gauge(
+            "pier_router_ready",
+            "1 when the router is ready (what /readyz answers)",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.redis_errors = Counter(
             "pier_router_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
         for op in REDIS_OPS:
             self.redis_errors.labels(op)
         self.pool = PoolMetrics(r, "router", "session")
+        self.handovers = Counter(
+            "pier_router_handovers_total",
+            "connections handed to the router process of their user (PIER_PROCESSES), by outcome",
+            ["outcome"],
+            registry=r,
+        )
         # Connected accounts (outcomes are a fixed set; profiles come from the catalog).
         self.oauth_connections = Counter(
             "pier_router_oauth_connections_total",

@@ -28,6 +28,7 @@ from pier.core.errors import PierError
 from pier.core.web import too_large
 from pier.router.auth.keys import presented_key
 from pier.router.auth.protected_resource import with_challenge
+from pier.router.processes import HandedOver
 from pier.router.shared import with_connect_url
 from pier.router.state import router_of
 
@@ -68,7 +69,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = logs.bind(request_id=request_id)
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
-    status = 500
+    status: int | None = 500
     with _server_span(request, label, request_id) as span:
         try:
             response = await handler(request)
@@ -79,10 +80,16 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except HandedOver:
+            # Another router process serves this request (and its connection): it counts it, not this one.
+            # aiohttp ends a handler whose connection went away by its cancellation: so does this one.
+            status = None
+            raise asyncio.CancelledError from None
         finally:
-            router_of(request).metrics.requests.labels(label, request.method, str(status)).inc()
-            if span.recording:
-                _answered(span, status, request.get(ERROR_CODE))
+            if status is not None:
+                router_of(request).metrics.requests.labels(label, request.method, str(status)).inc()
+                if span.recording:
+                    _answered(span, status, request.get(ERROR_CODE))
             logs.unbind(token)
 
 

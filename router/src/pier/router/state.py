@@ -26,6 +26,7 @@ from pier.router.calls import CallService
 from pier.router.config import RouterSettings
 from pier.router.mcp.sessions import McpSessions
 from pier.router.metrics import RouterMetrics
+from pier.router.processes import Peers
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Router:
     keys: KeyRing
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     ssl_context: ssl.SSLContext | None = None  # HTTPS (reloaded in place when the files change)
+    peers: Peers | None = None  # the other router processes, when there are several
     # Opened by the app's cleanup contexts (app.py), in this order:
     http: aiohttp.ClientSession = field(init=False)  # to bridges and the policy hook
     bridge_ssl: ssl.SSLContext | bool = True  # internal mTLS to the bridges, when configured

@@ -81,6 +81,10 @@ class SessionBackend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work; a local backend also stops every session it owns."""
 
+    def ready(self, user: str, profile: Profile) -> Session | None:
+        """The user's live session of `profile` when one is at hand now (None: `acquire` it)."""
+        return None
+
     @abc.abstractmethod
     async def acquire(self, user: str, profile: Profile) -> Session:
         """The user's live session of `profile`, started if needed (exactly one, however many ask)."""

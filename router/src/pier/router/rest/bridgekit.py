@@ -25,6 +25,7 @@ from pier.core.jsonrpc import dumps
 from pier.core.web import SSE_HEADERS, json_response
 from pier.router.auth.ingress import principal_of
 from pier.router.middleware import RECEIVED, Handler, authenticate, errors
+from pier.router.processes import steer
 from pier.router.shared import load_job, read_model, stream_job
 from pier.router.state import Router, router_of
 
@@ -98,6 +99,8 @@ def sse_frame(payload: dict[str, Any]) -> bytes:
 async def chat(request: web.Request) -> web.StreamResponse:
     router = router_of(request)
     body = await read_model(request, ChatRequest)
+    if router.peers is not None:  # bridgekit names its user in the body: the process of that user serves it
+        await steer(request, router.peers, body.user_id)
     profile = pick_profile(router, body.server, body.mcp_config)
     caller, _ = await router.ingress.admit(request, body.user_id, profile.name, "chat")
     if not body.tool_name:
@@ -181,8 +184,16 @@ _render_errors = errors(lambda request, err: error_response(err))
 
 
 def bridgekit_route(handler: Handler, public: bool = False) -> Handler:
-    """`handler` behind bridgekit's error shape and, unless `public`, the ingress pipeline's identity step."""
-    inner: Handler = handler if public else functools.partial(authenticate, handler=handler)
+    """`handler` behind bridgekit's error shape and, unless `public`, the ingress pipeline's identity step
+    (and, with several router processes, the process of the user its URL names)."""
+
+    async def steered(request: web.Request) -> web.StreamResponse:
+        peers = router_of(request).peers
+        if peers is not None:
+            await steer(request, peers, request.match_info.get("user_id"))
+        return await handler(request)
+
+    inner: Handler = handler if public else functools.partial(authenticate, handler=steered)
 
     async def route(request: web.Request) -> web.StreamResponse:
         return await _render_errors(request, inner)

@@ -38,6 +38,7 @@ from pier.router.auth.signin import (
     set_cookie,
 )
 from pier.router.middleware import RECEIVED
+from pier.router.processes import steer
 from pier.router.shared import base_url
 from pier.router.state import router_of
 from pier.router.usersecrets import check_values
@@ -107,6 +108,7 @@ def _form_action(handler: Handler) -> Callable[[web.Request], Awaitable[web.Stre
         session = await _session(request)
         if session is None:
             return _error(PierError("UNAUTHENTICATED", "sign in first"))
+        await _to_owner(request, session)
         if not same_origin(request, base_url(request)):
             return _error(PierError("FORBIDDEN", "this form was not sent from Pier's own page"))
         form = await request.post()
@@ -121,6 +123,14 @@ def _form_action(handler: Handler) -> Callable[[web.Request], Awaitable[web.Stre
             return _error(PierError("STORE_UNAVAILABLE", "Pier's store (Redis) is unreachable; try again shortly"))
 
     return post
+
+
+async def _to_owner(request: web.Request, session: PortalSession) -> None:
+    """With several router processes, the page of a user's sessions is served by the process holding them
+    (the connection handed over before the form is read)."""
+    peers = router_of(request).peers
+    if peers is not None:
+        await steer(request, peers, session.user)
 
 
 # -- pages ---------------------------------------------------------------------------------------------
@@ -138,6 +148,7 @@ async def home(request: web.Request) -> web.Response:
     session = await _session(request)
     if session is None:
         return _page("Pier: sign in", _signin_box())
+    await _to_owner(request, session)
     done = _DONE.get(request.query.get("done", ""), "")
     if "connected" in request.query:
         done = f"Account connected for {request.query['connected']}."

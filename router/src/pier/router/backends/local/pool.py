@@ -120,6 +120,12 @@ class LocalBackend(SessionBackend):
     def list(self, user: str | None = None) -> list[Session]:
         return [s for s in self.sessions.values() if user is None or s.key.user == user]
 
+    def ready(self, user: str, profile: Profile) -> Session | None:
+        if profile.token_delivery is not None or tracing.enabled():
+            return None  # `acquire` checks the session's token is current, and traces how it was had
+        session = self.sessions.get(SessionKey(user, profile.name))
+        return session if session is not None and session.alive else None
+
     async def acquire(self, user: str, profile: Profile) -> Session:
         with tracing.span("session acquire", attributes={"pier.user": user, "pier.profile": profile.name}) as span:
             return await self._acquire(user, profile, span)
