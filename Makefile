@@ -78,7 +78,7 @@ k8s-down: install
 
 # The simulated cluster (bench/k8s_scale.py): the real control plane, 100 kubemark hollow nodes (make k8s-binaries),
 # the operator and a router; 10,000 MCPSessions. bench/results/k8s-scale.{md,json}; README: Sizing. Not in `make test`.
-# `make k8s-scale SCALE_ARGS=--quick`: 10 nodes, 500 sessions (the harness, in a few minutes).
+# `make k8s-scale SCALE_ARGS=--quick`: 10 nodes, 500 sessions (the harness, in about fifteen minutes).
 .PHONY: k8s-scale
 k8s-scale: install
 	./tests/k8s/build-k8s.sh

@@ -139,7 +139,8 @@ class Operator(Scheduling):
         description="replicas elect one worker through a Lease; the others keep their caches warm and take over",
     )  # fmt: skip
     resources: Manifest = Field(
-        # Sized from `make k8s-scale` (README: Sizing): enough for ~5,000 sessions; add per 1,000 what it says.
+        # Above what `make k8s-scale --quick` measured at 500 sessions (82.8 MiB RSS at rest; README: Sizing);
+        # not yet checked against a larger run.
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "192Mi"}, "limits": {"memory": "512Mi"}},
         description="container resources (README: Sizing gives them per 1,000 sessions)",
     )
