@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from pier.router.accounts.flows import Flow, browser_digest
@@ -103,3 +104,33 @@ def test_a_browser_is_only_ever_sent_to_this_router():
 def test_which_posts_come_from_the_routers_own_pages(headers: dict[str, str], own: bool):
     request = make_mocked_request("POST", "/portal/logout", headers=headers)
     assert same_origin(request, "https://pier.example.com") is own
+
+
+async def test_the_provider_sends_the_browser_back_past_the_steering_of_several_processes(tmp_path):
+    """The callback is an open route: nobody is identified there, so several processes' steering (which
+    routes a request by its caller's user) must let it through rather than ask for a caller."""
+    from pier.router.app import caller_user
+    from pier.router.auth.ingress import PRINCIPAL
+    from pier.router.auth.keys import Principal
+    from pier.router.processes import Peers, steering
+
+    peers = Peers(index=0, count=2, run_dir=tmp_path)
+    middleware = steering(peers, caller_user)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="served here")
+
+    callback = make_mocked_request("GET", "/v1/oauth/callback?state=s&code=c")
+    assert caller_user(callback) is None
+    assert await _text(await middleware(callback, handler)) == "served here"
+    # An identified caller's own routes are steered by their user (this one is process 0's).
+    mine = next(user for user in (f"user-{n}" for n in range(100)) if peers.owner(user) == 0)
+    request = make_mocked_request("GET", "/v1/me/servers/demo/connection")
+    request[PRINCIPAL] = Principal("user", "k1", mine)
+    assert caller_user(request) == mine
+    assert await _text(await middleware(request, handler)) == "served here"
+
+
+async def _text(response: web.StreamResponse) -> str | None:
+    assert isinstance(response, web.Response)
+    return response.text
