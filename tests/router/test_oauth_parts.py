@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from pier.router.accounts.flows import Flow, browser_digest
+from pier.router.accounts.flows import BROWSER_COOKIE, Flow, browser_digest
 from pier.router.accounts.provider import AuthorizationServer, Metadata, discovery_urls, pkce_pair, s256
 from pier.router.accounts.store import Connection, renew_at
-from pier.router.auth.signin import local_path, same_origin
+from pier.router.auth.signin import browser_cookie, local_path, same_origin
 
 pytestmark = pytest.mark.unit
 
@@ -134,3 +134,25 @@ async def test_the_provider_sends_the_browser_back_past_the_steering_of_several_
 async def _text(response: web.StreamResponse) -> str | None:
     assert isinstance(response, web.Response)
     return response.text
+
+
+@pytest.mark.parametrize(
+    ("scheme", "base_url", "secure"),
+    [
+        ("http", "http://127.0.0.1:8000", False),
+        ("https", "https://pier.example.com", True),
+        ("http", "https://pier.example.com", True),  # TLS ended at an ingress: the router's URL says HTTPS
+    ],
+)
+def test_the_browser_cookie_is_secure_whenever_browsers_use_https(scheme: str, base_url: str, secure: bool):
+    request = make_mocked_request("GET", "/portal/login").clone(scheme=scheme)
+    response = web.Response()
+    value = browser_cookie(request, response, base_url)
+    cookie = response.cookies[BROWSER_COOKIE]
+    assert cookie.value == value
+    assert (cookie["httponly"], cookie["samesite"], bool(cookie["secure"])) == (True, "Lax", secure)
+    # A browser that has one keeps it (its flows stay bound to it).
+    again = web.Response()
+    assert browser_cookie(make_mocked_request("GET", "/", headers={"Cookie": f"{BROWSER_COOKIE}={value}"}), again,
+                          base_url) == value  # fmt: skip
+    assert BROWSER_COOKIE not in again.cookies

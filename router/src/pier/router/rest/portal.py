@@ -329,7 +329,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     after = local_path(request.query.get("next"), "/portal")
     response = web.Response(status=302, headers={"Cache-Control": "no-store"})
     try:
-        response.headers["Location"] = await signin.begin(base_url(request), browser_cookie(request, response), after)
+        base = base_url(request)
+        response.headers["Location"] = await signin.begin(base, browser_cookie(request, response, base), after)
     except PierError as err:
         return _error(err)
     return response
@@ -351,7 +352,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         "Cache-Control": "no-store",
     }
     response = web.Response(status=303, headers=headers)
-    set_cookie(response, request, SESSION_COOKIE, cookie, signin.settings.portal_session_ttl_s)
+    set_cookie(response, request, SESSION_COOKIE, cookie, signin.settings.portal_session_ttl_s, base_url(request))
     return response
 
 
