@@ -156,3 +156,15 @@ def test_the_browser_cookie_is_secure_whenever_browsers_use_https(scheme: str, b
     assert browser_cookie(make_mocked_request("GET", "/", headers={"Cookie": f"{BROWSER_COOKIE}={value}"}), again,
                           base_url) == value  # fmt: skip
     assert BROWSER_COOKIE not in again.cookies
+
+
+def test_the_portal_shows_what_a_link_says_only_by_code_or_by_a_servers_name():
+    from pier.router.rest.portal import notice
+
+    servers = {"demo", "github"}
+    assert notice({"connected": "demo"}, servers) == "Account connected for demo."
+    assert notice({"done": "secrets"}, servers) == "Secrets saved."
+    # A crafted link cannot put its own words on the signed-in user's page.
+    for query in ({"connected": "demo. Your session expired: sign in again at https://evil.example"},
+                  {"done": "Call +1 555 0100"}, {}):  # fmt: skip
+        assert notice(query, servers) == ""

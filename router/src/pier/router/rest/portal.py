@@ -15,7 +15,7 @@ import hmac
 import html
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -149,10 +149,16 @@ async def home(request: web.Request) -> web.Response:
     if session is None:
         return _page("Pier: sign in", _signin_box())
     await _to_owner(request, session)
-    done = _DONE.get(request.query.get("done", ""), "")
-    if "connected" in request.query:
-        done = f"Account connected for {request.query['connected']}."
-    return _page("Pier", await _portal(request, session, done))
+    return _page("Pier", await _portal(request, session, notice(request.query, router_of(request).catalog.profiles)))
+
+
+def notice(query: Mapping[str, str], servers: Collection[str]) -> str:
+    """What a form or a connection did, shown after its redirect: by code, or a server of the catalog by
+    name; nothing else a link carries is put on the page."""
+    connected = query.get("connected")
+    if connected is not None and connected in servers:
+        return f"Account connected for {connected}."
+    return _DONE.get(query.get("done", ""), "")
 
 
 def _signin_box() -> str:
