@@ -337,7 +337,8 @@ class Tracing(Values):
     """OpenTelemetry traces of router, job pool and operator (README: Traces)."""
 
     otlp_endpoint: str = Field(
-        default="", description="OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://collector:4318;  = off"
+        default="",
+        description="OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://collector:4318; empty: off",
     )
     headers_secret: str = Field(
         default="", description="a Secret with key `headers` (OTEL_EXPORTER_OTLP_HEADERS: the collector's credentials)"

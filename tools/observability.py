@@ -8,7 +8,7 @@
 Queries select `namespace=~"$namespace"` (a dashboard variable; "All" matches series without the label
 too), and rates use `$__rate_interval`. Every alert compares one query with a threshold (`Alert.expr`), so
 a test can evaluate the query itself against a live Prometheus (tests/e2e/test_observability.py) and
-promtool can test each alert firing and not (tests/observability/alerts.test.yaml). Each alert's runbook
+promtool can test each alert firing and not (tests/e2e/alerts.test.yaml). Each alert's runbook
 is a paragraph of the README's "Alerts" section (`runbook_url` links it; a test checks each is there).
 """
 

@@ -8,12 +8,13 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from pier.router.accounts.flows import Flow, browser_digest
+from pier.router.accounts.flows import BROWSER_COOKIE, Flow, browser_digest
 from pier.router.accounts.provider import AuthorizationServer, Metadata, discovery_urls, pkce_pair, s256
 from pier.router.accounts.store import Connection, renew_at
-from pier.router.auth.signin import local_path, same_origin
+from pier.router.auth.signin import browser_cookie, local_path, same_origin
 
 pytestmark = pytest.mark.unit
 
@@ -103,3 +104,67 @@ def test_a_browser_is_only_ever_sent_to_this_router():
 def test_which_posts_come_from_the_routers_own_pages(headers: dict[str, str], own: bool):
     request = make_mocked_request("POST", "/portal/logout", headers=headers)
     assert same_origin(request, "https://pier.example.com") is own
+
+
+async def test_the_provider_sends_the_browser_back_past_the_steering_of_several_processes(tmp_path):
+    """The callback is an open route: nobody is identified there, so several processes' steering (which
+    routes a request by its caller's user) must let it through rather than ask for a caller."""
+    from pier.router.app import caller_user
+    from pier.router.auth.ingress import PRINCIPAL
+    from pier.router.auth.keys import Principal
+    from pier.router.processes import Peers, steering
+
+    peers = Peers(index=0, count=2, run_dir=tmp_path)
+    middleware = steering(peers, caller_user)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="served here")
+
+    callback = make_mocked_request("GET", "/v1/oauth/callback?state=s&code=c")
+    assert caller_user(callback) is None
+    assert await _text(await middleware(callback, handler)) == "served here"
+    # An identified caller's own routes are steered by their user (this one is process 0's).
+    mine = next(user for user in (f"user-{n}" for n in range(100)) if peers.owner(user) == 0)
+    request = make_mocked_request("GET", "/v1/me/servers/demo/connection")
+    request[PRINCIPAL] = Principal("user", "k1", mine)
+    assert caller_user(request) == mine
+    assert await _text(await middleware(request, handler)) == "served here"
+
+
+async def _text(response: web.StreamResponse) -> str | None:
+    assert isinstance(response, web.Response)
+    return response.text
+
+
+@pytest.mark.parametrize(
+    ("scheme", "base_url", "secure"),
+    [
+        ("http", "http://127.0.0.1:8000", False),
+        ("https", "https://pier.example.com", True),
+        ("http", "https://pier.example.com", True),  # TLS ended at an ingress: the router's URL says HTTPS
+    ],
+)
+def test_the_browser_cookie_is_secure_whenever_browsers_use_https(scheme: str, base_url: str, secure: bool):
+    request = make_mocked_request("GET", "/portal/login").clone(scheme=scheme)
+    response = web.Response()
+    value = browser_cookie(request, response, base_url)
+    cookie = response.cookies[BROWSER_COOKIE]
+    assert cookie.value == value
+    assert (cookie["httponly"], cookie["samesite"], bool(cookie["secure"])) == (True, "Lax", secure)
+    # A browser that has one keeps it (its flows stay bound to it).
+    again = web.Response()
+    assert browser_cookie(make_mocked_request("GET", "/", headers={"Cookie": f"{BROWSER_COOKIE}={value}"}), again,
+                          base_url) == value  # fmt: skip
+    assert BROWSER_COOKIE not in again.cookies
+
+
+def test_the_portal_shows_what_a_link_says_only_by_code_or_by_a_servers_name():
+    from pier.router.rest.portal import notice
+
+    servers = {"demo", "github"}
+    assert notice({"connected": "demo"}, servers) == "Account connected for demo."
+    assert notice({"done": "secrets"}, servers) == "Secrets saved."
+    # A crafted link cannot put its own words on the signed-in user's page.
+    for query in ({"connected": "demo. Your session expired: sign in again at https://evil.example"},
+                  {"done": "Call +1 555 0100"}, {}):  # fmt: skip
+        assert notice(query, servers) == ""

@@ -31,7 +31,7 @@ from pier.core.web import error_response, json_response
 from pier.router.accounts.service import Accounts
 from pier.router.accounts.store import RedisConnectionStore
 from pier.router.auth import protected_resource
-from pier.router.auth.ingress import Ingress, principal_of
+from pier.router.auth.ingress import PRINCIPAL, Ingress
 from pier.router.auth.keys import KeyRing
 from pier.router.auth.oidc import TokenVerifier
 from pier.router.auth.ratelimit import RateLimiter
@@ -93,6 +93,13 @@ async def metrics(request: web.Request) -> web.Response:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def caller_user(request: web.Request) -> str | None:
+    """The identified caller's own user, for steering: None on an open route (the OAuth callback), where
+    nobody is identified and the user is known only once the state is taken."""
+    principal = request.get(PRINCIPAL)
+    return principal.user_id if principal is not None else None
 
 
 # -- resources, one cleanup context each ----------------------------------------------------------
@@ -292,7 +299,7 @@ def create_app(settings: RouterSettings, catalog: Catalog | None = None, peers: 
     render = errors(lambda request, err: error_response(err))
     middlewares = [render, authenticate]
     if peers is not None:  # after identity: `/v1/me/…` names its user by the caller's token or key
-        middlewares.append(steering(peers, lambda request: principal_of(request).user_id))
+        middlewares.append(steering(peers, caller_user))
     v1 = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     rest_v1.add_routes(v1)
     accounts.add_routes(v1)

@@ -2,9 +2,10 @@
 (`PIER_OIDC_ISSUER`, `PIER_OIDC_CLIENT_ID`) — authorization code with PKCE and a nonce — and the session
 that follows, held in a cookie.
 
-The cookie (`pier_session`) is HttpOnly, SameSite=Lax, Secure over HTTPS, and holds only a random id;
-what it stands for (the user, their claims, a CSRF token, the provider's access token for token exchange)
-is sealed in Redis under the id's digest, so any replica serves it and stealing Redis gives no cookie.
+The cookie (`pier_session`) is HttpOnly, SameSite=Lax, Secure over HTTPS (`PIER_PUBLIC_URL` says so behind
+a proxy that ends TLS), and holds only a random id; what it stands for (the user, their claims, a CSRF
+token, the provider's access token for token exchange) is sealed in Redis under the id's digest, so any
+replica serves it and stealing Redis gives no cookie.
 The cookie identifies its user on the portal and on the few routes a browser opens
 (`…/connect`, `…/connection`); anything it authorizes that changes state must come from this router's
 own origin (`same_origin`), and the portal's forms also carry the session's CSRF token.
@@ -166,18 +167,21 @@ class SignIn:
 # -- cookies and origins -----------------------------------------------------------------------------
 
 
-def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(
-        name, value, max_age=max_age, path="/", httponly=True, samesite="Lax", secure=request.scheme == "https"
-    )
+def set_cookie(
+    response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int, base_url: str
+) -> None:
+    """An HttpOnly, SameSite=Lax cookie; Secure when browsers reach the router over HTTPS: this request came
+    so, or the router's URL (`base_url`: PIER_PUBLIC_URL) is https, as behind a proxy that ends TLS."""
+    secure = request.scheme == "https" or base_url.startswith("https://")
+    response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="Lax", secure=secure)
 
 
-def browser_cookie(request: web.Request, response: web.StreamResponse) -> str:
+def browser_cookie(request: web.Request, response: web.StreamResponse, base_url: str) -> str:
     """This browser's binding cookie (made now if it has none): what its authorizations are bound to."""
     value = request.cookies.get(BROWSER_COOKIE)
     if not value or len(value) > 128:
         value = new_browser_cookie()
-        set_cookie(response, request, BROWSER_COOKIE, value, 3600)
+        set_cookie(response, request, BROWSER_COOKIE, value, 3600, base_url)
     return value
 
 

@@ -66,7 +66,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         return json_response({"authorization_url": url, "expires_in": router_of(request).settings.oauth_flow_ttl_s})
     response = web.Response(status=302, headers={"Cache-Control": "no-store"})
     response.headers["Location"] = await accounts.begin(
-        user, profile, redirect_uri, browser_cookie(request, response), after or None
+        user, profile, redirect_uri, browser_cookie(request, response, base_url(request)), after or None
     )
     return response
 

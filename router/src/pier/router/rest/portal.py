@@ -15,7 +15,7 @@ import hmac
 import html
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -149,10 +149,16 @@ async def home(request: web.Request) -> web.Response:
     if session is None:
         return _page("Pier: sign in", _signin_box())
     await _to_owner(request, session)
-    done = _DONE.get(request.query.get("done", ""), "")
-    if "connected" in request.query:
-        done = f"Account connected for {request.query['connected']}."
-    return _page("Pier", await _portal(request, session, done))
+    return _page("Pier", await _portal(request, session, notice(request.query, router_of(request).catalog.profiles)))
+
+
+def notice(query: Mapping[str, str], servers: Collection[str]) -> str:
+    """What a form or a connection did, shown after its redirect: by code, or a server of the catalog by
+    name; nothing else a link carries is put on the page."""
+    connected = query.get("connected")
+    if connected is not None and connected in servers:
+        return f"Account connected for {connected}."
+    return _DONE.get(query.get("done", ""), "")
 
 
 def _signin_box() -> str:
@@ -329,7 +335,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     after = local_path(request.query.get("next"), "/portal")
     response = web.Response(status=302, headers={"Cache-Control": "no-store"})
     try:
-        response.headers["Location"] = await signin.begin(base_url(request), browser_cookie(request, response), after)
+        base = base_url(request)
+        response.headers["Location"] = await signin.begin(base, browser_cookie(request, response, base), after)
     except PierError as err:
         return _error(err)
     return response
@@ -351,7 +358,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         "Cache-Control": "no-store",
     }
     response = web.Response(status=303, headers=headers)
-    set_cookie(response, request, SESSION_COOKIE, cookie, signin.settings.portal_session_ttl_s)
+    set_cookie(response, request, SESSION_COOKIE, cookie, signin.settings.portal_session_ttl_s, base_url(request))
     return response
 
 

@@ -154,6 +154,10 @@ class LocalBackend(SessionBackend):
             # In this request's context: a token exchange needs the caller's own token.
             credential = await self._credential(user, profile)
             task = self._starting.get(key)  # (another request may have begun the start meanwhile)
+            started = self.sessions.get(key)  # (or even finished it: a second start would orphan that one)
+            if task is None and started is not None and started.alive:
+                span.set("pier.session.acquired", "existing")
+                return started
         if task is None:
             # One start per key: concurrent first requests all wait for the same task.
             # A fresh context: an in-process bridge's tasks inherit it, and must not log with the
