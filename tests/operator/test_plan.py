@@ -325,3 +325,19 @@ async def test_the_work_queue_holds_a_name_once_and_never_twice_at_work():
 
 def test_catalog_profiles_parse_for_plans():
     assert Catalog([DEMO]).get("demo") is DEMO
+
+
+def test_a_cached_session_keeps_piers_annotations_only():
+    """The trace of the request that created a session reaches its first reconcile through the cache."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    cached = slim_session({
+        "metadata": {"name": "s", "namespace": "pier", "managedFields": [{"manager": "kubectl"}],
+                     "annotations": {"pier.dev/traceparent": traceparent, "kubectl.kubernetes.io/last-applied": "{}"}},
+        "spec": {}, "status": {},
+    })  # fmt: skip
+    assert cached["metadata"] == {
+        "name": "s",
+        "namespace": "pier",
+        "annotations": {"pier.dev/traceparent": traceparent},
+    }
+    assert "annotations" not in _session()["metadata"]

@@ -29,6 +29,12 @@ SESSIONS_WANTED = "pier:sessions:wanted"  # jobs whose session moved, for a rout
 ROUTERS = "pier-routers"  # that stream's consumer group
 
 
+def routers_group(process: int) -> str:
+    """That stream's consumer group of one of several router processes on the local backend (each reads every
+    entry; the one holding the user's sessions finds it)."""
+    return f"{ROUTERS}-{process}"
+
+
 def job(job_id: str) -> str:
     """A job's record (JSON)."""
     return JOB_PREFIX + job_id

@@ -25,8 +25,13 @@ _SESSION_META = ("name", "namespace", "uid", "generation", "resourceVersion", "d
 
 def slim_session(obj: Obj) -> Obj:
     meta = obj.get("metadata") or {}
+    kept = {k: meta[k] for k in _SESSION_META if k in meta}
+    # Pier's own (the trace of the request that created it: the first reconcile joins it).
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("pier.dev/")}
+    if annotations:
+        kept["annotations"] = annotations
     return {
-        "metadata": {k: meta[k] for k in _SESSION_META if k in meta},
+        "metadata": kept,
         "spec": obj.get("spec") or {},
         "status": obj.get("status") or {},
     }

@@ -5,7 +5,8 @@ the session runs next. The worker cannot find that place (it has no access to th
 stream (`pier:sessions:wanted`); one router replica (consumer group `pier-routers`) finds the session through
 its backend — the operator has usually started a new pod already; a reaped or deleted session is started
 again — and reports its endpoint to the job, as it does for a job handed off while its session was starting.
-A router that dies while finding leaves its entry to another (XAUTOCLAIM).
+A router that dies while finding leaves its entry to another (XAUTOCLAIM). Several router processes on the
+local backend each read every entry (a group each): the one holding the user's sessions finds it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class SessionFinder:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.name = f"{socket.gethostname()}-{os.getpid()}"
+        peers = router.peers
+        self.group = keys.ROUTERS if peers is None else keys.routers_group(peers.index)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -59,9 +62,9 @@ class SessionFinder:
                 if time.monotonic() - last_claim > _CLAIM_IDLE_MS / 2000:
                     last_claim = time.monotonic()
                     _, entries, *_ = await redis.xautoclaim(
-                        keys.SESSIONS_WANTED, keys.ROUTERS, self.name, min_idle_time=_CLAIM_IDLE_MS, count=50
+                        keys.SESSIONS_WANTED, self.group, self.name, min_idle_time=_CLAIM_IDLE_MS, count=50
                     )
-                reply = await redis.xreadgroup(keys.ROUTERS, self.name, {keys.SESSIONS_WANTED: ">"}, count=50,
+                reply = await redis.xreadgroup(self.group, self.name, {keys.SESSIONS_WANTED: ">"}, count=50,
                                                block=5000)  # fmt: skip
                 for _stream, messages in cast(list[tuple[bytes, list[Any]]], reply or []):
                     entries += messages
@@ -79,23 +82,27 @@ class SessionFinder:
 
     async def _ensure_group(self) -> None:
         try:
-            await self.router.redis.xgroup_create(keys.SESSIONS_WANTED, keys.ROUTERS, id="0", mkstream=True)
+            await self.router.redis.xgroup_create(keys.SESSIONS_WANTED, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        peers, mine = self.router.peers, True
         try:
             wanted = {k.decode(): v.decode() for k, v in fields.items()}
-            await self.find(wanted["job_id"], wanted["user"], wanted["server"], wanted.get("lost", ""))
+            mine = peers is None or peers.owner(wanted["user"]) == peers.index
+            if mine:
+                await self.find(wanted["job_id"], wanted["user"], wanted["server"], wanted.get("lost", ""))
         except (PierError, RedisError, OSError, KeyError) as exc:
             log.warning("a job's session was not found again", extra={"error": str(exc)})
         finally:
             self._slots.release()
         try:
             async with self.router.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(keys.SESSIONS_WANTED, keys.ROUTERS, entry_id)
-                pipe.xdel(keys.SESSIONS_WANTED, entry_id)
+                pipe.xack(keys.SESSIONS_WANTED, self.group, entry_id)
+                if mine:  # (another process's entry stays for that process's group)
+                    pipe.xdel(keys.SESSIONS_WANTED, entry_id)
                 await pipe.execute()
         except (RedisError, OSError) as exc:  # another router reclaims it later, and finds the job served
             log.warning("could not acknowledge a wanted session", extra={"error": str(exc)})

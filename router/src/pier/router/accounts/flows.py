@@ -78,6 +78,18 @@ class Flows:
         await self.redis.set(key, self.sealer.seal(flow.model_dump_json(), key), ex=self.ttl_s)
         return state
 
+    async def user_of(self, state: str | None) -> str | None:
+        """Whose flow `state` is, without taking it (None when it is not one): with several router
+        processes, the callback is served by that user's."""
+        if not state or not _STATE.fullmatch(state):
+            return None
+        key = keys.oauth_flow(state)
+        sealed = await self.redis.get(key)
+        try:
+            return None if sealed is None else Flow.model_validate_json(self.sealer.open(sealed, key)).user
+        except (PierError, pydantic.ValidationError, UnicodeDecodeError):
+            return None
+
     async def take(self, state: str | None) -> Flow:
         """The flow of `state`, forgotten at once; BAD_REQUEST (400) for a forged, replayed or expired one."""
         if not state or not _STATE.fullmatch(state):

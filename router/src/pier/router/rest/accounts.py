@@ -26,6 +26,7 @@ from pier.router.accounts.service import Accounts
 from pier.router.auth.ingress import PORTAL_SESSION
 from pier.router.auth.signin import SESSION_COOKIE, browser_cookie, local_path
 from pier.router.middleware import COOKIE, OPEN, access
+from pier.router.processes import steer
 from pier.router.shared import USERS, base_url, user_of
 from pier.router.state import router_of
 
@@ -90,6 +91,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
         session = await router.ingress.portal.get(request.cookies.get(SESSION_COOKIE))
         signed_in = session.user if session is not None else None
     query = {k: v for k, v in request.query.items() if isinstance(v, str)}
+    if router.peers is not None:  # the user's process ends their session below: it answers
+        await steer(request, router.peers, await accounts.flows.user_of(query.get("state")))
     try:
         flow, _ = await accounts.complete(query, request.cookies.get(BROWSER_COOKIE), signed_in)
     except PierError as err:
