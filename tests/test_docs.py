@@ -1,6 +1,6 @@
 """Docs that cannot drift: the README documents every setting the code reads (the settings models are
 the source of truth), its Layout table names every module, its Redis table every name in Redis, and
-every source path the docs mention exists."""
+its error table every error code with its status, and every source path the docs mention exists."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pier.core.errors import HTTP_STATUS
 from pier.core.redis_keys import NAMES
 from pier.jobs.config import JobsSettings
 from pier.operator.config import OperatorSettings
@@ -69,6 +70,15 @@ def test_the_layout_table_names_every_module(folder):
 def test_the_redis_table_names_every_name_pier_uses():
     missing = [name.template for name in NAMES if f"`{name.template}`" not in README]
     assert not missing, f"Redis names the README does not list: {missing}"
+
+
+def test_the_error_table_names_every_code_with_its_status():
+    table = {}
+    for codes, status in re.findall(r"^\| ((?:`[A-Z_]+`(?: / )?)+) \| (\d{3}) \|", README, re.MULTILINE):
+        for code in re.findall(r"`([A-Z_]+)`", codes):
+            table[code] = int(status)
+    wrong = {code: (status, table.get(code)) for code, status in HTTP_STATUS.items() if table.get(code) != status}
+    assert not wrong, f"error codes the README's table misses or gives another status (code: (status, README)): {wrong}"
 
 
 def _resolves(reference: str) -> bool:
