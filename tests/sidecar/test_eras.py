@@ -9,12 +9,13 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 from mcp import Client
 from mcp_types import CreateMessageRequestParams, CreateMessageResult, LoggingMessageNotificationParams, TextContent
 
 from pier.core.protocol import SERVER_INFO_KEY, SUBSCRIPTION_ID_KEY
 from tests.mcp_wire import ACCEPT, modern_headers, modern_request, post
-from tests.servers import DEMO, EVERYTHING, FIXTURE, ROGUE, bridge_app, text_of, wait_until
+from tests.servers import DEMO, EVERYTHING, FIXTURE, ROGUE, bridge_app, scrape, text_of, wait_until
 
 
 def _forwarded(running) -> int:
@@ -116,6 +117,26 @@ async def test_a_body_claiming_another_era_than_its_header_is_refused(http):
         status, refused = await post(http, running.mcp_url, other)
         assert (status, refused["error"]["code"]) == (400, -32020)
         assert _forwarded(running) == before  # nothing reached the server
+
+
+@pytest.mark.parametrize(
+    ("server", "uri", "runs"),
+    [(EVERYTHING, "demo://resource/static/document/features.md", 1), (FIXTURE, "test://watched-resource", 2)],
+)
+async def test_a_client_session_resumed_while_the_server_starts_is_replayed_on_its_eras_run(http, server, uri, runs):
+    # The router recreates an MCP client session (POST /v1/clients) on a bridge whose server is still
+    # starting (a new pod, a restarted bridge): its log level and subscription reach the run handshake-era
+    # callers are on once the server has said which eras it speaks — a run of their own for a dual-era
+    # server, the only run for a handshake-only one (no second run started while the first is probed).
+    init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}}
+    state = {"session_id": "5e55101d", "initialize": init, "log_level": "error", "subscriptions": [uri]}
+    async with bridge_app(command=server, wait_ready=False) as running:
+        async with http.post(f"{running.url}/v1/clients", json=state) as response:
+            assert response.status == 201
+        assert running.bridge.status().server_runs == runs
+        metrics = await scrape(http, running.url)
+        for method in ("logging/setLevel", "resources/subscribe"):
+            assert metrics.value("pier_bridge_requests_total", method=method, outcome="ok") == 1, method
 
 
 def _listen(http: aiohttp.ClientSession, url: str, request_id: int) -> asyncio.Future[list[dict]]:

@@ -236,7 +236,10 @@ class StreamableHTTP:
         """
         if state.session_id in self.clients.sessions:
             return False
-        self.eras.start_secondary()
+        # As at an initialize: which run is the client's is known once the server has said which eras it
+        # speaks (while it starts, or probes it, the first run looks like a handshake-only server, or like
+        # a 2026-07-28 one: a new bridge's resumes would go to the wrong run, or start a needless one).
+        await self.upstream.wait_ready()
         run = await self.eras.for_handshake()
         if state.session_id in self.clients.sessions:
             return False  # a concurrent resume of the same session made it while this one waited
