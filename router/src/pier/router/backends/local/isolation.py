@@ -223,9 +223,11 @@ class Isolation:
         await asyncio.to_thread(_remove, run_dir(jail.home))
 
     async def _sweep(self) -> None:
-        """Clean the slots no live router holds (their router died)."""
+        """Clean the slots no live router holds (their router died). Only a slot whose home (or run directory)
+        is still there can have left anything: a home is made before its server starts and removed after
+        everything under its uid is killed. Lock files alone stay behind, one per slot ever used."""
         names = await asyncio.to_thread(lambda: [p.name for p in self.dir.iterdir()])
-        slots = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
+        slots = sorted({int(n.removesuffix(".run")) for n in names if n.removesuffix(".run").isdigit()})
         for slot in slots:
             if slot >= self.slots or slot in self._held:
                 continue
