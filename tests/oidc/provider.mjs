@@ -78,7 +78,7 @@ provider.proxy = false;
 
 // RFC 8693: the subject token is one of this provider's own (signature, issuer, time); the token issued
 // is for the audience asked, the same user, the scope asked, acting for the client that asked.
-const publicKeys = jose.createLocalJWKSet({ keys: jwks.keys.map(({ d, p, q, dp, dq, qi, ...pub }) => pub) });
+const publicKeys = jose.createLocalJWKSet({ keys: jwks.keys.map(({ d, p, q, dp, dq, qi, key_ops: _ops, ...pub }) => pub) });
 const signingKey = await jose.importJWK(jwks.keys[0], 'RS256');
 provider.registerGrantType(EXCHANGE, async (ctx) => {
   const { subject_token: subject, subject_token_type: type, audience, scope } = ctx.oidc.params;
@@ -95,7 +95,6 @@ provider.registerGrantType(EXCHANGE, async (ctx) => {
     .setProtectedHeader({ alg: 'RS256', kid: jwks.keys[0].kid, typ: 'at+jwt' })
     .setIssuer(issuer).setAudience(audience).setIssuedAt(now).setExpirationTime(now + exchangeTtl).setJti(randomUUID())
     .sign(signingKey);
-  stats.grants[EXCHANGE] = (stats.grants[EXCHANGE] || 0) + 1;
   ctx.body = { access_token: token, issued_token_type: ACCESS_TOKEN_TYPE, token_type: 'Bearer', expires_in: exchangeTtl, scope };
 }, ['subject_token', 'subject_token_type', 'audience', 'scope', 'requested_token_type', 'resource']);
 

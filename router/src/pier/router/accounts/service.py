@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,9 @@ class Accounts:
             p.name: self._provider(p.name, p.upstream_oauth) for p in catalog.profiles.values() if p.upstream_oauth
         }
         self._issuers: dict[str, AuthorizationServer] = {}  # identity providers, for token exchange
+        # One exchange at a time per user and profile in this process: a client's first requests come
+        # together (an MCP client's initialize, its stream, its first call), and one exchange serves them all.
+        self._exchanging: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         self._unlock = redis.register_script(_UNLOCK)
 
     def _provider(self, name: str, oauth: UpstreamOAuth) -> AuthorizationServer:
@@ -369,6 +373,11 @@ class Accounts:
             return None
 
     async def _exchange(self, user: str, profile: Profile) -> Credential:
+        lock = self._exchanging.setdefault((user, profile.name), asyncio.Lock())
+        async with lock:  # the waiters then find the token the first one stored
+            return await self._exchange_once(user, profile)
+
+    async def _exchange_once(self, user: str, profile: Profile) -> Credential:
         exchange = profile.token_exchange
         assert exchange is not None
         now = time.time()
