@@ -229,9 +229,9 @@ class AuthorizationServer:
         metadata = await self.metadata()
         headers, form = self._authenticate(metadata, form)
         status, body = await self._request("POST", metadata.token_endpoint, form, headers)
-        if status == 200 and isinstance(body, dict):
+        if status == 200:
             try:
-                answer = TokenResponse.model_validate(body)
+                answer = TokenResponse.model_validate(body)  # not JSON (None, a page) fails here too
             except pydantic.ValidationError:
                 raise ProviderFailed(self.name, "answered a token response without a usable access token") from None
             if answer.token_type.lower() not in ("bearer", "n_a"):
