@@ -126,9 +126,10 @@ async def test_a_user_signs_in_connects_uses_a_tool_and_disconnects(http, redis_
         await page.click("#server-demo form[action$='/secrets'] button")
         await page.loaded("#notice")
         assert "saved" in (await page.text("#notice")).lower()
+        # The reloaded page shows it once she opens the server's sections (text in closed ones is hidden).
+        await page.evaluate("document.querySelectorAll('#server-demo details').forEach(d => d.open = true)")
         assert (await page.text("#secret-demo-DEMO_NOTE")).startswith("set ")
 
-        await page.evaluate("document.querySelectorAll('#server-demo details').forEach(d => d.open = true)")
         await page.fill("#try-demo input[name=tool]", "env_hash")
         await page.fill("#try-demo textarea[name=arguments]", json.dumps({"name": "UPSTREAM_TOKEN"}))
         await page.click("#try-demo button")
