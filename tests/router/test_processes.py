@@ -122,7 +122,8 @@ async def test_mcp_clients_and_websockets_are_served_by_their_users_process(redi
             url = f"{pier.url}/v1/users/{user}/servers/demo/mcp"
             async with (
                 httpx2.AsyncClient(timeout=60) as client,
-                Client(streamable_http_client(url, http_client=client)) as mcp,
+                # (the handshake, as the WebSocket below: a dual-era server speaks each era from its own process)
+                Client(streamable_http_client(url, http_client=client), mode="legacy") as mcp,
             ):
                 for expected in (1, 2):
                     assert (await mcp.call_tool("counter", {})).structured_content == {"result": expected}
