@@ -16,6 +16,7 @@ import aiohttp
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from yarl import URL
 
 from pier.cli.redis_server import free_port
 from pier.core import redis_keys, tracing
@@ -152,7 +153,7 @@ async def test_no_upstream_token_appears_in_logs_metrics_pages_redis_or_errors(
             redis = running.router.redis
             first = await _unsealed(redis, redis_keys.connection("alice", "demo"))
             exchanged = await _unsealed(redis, redis_keys.exchanged("alice", "partner"))
-            cookie = browser.cookie_jar.filter_cookies(base)["pier_session"].value  # type: ignore[arg-type]
+            cookie = browser.cookie_jar.filter_cookies(URL(base))["pier_session"].value
             await _age(redis, redis_keys.connection("alice", "demo"), first)
             seen += await _refresh_and_fail(http, browser, base, upstream)
             refreshed = await _unsealed(redis, redis_keys.connection("alice", "demo"))
@@ -212,6 +213,9 @@ async def _refresh_and_fail(
     """A call that refreshes her (aged) token; a reconnection while the provider answers garbage; a forged
     callback; an app's view of her connection: what each answered."""
     seen = []
+    # Her running session knows its own token's age: ended, the next call starts one from the aged record.
+    async with http.delete(f"{base}/v1/users/alice/servers/demo", headers={"X-API-Key": APP_KEY}) as r:
+        assert r.status in (200, 204), await r.text()
     call = f"{base}/v1/users/alice/servers/demo/tools/env_hash/call"
     async with http.post(call, json={"arguments": {"name": "UPSTREAM_TOKEN"}}, headers={"X-API-Key": APP_KEY}) as r:
         seen.append(await r.text())
