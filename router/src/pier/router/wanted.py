@@ -44,18 +44,25 @@ class SessionFinder:
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_forever(), name="pier-sessions-wanted")
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._task] if self._task else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *([self._task] if self._task else []), return_exceptions=True)
+        self._closed = True
+        tasks = [*self._tasks, *([self._task] if self._task else [])]
+        # Cancelled again until done: redis-py can swallow a cancellation that lands in a command's
+        # retry handling and go back to its blocking read (seen with XREADGROUP BLOCK).
+        while pending := [task for task in tasks if not task.done()]:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.5)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read_forever(self) -> None:
         redis, backoff, last_claim = self.router.redis, 0.5, 0.0
-        while True:
+        while not self._closed:  # (a swallowed cancellation: see `close`)
             try:
                 await self._ensure_group()
                 entries: list[tuple[bytes, dict[bytes, bytes]]] = []
