@@ -301,6 +301,7 @@ async def test_a_server_that_exits_at_start_is_reported_at_once(http, redis_serv
 async def test_a_websocket_flood_is_bounded_and_leaves_nothing_behind(http, redis_server):
     async with router_app(redis_server.url, ws_max_in_flight=16, ws_max_in_flight_per_user=24) as running:
         alice = running.user_url("alice")
+
         async def flood(count: int) -> list[dict]:
             async with http.ws_connect(alice.replace("http://", "ws://") + "/ws") as ws:
                 init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "flood"}}
