@@ -764,10 +764,15 @@ class RealNode:
         kubelet.stop()
         self.processes.remove(kubelet)
 
-    def start_kubelet(self, timeout: float = 120) -> None:
-        """Start the kubelet again (the same configuration) and wait until the node is Ready."""
+    def start_kubelet(self) -> None:
+        """Start the kubelet again (the same configuration); `wait_node_ready` then. From the thread that runs the
+        tests: its processes die with the thread that started them (PR_SET_PDEATHSIG), so never in a helper
+        thread (`asyncio.to_thread`'s end with its test's loop would take the kubelet with it)."""
         assert not any(p.name == "kubelet" for p in self.processes), "the kubelet runs already"
         self._start_kubelet()
+
+    def wait_node_ready(self, timeout: float = 120) -> None:
+        """Wait until the node is Ready again (blocking: from a thread of its own)."""
         self._wait(self._node_ready, timeout, "node Ready again")
 
     def kill_pod(self, pod_uid: str) -> None:

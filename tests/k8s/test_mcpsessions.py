@@ -540,7 +540,8 @@ async def test_a_node_whose_kubelet_stops_loses_its_pods_to_new_ones_and_their_j
             assert events["NodeLost"]["type"] == "Warning"
             assert before["podName"] in events["NodeLost"]["message"]
         finally:
-            await asyncio.to_thread(node.real_node.start_kubelet)
+            node.real_node.start_kubelet()
+            await asyncio.to_thread(node.real_node.wait_node_ready)
         # Back: the old pod is confirmed gone, the new one runs, the router follows, and the retry-safe call ran again.
         rerun = await _job_ended(http, running.url, safe)
         assert (rerun["status"], rerun["attempts"]) == ("completed", 2), rerun

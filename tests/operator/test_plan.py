@@ -341,3 +341,15 @@ def test_a_cached_session_keeps_piers_annotations_only():
         "annotations": {"pier.dev/traceparent": traceparent},
     }
     assert "annotations" not in _session()["metadata"]
+
+
+def test_a_claimed_warm_pod_is_idle_from_its_claim_not_from_its_warm_up():
+    session = _session(ttl=3)
+    pending = _plan(session, [_pod()])  # Ready at once (a warm pod): its bridge's first answer is awaited
+    assert pending.track is not None
+    endpoint, ttl, since = pending.track
+    bridge = Known(endpoint, ttl, since, asked_at=NOW + 0.05)
+    bridge.status = BridgeStatus(state="ready", ready=True, mode="child", last_activity=NOW - 9)  # warmed up 9 s ago
+    answered = _plan(session, [_pod()], World(nodes={"n1": _node()}, bridges={"s": bridge}, now=NOW + 0.06))
+    assert answered.status.phase == "Ready"
+    assert answered.reap is None

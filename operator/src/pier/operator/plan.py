@@ -10,6 +10,7 @@ and act. Planning costs microseconds, so a pass over 10,000 sessions costs a fra
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -254,7 +255,12 @@ def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Pl
         reason, message = "BridgeUnreachable", f"the kubelet finds it ready; {known.failures} status requests failed"
     status.conditions = conditions(old, ready, reason, message, running, world.now)
     if ready and endpoint:
-        result.track = (endpoint, float(spec.ttl_seconds), status.ready_since())
+        since = status.ready_since()
+        result.track = (endpoint, float(spec.ttl_seconds), since)
+        if known is not None and known.ready_since != since:
+            # Idle from this Ready on: the monitor learns it only after this plan (tracked while the first answer
+            # was pending, it had none), and a claimed warm pod's bridge has been idle since its warm-up.
+            known = dataclasses.replace(known, ready_since=since)
         _reap_if_idle(spec, known, world, result)
 
 
