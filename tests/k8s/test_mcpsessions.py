@@ -298,6 +298,11 @@ def _pods(cluster: ControlPlane, selector: str) -> list[dict]:
     return json.loads(listing)["items"]
 
 
+def _of_sessions(names: list[str]) -> str:
+    """A label selector for the pods of these sessions alone (earlier tests' sessions may still be going)."""
+    return f"pier.dev/session in ({','.join(names)})"
+
+
 def _pod_ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
@@ -597,7 +602,7 @@ async def test_the_operator_killed_in_the_middle_of_a_burst_loses_nothing_and_do
         assert _apply(cluster, burst).returncode == 0
 
         async def some_pods() -> bool:
-            return bool(await asyncio.to_thread(_pods, cluster, "pier.dev/session"))
+            return bool(await asyncio.to_thread(_pods, cluster, _of_sessions(names)))
 
         await wait_until(some_pods, timeout=30, interval=0.05)
         first.kill()  # mid-burst: some sessions have pods and a status, some a pod and no status, some nothing
@@ -607,7 +612,7 @@ async def test_the_operator_killed_in_the_middle_of_a_burst_loses_nothing_and_do
             status = (await _ready(cluster, name))["status"]
             assert status["podName"] == f"{name}-g1-0"
             assert status["replacements"] == 0
-        pods = await asyncio.to_thread(_pods, cluster, "pier.dev/session")
+        pods = await asyncio.to_thread(_pods, cluster, _of_sessions(names))
         assert sorted(p["metadata"]["name"] for p in pods) == sorted(f"{n}-g1-0" for n in names)
 
 
@@ -631,5 +636,5 @@ async def test_an_api_server_refusing_for_30_s_delays_the_operator_but_loses_not
             assert (await _found(cluster, "mcps", "calm"))["status"]["phase"] == "Ready"
             assert proxy.answered.get(429)
             assert proxy.answered.get(500)
-        pods = await asyncio.to_thread(_pods, cluster, "pier.dev/session")
+        pods = await asyncio.to_thread(_pods, cluster, _of_sessions(["calm", *names]))
         assert sorted(p["metadata"]["name"] for p in pods) == sorted(f"{n}-g1-0" for n in ["calm", *names])
