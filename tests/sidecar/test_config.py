@@ -55,9 +55,11 @@ def test_bad_values_are_refused_naming_the_variable(env):
 
 
 def test_a_bridge_imports_no_model_schema_settings_or_metrics_library():
-    # They would cost every idle bridge megabytes and start-up time; jsonschema comes on first use.
+    # They would cost every idle bridge megabytes and start-up time; jsonschema comes on first use. `pier sidecar`
+    # is the `pier` command: its parser (every subcommand's, `catalog` included) is built before the bridge runs.
     code = (
-        "import sys, pier.sidecar.main; from pier.sidecar.config import SidecarSettings; import pier.sidecar.app; "
+        "import sys, pier.cli.main, pier.cli.catalog, pier.sidecar.main; "
+        "from pier.sidecar.config import SidecarSettings; import pier.sidecar.app; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     loaded = set(

@@ -13,12 +13,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import yaml
 
-from pier.core.registry import Refused, ServerJson, documents, to_profile
+if TYPE_CHECKING:
+    from pier.core.registry import ServerJson
 
 _MAX_BYTES = 4 * 1024 * 1024
 _TIMEOUT_S = 30.0
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _import(sources: list[str], name: str | None, values: dict[str, str]) -> int:
+    # Imported here: every `pier` process builds this command's parser, bridges included, and the registry's
+    # models (pydantic, the catalog, prometheus_client) would cost each bridge ~15 MiB.
+    from pier.core.registry import Refused, documents, to_profile
+
     servers: list[tuple[str, ServerJson]] = []
     failed = False
     for source in sources:
