@@ -124,8 +124,9 @@ async def test_a_user_signs_in_connects_uses_a_tool_and_disconnects(http, redis_
         await page.fill("input[name='secret.DEMO_NOTE']", "alice-note-" + secrets.token_hex(6))
         note = await page.evaluate("document.querySelector(\"input[name='secret.DEMO_NOTE']\").value")
         await page.click("#server-demo form[action$='/secrets'] button")
-        await page.loaded("#notice")
-        assert "saved" in (await page.text("#notice")).lower()
+        # (the page before had a notice too: wait for the new one, not for the old page still showing)
+        saved = "(document.querySelector('#notice')?.innerText ?? '').toLowerCase().includes('saved')"
+        await page.wait_for(f"document.readyState === 'complete' && {saved}", 30)
         # The reloaded page shows it once she opens the server's sections (text in closed ones is hidden).
         await page.evaluate("document.querySelectorAll('#server-demo details').forEach(d => d.open = true)")
         assert (await page.text("#secret-demo-DEMO_NOTE")).startswith("set ")
