@@ -229,6 +229,19 @@ UPSTREAM_SECRET_ENV = "UPSTREAM_CLIENT_SECRET"
 UPSTREAM_RESOURCE = "https://api.upstream.test"
 
 
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+def router_client(base: str, secret: str, *grants: str) -> dict[str, Any]:
+    """The router as a confidential client of the company's identity provider (the portal's sign-in at
+    `base`), allowed the authorization code and `grants` (refresh, token exchange)."""
+    return {
+        "client_id": "pier-router", "client_secret": secret, "redirect_uris": [f"{base}/portal/callback"],
+        "grant_types": ["authorization_code", *grants], "response_types": ["code"],
+        "token_endpoint_auth_method": "client_secret_basic",
+    }  # fmt: skip
+
+
 def upstream_client(redirect_uri: str, secret: str) -> dict[str, Any]:
     """The router as a confidential client of the upstream provider, allowed refresh tokens."""
     return {

@@ -25,7 +25,15 @@ from pier.cli.redis_server import free_port
 from pier.core import redis_keys
 from pier.core.catalog import Catalog, Profile, demo_profile
 from tests.hooks import Receiver
-from tests.identity import UPSTREAM_SECRET_ENV, OpenIdProvider, authorize, upstream_client, upstream_oauth
+from tests.identity import (
+    EXCHANGE_GRANT,
+    UPSTREAM_SECRET_ENV,
+    OpenIdProvider,
+    authorize,
+    router_client,
+    upstream_client,
+    upstream_oauth,
+)
 from tests.servers import get_json, router_app, sse_events, wait_until, worker_processes
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"pier-test-webhook-secret-32bytes").decode()
@@ -184,13 +192,9 @@ async def test_every_key_the_account_flows_write_is_one_of_pier_s_names(http, re
     base = f"http://127.0.0.1:{port}"
     idp_secret, upstream_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     monkeypatch.setenv(UPSTREAM_SECRET_ENV, upstream_secret)
-    router_client = {
-        "client_id": "pier-router", "client_secret": idp_secret, "redirect_uris": [f"{base}/portal/callback"],
-        "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:token-exchange"],
-        "response_types": ["code"], "token_endpoint_auth_method": "client_secret_basic",
-    }  # fmt: skip
+    idp_client = router_client(base, idp_secret, "refresh_token", EXCHANGE_GRANT)
     async with (
-        OpenIdProvider(tmp_path / "idp", clients=[router_client]) as idp,
+        OpenIdProvider(tmp_path / "idp", clients=[idp_client]) as idp,
         # Upstream tokens live 4 s: due for a refresh from 2 s on.
         OpenIdProvider(tmp_path / "upstream", clients=[upstream_client(f"{base}/v1/oauth/callback", upstream_secret)],
                        access_ttl=4) as upstream,

@@ -23,7 +23,16 @@ from pier.core import redis_keys, tracing
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.logs import JsonFormatter
 from tests.hooks import Collector, PolicyServer, Receiver
-from tests.identity import UPSTREAM_SECRET_ENV, OpenIdProvider, unseal, upstream_client, upstream_oauth, walk
+from tests.identity import (
+    EXCHANGE_GRANT,
+    UPSTREAM_SECRET_ENV,
+    OpenIdProvider,
+    router_client,
+    unseal,
+    upstream_client,
+    upstream_oauth,
+    walk,
+)
 from tests.servers import router_app, wait_until, worker_processes
 
 APP_KEY = "app-key-0f9a8b7c6d5e"
@@ -127,14 +136,9 @@ async def test_no_upstream_token_appears_in_logs_metrics_pages_redis_or_errors(
     base = f"http://127.0.0.1:{port}"
     idp_secret, upstream_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     monkeypatch.setenv(UPSTREAM_SECRET_ENV, upstream_secret)
-    router_client = {
-        "client_id": "pier-router", "client_secret": idp_secret, "redirect_uris": [f"{base}/portal/callback"],
-        "grant_types": ["authorization_code", "urn:ietf:params:oauth:grant-type:token-exchange"],
-        "response_types": ["code"], "token_endpoint_auth_method": "client_secret_basic",
-    }  # fmt: skip
     upstream_app = upstream_client(f"{base}/v1/oauth/callback", upstream_secret)
     async with (
-        OpenIdProvider(tmp_path / "idp", clients=[router_client]) as idp,
+        OpenIdProvider(tmp_path / "idp", clients=[router_client(base, idp_secret, EXCHANGE_GRANT)]) as idp,
         OpenIdProvider(tmp_path / "upstream", clients=[upstream_app]) as upstream,
     ):
         oauth = upstream_oauth(upstream.issuer, env="UPSTREAM_TOKEN")

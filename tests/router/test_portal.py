@@ -25,6 +25,7 @@ from tests.identity import (
     UPSTREAM_SECRET_ENV,
     OpenIdProvider,
     digest,
+    router_client,
     unseal,
     upstream_client,
     upstream_oauth,
@@ -58,14 +59,9 @@ async def portal(tmp_path, redis_url: str, monkeypatch) -> AsyncIterator[Portal]
     base = f"http://127.0.0.1:{port}"
     idp_secret, upstream_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     monkeypatch.setenv(UPSTREAM_SECRET_ENV, upstream_secret)
-    router_client = {
-        "client_id": "pier-router", "client_secret": idp_secret, "redirect_uris": [f"{base}/portal/callback"],
-        "grant_types": ["authorization_code"], "response_types": ["code"],
-        "token_endpoint_auth_method": "client_secret_basic",
-    }  # fmt: skip
     upstream = upstream_client(f"{base}/v1/oauth/callback", upstream_secret)
     async with (
-        OpenIdProvider(tmp_path / "idp", clients=[router_client]) as idp,
+        OpenIdProvider(tmp_path / "idp", clients=[router_client(base, idp_secret)]) as idp,
         OpenIdProvider(tmp_path / "upstream", clients=[upstream]) as provider,
     ):
         demo = Profile.model_validate({

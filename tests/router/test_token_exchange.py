@@ -18,11 +18,10 @@ from mcp.client.streamable_http import streamable_http_client
 from pier.cli.redis_server import free_port
 from pier.core import redis_keys
 from pier.core.catalog import Catalog, Profile, demo_profile
-from tests.identity import OpenIdProvider, digest, signed_in_client, unseal
+from tests.identity import EXCHANGE_GRANT, OpenIdProvider, digest, router_client, signed_in_client, unseal
 from tests.servers import get_json, router_app
 
 SECRETS_KEY = base64.b64encode(os.urandom(32)).decode()
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 PARTNER = "https://api.partner.test"
 
 
@@ -30,16 +29,13 @@ async def test_each_users_token_is_exchanged_for_the_upstream_and_cached(http, r
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     secret = secrets.token_urlsafe(24)
-    router_client = {
-        "client_id": "pier-router", "client_secret": secret, "redirect_uris": [f"{base}/portal/callback"],
-        "grant_types": ["authorization_code", "refresh_token", EXCHANGE], "response_types": ["code"],
-        "token_endpoint_auth_method": "client_secret_basic",
-    }  # fmt: skip
     profile = Profile.model_validate(
         {**demo_profile().model_dump(), "token_exchange": {"audience": PARTNER, "scope": "mcp", "env": "PARTNER_TOKEN"}}
     )
     async with (
-        OpenIdProvider(tmp_path / "idp", clients=[router_client], exchange_ttl=16) as idp,
+        OpenIdProvider(
+            tmp_path / "idp", clients=[router_client(base, secret, "refresh_token", EXCHANGE_GRANT)], exchange_ttl=16
+        ) as idp,
         router_app(
             redis_server.url, Catalog([profile]), port=port, public_url=base, oidc_issuer=idp.issuer,
             oidc_scopes=["mcp"], oidc_client_id="pier-router", oidc_client_secret=secret, secrets_key=SECRETS_KEY,
@@ -67,7 +63,7 @@ async def test_each_users_token_is_exchanged_for_the_upstream_and_cached(http, r
         claims = jwt.decode(alice["token"], options={"verify_signature": False})
         assert (claims["sub"], claims["aud"], claims["scope"], claims["iss"]) == ("alice", PARTNER, "mcp", idp.issuer)
         assert answer.structured_content == {"result": digest(alice["token"])}
-        assert (await idp.stats())["grants"][EXCHANGE] == 1
+        assert (await idp.stats())["grants"][EXCHANGE_GRANT] == 1
 
         # Cached: her REST calls (her token) and an app's on her behalf use it; no new exchange.
         bearer = {"Authorization": f"Bearer {storage.tokens.access_token}"}
@@ -81,7 +77,7 @@ async def test_each_users_token_is_exchanged_for_the_upstream_and_cached(http, r
         for headers in (bearer, {"X-API-Key": "app-key"}):
             status, body = await held("alice", headers)
             assert (status, body["result"]["structuredContent"]["result"]) == (200, digest(alice["token"]))
-        assert (await idp.stats())["grants"][EXCHANGE] == 1
+        assert (await idp.stats())["grants"][EXCHANGE_GRANT] == 1
         view = await get_json(http, f"{base}/v1/me/servers/demo/connection", bearer)
         assert (view["connected"], view["status"]) == (True, "token_exchange")
         assert alice["token"] not in str(view)
@@ -98,4 +94,4 @@ async def test_each_users_token_is_exchanged_for_the_upstream_and_cached(http, r
         renewed = await exchanged("alice")
         assert renewed["token"] != alice["token"]
         assert (status, body["result"]["structuredContent"]["result"]) == (200, digest(renewed["token"]))
-        assert (await idp.stats())["grants"][EXCHANGE] == 2
+        assert (await idp.stats())["grants"][EXCHANGE_GRANT] == 2
