@@ -44,13 +44,11 @@ class SessionFinder:
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_forever(), name="pier-sessions-wanted")
 
     async def close(self) -> None:
-        self._closed = True
         tasks = [*self._tasks, *([self._task] if self._task else [])]
         # Cancelled again until done: redis-py can swallow a cancellation that lands in a command's
         # retry handling and go back to its blocking read (seen with XREADGROUP BLOCK).
@@ -62,7 +60,7 @@ class SessionFinder:
 
     async def _read_forever(self) -> None:
         redis, backoff, last_claim = self.router.redis, 0.5, 0.0
-        while not self._closed:  # (a swallowed cancellation: see `close`)
+        while True:
             try:
                 await self._ensure_group()
                 entries: list[tuple[bytes, dict[bytes, bytes]]] = []
