@@ -98,7 +98,7 @@ def _ready_status(**extra: Any) -> dict[str, Any]:
                   {"type": "ServerRunning", "status": "True", "reason": "BridgeReady",
                    "message": "the bridge answers /readyz", "lastTransitionTime": _at(100)}]  # fmt: skip
     return {"phase": "Ready", "podName": "s-g1-0", "endpoint": "http://10.1.2.3:8080", "observedGeneration": 1,
-            "restarts": 1, "conditions": conditions, **extra}  # fmt: skip
+            "restarts": 1, "replacements": 0, "conditions": conditions, **extra}  # fmt: skip
 
 
 def test_the_caches_keep_only_what_decisions_read():
@@ -170,6 +170,7 @@ def test_an_ordinary_start_is_not_rewritten_step_by_step_but_trouble_is_shown():
             "podName": "s-g1-0",
             "observedGeneration": 1,
             "restarts": 1,
+            "replacements": 0,
             "conditions": [{"type": "Ready", **created}, {"type": "ServerRunning", **created}],
         }
     )
@@ -353,3 +354,14 @@ def test_a_claimed_warm_pod_is_idle_from_its_claim_not_from_its_warm_up():
     answered = _plan(session, [_pod()], World(nodes={"n1": _node()}, bridges={"s": bridge}, now=NOW + 0.06))
     assert answered.status.phase == "Ready"
     assert answered.reap is None
+
+
+@pytest.mark.parametrize(("pod", "replacements"), [("s-g1-0", 0), ("s-g1-3", 3), ("warm-demo-x7k2p", 0)])
+def test_a_pod_found_without_a_status_gets_the_replacement_count_its_name_says(pod: str, replacements: int):
+    """The operator that created the pod died before writing the status (killed mid-burst): the next one adopts
+    the pod, and the status says which replacement it is, never nothing."""
+    planned = _plan(_session(), [_pod(name=pod, ready=False)])
+    assert planned.create is None
+    assert planned.status.pod_name == pod
+    assert planned.status.replacements == replacements
+    assert planned.changes()["replacements"] == replacements

@@ -223,6 +223,7 @@ def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Pl
     restarts = sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses") or []
                    if c.get("name") != SERVER_CONTAINER)  # fmt: skip
     status.pod_name = _name(pod)
+    status.replacements = _replacement_of(name, pod) if status.replacements is None else status.replacements
     status.endpoint = endpoint if ready else None
     status.phase = "Ready" if ready else "Starting"
     known = world.bridge(name)
@@ -262,6 +263,15 @@ def _observe(name: str, pod: Obj, spec: MCPSessionSpec, world: World, result: Pl
             # was pending, it had none), and a claimed warm pod's bridge has been idle since its warm-up.
             known = dataclasses.replace(known, ready_since=since)
         _reap_if_idle(spec, known, world, result)
+
+
+def _replacement_of(session: str, pod: Obj) -> int:
+    """Which replacement of its session a pod is, from its name (`pods.pod_name`); 0 for any other name (a
+    claimed warm pod, the first). For a pod whose creator died before writing the status (killed mid-burst)."""
+    generation = (pod["metadata"].get("annotations") or {}).get(GENERATION_ANNOTATION)
+    prefix = f"{session}-g{generation}-"
+    suffix = _name(pod).removeprefix(prefix)
+    return int(suffix) if _name(pod).startswith(prefix) and suffix.isdigit() else 0
 
 
 def _first_answer_pending(name: str, endpoint: str, world: World, result: Plan) -> bool:
