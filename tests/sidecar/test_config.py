@@ -54,7 +54,7 @@ def test_bad_values_are_refused_naming_the_variable(env):
         SidecarSettings.from_env(env)
 
 
-def test_a_bridge_imports_no_model_schema_settings_or_metrics_library():
+def test_a_bridge_imports_no_model_schema_settings_metrics_or_yaml_library():
     # They would cost every idle bridge megabytes and start-up time; jsonschema comes on first use. `pier sidecar`
     # is the `pier` command: its parser (every subcommand's, `catalog` included) is built before the bridge runs.
     code = (
@@ -65,4 +65,4 @@ def test_a_bridge_imports_no_model_schema_settings_or_metrics_library():
     loaded = set(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     )
-    assert not loaded & {"pydantic", "pydantic_settings", "jsonschema", "prometheus_client"}
+    assert not loaded & {"pydantic", "pydantic_settings", "jsonschema", "prometheus_client", "yaml"}

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import yaml
 
 if TYPE_CHECKING:
     from pier.core.registry import ServerJson
@@ -54,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
 async def _import(sources: list[str], name: str | None, values: dict[str, str]) -> int:
     # Imported here: every `pier` process builds this command's parser, bridges included, and the registry's
-    # models (pydantic, the catalog, prometheus_client) would cost each bridge ~15 MiB.
+    # models (pydantic, the catalog, prometheus_client) and YAML would cost each bridge ~15 MiB.
+    import yaml
+
     from pier.core.registry import Refused, documents, to_profile
 
     servers: list[tuple[str, ServerJson]] = []
