@@ -93,6 +93,10 @@ async def hand_over(request: web.Request, peers: Peers, owner: int) -> NoReturn:
     if transport is None or sock is None:
         raise PierError("SERVER_UNAVAILABLE", "this connection cannot reach the process serving this user")
     message = request_bytes(request, await request.read())
+    # Not one byte more is read here: once the owner answers, the client's next request may come at once, and
+    # read by this process it would be lost with this copy of the connection (the owner waits for it in vain).
+    reading = transport.is_reading()
+    transport.pause_reading()
     fd = os.dup(sock.fileno())
     from pier.router.state import router_of  # (state holds a `Peers`: imported here, not at the top)
 
@@ -100,6 +104,8 @@ async def hand_over(request: web.Request, peers: Peers, owner: int) -> NoReturn:
     try:
         await asyncio.to_thread(_send, peers.handover_socket(owner), message, fd)
     except OSError as exc:
+        if reading:
+            transport.resume_reading()  # still this process's connection: it answers the request itself
         metrics.handovers.labels("failed").inc()
         log.warning("hand-over failed", extra={"to": owner, "error": str(exc)})
         raise PierError(
