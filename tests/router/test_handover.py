@@ -1,6 +1,7 @@
-"""A connection handed to another router process (router/…/processes.py), both processes' ends in one loop:
-two aiohttp servers, a real Unix hand-over socket, a real client. The processes' tests (test_processes.py)
-show the same through `pier up`; here the moment after the owner took the connection can be held open."""
+"""A connection handed to another router process (router/…/processes.py) in one test process: two aiohttp
+servers on two event loops (the owner's in a thread), a real Unix hand-over socket, a real client. The
+processes' tests (test_processes.py) show the same through `pier up`; here the moment after the owner took the
+connection can be held open."""
 
 from __future__ import annotations
 
