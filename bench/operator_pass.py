@@ -34,7 +34,7 @@ PROFILE = Profile(name="demo", command=["python", "-m", "pier.examples.demo_serv
 _STAMP = "2026-12-07T04:30:25Z"
 
 
-def _objects(i: int, nodes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def session_and_pod(i: int, nodes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Session `i` and its Ready pod, with the metadata the API server adds (managedFields included)."""
     session = new_session(f"user-{i:06d}", PROFILE, 3600)
     name = session["metadata"]["name"]
@@ -68,12 +68,29 @@ def _objects(i: int, nodes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return session, pod
 
 
-def _node(i: int) -> dict[str, Any]:
+def node(i: int) -> dict[str, Any]:
     return {
         "metadata": {"name": f"node-{i}", "uid": f"node-uid-{i}", "resourceVersion": str(i)},
         "spec": {},
         "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": _STAMP}]},
     }
+
+
+async def fill(operator: Operator, count: int, nodes: int) -> None:
+    """`count` sessions with Ready pods on `nodes` nodes into the operator's caches, as its informers would put
+    them, then what its workers do with what the informers announced: a reconcile each, with nothing to change."""
+    for n in range(nodes):
+        operator.caches.nodes.put(node(n))
+    for i in range(count):
+        session, pod = session_and_pod(i, nodes)
+        operator.caches.sessions.put(session)
+        operator.caches.pods.put(pod)
+    for informer in operator.caches.informers:
+        informer.synced.set()
+    while len(operator.queue):
+        name = await operator.queue.get()
+        await operator.reconcile(name)
+        operator.queue.done(name)
 
 
 async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
@@ -82,20 +99,7 @@ async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
         operator = Operator(settings, http, None, Catalog([PROFILE]), OperatorMetrics())  # type: ignore[arg-type]
         gc.collect()
         tracemalloc.start()
-        for n in range(nodes):
-            operator.caches.nodes.put(_node(n))
-        for i in range(count):
-            session, pod = _objects(i, nodes)
-            operator.caches.sessions.put(session)
-            operator.caches.pods.put(pod)
-        for informer in operator.caches.informers:
-            informer.synced.set()
-        # What the workers do with what the informers announced: a reconcile each, with nothing to change (the API
-        # client is None: a request would fail the run).
-        while len(operator.queue):
-            name = await operator.queue.get()
-            await operator.reconcile(name)
-            operator.queue.done(name)
+        await fill(operator, count, nodes)  # (the API client is None: a request would fail the run)
         gc.collect()
         cached, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()  # (it slows every allocation: the passes are timed without it)
@@ -107,7 +111,7 @@ async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
             times.append(time.perf_counter() - started)
             assert queued == 0, f"{queued} sessions had something to do"  # the steady state: nothing
         operator.queue.close()
-        sample = _objects(0, nodes)
+        sample = session_and_pod(0, nodes)
     return {
         "sessions": count,
         "pass_seconds": {

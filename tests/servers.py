@@ -51,6 +51,29 @@ class RunningBridge:
 
 
 @contextlib.asynccontextmanager
+async def serve(app: web.Application, **runner_args: Any) -> AsyncIterator[str]:
+    """`app` served in-process on a free loopback port until the block ends; yields its URL."""
+    runner = web.AppRunner(app, **runner_args)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+class LoopbackApiAccess:
+    """What a `KubeClient` needs of `ApiAccess` (which reads a kubeconfig), for an API server of a test's own:
+    where it is, no credentials, no TLS."""
+
+    def __init__(self, host: str) -> None:
+        self.host, self.ssl = host, None
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": "identity"}
+
+
+@contextlib.asynccontextmanager
 async def bridge_app(wait_ready: bool = True, **settings: Any) -> AsyncIterator[RunningBridge]:
     """A bridge served in-process on a free loopback port (the same app `pier sidecar` runs)."""
     app = create_app(SidecarSettings(port=0, **settings))

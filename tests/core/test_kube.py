@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from pier.core.kube import ApiAccess, ApiError, KubeClient, TokenBucket
+from tests.servers import LoopbackApiAccess, serve
 
 pytestmark = pytest.mark.unit
 
@@ -24,17 +25,6 @@ class Answer:
     status: int
     body: dict[str, Any] | str
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class _Access:
-    """Stands in for ApiAccess (which reads a kubeconfig): where the server is, no credentials, no TLS."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.ssl = None
-
-    def headers(self) -> dict[str, str]:
-        return {"Accept-Encoding": "identity"}
 
 
 @pytest.fixture
@@ -56,19 +46,12 @@ async def api() -> AsyncIterator[tuple[list[Answer | None], list[str], str]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield answers, seen, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as url:
+        yield answers, seen, url
 
 
 def _client(http: aiohttp.ClientSession, host: str, statuses: list[tuple[str, int]], **kwargs: Any) -> KubeClient:
-    access = cast(ApiAccess, _Access(host))
+    access = cast(ApiAccess, LoopbackApiAccess(host))
     return KubeClient(http, access, observe=lambda verb, status: statuses.append((verb, status)), **kwargs)
 
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from pier.core.callapi import BridgeStatus
 from pier.operator.bridges import UNREACHABLE_AFTER, BridgeMonitor, Known
+from tests.servers import serve
 
 pytestmark = pytest.mark.unit
 NOBODY = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -45,16 +46,11 @@ async def bridges() -> AsyncIterator[Bridges]:
 
     app = web.Application()
     app.router.add_get("/v1/status", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
-        yield state
-    finally:
-        state.release.set()
-        await runner.cleanup()
+    async with serve(app) as state.url:
+        try:
+            yield state
+        finally:
+            state.release.set()
 
 
 async def _until(condition: Callable[[], bool], tries: int = 500) -> None:

@@ -23,6 +23,7 @@ from pier.router import processes
 from pier.router.metrics import RouterMetrics
 from pier.router.processes import Adopter, HandedOver, Peers, hand_over
 from pier.router.state import ROUTER, Router
+from tests.servers import serve
 
 pytestmark = pytest.mark.unit
 
@@ -79,16 +80,9 @@ async def _two_processes(run_dir: Path) -> AsyncIterator[str]:
     # Only the hand-over's counter is read from the router (a metrics object of the test's own).
     app[ROUTER] = cast(Router, types.SimpleNamespace(metrics=RouterMetrics()))
     app.router.add_post("/", sender)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve(app) as url:
         with _owner(run_dir):
-            yield f"http://127.0.0.1:{port}/"
-    finally:
-        await runner.cleanup()
+            yield url + "/"
 
 
 async def test_a_request_sent_the_moment_a_handed_over_answer_arrives_reaches_the_owner(tmp_path, monkeypatch):
