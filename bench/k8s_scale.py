@@ -924,7 +924,17 @@ def main() -> int:
         [sys.executable, "-m", "bench.operator_pass", "--sessions", "10000", "50000"], cwd=ROOT, check=True,
         capture_output=True, text=True,
     ).stdout  # fmt: skip
-    results = asyncio.run(ScaleBench(cfg, work).run())
+    name = args.results or ("k8s-scale-quick" if args.quick else "k8s-scale")
+    bench = ScaleBench(cfg, work)
+    try:
+        results = asyncio.run(bench.run())
+    except KeyboardInterrupt:
+        # What the phases that ended measured is kept (as JSON only: the report needs every phase).
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        partial = RESULTS / f"{name}-interrupted.json"
+        partial.write_text(json.dumps({**bench.results, "interrupted_after_s": time.monotonic() - started}) + "\n")
+        log(f"interrupted: what was measured is in {partial}")
+        raise
     results["operator_pass"] = [json.loads(line) for line in synthetic.splitlines() if line.startswith("{")]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
@@ -938,7 +948,7 @@ def main() -> int:
         "python": platform.python_version(),
         "load_after": os.getloadavg(),
     }
-    path = write_report(results, args.results or ("k8s-scale-quick" if args.quick else "k8s-scale"))
+    path = write_report(results, name)
     print(path.read_text())
     return 0
 
