@@ -928,12 +928,13 @@ def main() -> int:
     bench = ScaleBench(cfg, work)
     try:
         results = asyncio.run(bench.run())
-    except KeyboardInterrupt:
+    except BaseException as exc:  # interrupted, or a phase failed (e.g. sessions not Ready in time)
         # What the phases that ended measured is kept (as JSON only: the report needs every phase).
         RESULTS.mkdir(parents=True, exist_ok=True)
-        partial = RESULTS / f"{name}-interrupted.json"
-        partial.write_text(json.dumps({**bench.results, "interrupted_after_s": time.monotonic() - started}) + "\n")
-        log(f"interrupted: what was measured is in {partial}")
+        partial = RESULTS / f"{name}-unfinished.json"
+        ended = {"after_s": round(time.monotonic() - started, 1), "why": f"{type(exc).__name__}: {exc}"}
+        partial.write_text(json.dumps({**bench.results, "unfinished": ended}, indent=1) + "\n")
+        log(f"unfinished: what was measured is in {partial}")
         raise
     results["operator_pass"] = [json.loads(line) for line in synthetic.splitlines() if line.startswith("{")]
     commit = subprocess.run(
