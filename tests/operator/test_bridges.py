@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,7 +15,7 @@ from aiohttp import web
 
 from pier.core.callapi import BridgeStatus
 from pier.operator.bridges import UNREACHABLE_AFTER, BridgeMonitor, Known
-from tests.servers import serve
+from tests.servers import serve, wait_until
 
 pytestmark = pytest.mark.unit
 NOBODY = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -53,14 +53,6 @@ async def bridges() -> AsyncIterator[Bridges]:
             state.release.set()
 
 
-async def _until(condition: Callable[[], bool], tries: int = 500) -> None:
-    for _ in range(tries):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
-
-
 async def test_bridges_are_asked_at_most_n_at_once_and_each_answer_is_news(bridges):
     news: list[str] = []
     async with aiohttp.ClientSession() as http:
@@ -69,11 +61,11 @@ async def test_bridges_are_asked_at_most_n_at_once_and_each_answer_is_news(bridg
         try:
             for n in range(10):
                 monitor.track(f"s{n}", bridges.url, ttl_s=0, ready_since=time.time())
-            await _until(lambda: bridges.in_flight == 3)
+            await wait_until(lambda: bridges.in_flight == 3, timeout=5, interval=0.01)
             await asyncio.sleep(0.2)  # the others wait for a slot
             assert (bridges.asked, news) == (3, [])
             bridges.release.set()
-            await _until(lambda: len(news) == 10)
+            await wait_until(lambda: len(news) == 10, timeout=5, interval=0.01)
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
@@ -90,7 +82,7 @@ async def test_a_bridge_that_does_not_answer_is_marked_so_and_never_reaped():
         runner = asyncio.create_task(monitor.run())
         try:
             known = monitor.track("gone", NOBODY, ttl_s=1, ready_since=time.time() - 3600)
-            await _until(lambda: known.failures >= UNREACHABLE_AFTER)
+            await wait_until(lambda: known.failures >= UNREACHABLE_AFTER, timeout=5, interval=0.01)
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
