@@ -30,13 +30,14 @@ from pier.core import tracing
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.core.mcpsession import parse_stamp, session_name
 from pier.router.usersecrets import secret_name
+from tests import mcp_clients
 from tests.hooks import Collector
 from tests.k8s.cluster import ControlPlane
 from tests.k8s.faulty_api import FaultyApi
 from tests.k8s.operators import deploy_access, operator_process
 from tests.k8s.realnode import RealCluster, pod_containers
 from tests.prometheus import alert_queries, dashboard_queries, empty_queries, scraping, shipped
-from tests.servers import ROOT, get_json, router_app, text_of, wait_until, worker_processes
+from tests.servers import ROOT, get_json, router_app, scrape, text_of, wait_until, worker_processes
 from tools import helm
 
 pytestmark = pytest.mark.k8s
@@ -138,6 +139,11 @@ def _events(cluster: ControlPlane, name: str) -> dict[str, dict]:
     return {e["reason"]: e for e in json.loads(out.stdout)["items"]}
 
 
+def _sessions(cluster: ControlPlane) -> list[dict]:
+    items: list[dict] = json.loads(cluster.kubectl("get", "mcps", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    return items
+
+
 def _router_settings(cluster: ControlPlane) -> dict:
     return {
         "backend": "kubernetes",
@@ -233,8 +239,41 @@ async def test_two_routers_racing_share_one_session(cluster, operator, redis_ser
 
         counts = await asyncio.gather(*(call(r, "x") for r in (one, two, one, two)))
     assert sorted(counts) == [1, 2, 3, 4]  # one server saw all four calls
-    sessions = json.loads(cluster.kubectl("get", "mcps", "-n", NAMESPACE, "-o", "json").stdout)["items"]
-    assert [s["spec"]["userId"] for s in sessions].count("frank") == 1
+    assert [s["spec"]["userId"] for s in _sessions(cluster)].count("frank") == 1
+
+
+@pytest.mark.parametrize("kind", ["python", "typescript"])
+async def test_an_mcp_session_outlives_its_pod_replaced_and_its_mcpsession_deleted(
+    cluster, operator, redis_server, http, kind
+):
+    user = f"grace-{kind}"
+    catalog = Catalog([demo_profile()])
+    async with router_app(redis_server.url, catalog=catalog, **_router_settings(cluster)) as running:
+        async with mcp_clients.connect(kind, f"{running.user_url(user)}/mcp") as client:
+            assert mcp_clients.counted(await client.call("counter")) == 1
+            assert mcp_clients.counted(await client.call("counter")) == 2
+            # (kubectl off the loop: the router runs on it.)
+            sessions = await asyncio.to_thread(_sessions, cluster)
+            name = next(s["metadata"]["name"] for s in sessions if s["spec"]["userId"] == user)
+
+            # Its pod, deleted: once the operator's new pod is Ready, the next call starts a fresh server under the
+            # same MCP session.
+            pod = (await _found(cluster, "mcps", name))["status"]["podName"]
+            await asyncio.to_thread(cluster.kubectl, "delete", "pod", pod, "-n", NAMESPACE, "--wait=true")
+
+            async def replaced() -> bool:
+                status = (await _found(cluster, "mcps", name)).get("status") or {}
+                return status.get("phase") == "Ready" and status.get("podName") != pod
+
+            await wait_until(replaced, timeout=90, interval=0.3)
+            assert mcp_clients.counted(await client.call("counter")) == 1
+
+            # Its MCPSession, deleted: the router makes a new one for the next call, the MCP session still the same.
+            await asyncio.to_thread(cluster.kubectl, "delete", "mcps", name, "-n", NAMESPACE, "--wait=true")
+            assert mcp_clients.counted(await client.call("counter")) == 1
+            assert await client.call("echo", message="moved") == "Echo: moved"
+        resumed = (await scrape(http, running.url)).value("pier_router_mcp_sessions_resumed_total", profile="demo")
+        assert resumed == 2
 
 
 def test_invalid_specs_are_rejected_with_a_readable_message(cluster):

@@ -10,98 +10,20 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
-import httpx2
 import pytest
 import redis.asyncio as aioredis
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from pier.cli.redis_server import free_port
 from pier.core import redis_keys
 from pier.core.catalog import Catalog, Profile, demo_profile
 from pier.router.backends.local.runtimes import ProcessSession
-from tests.servers import EVERYTHING, PIER, ROOT, RunningRouter, get_json, router_app, scrape, text_of, wait_until
+from tests.mcp_clients import PyClient, TsClient, connect, counted
+from tests.servers import EVERYTHING, PIER, ROOT, RunningRouter, get_json, router_app, scrape, wait_until
 
-SDK_CLIENT = ["node", str(ROOT / "tests" / "router" / "sdk_client.mjs")]
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}
 JSON_AND_SSE = {"Accept": "application/json, text/event-stream"}
-
-
-class TsClient:
-    """The TypeScript SDK's client in a node process, one command at a time."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, session: str) -> None:
-        self.proc = proc
-        self.session = session
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def connect(cls, url: str, session: str | None = None) -> AsyncIterator[TsClient]:
-        proc = await asyncio.create_subprocess_exec(
-            *SDK_CLIENT, url, *([session] if session else []), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
-            assert hello["ok"], hello
-            yield cls(proc, str(hello["session"] or session))
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-
-    async def do(self, op: str, **fields: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
-        await self.proc.stdin.drain()
-        answer: dict[str, Any] = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 60))
-        return answer
-
-    async def call(self, name: str, **arguments: Any) -> str:
-        answer = await self.do("call", name=name, arguments=arguments)
-        assert answer["ok"], answer
-        assert not answer["isError"], answer
-        return str(answer["text"])
-
-
-class PyClient:
-    """The `mcp` SDK's client (2025-11-25), its session id read off the router's answers."""
-
-    def __init__(self, client: Client, ids: set[str]) -> None:
-        self.client = client
-        self.ids = ids
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def connect(cls, url: str) -> AsyncIterator[PyClient]:
-        ids: set[str] = set()
-
-        async def note(response: httpx2.Response) -> None:
-            if "Mcp-Session-Id" in response.headers:
-                ids.add(response.headers["Mcp-Session-Id"])
-
-        async with (
-            httpx2.AsyncClient(event_hooks={"response": [note]}, timeout=60) as http,
-            Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
-        ):
-            yield cls(client, ids)
-
-    @property
-    def session(self) -> str:
-        [session] = self.ids  # one session all along: never a second one
-        return session
-
-    async def call(self, name: str, **arguments: Any) -> str:
-        return text_of(await self.client.call_tool(name, arguments))
-
-
-def _counted(text: str) -> int:
-    return int(json.loads(text)["result"]) if text.startswith("{") else int(text)
 
 
 async def _post(http, url: str, message: dict, session: str | None = None) -> tuple[int, dict, dict[str, str]]:
@@ -150,11 +72,11 @@ async def _bridge_killed(http, running: RunningRouter) -> None:
 
 async def _walk(http, running: RunningRouter, client: TsClient | PyClient, events: list[Event]) -> None:
     """After each event the next call starts a fresh server under the same MCP session (its counter at 1)."""
-    assert _counted(await client.call("counter")) == 1
-    assert _counted(await client.call("counter")) == 2
+    assert counted(await client.call("counter")) == 1
+    assert counted(await client.call("counter")) == 2
     for event in events:
         await event(http, running)
-        assert _counted(await client.call("counter")) == 1, event.__name__
+        assert counted(await client.call("counter")) == 1, event.__name__
         assert await client.call("echo", message=event.__name__) == f"Echo: {event.__name__}"
     resumed = (await scrape(http, running.url)).value("pier_router_mcp_sessions_resumed_total", profile="demo")
     assert resumed == len(events)
@@ -165,22 +87,11 @@ CLIENTS = ["python", "typescript"]
 FAST_CLIENTS = ["python", pytest.param("typescript", marks=pytest.mark.slow)]
 
 
-@contextlib.asynccontextmanager
-async def _client(kind: str, url: str) -> AsyncIterator[TsClient | PyClient]:
-    if kind == "python":
-        async with PyClient.connect(url) as py:
-            yield py
-    else:
-        async with TsClient.connect(url) as ts:
-            yield ts
-            assert (await ts.do("terminate"))["ok"]  # the app ends its session (the SDK's close does not)
-
-
 @pytest.mark.parametrize("kind", FAST_CLIENTS)
 async def test_an_mcp_session_outlives_reaping_eviction_and_deletion_of_its_server_session(http, redis_server, kind):
     async with router_app(redis_server.url, max_sessions=1, reap_interval_s=0.05) as running:
         url = running.user_url("alice") + "/mcp"
-        async with _client(kind, url) as client:
+        async with connect(kind, url) as client:
             await _walk(http, running, client, [_reaped, _evicted, _deleted])
             session = client.session
         # Its client ended it (a DELETE): gone for good.
@@ -195,7 +106,7 @@ async def test_an_mcp_session_outlives_reaping_eviction_and_deletion_of_its_serv
 async def test_an_mcp_session_outlives_its_killed_bridge_process(http, redis_server, kind):
     async with (
         router_app(redis_server.url, local_bridges="process") as running,
-        _client(kind, running.user_url("alice") + "/mcp") as client,
+        connect(kind, running.user_url("alice") + "/mcp") as client,
     ):
         await _walk(http, running, client, [_bridge_killed, _deleted])
 
@@ -248,15 +159,15 @@ async def test_an_mcp_session_outlives_a_router_restart_and_any_replica_serves_i
             py = await clients.enter_async_context(PyClient.connect(mcp_url(first, "alice")))
             ts = await clients.enter_async_context(TsClient.connect(mcp_url(first, "bob")))
             for client in (py, ts):
-                assert _counted(await client.call("counter")) == 1
-                assert _counted(await client.call("counter")) == 2
+                assert counted(await client.call("counter")) == 1
+                assert counted(await client.call("counter")) == 2
         # The router is restarted (a new process at the same address); its sessions ended with the old one.
         async with (
             router_process(redis_server.url, port),
             router_process(redis_server.url, free_port()) as other,
         ):
             for client in (py, ts):
-                assert _counted(await client.call("counter")) == 1  # a fresh server, the same MCP session
+                assert counted(await client.call("counter")) == 1  # a fresh server, the same MCP session
             # Another replica on the same Redis serves bob's session too: the SDK joins it there by its id.
             async with TsClient.connect(mcp_url(other, "bob"), ts.session) as elsewhere:
                 assert await elsewhere.call("echo", message="replica") == "Echo: replica"
