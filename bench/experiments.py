@@ -31,11 +31,21 @@ from bench.stats import Run, describe
 PATCHES_DIR = Path(__file__).resolve().parent / "patches"
 PATHS = ("sidecar-mcp", "sidecar-calls", "router-rest", "router-mcp")
 COLD_SAMPLES = 3
+GC_STATS = Path("/tmp/bench-gc-stats")
+
+
+def _gc_variant(patches: str, what: str) -> tuple[str, dict[str, str], str]:
+    """A collector variant; each process records its collections under GC_STATS/<patches>/<pid>.json."""
+    return patches + ",gcstats", {"BENCH_GC_STATS": str(GC_STATS / (patches or "settled"))}, what
+
+
 # name → (BENCH_PATCHES, extra PIER_* settings, what it stands for)
 VARIANTS: dict[str, tuple[str, dict[str, str], str]] = {
     "baseline": ("", {}, "Pier as it is (run by the bench venv's Python, like every variant)"),
     "no-audit-log": ("", {"PIER_AUDIT_LOG": "false"}, "router: PIER_AUDIT_LOG=false (one JSON log line less per call)"),
     "uvloop": ("uvloop", {}, "asyncio on uvloop"),
+    "gc-settled": _gc_variant("", "Pier as it is, its collections recorded"),
+    "gc-python": _gc_variant("gcpython", "Python's own collector settings, not Pier's (collections recorded)"),
     "two-processes": ("", {"PIER_PROCESSES": "2"}, "router: two processes on one port (PIER_PROCESSES=2)"),
     "process-bridges": (
         "",
@@ -153,12 +163,12 @@ async def main(
             except Exception as exc:  # one broken run costs its figures only; the rounds go on
                 extra["failures"].append(f"round {n + 1}, {name}: {type(exc).__name__}: {exc}")
                 print(f"  FAILED: {extra['failures'][-1]}", flush=True)
-        write(aggregate(runs), runs, extra, seconds, n + 1)  # partial results survive an interruption
+        write(aggregate(runs), runs, extra, seconds, n + 1, callers)  # partial results survive an interruption
     if with_zygote:
         from bench import zygote
 
         extra["zygote"] = await zygote.compare(logs)
-        write(aggregate(runs), runs, extra, seconds, rounds)
+        write(aggregate(runs), runs, extra, seconds, rounds, callers)
 
 
 def _cpu(row: dict[str, Any]) -> float:
@@ -166,16 +176,21 @@ def _cpu(row: dict[str, Any]) -> float:
 
 
 def write(
-    rows: list[dict[str, Any]], runs: list[dict[str, Any]], extra: dict[str, Any], seconds: float, rounds: int
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    extra: dict[str, Any],
+    seconds: float,
+    rounds: int,
+    callers: int,
 ) -> None:
     lines = [
-        "# Experiments: measured effects of proposed changes (lean client, sequential echo calls)",
+        f"# Experiments: measured effects of proposed changes (lean client, echo calls, {callers} at a time)",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · load average {os.getloadavg()[0]:.1f} · {rounds} interleaved rounds of "
         f"{seconds:.0f} s per path and variant; medians (throughput: median, min-max). CPU = ms per call of Pier's "
         "processes and the server (the client excluded).",
         "",
-        "| variant | what | " + " | ".join(f"{p}: calls/s · p50 ms · CPU ms" for p in PATHS) + " |",
+        "| variant | what | " + " | ".join(f"{p}: calls/s · p50 · p99 ms · CPU ms" for p in PATHS) + " |",
         "|---|---|" + "---:|" * len(PATHS),
     ]
     baseline = {r["target"]: r for r in rows if r["variant"] == "baseline"}
@@ -189,7 +204,9 @@ def write(
             base = baseline.get(path)
             ratio = f" **{r['calls_per_s'] / base['calls_per_s']:.2f}x**" if base and name != "baseline" else ""
             spread = f" ({r['calls_per_s_min']:.0f}-{r['calls_per_s_max']:.0f})" if r["rounds"] > 1 else ""
-            cells.append(f"{r['calls_per_s']:.0f}{spread}{ratio} · {r['p50_ms']:.3f} · {_cpu(r):.3f}")
+            cells.append(
+                f"{r['calls_per_s']:.0f}{spread}{ratio} · {r['p50_ms']:.3f} · {r['p99_ms']:.1f} · {_cpu(r):.3f}"
+            )
         lines.append(f"| {name} | {VARIANTS[name][2]} | " + " | ".join(cells) + " |")
     firsts = [r for r in runs if r["target"] == "router-first-call"]
     if firsts:
@@ -201,6 +218,7 @@ def write(
     lines += ["", "CPU per call by process (medians):", ""]
     lines += report.cpu_table([{**r, "client": r["variant"]} for r in rows])
     lines += [f"\n**Failed** — {failure}" for failure in extra.get("failures", [])]
+    lines += _gc_lines()
     z = extra.get("zygote")
     if z:
         lines += ["", "## Fork-server (zygote) bridges", "", *z["lines"]]
@@ -208,6 +226,24 @@ def write(
     data = {"rows": rows, "runs": runs, **extra}
     (report.RESULTS / "experiments.json").write_text(json.dumps(data, indent=1) + "\n")
     print("\n".join(lines))
+
+
+def _gc_lines() -> list[str]:
+    """The collections the gc-* variants' processes recorded (every round's processes summed)."""
+    lines = []
+    for folder in sorted(GC_STATS.glob("*")):
+        totals = {g: [0, 0.0, 0.0] for g in "012"}
+        for path in folder.glob("*.json"):
+            for g, s in json.loads(path.read_text())["gc"].items():
+                totals[g][0] += s["collections"]
+                totals[g][1] += s["total_ms"]
+                totals[g][2] = max(totals[g][2], s["max_ms"])
+        cells = [f"{n} · {total:.0f} · {longest:.1f}" for n, total, longest in totals.values()]
+        lines.append(f"| {folder.name} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = "| patches | " + " | ".join(f"gen {g}: collections · total ms · longest ms" for g in "012") + " |"
+    return ["", "Collections after start-up (gc-* variants, all rounds):", "", head, "|---|---:|---:|---:|", *lines]
 
 
 def cli() -> None:
