@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str], str]] = {
     "no-audit-log": ("", {"PIER_AUDIT_LOG": "false"}, "router: PIER_AUDIT_LOG=false (one JSON log line less per call)"),
     "uvloop": ("uvloop", {}, "asyncio on uvloop"),
     "gc-settled": _gc_variant("", "Pier as it is, its collections recorded"),
+    "gc-young-7000": _gc_variant("gcyoung=7000", "Pier's settling, young collections after 7,000 objects"),
     "gc-python": _gc_variant("gcpython", "Python's own collector settings, not Pier's (collections recorded)"),
     "two-processes": ("", {"PIER_PROCESSES": "2"}, "router: two processes on one port (PIER_PROCESSES=2)"),
     "process-bridges": (

@@ -93,6 +93,28 @@ async def fill(operator: Operator, count: int, nodes: int) -> None:
         operator.queue.done(name)
 
 
+class _CollectorClock:
+    """The collector's collections and time while in the block (`gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self.collections = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _on_gc(self, phase: str, _: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.collections += 1
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
 async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
     settings = OperatorSettings(namespace="pier", bridge_refresh_s=3600)
     async with aiohttp.ClientSession() as http:
@@ -103,13 +125,18 @@ async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
         gc.collect()
         cached, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()  # (it slows every allocation: the passes are timed without it)
+        started = time.perf_counter()
+        gc.collect()  # what one full collection costs with these caches: a pause of the whole operator
+        full_collection = time.perf_counter() - started
         operator.election.leading.set()
         times = []
-        for _ in range(5):
-            started = time.perf_counter()
-            queued = await operator.run_pass()
-            times.append(time.perf_counter() - started)
-            assert queued == 0, f"{queued} sessions had something to do"  # the steady state: nothing
+        in_collector = _CollectorClock()
+        with in_collector:
+            for _ in range(5):
+                started = time.perf_counter()
+                queued = await operator.run_pass()
+                times.append(time.perf_counter() - started)
+                assert queued == 0, f"{queued} sessions had something to do"  # the steady state: nothing
         operator.queue.close()
         sample = session_and_pod(0, nodes)
     return {
@@ -118,6 +145,11 @@ async def measure(count: int, nodes: int = 100) -> dict[str, Any]:
             "first": round(times[0], 3),
             "median": round(statistics.median(times), 3),
             "max": round(max(times), 3),
+        },
+        "collector": {
+            "full_collection_ms": round(full_collection * 1000, 1),
+            "during_passes": {"collections": in_collector.collections, "ms": round(in_collector.seconds * 1000, 1)},
+            "tracked_objects": len(gc.get_objects()),
         },
         "cache_mib": round(cached / 1024**2, 1),
         "per_session_kib": round(cached / count / 1024, 2),

@@ -6,6 +6,7 @@ router and every bridge it starts get them. `BENCH_PATCHES` (comma-separated) sa
 - ``uvloop``    run asyncio on uvloop.
 - ``gcpython``  Python's own collector settings: Pier's settling after start
                 (`pier.core.web.settle_collector`) switched off.
+- ``gcyoung=N`` Pier's settling, with its young generation collected after N new objects instead.
 - ``gcstats``   no change; each process writes its collections from 3 s after its start (count, total
                 and longest pause per generation) to `$BENCH_GC_STATS/<pid>.json` (default
                 /tmp/bench-gc-stats): what the collector costs the tail.
@@ -33,6 +34,12 @@ def _gcpython() -> None:
     import pier.core.web
 
     pier.core.web.settle_collector = lambda: None
+
+
+def _gcyoung(threshold: int) -> None:
+    import pier.core.web
+
+    pier.core.web.YOUNG_COLLECTION_THRESHOLD = threshold
 
 
 def _gcstats() -> None:
@@ -76,5 +83,8 @@ if "uvloop" in _PATCHES:
     _uvloop()
 if "gcpython" in _PATCHES:
     _gcpython()
+for _patch in _PATCHES:
+    if _patch.startswith("gcyoung="):
+        _gcyoung(int(_patch.removeprefix("gcyoung=")))
 if "gcstats" in _PATCHES:
     _gcstats()
