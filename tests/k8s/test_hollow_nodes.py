@@ -26,6 +26,7 @@ from tests.servers import ROOT, wait_until
 pytestmark = pytest.mark.k8s
 NAMESPACE = "pier"
 TAINT = f"{HOLLOW_LABEL}=true:NoSchedule"
+LONG_TOLERATION_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,10 @@ async def operator(hollow, tmp_path) -> AsyncIterator[asyncio.subprocess.Process
         "PIER_SESSION_NODE_SELECTOR": json.dumps({HOLLOW_LABEL: "true"}),
         "PIER_SESSION_TOLERATIONS": json.dumps([{"key": HOLLOW_LABEL, "operator": "Exists", "effect": "NoSchedule"}]),
         "PIER_METRICS_PORT": "0",
+        # Longer than the test waits for the move (the default 30 s is tests/operator/test_pods.py's): the taint
+        # manager cannot evict the pod first, so a session that moves was moved by the operator, however slow
+        # the machine.
+        "PIER_NODE_LOSS_TOLERATION_S": str(LONG_TOLERATION_S),
     }
     async with operator_process(env, tmp_path / "operator.log") as proc:
         yield proc
@@ -92,9 +97,11 @@ async def test_a_session_on_a_silenced_node_moves_to_another_node(hollow, operat
     assert first is not None
     lost = first["spec"]["nodeName"]
     assert lost in nodes.names
-    # Kubernetes' own 300 s tolerations are replaced by brief ones (the cluster's backstop if the operator is gone).
-    brief = {t["key"]: t.get("tolerationSeconds") for t in first["spec"]["tolerations"] if t["effect"] == "NoExecute"}
-    assert brief == {"node.kubernetes.io/not-ready": 30, "node.kubernetes.io/unreachable": 30}
+    # Kubernetes' own 300 s tolerations are replaced by the operator's (the cluster's backstop if it is gone).
+    noexec = {t["key"]: t.get("tolerationSeconds") for t in first["spec"]["tolerations"] if t["effect"] == "NoExecute"}
+    assert noexec == {
+        key: LONG_TOLERATION_S for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    }
 
     silenced = time.monotonic()
     nodes.silence(lost)
@@ -110,13 +117,9 @@ async def test_a_session_on_a_silenced_node_moves_to_another_node(hollow, operat
         node = _get(cp, "node", lost) or {}
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
         assert ready == "Unknown"  # unreachable, as the node controller sees a node that stopped reporting
-        node_lost = [e["firstTimestamp"] for e in _events(cp, "roaming") if e["reason"] == "NodeLost"]
-        assert node_lost
-        # The operator acted on the node's state, before the taints' eviction of the old pod would have (30 s
-        # after the taint): an eviction, if it came (a slow machine moves the session later than that), found the
-        # pod going already. (Time stamps are RFC 3339 UTC to the second: they compare as strings.)
-        evicted = [e for e in _events(cp, first["metadata"]["name"]) if e["reason"] == "TaintManagerEviction"]
-        assert all(e["firstTimestamp"] >= min(node_lost) for e in evicted)
+        # The operator acted on the node's state; the taint manager did not (it would only after the toleration).
+        assert any(e["reason"] == "NodeLost" for e in _events(cp, "roaming"))
+        assert not any(e["reason"] == "TaintManagerEviction" for e in _events(cp, first["metadata"]["name"]))
         old = _get(cp, "pod", first["metadata"]["name"])
         assert old is not None
         assert old["metadata"].get("deletionTimestamp")  # deleted, but its kubelet cannot confirm it yet

@@ -270,6 +270,12 @@ async def test_an_mcp_session_outlives_its_pod_replaced_and_its_mcpsession_delet
 
             # Its MCPSession, deleted: the router makes a new one for the next call, the MCP session still the same.
             await asyncio.to_thread(cluster.kubectl, "delete", "mcps", name, "-n", NAMESPACE, "--wait=true")
+
+            # (Until the router's watch brings the deletion, it may still route to the old pod, not yet gone.)
+            async def let_go() -> bool:
+                return not (await get_json(http, f"{running.url}/v1/users/{user}/sessions"))["sessions"]
+
+            await wait_until(let_go, timeout=60, interval=0.3)
             assert mcp_clients.counted(await client.call("counter")) == 1
             assert await client.call("echo", message="moved") == "Echo: moved"
         resumed = (await scrape(http, running.url)).value("pier_router_mcp_sessions_resumed_total", profile="demo")

@@ -365,3 +365,18 @@ def test_a_pod_found_without_a_status_gets_the_replacement_count_its_name_says(p
     assert planned.status.pod_name == pod
     assert planned.status.replacements == replacements
     assert planned.changes()["replacements"] == replacements
+
+
+def test_a_pod_of_an_earlier_session_of_the_same_name_is_not_taken_over():
+    """Deleted and made again (a router does so for the user's next call): the old pod lingers until the garbage
+    collector deletes it, and its server's state is not the new session's."""
+
+    def owned_by(uid: str) -> list[dict[str, str]]:
+        return [{"apiVersion": "pier.dev/v1alpha1", "kind": "MCPSession", "name": "s", "uid": uid}]
+
+    earlier = _plan(_session(), [_pod(ownerReferences=owned_by("u-0"))])
+    assert earlier.create is not None  # a pod of its own
+    assert earlier.changes()["phase"] == "Starting"
+    assert not earlier.deletions  # the old one is the garbage collector's to delete
+    # Its own pod, owned by its uid, is served as ever.
+    assert not _plan(_session(_ready_status()), [_pod(ownerReferences=owned_by("u-1"))]).acts

@@ -93,12 +93,21 @@ def plan(name: str, session: Obj, parsed: Parsed, old: MCPSessionStatus, pods: l
         status.endpoint = None
         status.conditions = conditions(old, False, "InvalidSpec", parsed.error or "no spec", False, world.now)
         return result
-    current = _sort(pods, generation, old, world, result)
+    mine = [pod for pod in pods if _owned_by(pod, session["metadata"].get("uid"))]
+    current = _sort(mine, generation, old, world, result)
     if current is None:
         _no_pod(name, session, pods, parsed, world, result)
     else:
         _observe(name, current, parsed.spec, world, result)
     return result
+
+
+def _owned_by(pod: Obj, uid: str | None) -> bool:
+    """Whether `pod` may serve the session of this `uid`: not when it belongs to an earlier session of the same
+    name (deleted, then made again: its pods linger until the garbage collector deletes them), whose server's
+    state is not this session's to inherit. A pod that names no owning session is judged by its labels alone."""
+    owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or () if ref.get("kind") == "MCPSession"]
+    return not owners or uid is None or uid in owners
 
 
 def _sort(pods: list[Obj], generation: int, old: MCPSessionStatus, world: World, result: Plan) -> Obj | None:
