@@ -131,6 +131,18 @@ async def _ready(cluster: ControlPlane, name: str) -> dict:
     return await _found(cluster, "mcps", name)
 
 
+async def _replaced(cluster: ControlPlane, name: str, pod: str) -> dict:
+    """Waits until session `name` is Ready on a pod other than `pod`; its status then."""
+
+    async def moved() -> bool:
+        status = ((await asyncio.to_thread(_get, cluster, "mcps", name)) or {}).get("status") or {}
+        return status.get("phase") == "Ready" and status.get("podName") != pod
+
+    await wait_until(moved, timeout=90, interval=0.3)
+    status: dict = (await _found(cluster, "mcps", name))["status"]
+    return status
+
+
 def _events(cluster: ControlPlane, name: str) -> dict[str, dict]:
     """The session's Events by reason (the last of each)."""
     out = cluster.kubectl(
@@ -183,13 +195,7 @@ async def test_pods_are_replaced_and_crashes_counted(cluster, operator, node):
     _apply(cluster, _session("bob-demo", "bob"))
     first = (await _ready(cluster, "bob-demo"))["status"]["podName"]
     cluster.kubectl("delete", "pod", first, "-n", NAMESPACE, "--wait=false")
-
-    async def replaced() -> bool:
-        status = ((await asyncio.to_thread(_get, cluster, "mcps", "bob-demo")) or {}).get("status") or {}
-        return status.get("phase") == "Ready" and status.get("podName") != first
-
-    await wait_until(replaced, timeout=90, interval=0.3)
-    status = (await _found(cluster, "mcps", "bob-demo"))["status"]
+    status = await _replaced(cluster, "bob-demo", first)
     assert status["replacements"] == 1
     assert {"Started", "Ready", "Replaced"} <= set(_events(cluster, "bob-demo"))
 
@@ -260,12 +266,7 @@ async def test_an_mcp_session_outlives_its_pod_replaced_and_its_mcpsession_delet
             # same MCP session.
             pod = (await _found(cluster, "mcps", name))["status"]["podName"]
             await asyncio.to_thread(cluster.kubectl, "delete", "pod", pod, "-n", NAMESPACE, "--wait=true")
-
-            async def replaced() -> bool:
-                status = (await _found(cluster, "mcps", name)).get("status") or {}
-                return status.get("phase") == "Ready" and status.get("podName") != pod
-
-            await wait_until(replaced, timeout=90, interval=0.3)
+            await _replaced(cluster, name, pod)
             assert mcp_clients.counted(await client.call("counter")) == 1
 
             # Its MCPSession, deleted: the router makes a new one for the next call, the MCP session still the same.
